@@ -1,0 +1,34 @@
+# The two commands a newcomer runs:
+#   make demo   the main job: the local environment, and (as issues land) the operator,
+#               a sample pipeline and workers processing orders
+#   make test   everything CI checks: fmt, clippy, unit tests, integration tests
+#               against a private environment that is always torn down
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+CACHE ?= $(HOME)/.cache/orderpipeline
+# One target directory shared by every checkout (and CI's clone): an optimisation only.
+export CARGO_TARGET_DIR ?= $(CACHE)/target
+export ORDERPIPE_CACHE ?= $(CACHE)
+
+.PHONY: demo demo-down test lint unit integration tools
+
+demo:
+	hack/demo
+
+demo-down:
+	hack/env down
+
+test: lint unit integration
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+unit:
+	ORDERPIPE_PYTHON="$$(hack/python-env)" cargo test --workspace --exclude orderpipeline-e2e --locked
+
+integration: tools
+	hack/with-env cargo test -p orderpipeline-e2e --locked
+
+tools:
+	hack/build-tools >/dev/null

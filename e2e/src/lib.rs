@@ -1,0 +1,218 @@
+//! Helpers for integration tests against the real local environment started by
+//! `hack/env up` (or `make test`, which starts a private one and tears it down).
+//!
+//! The environment is found through the variables `hack/env env` prints:
+//! `KUBECONFIG`, `NATS_URL`, `OTEL_EXPORTER_OTLP_ENDPOINT`, `JAEGER_QUERY_URL`,
+//! and the tools on `PATH`. Every address is loopback.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client};
+use rand::RngExt as _;
+
+/// A variable the environment must provide, with a message naming the fix.
+pub fn env_var(name: &str) -> anyhow::Result<String> {
+    std::env::var(name).with_context(|| {
+        format!("{name} is not set: start the environment with `hack/env up` and `eval \"$(hack/env env)\"`, or run `make test`")
+    })
+}
+
+/// A short random lowercase suffix for names that must not collide between tests.
+pub fn random_suffix() -> String {
+    let mut rng = rand::rng();
+    (0..8)
+        .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+        .collect()
+}
+
+/// Polls `check` until it returns `Ok(Some(v))` or the deadline passes; the last
+/// error or `what` is reported on timeout.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last: Option<anyhow::Error> = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = Some(e),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            match last {
+                Some(e) => {
+                    bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}")
+                }
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A Kubernetes client for the local environment.
+pub async fn kube_client() -> anyhow::Result<Client> {
+    env_var("KUBECONFIG")?;
+    Client::try_default()
+        .await
+        .context("cannot build a Kubernetes client from KUBECONFIG")
+}
+
+/// A namespace with a random name, deleted when the test calls [`TestNamespace::delete`].
+pub struct TestNamespace {
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    pub async fn create(client: &Client, prefix: &str) -> anyhow::Result<Self> {
+        let name = format!("{prefix}-{}", random_suffix());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"orderpipeline.test/e2e": "true"}}
+        }))?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .with_context(|| format!("creating namespace {name}"))?;
+        Ok(Self {
+            name,
+            client: client.clone(),
+        })
+    }
+
+    pub async fn delete(self) -> anyhow::Result<()> {
+        Api::<Namespace>::all(self.client)
+            .delete(&self.name, &DeleteParams::background())
+            .await
+            .with_context(|| format!("deleting namespace {}", self.name))?;
+        Ok(())
+    }
+}
+
+/// The directory holding the environment's built tools (nats-server, nats, ...).
+pub fn tool(name: &str) -> anyhow::Result<PathBuf> {
+    let path = env_var("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "{name} is not on PATH: run `eval \"$(hack/env env)\"` (hack/build-tools builds it)"
+            )
+        })
+}
+
+/// A free loopback TCP port.
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// A private nats-server with JetStream on file storage, on a random loopback
+/// port, for tests that restart or break their server without touching others.
+pub struct NatsServer {
+    pub port: u16,
+    pub store_dir: tempdir::TempDir,
+    child: Option<tokio::process::Child>,
+}
+
+pub mod tempdir {
+    //! A tiny temporary directory, removed on drop.
+    use std::path::{Path, PathBuf};
+
+    pub struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub fn new(prefix: &str) -> std::io::Result<Self> {
+            let p = std::env::temp_dir().join(format!("{prefix}-{}", super::random_suffix()));
+            std::fs::create_dir_all(&p)?;
+            Ok(Self(p))
+        }
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl NatsServer {
+    pub async fn start() -> anyhow::Result<Self> {
+        let store_dir = tempdir::TempDir::new("nats-test")?;
+        let port = free_port()?;
+        let mut s = Self {
+            port,
+            store_dir,
+            child: None,
+        };
+        s.spawn().await?;
+        Ok(s)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let child = tokio::process::Command::new(tool("nats-server")?)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.store_dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting nats-server")?;
+        self.child = Some(child);
+        let url = self.url();
+        wait_for(
+            "nats-server to accept connections",
+            Duration::from_secs(20),
+            || {
+                let url = url.clone();
+                async move { Ok(async_nats::connect(&url).await.ok().map(|_| ())) }
+            },
+        )
+        .await
+    }
+
+    /// Stops the server (SIGTERM, so JetStream flushes) and waits for it to exit.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                let _ = tokio::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status()
+                    .await;
+            }
+            tokio::time::timeout(Duration::from_secs(20), child.wait())
+                .await
+                .context("nats-server did not exit within 20s of SIGTERM")??;
+        }
+        Ok(())
+    }
+
+    /// Stops and starts the server on the same port and store directory.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop().await?;
+        self.spawn().await
+    }
+}
