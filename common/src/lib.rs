@@ -1,4 +1,8 @@
 //! Code that the operator and the worker share, so it lives once:
-//! telemetry setup (JSON logs, OTLP traces from the standard `OTEL_*` variables).
+//! telemetry setup, NATS connection options, names and subjects of the
+//! pipeline's JetStream objects, and the topology (stream, DLQ, KV, consumer).
 
+pub mod names;
+pub mod nats;
 pub mod telemetry;
+pub mod topology;

@@ -1,0 +1,155 @@
+//! How the operator and the worker connect to NATS: one set of auth/TLS options,
+//! one connect function, and errors that name the problem and its fix.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::{ConnectErrorKind, ConnectOptions};
+
+/// Credentials and TLS material for a NATS connection. At most one of
+/// creds file, user/password, token and nkey seed is used.
+#[derive(Clone, Debug, Default)]
+pub struct NatsAuth {
+    pub creds_file: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    pub nkey_seed: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+/// Why a NATS connection could not be made, in words that say what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsConnectError {
+    #[error("NATS authentication failed at {url}: the server refused the credentials ({detail}); check the user/password, token, nkey seed or creds file")]
+    Authentication { url: String, detail: String },
+    #[error("TLS with NATS at {url} failed ({detail}); check the CA, client certificate and key, and that the server expects TLS")]
+    Tls { url: String, detail: String },
+    #[error("cannot reach NATS at {url} ({detail}); check that nats-server runs there and the URL is right")]
+    Unreachable { url: String, detail: String },
+    #[error("invalid NATS options: {0}")]
+    Options(String),
+}
+
+impl NatsConnectError {
+    /// A short label for metrics and condition reasons.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Authentication { .. } => "NatsAuthenticationFailed",
+            Self::Tls { .. } => "NatsTlsFailed",
+            Self::Unreachable { .. } => "NatsUnreachable",
+            Self::Options(_) => "NatsOptionsInvalid",
+        }
+    }
+}
+
+impl NatsAuth {
+    /// Builds connect options; fails when the auth settings contradict each other.
+    pub async fn options(&self) -> Result<ConnectOptions, NatsConnectError> {
+        let methods = [
+            self.creds_file.is_some(),
+            self.user.is_some() || self.password.is_some(),
+            self.token.is_some(),
+            self.nkey_seed.is_some(),
+        ]
+        .iter()
+        .filter(|x| **x)
+        .count();
+        if methods > 1 {
+            return Err(NatsConnectError::Options(
+                "more than one of creds file, user/password, token and nkey seed is set; set only one".into(),
+            ));
+        }
+        let mut opts = ConnectOptions::new();
+        if let Some(path) = &self.creds_file {
+            opts = opts.credentials_file(path).await.map_err(|e| {
+                NatsConnectError::Options(format!(
+                    "cannot read the NATS creds file {}: {e}",
+                    path.display()
+                ))
+            })?;
+        }
+        match (&self.user, &self.password) {
+            (Some(u), Some(p)) => opts = opts.user_and_password(u.clone(), p.clone()),
+            (None, None) => {}
+            _ => {
+                return Err(NatsConnectError::Options(
+                    "a NATS user needs a password and a password needs a user; set both".into(),
+                ));
+            }
+        }
+        if let Some(t) = &self.token {
+            opts = opts.token(t.clone());
+        }
+        if let Some(seed) = &self.nkey_seed {
+            opts = opts.nkey(seed.trim().to_string());
+        }
+        if let Some(ca) = &self.tls_ca {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => {
+                opts = opts
+                    .add_client_certificate(c.clone(), k.clone())
+                    .require_tls(true);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(NatsConnectError::Options(
+                    "a TLS client certificate needs its key and a key its certificate; set both".into(),
+                ));
+            }
+        }
+        Ok(opts)
+    }
+}
+
+/// Connects to `url` (comma-separated for a cluster). The first connection
+/// attempt must succeed, so a wrong URL or credential is reported at once; after
+/// that the client reconnects forever.
+pub async fn connect(
+    url: &str,
+    auth: &NatsAuth,
+    name: &str,
+) -> Result<async_nats::Client, NatsConnectError> {
+    let opts = auth
+        .options()
+        .await?
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .max_reconnects(None);
+    let servers: Vec<&str> = url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    if servers.is_empty() {
+        return Err(NatsConnectError::Options(
+            "the NATS URL is empty; set it like nats://127.0.0.1:4222".into(),
+        ));
+    }
+    let addrs = servers
+        .iter()
+        .map(|s| s.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            NatsConnectError::Options(format!(
+                "invalid NATS URL '{url}': {e}; use nats://host:port, comma separated for a cluster"
+            ))
+        })?;
+    opts.connect(addrs).await.map_err(|e| classify(url, &e))
+}
+
+fn classify(url: &str, e: &async_nats::ConnectError) -> NatsConnectError {
+    let detail = e.to_string();
+    let url = url.to_string();
+    match e.kind() {
+        ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
+            NatsConnectError::Authentication { url, detail }
+        }
+        ConnectErrorKind::Tls => NatsConnectError::Tls { url, detail },
+        ConnectErrorKind::ServerParse => NatsConnectError::Options(detail),
+        _ if detail.to_ascii_lowercase().contains("authoriz") => {
+            NatsConnectError::Authentication { url, detail }
+        }
+        _ => NatsConnectError::Unreachable { url, detail },
+    }
+}
