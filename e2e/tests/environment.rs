@@ -213,7 +213,7 @@ async fn jetstream_file_stream_dedups_and_survives_restart() -> anyhow::Result<(
     server.stop().await
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_span_exported_over_otlp_is_returned_by_jaeger() -> anyhow::Result<()> {
     use opentelemetry::trace::{Span as _, Tracer as _, TracerProvider as _};
     let endpoint = env_var("OTEL_EXPORTER_OTLP_ENDPOINT")?;
@@ -224,7 +224,9 @@ async fn a_span_exported_over_otlp_is_returned_by_jaeger() -> anyhow::Result<()>
     let mut span = tracer.start("environment-check");
     let trace_id = span.span_context().trace_id().to_string();
     span.end();
-    provider.force_flush()?;
+    // force_flush blocks until the exporter (which needs the runtime) is done.
+    let p = provider.clone();
+    tokio::task::spawn_blocking(move || p.force_flush()).await??;
 
     let url = format!("{query}/api/traces/{trace_id}");
     let body: serde_json::Value = wait_for(
@@ -249,7 +251,7 @@ async fn a_span_exported_over_otlp_is_returned_by_jaeger() -> anyhow::Result<()>
     assert_eq!(body["data"][0]["traceID"], trace_id);
     let process = &body["data"][0]["processes"][span["processID"].as_str().unwrap_or_default()];
     assert_eq!(process["serviceName"], service.as_str());
-    provider.shutdown()?;
+    tokio::task::spawn_blocking(move || provider.shutdown()).await??;
     Ok(())
 }
 

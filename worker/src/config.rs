@@ -1,0 +1,270 @@
+//! The worker's configuration: flags with environment fallbacks. These names are
+//! the contract the operator renders into the worker Pods.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use orderpipeline_common::names;
+use orderpipeline_common::nats::NatsAuth;
+
+/// Parses durations like `250ms`, `5s`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .ok_or_else(|| format!("'{s}' has no unit; use a number with ms, s, m or h, e.g. 500ms or 5s"))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration; use e.g. 500ms, 5s, 2m or 1h"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("'{s}' has an unknown unit '{unit}'; use ms, s, m or h")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("'{s}' must be a non-negative duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_pool_size(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if (1..=10_000).contains(&n) => Ok(n),
+        _ => Err(format!("'{s}' is not a pool size; use a whole number from 1 to 10000")),
+    }
+}
+
+fn parse_attempts(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if (1..=1000).contains(&n) => Ok(n),
+        _ => Err(format!("'{s}' is not a count; use a whole number from 1 to 1000")),
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
+        _ => Err(format!("'{s}' is not a ratio; use a number from 0 to 1")),
+    }
+}
+
+/// NATS connection flags, shared by `order-worker` and `orderctl`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma separated for a cluster.
+    #[arg(long, env = "NATS_URL", default_value = names::DEFAULT_NATS_URL)]
+    pub nats_url: String,
+    /// NATS credentials (JWT + nkey) file.
+    #[arg(long, env = "NATS_CREDS_FILE")]
+    pub nats_creds_file: Option<PathBuf>,
+    /// NATS user (with NATS_PASSWORD).
+    #[arg(long, env = "NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password (with NATS_USER).
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// NATS auth token.
+    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// File holding an nkey seed (SU...).
+    #[arg(long, env = "NATS_NKEY_SEED_FILE")]
+    pub nats_nkey_seed_file: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the NATS server; enables TLS.
+    #[arg(long, env = "NATS_TLS_CA_FILE")]
+    pub nats_tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS (with NATS_TLS_KEY_FILE).
+    #[arg(long, env = "NATS_TLS_CERT_FILE")]
+    pub nats_tls_cert_file: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS (with NATS_TLS_CERT_FILE).
+    #[arg(long, env = "NATS_TLS_KEY_FILE")]
+    pub nats_tls_key_file: Option<PathBuf>,
+}
+
+impl NatsArgs {
+    pub fn auth(&self) -> anyhow::Result<NatsAuth> {
+        let nkey_seed = match &self.nats_nkey_seed_file {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
+                anyhow::anyhow!("NATS_NKEY_SEED_FILE {}: cannot read it: {e}", p.display())
+            })?),
+            None => None,
+        };
+        Ok(NatsAuth {
+            creds_file: self.nats_creds_file.clone(),
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            token: self.nats_token.clone(),
+            nkey_seed,
+            tls_ca: self.nats_tls_ca_file.clone(),
+            tls_cert: self.nats_tls_cert_file.clone(),
+            tls_key: self.nats_tls_key_file.clone(),
+        })
+    }
+}
+
+/// `order-worker`: processes orders from a JetStream pull consumer, exactly once.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "order-worker", version, about, long_about = None)]
+pub struct Config {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+
+    /// Orders processed concurrently by this process (also the most it pulls at once).
+    #[arg(long, env = "WORKER_POOL_SIZE", default_value = "10", value_parser = parse_pool_size)]
+    pub worker_pool_size: u32,
+
+    /// Input stream.
+    #[arg(long, env = "STREAM_NAME", default_value = names::DEFAULT_STREAM)]
+    pub stream: String,
+    /// Durable pull consumer on the input stream.
+    #[arg(long, env = "CONSUMER_NAME", default_value = names::DEFAULT_CONSUMER)]
+    pub consumer: String,
+    /// Subject orders arrive on (the consumer's filter).
+    #[arg(long, env = "INPUT_SUBJECT", default_value = names::DEFAULT_INPUT_SUBJECT)]
+    pub input_subject: String,
+    /// Subject of OrderProcessed events.
+    #[arg(long, env = "PROCESSED_SUBJECT", default_value = names::DEFAULT_PROCESSED_SUBJECT)]
+    pub processed_subject: String,
+    /// Subject of OrderRejected events.
+    #[arg(long, env = "REJECTED_SUBJECT", default_value = names::DEFAULT_REJECTED_SUBJECT)]
+    pub rejected_subject: String,
+    /// Dead-letter stream.
+    #[arg(long, env = "DLQ_STREAM", default_value = names::DEFAULT_DLQ_STREAM)]
+    pub dlq_stream: String,
+    /// Dead-letter subject (must not be matched by the input stream's subjects).
+    #[arg(long, env = "DLQ_SUBJECT", default_value = names::DEFAULT_DLQ_SUBJECT)]
+    pub dlq_subject: String,
+    /// KV bucket holding each order's state (the idempotency store).
+    #[arg(long, env = "STATE_BUCKET", default_value = names::DEFAULT_STATE_BUCKET)]
+    pub state_bucket: String,
+
+    /// Tries per delivery for transient errors (in process, with backoff).
+    #[arg(long, env = "RETRY_ATTEMPTS", default_value = "3", value_parser = parse_attempts)]
+    pub retry_attempts: u32,
+    /// First in-process retry delay.
+    #[arg(long, env = "RETRY_INITIAL_BACKOFF", default_value = "100ms", value_parser = parse_duration)]
+    pub retry_initial_backoff: Duration,
+    /// Longest in-process retry delay.
+    #[arg(long, env = "RETRY_MAX_BACKOFF", default_value = "5s", value_parser = parse_duration)]
+    pub retry_max_backoff: Duration,
+    /// Deliveries after which an order that still fails is dead-lettered.
+    #[arg(long, env = "MAX_DELIVERIES", default_value = "5", value_parser = parse_attempts)]
+    pub max_deliveries: u32,
+    /// NAK delay after the first failed delivery; doubles per delivery.
+    #[arg(long, env = "NAK_INITIAL_DELAY", default_value = "1s", value_parser = parse_duration)]
+    pub nak_initial_delay: Duration,
+    /// Longest NAK delay.
+    #[arg(long, env = "NAK_MAX_DELAY", default_value = "60s", value_parser = parse_duration)]
+    pub nak_max_delay: Duration,
+    /// Largest payload accepted; larger messages are dead-lettered as oversized.
+    #[arg(long, env = "MAX_PAYLOAD_BYTES", default_value = "1048576")]
+    pub max_payload_bytes: usize,
+
+    /// Optional downstream service: each order is POSTed there as JSON with `Idempotency-Key: <order_id>`.
+    #[arg(long, env = "DOWNSTREAM_URL")]
+    pub downstream_url: Option<String>,
+    /// Timeout of one downstream call.
+    #[arg(long, env = "DOWNSTREAM_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub downstream_timeout: Duration,
+
+    /// Address of the HTTP server for /health, /livez, /readyz and /metrics.
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// Time to finish in-flight orders after SIGTERM before NAKing the rest.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Create the stream, dead-letter stream, KV bucket and consumer with defaults
+    /// if missing (to run without the operator, e.g. against a bare nats-server).
+    #[arg(long, env = "CREATE_TOPOLOGY", default_value_t = false)]
+    pub create_topology: bool,
+    /// Worker identity in events and traces (defaults to POD_NAME, then the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub worker_name: Option<String>,
+    /// Fraction of traces sampled when no parent decided (0..1).
+    #[arg(long, env = "TRACE_SAMPLING_RATIO", default_value = "1", value_parser = parse_ratio)]
+    pub trace_sampling_ratio: f64,
+}
+
+impl Config {
+    /// Cross-field checks clap cannot express.
+    pub fn check(&self) -> Result<(), String> {
+        if self.retry_initial_backoff > self.retry_max_backoff {
+            return Err(format!(
+                "RETRY_INITIAL_BACKOFF ({:?}) is longer than RETRY_MAX_BACKOFF ({:?}); make the initial backoff the shorter one",
+                self.retry_initial_backoff, self.retry_max_backoff
+            ));
+        }
+        if self.nak_initial_delay > self.nak_max_delay {
+            return Err(format!(
+                "NAK_INITIAL_DELAY ({:?}) is longer than NAK_MAX_DELAY ({:?}); make the initial delay the shorter one",
+                self.nak_initial_delay, self.nak_max_delay
+            ));
+        }
+        if let Some(u) = &self.downstream_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            return Err(format!(
+                "DOWNSTREAM_URL '{u}' is not an http(s) URL; use e.g. http://127.0.0.1:9000/charge"
+            ));
+        }
+        if orderpipeline_common::names::subject_matches(&self.input_subject, &self.dlq_subject) {
+            return Err(format!(
+                "DLQ_SUBJECT {} is matched by INPUT_SUBJECT {}; dead letters would be consumed again",
+                self.dlq_subject, self.input_subject
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn worker_name(&self) -> String {
+        self.worker_name
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| format!("order-worker-{}", std::process::id()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("5").unwrap_err().contains("no unit"));
+        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("abc").is_err());
+    }
+
+    #[test]
+    fn pool_size_is_bounded() {
+        assert_eq!(parse_pool_size("10").unwrap(), 10);
+        assert!(parse_pool_size("0").unwrap_err().contains("1 to 10000"));
+        assert!(parse_pool_size("ten").is_err());
+    }
+
+    #[test]
+    fn defaults_are_the_blogs() {
+        let c = Config::try_parse_from(["order-worker"]).unwrap();
+        assert_eq!(c.worker_pool_size, 10);
+        assert_eq!(c.stream, "ORDERS");
+        assert_eq!(c.input_subject, "ORDER.created");
+        c.check().unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_the_flag_and_the_form() {
+        let e = Config::try_parse_from(["order-worker", "--worker-pool-size", "0"]).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("--worker-pool-size") && s.contains("1 to 10000"), "{s}");
+        let c = Config::try_parse_from(["order-worker", "--downstream-url", "ftp://x"]).unwrap();
+        assert!(c.check().unwrap_err().contains("DOWNSTREAM_URL"));
+    }
+}

@@ -1,0 +1,277 @@
+//! The worker's decisions as pure functions: validate an order, pick a backoff,
+//! classify a downstream answer, choose what to do after a failure. The async
+//! shell in `handler` only carries these out.
+
+use std::time::Duration;
+
+use orderpipeline_proto::{OrderCreated, RejectReason};
+
+/// Why an order is invalid: a business outcome (`OrderRejected`), not an error.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    pub reason: RejectReason,
+    pub message: String,
+}
+
+fn reject(reason: RejectReason, message: impl Into<String>) -> Rejection {
+    Rejection {
+        reason,
+        message: message.into(),
+    }
+}
+
+/// Checks an order: ids present, at least one item, quantities > 0, prices >= 0
+/// (and finite), and `total_amount` equal to the sum of the items within a cent.
+pub fn validate(order: &OrderCreated) -> Result<(), Rejection> {
+    if order.order_id.trim().is_empty() {
+        return Err(reject(RejectReason::MissingOrderId, "order_id is empty"));
+    }
+    if order.customer_id.trim().is_empty() {
+        return Err(reject(RejectReason::MissingCustomerId, "customer_id is empty"));
+    }
+    if order.items.is_empty() {
+        return Err(reject(RejectReason::NoItems, "an order needs at least one item"));
+    }
+    let mut sum = 0.0f64;
+    for (i, item) in order.items.iter().enumerate() {
+        let n = i + 1;
+        if item.product_id.trim().is_empty() {
+            return Err(reject(RejectReason::MissingProductId, format!("item {n}: product_id is empty")));
+        }
+        if item.quantity <= 0 {
+            return Err(reject(
+                RejectReason::InvalidQuantity,
+                format!("item {n}: quantity must be > 0, got {}", item.quantity),
+            ));
+        }
+        if !item.unit_price.is_finite() || item.unit_price < 0.0 {
+            return Err(reject(
+                RejectReason::InvalidPrice,
+                format!("item {n}: unit_price must be a number >= 0, got {}", item.unit_price),
+            ));
+        }
+        sum += f64::from(item.quantity) * item.unit_price;
+    }
+    if !order.total_amount.is_finite() || (order.total_amount - sum).abs() >= 0.01 {
+        return Err(reject(
+            RejectReason::TotalMismatch,
+            format!("total_amount {:.2} != sum of items {sum:.2}", order.total_amount),
+        ));
+    }
+    Ok(())
+}
+
+/// How a downstream answer (or failure to answer) is treated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallClass {
+    Ok,
+    /// Worth retrying: timeouts, connection errors, 408, 429, 5xx.
+    Transient,
+    /// Retrying cannot help: other 4xx (and 1xx/3xx, which we do not follow).
+    Permanent,
+}
+
+pub fn classify_status(status: u16) -> CallClass {
+    match status {
+        200..=299 => CallClass::Ok,
+        408 | 429 | 500..=599 => CallClass::Transient,
+        _ => CallClass::Permanent,
+    }
+}
+
+/// In-process retry delay before try `attempt + 1` (attempt counts from 1):
+/// exponential from `initial`, capped at `max`, with "equal jitter" (half fixed,
+/// half random) so retries of many orders spread out. `jitter` is in 0..1.
+pub fn retry_backoff(attempt: u32, initial: Duration, max: Duration, jitter: f64) -> Duration {
+    let exp = initial.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(30)));
+    let capped = exp.min(max);
+    let half = capped / 2;
+    half + half.mul_f64(jitter.clamp(0.0, 1.0))
+}
+
+/// NAK delay after a failed delivery number `delivered` (from 1): grows with the
+/// delivery count, never zero (a bare NAK redelivers at once).
+pub fn nak_delay(delivered: u64, initial: Duration, max: Duration) -> Duration {
+    let shift = u32::try_from(delivered.saturating_sub(1)).unwrap_or(u32::MAX).min(30);
+    initial
+        .max(Duration::from_millis(1))
+        .saturating_mul(2u32.saturating_pow(shift))
+        .min(max.max(Duration::from_millis(1)))
+}
+
+/// What to do when this delivery could not complete because of transient errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// Give the message back for a later delivery, after this delay.
+    Nak(Duration),
+    /// This was the last allowed delivery: dead-letter it, then TERM.
+    DeadLetter,
+}
+
+pub fn after_transient_failure(
+    delivered: u64,
+    max_deliveries: u32,
+    nak_initial: Duration,
+    nak_max: Duration,
+) -> AfterFailure {
+    if delivered >= u64::from(max_deliveries) {
+        AfterFailure::DeadLetter
+    } else {
+        AfterFailure::Nak(nak_delay(delivered, nak_initial, nak_max))
+    }
+}
+
+/// The order's state in the KV bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderState {
+    Pending,
+    Processed,
+    Rejected,
+    DeadLettered,
+}
+
+impl OrderState {
+    pub fn is_final(self) -> bool {
+        !matches!(self, OrderState::Pending)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderState::Pending => "pending",
+            OrderState::Processed => "processed",
+            OrderState::Rejected => "rejected",
+            OrderState::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+/// The JSON record stored per order.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StateRecord {
+    pub state: OrderState,
+    /// Input stream sequence of the message that set this state.
+    pub stream_sequence: u64,
+    pub delivery_count: u64,
+    pub worker: String,
+    /// Unix milliseconds.
+    pub updated_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orderpipeline_proto::OrderItem;
+
+    fn order() -> OrderCreated {
+        OrderCreated {
+            order_id: "o1".into(),
+            customer_id: "c1".into(),
+            items: vec![
+                OrderItem { product_id: "p1".into(), quantity: 2, unit_price: 10.0 },
+                OrderItem { product_id: "p2".into(), quantity: 1, unit_price: 0.5 },
+            ],
+            total_amount: 20.5,
+            created_at: None,
+        }
+    }
+
+    #[test]
+    fn a_valid_order_passes() {
+        validate(&order()).unwrap();
+        let mut o = order();
+        o.total_amount = 20.509; // within a cent
+        validate(&o).unwrap();
+    }
+
+    #[test]
+    fn each_rule_rejects_with_its_reason() {
+        let cases: Vec<(Box<dyn Fn(&mut OrderCreated)>, RejectReason)> = vec![
+            (Box::new(|o| o.order_id.clear()), RejectReason::MissingOrderId),
+            (Box::new(|o| o.customer_id = " ".into()), RejectReason::MissingCustomerId),
+            (Box::new(|o| o.items.clear()), RejectReason::NoItems),
+            (Box::new(|o| o.items[0].product_id.clear()), RejectReason::MissingProductId),
+            (Box::new(|o| o.items[1].quantity = 0), RejectReason::InvalidQuantity),
+            (Box::new(|o| o.items[1].quantity = -3), RejectReason::InvalidQuantity),
+            (Box::new(|o| o.items[0].unit_price = -0.01), RejectReason::InvalidPrice),
+            (Box::new(|o| o.items[0].unit_price = f64::NAN), RejectReason::InvalidPrice),
+            (Box::new(|o| o.total_amount = 20.52), RejectReason::TotalMismatch),
+            (Box::new(|o| o.total_amount = f64::INFINITY), RejectReason::TotalMismatch),
+        ];
+        for (mutate, reason) in cases {
+            let mut o = order();
+            mutate(&mut o);
+            assert_eq!(validate(&o).unwrap_err().reason, reason, "{o:?}");
+        }
+    }
+
+    #[test]
+    fn rejection_messages_say_what_is_wrong() {
+        let mut o = order();
+        o.items[1].quantity = 0;
+        assert_eq!(validate(&o).unwrap_err().message, "item 2: quantity must be > 0, got 0");
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        for (s, c) in [
+            (200, CallClass::Ok),
+            (204, CallClass::Ok),
+            (408, CallClass::Transient),
+            (429, CallClass::Transient),
+            (500, CallClass::Transient),
+            (503, CallClass::Transient),
+            (400, CallClass::Permanent),
+            (404, CallClass::Permanent),
+            (409, CallClass::Permanent),
+            (302, CallClass::Permanent),
+        ] {
+            assert_eq!(classify_status(s), c, "{s}");
+        }
+    }
+
+    #[test]
+    fn retry_backoff_grows_caps_and_jitters_within_bounds() {
+        let (i, m) = (Duration::from_millis(100), Duration::from_secs(1));
+        assert_eq!(retry_backoff(1, i, m, 0.0), Duration::from_millis(50));
+        assert_eq!(retry_backoff(1, i, m, 1.0), Duration::from_millis(100));
+        assert_eq!(retry_backoff(3, i, m, 1.0), Duration::from_millis(400));
+        assert_eq!(retry_backoff(10, i, m, 1.0), m);
+        assert_eq!(retry_backoff(u32::MAX, i, m, 0.5), Duration::from_millis(750));
+    }
+
+    #[test]
+    fn nak_delay_grows_with_deliveries_and_is_never_zero() {
+        let (i, m) = (Duration::from_secs(1), Duration::from_secs(60));
+        assert_eq!(nak_delay(1, i, m), Duration::from_secs(1));
+        assert_eq!(nak_delay(2, i, m), Duration::from_secs(2));
+        assert_eq!(nak_delay(4, i, m), Duration::from_secs(8));
+        assert_eq!(nak_delay(100, i, m), m);
+        assert!(nak_delay(0, Duration::ZERO, Duration::ZERO) > Duration::ZERO);
+    }
+
+    #[test]
+    fn the_last_delivery_dead_letters() {
+        let (i, m) = (Duration::from_secs(1), Duration::from_secs(60));
+        assert_eq!(after_transient_failure(1, 3, i, m), AfterFailure::Nak(Duration::from_secs(1)));
+        assert_eq!(after_transient_failure(2, 3, i, m), AfterFailure::Nak(Duration::from_secs(2)));
+        assert_eq!(after_transient_failure(3, 3, i, m), AfterFailure::DeadLetter);
+        assert_eq!(after_transient_failure(7, 3, i, m), AfterFailure::DeadLetter);
+    }
+
+    #[test]
+    fn state_record_json_is_stable() {
+        let r = StateRecord {
+            state: OrderState::DeadLettered,
+            stream_sequence: 7,
+            delivery_count: 2,
+            worker: "w".into(),
+            updated_at_ms: 1,
+            reason: None,
+        };
+        let j = serde_json::to_string(&r).unwrap();
+        assert!(j.contains("\"state\":\"dead_lettered\""), "{j}");
+        assert_eq!(serde_json::from_str::<StateRecord>(&j).unwrap(), r);
+    }
+}
