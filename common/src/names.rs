@@ -90,7 +90,12 @@ mod tests {
     #[test]
     fn message_ids_never_collide_across_kinds() {
         let id = "ord-1";
-        let ids = [id.to_string(), processed_msg_id(id), rejected_msg_id(id), dead_letter_msg_id("ORDERS", 1)];
+        let ids = [
+            id.to_string(),
+            processed_msg_id(id),
+            rejected_msg_id(id),
+            dead_letter_msg_id("ORDERS", 1),
+        ];
         let unique: std::collections::HashSet<_> = ids.iter().collect();
         assert_eq!(unique.len(), ids.len());
     }

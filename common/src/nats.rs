@@ -23,11 +23,17 @@ pub struct NatsAuth {
 /// Why a NATS connection could not be made, in words that say what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsConnectError {
-    #[error("NATS authentication failed at {url}: the server refused the credentials ({detail}); check the user/password, token, nkey seed or creds file")]
+    #[error(
+        "NATS authentication failed at {url}: the server refused the credentials ({detail}); check the user/password, token, nkey seed or creds file"
+    )]
     Authentication { url: String, detail: String },
-    #[error("TLS with NATS at {url} failed ({detail}); check the CA, client certificate and key, and that the server expects TLS")]
+    #[error(
+        "TLS with NATS at {url} failed ({detail}); check the CA, client certificate and key, and that the server expects TLS"
+    )]
     Tls { url: String, detail: String },
-    #[error("cannot reach NATS at {url} ({detail}); check that nats-server runs there and the URL is right")]
+    #[error(
+        "cannot reach NATS at {url} ({detail}); check that nats-server runs there and the URL is right"
+    )]
     Unreachable { url: String, detail: String },
     #[error("invalid NATS options: {0}")]
     Options(String),
@@ -98,7 +104,8 @@ impl NatsAuth {
             (None, None) => {}
             _ => {
                 return Err(NatsConnectError::Options(
-                    "a TLS client certificate needs its key and a key its certificate; set both".into(),
+                    "a TLS client certificate needs its key and a key its certificate; set both"
+                        .into(),
                 ));
             }
         }
@@ -120,7 +127,11 @@ pub async fn connect(
         .name(name)
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(None);
-    let servers: Vec<&str> = url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let servers: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
     if servers.is_empty() {
         return Err(NatsConnectError::Options(
             "the NATS URL is empty; set it like nats://127.0.0.1:4222".into(),

@@ -59,15 +59,25 @@ impl Default for Topology {
 /// A JetStream object the worker needs but cannot find.
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
-    #[error("stream {0} does not exist; apply the OrderPipeline (the operator creates it) or run the worker with --create-topology")]
+    #[error(
+        "stream {0} does not exist; apply the OrderPipeline (the operator creates it) or run the worker with --create-topology"
+    )]
     MissingStream(String),
-    #[error("consumer {consumer} on stream {stream} does not exist; apply the OrderPipeline or run the worker with --create-topology")]
+    #[error(
+        "consumer {consumer} on stream {stream} does not exist; apply the OrderPipeline or run the worker with --create-topology"
+    )]
     MissingConsumer { stream: String, consumer: String },
-    #[error("dead-letter stream {0} does not exist; apply the OrderPipeline or run the worker with --create-topology")]
+    #[error(
+        "dead-letter stream {0} does not exist; apply the OrderPipeline or run the worker with --create-topology"
+    )]
     MissingDlq(String),
-    #[error("KV bucket {0} does not exist; apply the OrderPipeline or run the worker with --create-topology")]
+    #[error(
+        "KV bucket {0} does not exist; apply the OrderPipeline or run the worker with --create-topology"
+    )]
     MissingBucket(String),
-    #[error("the dead-letter subject {dlq} is matched by the stream's subject {pattern}; dead letters would be consumed again: pick a subject outside the stream's subjects")]
+    #[error(
+        "the dead-letter subject {dlq} is matched by the stream's subject {pattern}; dead letters would be consumed again: pick a subject outside the stream's subjects"
+    )]
     DlqOverlaps { dlq: String, pattern: String },
     #[error("JetStream request for {what} failed: {detail}")]
     Api { what: String, detail: String },
@@ -207,12 +217,14 @@ pub async fn bind(
         .consumer_info(consumer)
         .await
         .map_err(|e| api(format!("consumer {consumer}"), e))?;
-    js.get_stream(dlq_stream).await.map_err(|e| match e.kind() {
-        GetStreamErrorKind::JetStream(j) if j.code() == 404 => {
-            TopologyError::MissingDlq(dlq_stream.into())
-        }
-        _ => api(format!("stream {dlq_stream}"), e),
-    })?;
+    js.get_stream(dlq_stream)
+        .await
+        .map_err(|e| match e.kind() {
+            GetStreamErrorKind::JetStream(j) if j.code() == 404 => {
+                TopologyError::MissingDlq(dlq_stream.into())
+            }
+            _ => api(format!("stream {dlq_stream}"), e),
+        })?;
     let state = js.get_key_value(bucket).await.map_err(|e| match e.kind() {
         KeyValueErrorKind::GetBucket => TopologyError::MissingBucket(bucket.into()),
         _ => api(format!("KV bucket {bucket}"), e),
@@ -252,7 +264,9 @@ mod tests {
 
     #[test]
     fn default_dlq_subject_is_outside_the_stream() {
-        Topology::default().validate().expect("defaults are consistent");
+        Topology::default()
+            .validate()
+            .expect("defaults are consistent");
     }
 
     #[test]
