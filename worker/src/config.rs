@@ -46,13 +46,6 @@ fn parse_attempts(s: &str) -> Result<u32, String> {
     }
 }
 
-fn parse_ratio(s: &str) -> Result<f64, String> {
-    match s.trim().parse::<f64>() {
-        Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
-        _ => Err(format!("'{s}' is not a ratio; use a number from 0 to 1")),
-    }
-}
-
 /// NATS connection flags, shared by `order-worker` and `orderctl`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct NatsArgs {
@@ -184,9 +177,6 @@ pub struct Config {
     /// Worker identity in events and traces (defaults to POD_NAME, then the host name).
     #[arg(long, env = "POD_NAME")]
     pub worker_name: Option<String>,
-    /// Fraction of traces sampled when no parent decided (0..1).
-    #[arg(long, env = "TRACE_SAMPLING_RATIO", default_value = "1", value_parser = parse_ratio)]
-    pub trace_sampling_ratio: f64,
 }
 
 impl Config {

@@ -1,23 +1,55 @@
-//! `order-worker`: consumes orders from JetStream and processes each exactly once.
+//! `order-worker`: processes orders from a JetStream pull consumer, exactly once.
 
-use clap::Parser;
+use clap::Parser as _;
+use order_worker::config::Config;
+use tokio_util::sync::CancellationToken;
 
-#[derive(Parser, Debug)]
-#[command(
-    name = "order-worker",
-    version,
-    about = "Processes orders from a JetStream pull consumer"
-)]
-struct Config {
-    /// NATS server URL(s), comma separated.
-    #[arg(long, env = "NATS_URL", default_value = "nats://localhost:4222")]
-    nats_url: String,
-    /// Orders processed concurrently by this process.
-    #[arg(long, env = "WORKER_POOL_SIZE", default_value_t = 10)]
-    worker_pool_size: u32,
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cfg = Config::parse();
+    if let Err(e) = cfg.check() {
+        eprintln!("order-worker: invalid configuration: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let telemetry = match orderpipeline_common::telemetry::init("order-worker") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("order-worker: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received; shutting down");
+        signal.cancel();
+    });
+    let result = order_worker::run::run(cfg, shutdown).await;
+    let code = match &result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "order-worker failed");
+            eprintln!("order-worker: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    };
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    code
 }
 
-fn main() -> anyhow::Result<()> {
-    let cfg = Config::parse();
-    anyhow::bail!("order processing is not implemented yet ({cfg:?})")
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

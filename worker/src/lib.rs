@@ -1,0 +1,12 @@
+//! The order worker: consumes `OrderCreated` from a JetStream pull consumer and
+//! gives every message exactly one outcome (processed, rejected, dead-lettered),
+//! recorded once in a KV bucket. Also the library behind `orderctl`.
+
+pub mod config;
+pub mod decide;
+pub mod downstream;
+pub mod handler;
+pub mod health;
+pub mod metrics;
+pub mod run;
+pub mod trace;
