@@ -14,7 +14,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .ok_or_else(|| format!("'{s}' has no unit; use a number with ms, s, m or h, e.g. 500ms or 5s"))?;
+        .ok_or_else(|| {
+            format!("'{s}' has no unit; use a number with ms, s, m or h, e.g. 500ms or 5s")
+        })?;
     let (num, unit) = s.split_at(split);
     let n: f64 = num
         .parse()
@@ -24,7 +26,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("'{s}' has an unknown unit '{unit}'; use ms, s, m or h")),
+        _ => {
+            return Err(format!(
+                "'{s}' has an unknown unit '{unit}'; use ms, s, m or h"
+            ));
+        }
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("'{s}' must be a non-negative duration"));
@@ -35,14 +41,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 fn parse_pool_size(s: &str) -> Result<u32, String> {
     match s.trim().parse::<u32>() {
         Ok(n) if (1..=10_000).contains(&n) => Ok(n),
-        _ => Err(format!("'{s}' is not a pool size; use a whole number from 1 to 10000")),
+        _ => Err(format!(
+            "'{s}' is not a pool size; use a whole number from 1 to 10000"
+        )),
     }
 }
 
 fn parse_attempts(s: &str) -> Result<u32, String> {
     match s.trim().parse::<u32>() {
         Ok(n) if (1..=1000).contains(&n) => Ok(n),
-        _ => Err(format!("'{s}' is not a count; use a whole number from 1 to 1000")),
+        _ => Err(format!(
+            "'{s}' is not a count; use a whole number from 1 to 1000"
+        )),
     }
 }
 
@@ -253,7 +263,10 @@ mod tests {
     fn bad_values_name_the_flag_and_the_form() {
         let e = Config::try_parse_from(["order-worker", "--worker-pool-size", "0"]).unwrap_err();
         let s = e.to_string();
-        assert!(s.contains("--worker-pool-size") && s.contains("1 to 10000"), "{s}");
+        assert!(
+            s.contains("--worker-pool-size") && s.contains("1 to 10000"),
+            "{s}"
+        );
         let c = Config::try_parse_from(["order-worker", "--downstream-url", "ftp://x"]).unwrap();
         assert!(c.check().unwrap_err().contains("DOWNSTREAM_URL"));
     }

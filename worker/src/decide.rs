@@ -27,16 +27,25 @@ pub fn validate(order: &OrderCreated) -> Result<(), Rejection> {
         return Err(reject(RejectReason::MissingOrderId, "order_id is empty"));
     }
     if order.customer_id.trim().is_empty() {
-        return Err(reject(RejectReason::MissingCustomerId, "customer_id is empty"));
+        return Err(reject(
+            RejectReason::MissingCustomerId,
+            "customer_id is empty",
+        ));
     }
     if order.items.is_empty() {
-        return Err(reject(RejectReason::NoItems, "an order needs at least one item"));
+        return Err(reject(
+            RejectReason::NoItems,
+            "an order needs at least one item",
+        ));
     }
     let mut sum = 0.0f64;
     for (i, item) in order.items.iter().enumerate() {
         let n = i + 1;
         if item.product_id.trim().is_empty() {
-            return Err(reject(RejectReason::MissingProductId, format!("item {n}: product_id is empty")));
+            return Err(reject(
+                RejectReason::MissingProductId,
+                format!("item {n}: product_id is empty"),
+            ));
         }
         if item.quantity <= 0 {
             return Err(reject(
@@ -47,7 +56,10 @@ pub fn validate(order: &OrderCreated) -> Result<(), Rejection> {
         if !item.unit_price.is_finite() || item.unit_price < 0.0 {
             return Err(reject(
                 RejectReason::InvalidPrice,
-                format!("item {n}: unit_price must be a number >= 0, got {}", item.unit_price),
+                format!(
+                    "item {n}: unit_price must be a number >= 0, got {}",
+                    item.unit_price
+                ),
             ));
         }
         sum += f64::from(item.quantity) * item.unit_price;
@@ -55,7 +67,10 @@ pub fn validate(order: &OrderCreated) -> Result<(), Rejection> {
     if !order.total_amount.is_finite() || (order.total_amount - sum).abs() >= 0.01 {
         return Err(reject(
             RejectReason::TotalMismatch,
-            format!("total_amount {:.2} != sum of items {sum:.2}", order.total_amount),
+            format!(
+                "total_amount {:.2} != sum of items {sum:.2}",
+                order.total_amount
+            ),
         ));
     }
     Ok(())
@@ -92,7 +107,9 @@ pub fn retry_backoff(attempt: u32, initial: Duration, max: Duration, jitter: f64
 /// NAK delay after a failed delivery number `delivered` (from 1): grows with the
 /// delivery count, never zero (a bare NAK redelivers at once).
 pub fn nak_delay(delivered: u64, initial: Duration, max: Duration) -> Duration {
-    let shift = u32::try_from(delivered.saturating_sub(1)).unwrap_or(u32::MAX).min(30);
+    let shift = u32::try_from(delivered.saturating_sub(1))
+        .unwrap_or(u32::MAX)
+        .min(30);
     initial
         .max(Duration::from_millis(1))
         .saturating_mul(2u32.saturating_pow(shift))
@@ -169,8 +186,16 @@ mod tests {
             order_id: "o1".into(),
             customer_id: "c1".into(),
             items: vec![
-                OrderItem { product_id: "p1".into(), quantity: 2, unit_price: 10.0 },
-                OrderItem { product_id: "p2".into(), quantity: 1, unit_price: 0.5 },
+                OrderItem {
+                    product_id: "p1".into(),
+                    quantity: 2,
+                    unit_price: 10.0,
+                },
+                OrderItem {
+                    product_id: "p2".into(),
+                    quantity: 1,
+                    unit_price: 0.5,
+                },
             ],
             total_amount: 20.5,
             created_at: None,
@@ -188,16 +213,43 @@ mod tests {
     #[test]
     fn each_rule_rejects_with_its_reason() {
         let cases: Vec<(Box<dyn Fn(&mut OrderCreated)>, RejectReason)> = vec![
-            (Box::new(|o| o.order_id.clear()), RejectReason::MissingOrderId),
-            (Box::new(|o| o.customer_id = " ".into()), RejectReason::MissingCustomerId),
+            (
+                Box::new(|o| o.order_id.clear()),
+                RejectReason::MissingOrderId,
+            ),
+            (
+                Box::new(|o| o.customer_id = " ".into()),
+                RejectReason::MissingCustomerId,
+            ),
             (Box::new(|o| o.items.clear()), RejectReason::NoItems),
-            (Box::new(|o| o.items[0].product_id.clear()), RejectReason::MissingProductId),
-            (Box::new(|o| o.items[1].quantity = 0), RejectReason::InvalidQuantity),
-            (Box::new(|o| o.items[1].quantity = -3), RejectReason::InvalidQuantity),
-            (Box::new(|o| o.items[0].unit_price = -0.01), RejectReason::InvalidPrice),
-            (Box::new(|o| o.items[0].unit_price = f64::NAN), RejectReason::InvalidPrice),
-            (Box::new(|o| o.total_amount = 20.52), RejectReason::TotalMismatch),
-            (Box::new(|o| o.total_amount = f64::INFINITY), RejectReason::TotalMismatch),
+            (
+                Box::new(|o| o.items[0].product_id.clear()),
+                RejectReason::MissingProductId,
+            ),
+            (
+                Box::new(|o| o.items[1].quantity = 0),
+                RejectReason::InvalidQuantity,
+            ),
+            (
+                Box::new(|o| o.items[1].quantity = -3),
+                RejectReason::InvalidQuantity,
+            ),
+            (
+                Box::new(|o| o.items[0].unit_price = -0.01),
+                RejectReason::InvalidPrice,
+            ),
+            (
+                Box::new(|o| o.items[0].unit_price = f64::NAN),
+                RejectReason::InvalidPrice,
+            ),
+            (
+                Box::new(|o| o.total_amount = 20.52),
+                RejectReason::TotalMismatch,
+            ),
+            (
+                Box::new(|o| o.total_amount = f64::INFINITY),
+                RejectReason::TotalMismatch,
+            ),
         ];
         for (mutate, reason) in cases {
             let mut o = order();
@@ -210,7 +262,10 @@ mod tests {
     fn rejection_messages_say_what_is_wrong() {
         let mut o = order();
         o.items[1].quantity = 0;
-        assert_eq!(validate(&o).unwrap_err().message, "item 2: quantity must be > 0, got 0");
+        assert_eq!(
+            validate(&o).unwrap_err().message,
+            "item 2: quantity must be > 0, got 0"
+        );
     }
 
     #[test]
@@ -238,7 +293,10 @@ mod tests {
         assert_eq!(retry_backoff(1, i, m, 1.0), Duration::from_millis(100));
         assert_eq!(retry_backoff(3, i, m, 1.0), Duration::from_millis(400));
         assert_eq!(retry_backoff(10, i, m, 1.0), m);
-        assert_eq!(retry_backoff(u32::MAX, i, m, 0.5), Duration::from_millis(750));
+        assert_eq!(
+            retry_backoff(u32::MAX, i, m, 0.5),
+            Duration::from_millis(750)
+        );
     }
 
     #[test]
@@ -254,10 +312,22 @@ mod tests {
     #[test]
     fn the_last_delivery_dead_letters() {
         let (i, m) = (Duration::from_secs(1), Duration::from_secs(60));
-        assert_eq!(after_transient_failure(1, 3, i, m), AfterFailure::Nak(Duration::from_secs(1)));
-        assert_eq!(after_transient_failure(2, 3, i, m), AfterFailure::Nak(Duration::from_secs(2)));
-        assert_eq!(after_transient_failure(3, 3, i, m), AfterFailure::DeadLetter);
-        assert_eq!(after_transient_failure(7, 3, i, m), AfterFailure::DeadLetter);
+        assert_eq!(
+            after_transient_failure(1, 3, i, m),
+            AfterFailure::Nak(Duration::from_secs(1))
+        );
+        assert_eq!(
+            after_transient_failure(2, 3, i, m),
+            AfterFailure::Nak(Duration::from_secs(2))
+        );
+        assert_eq!(
+            after_transient_failure(3, 3, i, m),
+            AfterFailure::DeadLetter
+        );
+        assert_eq!(
+            after_transient_failure(7, 3, i, m),
+            AfterFailure::DeadLetter
+        );
     }
 
     #[test]

@@ -39,7 +39,11 @@ impl Downstream {
         &self.url
     }
 
-    pub async fn call(&self, order: &OrderCreated, headers: reqwest::header::HeaderMap) -> CallResult {
+    pub async fn call(
+        &self,
+        order: &OrderCreated,
+        headers: reqwest::header::HeaderMap,
+    ) -> CallResult {
         let body = serde_json::json!({
             "order_id": order.order_id,
             "customer_id": order.customer_id,

@@ -129,7 +129,11 @@ pub async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message, cancel: Cancellation
 
 /// Runs the processing while sending in-progress acks, so long work (retries,
 /// slow downstream) does not exceed the ack wait; NAKs on cancellation.
-async fn run_with_progress(ctx: &Ctx, msg: &jetstream::Message, cancel: &CancellationToken) -> Outcome {
+async fn run_with_progress(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    cancel: &CancellationToken,
+) -> Outcome {
     let work = process(ctx, msg);
     tokio::pin!(work);
     let every = (ctx.ack_wait / 3).max(Duration::from_millis(200));
@@ -189,7 +193,8 @@ async fn process(ctx: &Ctx, msg: &jetstream::Message) -> Outcome {
         Ok(o) => o,
         Err(e) => {
             let why = format!("payload is not an orders.v1.OrderCreated: {e}");
-            return dead_letter_or_nak(ctx, msg, &delivery, ErrorClass::Undecodable, &why, None).await;
+            return dead_letter_or_nak(ctx, msg, &delivery, ErrorClass::Undecodable, &why, None)
+                .await;
         }
     };
     tracing::Span::current().record("order.id", order.order_id.as_str());
@@ -208,9 +213,19 @@ async fn process(ctx: &Ctx, msg: &jetstream::Message) -> Outcome {
     match process_order(ctx, msg, &delivery, &order).await {
         Ok(outcome) => outcome,
         Err(StepError::Permanent(why)) => {
-            dead_letter_or_nak(ctx, msg, &delivery, ErrorClass::Permanent, &why, Some(&order)).await
+            dead_letter_or_nak(
+                ctx,
+                msg,
+                &delivery,
+                ErrorClass::Permanent,
+                &why,
+                Some(&order),
+            )
+            .await
         }
-        Err(e @ StepError::Transient(_)) => after_failure(ctx, msg, &delivery, &e, Some(&order)).await,
+        Err(e @ StepError::Transient(_)) => {
+            after_failure(ctx, msg, &delivery, &e, Some(&order)).await
+        }
     }
 }
 
@@ -223,7 +238,10 @@ async fn process_order(
     let key = names::state_key(&order.order_id);
     let revision = match claim(ctx, &key, delivery).await? {
         Claim::Final(state) => {
-            tracing::info!(state = state.as_str(), "order already has an outcome; acking as duplicate");
+            tracing::info!(
+                state = state.as_str(),
+                "order already has an outcome; acking as duplicate"
+            );
             return Ok(ack(msg, Outcome::Duplicate).await);
         }
         Claim::Pending(rev) => rev,
@@ -235,7 +253,15 @@ async fn process_order(
             "delivery {} exceeds MAX_DELIVERIES ({}); the last allowed delivery did not finish",
             delivery.delivered, ctx.cfg.max_deliveries
         );
-        return Ok(dead_letter_or_nak(ctx, msg, delivery, ErrorClass::AttemptsExhausted, &why, Some(order)).await);
+        return Ok(dead_letter_or_nak(
+            ctx,
+            msg,
+            delivery,
+            ErrorClass::AttemptsExhausted,
+            &why,
+            Some(order),
+        )
+        .await);
     }
 
     if let Err(rejection) = {
@@ -243,8 +269,23 @@ async fn process_order(
         decide::validate(order)
     } {
         tracing::info!(reason = ?rejection.reason, message = %rejection.message, "order rejected");
-        publish_rejected(ctx, order, &rejection, &names::rejected_msg_id(&order.order_id)).await?;
-        return finalise(ctx, msg, &key, revision, delivery, OrderState::Rejected, Some(rejection.message)).await;
+        publish_rejected(
+            ctx,
+            order,
+            &rejection,
+            &names::rejected_msg_id(&order.order_id),
+        )
+        .await?;
+        return finalise(
+            ctx,
+            msg,
+            &key,
+            revision,
+            delivery,
+            OrderState::Rejected,
+            Some(rejection.message),
+        )
+        .await;
     }
 
     if let Some(ds) = &ctx.downstream {
@@ -252,7 +293,16 @@ async fn process_order(
     }
 
     publish_processed(ctx, order, delivery).await?;
-    finalise(ctx, msg, &key, revision, delivery, OrderState::Processed, None).await
+    finalise(
+        ctx,
+        msg,
+        &key,
+        revision,
+        delivery,
+        OrderState::Processed,
+        None,
+    )
+    .await
 }
 
 enum Claim {
@@ -296,7 +346,11 @@ async fn claim(ctx: &Ctx, key: &str, delivery: &Delivery) -> Result<Claim, StepE
                         None => {
                             // A record we cannot read: take it over as pending.
                             ctx.kv
-                                .update(key, record(OrderState::Pending, delivery, &ctx.worker, None), e.revision)
+                                .update(
+                                    key,
+                                    record(OrderState::Pending, delivery, &ctx.worker, None),
+                                    e.revision,
+                                )
                                 .await
                                 .map(Claim::Pending)
                                 .or_else(|_| Ok(Claim::Pending(e.revision)))
@@ -306,19 +360,26 @@ async fn claim(ctx: &Ctx, key: &str, delivery: &Delivery) -> Result<Claim, StepE
                 _ => {
                     match ctx
                         .kv
-                        .create(key, record(OrderState::Pending, delivery, &ctx.worker, None))
+                        .create(
+                            key,
+                            record(OrderState::Pending, delivery, &ctx.worker, None),
+                        )
                         .await
                     {
                         Ok(rev) => return Ok(Claim::Pending(rev)),
                         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
                         Err(e) => {
-                            return Err(StepError::Transient(format!("creating order state {key}: {e}")));
+                            return Err(StepError::Transient(format!(
+                                "creating order state {key}: {e}"
+                            )));
                         }
                     }
                 }
             }
         }
-        Err(StepError::Transient(format!("order state {key} keeps changing")))
+        Err(StepError::Transient(format!(
+            "order state {key} keeps changing"
+        )))
     }
     .instrument(span)
     .await
@@ -337,37 +398,62 @@ async fn finalise(
     reason: Option<String>,
 ) -> Result<Outcome, StepError> {
     let span = tracing::info_span!("record", kv.op = "finalise", order.state = state.as_str());
-    let outcome = if state == OrderState::Processed { Outcome::Processed } else { Outcome::Rejected };
+    let outcome = if state == OrderState::Processed {
+        Outcome::Processed
+    } else {
+        Outcome::Rejected
+    };
     let finalised = async {
         for _ in 0..5 {
             match ctx
                 .kv
-                .update(key, record(state, delivery, &ctx.worker, reason.clone()), revision)
+                .update(
+                    key,
+                    record(state, delivery, &ctx.worker, reason.clone()),
+                    revision,
+                )
                 .await
             {
                 Ok(_) => return Ok(true),
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    let entry = ctx
-                        .kv
-                        .entry(key)
-                        .await
-                        .map_err(|e| StepError::Transient(format!("re-reading order state {key}: {e}")))?;
-                    match entry.as_ref().and_then(|e| parse_record(&e.value).map(|r| (r, e.revision))) {
+                    let entry = ctx.kv.entry(key).await.map_err(|e| {
+                        StepError::Transient(format!("re-reading order state {key}: {e}"))
+                    })?;
+                    match entry
+                        .as_ref()
+                        .and_then(|e| parse_record(&e.value).map(|r| (r, e.revision)))
+                    {
                         Some((r, _)) if r.state.is_final() => return Ok(false),
                         Some((_, rev)) => revision = rev,
                         None => {
-                            return Err(StepError::Transient(format!("order state {key} vanished")));
+                            return Err(StepError::Transient(format!(
+                                "order state {key} vanished"
+                            )));
                         }
                     }
                 }
-                Err(e) => return Err(StepError::Transient(format!("writing order state {key}: {e}"))),
+                Err(e) => {
+                    return Err(StepError::Transient(format!(
+                        "writing order state {key}: {e}"
+                    )));
+                }
             }
         }
-        Err(StepError::Transient(format!("order state {key} keeps changing")))
+        Err(StepError::Transient(format!(
+            "order state {key} keeps changing"
+        )))
     }
     .instrument(span)
     .await?;
-    Ok(ack(msg, if finalised { outcome } else { Outcome::Duplicate }).await)
+    Ok(ack(
+        msg,
+        if finalised {
+            outcome
+        } else {
+            Outcome::Duplicate
+        },
+    )
+    .await)
 }
 
 /// Acks and waits for the server's confirmation. A failed ack is logged: the
@@ -379,7 +465,11 @@ async fn ack(msg: &jetstream::Message, outcome: Outcome) -> Outcome {
     outcome
 }
 
-async fn call_downstream(ctx: &Ctx, ds: &Downstream, order: &OrderCreated) -> Result<(), StepError> {
+async fn call_downstream(
+    ctx: &Ctx,
+    ds: &Downstream,
+    order: &OrderCreated,
+) -> Result<(), StepError> {
     let attempts = ctx.cfg.retry_attempts;
     let mut last = String::new();
     for attempt in 1..=attempts {
@@ -399,7 +489,8 @@ async fn call_downstream(ctx: &Ctx, ds: &Downstream, order: &OrderCreated) -> Re
             for (k, v) in nats_headers.iter() {
                 if let (Ok(name), Some(Ok(value))) = (
                     reqwest::header::HeaderName::from_bytes(AsRef::<[u8]>::as_ref(k)),
-                    v.first().map(|v| reqwest::header::HeaderValue::from_str(v.as_str())),
+                    v.first()
+                        .map(|v| reqwest::header::HeaderValue::from_str(v.as_str())),
                 ) {
                     headers.insert(name, value);
                 }
@@ -427,12 +518,20 @@ async fn call_downstream(ctx: &Ctx, ds: &Downstream, order: &OrderCreated) -> Re
             }
         }
     }
-    Err(StepError::Transient(format!("downstream failed {attempts} time(s); last: {last}")))
+    Err(StepError::Transient(format!(
+        "downstream failed {attempts} time(s); last: {last}"
+    )))
 }
 
 /// Publishes with a message id and waits for the PubAck, retrying a failed or
 /// timed-out publish with the same id (the stream dedups).
-async fn publish(ctx: &Ctx, subject: &str, msg_id: &str, payload: Vec<u8>, extra: &[(&str, String)]) -> Result<(), StepError> {
+async fn publish(
+    ctx: &Ctx,
+    subject: &str,
+    msg_id: &str,
+    payload: Vec<u8>,
+    extra: &[(&str, String)],
+) -> Result<(), StepError> {
     let span = tracing::info_span!(
         "publish",
         otel.name = format!("publish {subject}"),
@@ -455,11 +554,18 @@ async fn publish(ctx: &Ctx, subject: &str, msg_id: &str, payload: Vec<u8>, extra
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
             }
-            match ctx.js.publish_with_headers(subject.to_string(), headers.clone(), payload.clone()).await {
+            match ctx
+                .js
+                .publish_with_headers(subject.to_string(), headers.clone(), payload.clone())
+                .await
+            {
                 Ok(fut) => match fut.await {
                     Ok(ack) => {
                         if ack.duplicate {
-                            tracing::info!(msg_id, "result event was already in the stream (deduplicated)");
+                            tracing::info!(
+                                msg_id,
+                                "result event was already in the stream (deduplicated)"
+                            );
                         }
                         return Ok(());
                     }
@@ -468,7 +574,9 @@ async fn publish(ctx: &Ctx, subject: &str, msg_id: &str, payload: Vec<u8>, extra
                 Err(e) => last = e.to_string(),
             }
         }
-        Err(StepError::Transient(format!("publishing to {subject} failed: {last}")))
+        Err(StepError::Transient(format!(
+            "publishing to {subject} failed: {last}"
+        )))
     }
     .instrument(span)
     .await
@@ -488,10 +596,21 @@ async fn publish_rejected(
         rejected_at: Some(orderpipeline_proto::now()),
         worker: ctx.worker.clone(),
     };
-    publish(ctx, &ctx.cfg.rejected_subject, msg_id, event.encode_to_vec(), &[]).await
+    publish(
+        ctx,
+        &ctx.cfg.rejected_subject,
+        msg_id,
+        event.encode_to_vec(),
+        &[],
+    )
+    .await
 }
 
-async fn publish_processed(ctx: &Ctx, order: &OrderCreated, delivery: &Delivery) -> Result<(), StepError> {
+async fn publish_processed(
+    ctx: &Ctx,
+    order: &OrderCreated,
+    delivery: &Delivery,
+) -> Result<(), StepError> {
     let event = OrderProcessed {
         order_id: order.order_id.clone(),
         customer_id: order.customer_id.clone(),
@@ -529,13 +648,29 @@ async fn after_failure(
         ctx.cfg.nak_max_delay,
     ) {
         AfterFailure::Nak(delay) => {
-            tracing::warn!(error = why, delivery = delivery.delivered, delay_ms = delay.as_millis() as u64, "transient failure; NAK with delay");
+            tracing::warn!(
+                error = why,
+                delivery = delivery.delivered,
+                delay_ms = delay.as_millis() as u64,
+                "transient failure; NAK with delay"
+            );
             nak(ctx, msg, delay).await;
             Outcome::Nak
         }
         AfterFailure::DeadLetter => {
-            let why = format!("failed on delivery {} of {}: {why}", delivery.delivered, ctx.cfg.max_deliveries);
-            dead_letter_or_nak(ctx, msg, delivery, ErrorClass::AttemptsExhausted, &why, order).await
+            let why = format!(
+                "failed on delivery {} of {}: {why}",
+                delivery.delivered, ctx.cfg.max_deliveries
+            );
+            dead_letter_or_nak(
+                ctx,
+                msg,
+                delivery,
+                ErrorClass::AttemptsExhausted,
+                &why,
+                order,
+            )
+            .await
         }
     }
 }
@@ -561,7 +696,11 @@ async fn dead_letter_or_nak(
     why: &str,
     order: Option<&OrderCreated>,
 ) -> Outcome {
-    tracing::warn!(class = class_label(class), error = why, "dead-lettering message");
+    tracing::warn!(
+        class = class_label(class),
+        error = why,
+        "dead-lettering message"
+    );
     let headers = msg
         .headers
         .as_ref()
@@ -596,11 +735,26 @@ async fn dead_letter_or_nak(
         ("Orderpipeline-Error-Class", class_label(class).to_string()),
         ("Orderpipeline-Order-Id", order_id.clone()),
     ];
-    if let Err(StepError::Transient(e) | StepError::Permanent(e)) =
-        publish(ctx, &ctx.cfg.dlq_subject, &id, envelope.encode_to_vec(), &extra).await
+    if let Err(StepError::Transient(e) | StepError::Permanent(e)) = publish(
+        ctx,
+        &ctx.cfg.dlq_subject,
+        &id,
+        envelope.encode_to_vec(),
+        &extra,
+    )
+    .await
     {
         tracing::error!(error = %e, "cannot write the dead letter; NAK so the message is not lost");
-        nak(ctx, msg, decide::nak_delay(delivery.delivered, ctx.cfg.nak_initial_delay, ctx.cfg.nak_max_delay)).await;
+        nak(
+            ctx,
+            msg,
+            decide::nak_delay(
+                delivery.delivered,
+                ctx.cfg.nak_initial_delay,
+                ctx.cfg.nak_max_delay,
+            ),
+        )
+        .await;
         return Outcome::Nak;
     }
     if !order_id.trim().is_empty() {
@@ -608,7 +762,9 @@ async fn dead_letter_or_nak(
     }
     ctx.metrics
         .dead_letters
-        .get_or_create(&crate::metrics::ClassLabels { class: class_label(class) })
+        .get_or_create(&crate::metrics::ClassLabels {
+            class: class_label(class),
+        })
         .inc();
     if let Err(e) = msg.double_ack_with(AckKind::Term).await {
         tracing::warn!(error = %e, "TERM not confirmed; a redelivery is dead-lettered again under the same id (deduplicated)");
@@ -618,16 +774,30 @@ async fn dead_letter_or_nak(
 
 async fn mark_dead_lettered(ctx: &Ctx, order_id: &str, delivery: &Delivery, why: &str) {
     let key = names::state_key(order_id);
-    let value = record(OrderState::DeadLettered, delivery, &ctx.worker, Some(why.to_string()));
+    let value = record(
+        OrderState::DeadLettered,
+        delivery,
+        &ctx.worker,
+        Some(why.to_string()),
+    );
     for _ in 0..5 {
         let result = match ctx.kv.entry(key.as_str()).await {
             Ok(Some(e)) if e.operation == kv::Operation::Put => {
                 if parse_record(&e.value).is_some_and(|r| r.state.is_final()) {
                     return;
                 }
-                ctx.kv.update(key.as_str(), value.clone(), e.revision).await.map(|_| ()).map_err(|e| e.to_string())
+                ctx.kv
+                    .update(key.as_str(), value.clone(), e.revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
             }
-            Ok(_) => ctx.kv.create(key.as_str(), value.clone()).await.map(|_| ()).map_err(|e| e.to_string()),
+            Ok(_) => ctx
+                .kv
+                .create(key.as_str(), value.clone())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         match result {
@@ -635,7 +805,10 @@ async fn mark_dead_lettered(ctx: &Ctx, order_id: &str, delivery: &Delivery, why:
             Err(e) => tracing::debug!(error = %e, "retrying dead_lettered record"),
         }
     }
-    tracing::warn!(key, "could not record dead_lettered state; the dead letter itself is stored");
+    tracing::warn!(
+        key,
+        "could not record dead_lettered state; the dead letter itself is stored"
+    );
 }
 
 /// The trace id of the current span, for logs and for orderctl.
@@ -649,7 +822,13 @@ mod tests {
 
     #[test]
     fn outcomes_have_metric_labels() {
-        for o in [Outcome::Processed, Outcome::Rejected, Outcome::DeadLettered, Outcome::Duplicate, Outcome::Nak] {
+        for o in [
+            Outcome::Processed,
+            Outcome::Rejected,
+            Outcome::DeadLettered,
+            Outcome::Duplicate,
+            Outcome::Nak,
+        ] {
             assert!(!o.as_str().is_empty());
         }
     }

@@ -28,7 +28,10 @@ impl Readiness {
         }
     }
     pub fn reason(&self) -> Option<String> {
-        self.not_ready.lock().map(|g| g.clone()).unwrap_or_else(|_| Some("state lock poisoned".into()))
+        self.not_ready
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_else(|_| Some("state lock poisoned".into()))
     }
 }
 
@@ -55,11 +58,17 @@ async fn health(State(s): State<HealthState>) -> (StatusCode, &'static str) {
 
 async fn readyz(State(s): State<HealthState>) -> (StatusCode, String) {
     if !connected(&s) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "not ready: NATS not connected\n".into());
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: NATS not connected\n".into(),
+        );
     }
     match s.readiness.reason() {
         None => (StatusCode::OK, "ready\n".into()),
-        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 

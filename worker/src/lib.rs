@@ -3,6 +3,7 @@
 //! recorded once in a KV bucket. Also the library behind `orderctl`.
 
 pub mod config;
+pub mod ctl;
 pub mod decide;
 pub mod downstream;
 pub mod handler;

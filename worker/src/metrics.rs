@@ -56,8 +56,16 @@ impl Metrics {
             "Time from receiving a message to its final ack/nak/term",
             m.duration.clone(),
         );
-        r.register("retries", "In-process retries after transient errors", m.retries.clone());
-        r.register("naks", "Messages given back with a delayed NAK", m.naks.clone());
+        r.register(
+            "retries",
+            "In-process retries after transient errors",
+            m.retries.clone(),
+        );
+        r.register(
+            "naks",
+            "Messages given back with a delayed NAK",
+            m.naks.clone(),
+        );
         r.register(
             "dead_letters",
             "Messages written to the dead-letter stream, by error class",
@@ -68,7 +76,11 @@ impl Metrics {
             "Messages acked without effect because the order already had an outcome",
             m.duplicates.clone(),
         );
-        r.register("in_flight", "Orders being processed right now", m.in_flight.clone());
+        r.register(
+            "in_flight",
+            "Orders being processed right now",
+            m.in_flight.clone(),
+        );
         r.register(
             "downstream_calls",
             "HTTP calls made to the downstream service (every try)",
@@ -78,7 +90,9 @@ impl Metrics {
     }
 
     pub fn outcome(&self, outcome: &'static str) {
-        self.messages.get_or_create(&OutcomeLabels { outcome }).inc();
+        self.messages
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 }
 

@@ -49,7 +49,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
 
     let listener = tokio::net::TcpListener::bind(cfg.http_addr)
         .await
-        .with_context(|| format!("HTTP_ADDR {}: cannot listen there; pick a free host:port", cfg.http_addr))?;
+        .with_context(|| {
+            format!(
+                "HTTP_ADDR {}: cannot listen there; pick a free host:port",
+                cfg.http_addr
+            )
+        })?;
     let http = health::router(health::HealthState {
         client: client_cell.clone(),
         readiness: readiness.clone(),
@@ -105,10 +110,19 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     'outer: while !shutdown.is_cancelled() {
         // (Re)bind when needed; report why not ready meanwhile.
         if consumer.is_none() {
-            match topology::bind(&js, &cfg.stream, &cfg.consumer, &cfg.dlq_stream, &cfg.state_bucket).await {
+            match topology::bind(
+                &js,
+                &cfg.stream,
+                &cfg.consumer,
+                &cfg.dlq_stream,
+                &cfg.state_bucket,
+            )
+            .await
+            {
                 Ok(b) => {
                     if b.consumer_info.config.max_ack_pending > 0 {
-                        max_ack_pending = usize::try_from(b.consumer_info.config.max_ack_pending).unwrap_or(pool);
+                        max_ack_pending =
+                            usize::try_from(b.consumer_info.config.max_ack_pending).unwrap_or(pool);
                     }
                     ctx = Some(Arc::new(Ctx {
                         cfg: cfg.clone(),
@@ -133,7 +147,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 }
             }
         }
-        let (Some(c), Some(hctx)) = (consumer.as_ref(), ctx.as_ref()) else { continue };
+        let (Some(c), Some(hctx)) = (consumer.as_ref(), ctx.as_ref()) else {
+            continue;
+        };
 
         // Wait for a free slot, then pull at most as many messages as there are slots.
         let first = tokio::select! {
@@ -141,7 +157,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             _ = shutdown.cancelled() => break,
         };
         let want = (sem.available_permits() + 1).min(max_ack_pending).max(1);
-        let mut batch = match c.batch().max_messages(want).expires(PULL_EXPIRES).messages().await {
+        let mut batch = match c
+            .batch()
+            .max_messages(want)
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await
+        {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "pull request failed; re-binding");
@@ -175,7 +197,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 }
                 Ok(Some(Err(e))) => {
                     tracing::warn!(error = %e, "pull stream error; pulling again");
-                    if e.to_string().contains("consumer deleted") || e.to_string().contains("not found") {
+                    if e.to_string().contains("consumer deleted")
+                        || e.to_string().contains("not found")
+                    {
                         consumer = None;
                         readiness.set_not_ready(format!("consumer {} is gone", cfg.consumer));
                     }
@@ -198,7 +222,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(left = tasks.len(), "shutdown grace expired; NAKing unfinished orders");
+        tracing::warn!(
+            left = tasks.len(),
+            "shutdown grace expired; NAKing unfinished orders"
+        );
         grace_expired.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             while tasks.join_next().await.is_some() {}

@@ -17,7 +17,10 @@ impl Extractor for HeaderExtractor<'_> {
             .map(|v| v.as_str())
     }
     fn keys(&self) -> Vec<&str> {
-        self.0.iter().map(|(k, _)| AsRef::<str>::as_ref(k)).collect()
+        self.0
+            .iter()
+            .map(|(k, _)| AsRef::<str>::as_ref(k))
+            .collect()
     }
 }
 
@@ -32,7 +35,9 @@ impl Injector for HeaderInjector<'_> {
 /// The remote parent carried in `headers` (an empty context when there is none).
 pub fn extract(headers: Option<&HeaderMap>) -> Context {
     match headers {
-        Some(h) => opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(h))),
+        Some(h) => {
+            opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(h)))
+        }
         None => Context::new(),
     }
 }
@@ -65,11 +70,17 @@ mod tests {
         );
         for name in ["traceparent", "Traceparent"] {
             let mut h = HeaderMap::new();
-            h.insert(name, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+            h.insert(
+                name,
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            );
             let cx = extract(Some(&h));
             let sc = cx.span().span_context().clone();
             assert!(sc.is_valid(), "{name}");
-            assert_eq!(sc.trace_id().to_string(), "0af7651916cd43dd8448eb211c80319c");
+            assert_eq!(
+                sc.trace_id().to_string(),
+                "0af7651916cd43dd8448eb211c80319c"
+            );
         }
         assert!(!extract(None).span().span_context().is_valid());
     }

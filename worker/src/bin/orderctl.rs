@@ -1,6 +1,12 @@
-//! `orderctl`: publish orders and inspect outcomes and dead letters.
+//! `orderctl`: publish orders, count outcomes, inspect and replay dead letters.
 
-use clap::Parser;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use order_worker::config::{NatsArgs, parse_duration};
+use order_worker::ctl::{self, Names, PublishOptions};
+use orderpipeline_common::names;
+use orderpipeline_proto::ErrorClass;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -9,12 +15,275 @@ use clap::Parser;
     about = "Publish orders and inspect the order pipeline"
 )]
 struct Cli {
-    /// NATS server URL(s), comma separated.
-    #[arg(long, env = "NATS_URL", default_value = "nats://localhost:4222")]
-    nats_url: String,
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Input stream.
+    #[arg(long, env = "STREAM_NAME", default_value = names::DEFAULT_STREAM, global = true)]
+    stream: String,
+    /// Print results as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Publish orders (each counted once JetStream acknowledged it).
+    Publish {
+        /// How many orders.
+        #[arg(long, default_value_t = 100)]
+        count: u64,
+        /// Orders per second (0 = as fast as acks come back).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// Fraction of orders that are invalid (rejected by the workers).
+        #[arg(long, default_value_t = 0.0)]
+        invalid_ratio: f64,
+        /// Fraction of publishes that repeat an earlier order with the same Nats-Msg-Id.
+        #[arg(long, default_value_t = 0.0)]
+        duplicate_ratio: f64,
+        /// Order id prefix (ids are PREFIX-N); default: a random run id.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Subject to publish on.
+        #[arg(long, env = "INPUT_SUBJECT", default_value = names::DEFAULT_INPUT_SUBJECT)]
+        subject: String,
+        /// Publishes in flight at once.
+        #[arg(long, default_value_t = 256)]
+        window: usize,
+        /// How long to wait for a PubAck before re-sending with the same id.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        ack_timeout: Duration,
+    },
+    /// Count orders by outcome, and what the consumer still holds.
+    Status {
+        #[arg(long, env = "CONSUMER_NAME", default_value = names::DEFAULT_CONSUMER)]
+        consumer: String,
+        #[arg(long, env = "DLQ_STREAM", default_value = names::DEFAULT_DLQ_STREAM)]
+        dlq_stream: String,
+    },
+    /// Inspect and replay dead letters.
+    Dlq {
+        #[arg(long, env = "DLQ_STREAM", default_value = names::DEFAULT_DLQ_STREAM, global = true)]
+        dlq_stream: String,
+        #[arg(long, env = "STATE_BUCKET", default_value = names::DEFAULT_STATE_BUCKET, global = true)]
+        state_bucket: String,
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DlqCommand {
+    /// List dead letters.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show one dead letter in full.
+    Show { sequence: u64 },
+    /// Re-submit dead letters for processing (one sequence, or --all).
+    Replay {
+        sequence: Option<u64>,
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+fn class_name(c: ErrorClass) -> &'static str {
+    match c {
+        ErrorClass::Undecodable => "undecodable",
+        ErrorClass::Permanent => "permanent",
+        ErrorClass::AttemptsExhausted => "attempts_exhausted",
+        ErrorClass::Oversized => "oversized",
+        ErrorClass::Unspecified => "unspecified",
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    anyhow::bail!("orderctl is not implemented yet ({cli:?})")
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let telemetry = orderpipeline_common::telemetry::init("orderctl").ok();
+    let result = run(cli).await;
+    if let Some(t) = telemetry {
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("orderctl: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let auth = cli.nats.auth()?;
+    let client = orderpipeline_common::nats::connect(&cli.nats.nats_url, &auth, "orderctl").await?;
+    let js = async_nats::jetstream::new(client.clone());
+    match cli.command {
+        Command::Publish {
+            count,
+            rate,
+            invalid_ratio,
+            duplicate_ratio,
+            prefix,
+            subject,
+            window,
+            ack_timeout,
+        } => {
+            for (name, v) in [
+                ("--invalid-ratio", invalid_ratio),
+                ("--duplicate-ratio", duplicate_ratio),
+            ] {
+                if !(0.0..=1.0).contains(&v) {
+                    anyhow::bail!("{name} must be between 0 and 1, got {v}");
+                }
+            }
+            let prefix = prefix.unwrap_or_else(|| format!("ord-{:08x}", rand::random::<u32>()));
+            let opts = PublishOptions {
+                subject,
+                count,
+                rate,
+                invalid_ratio,
+                duplicate_ratio,
+                prefix,
+                window,
+                ack_timeout,
+                progress: !cli.json,
+            };
+            let r = ctl::publish_orders(&js, &opts).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "published {} orders in {:.1}s ({:.0}/s): {} valid, {} invalid, {} duplicate publishes ({} acked as duplicate), {} retried",
+                    r.valid + r.invalid,
+                    r.seconds,
+                    r.published as f64 / r.seconds.max(0.001),
+                    r.valid,
+                    r.invalid,
+                    r.duplicates_sent,
+                    r.duplicates_acked,
+                    r.retries
+                );
+                if let Some(t) = r.first_trace_id {
+                    println!("trace of the first order: {t}");
+                }
+            }
+        }
+        Command::Status {
+            consumer,
+            dlq_stream,
+        } => {
+            let n = Names {
+                stream: cli.stream,
+                consumer,
+                input_subject: names::DEFAULT_INPUT_SUBJECT.into(),
+                processed_subject: names::DEFAULT_PROCESSED_SUBJECT.into(),
+                rejected_subject: names::DEFAULT_REJECTED_SUBJECT.into(),
+                dlq_stream,
+                state_bucket: names::DEFAULT_STATE_BUCKET.into(),
+            };
+            let r = ctl::status(&js, &n).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("created      {}", r.created);
+                println!("processed    {}", r.processed);
+                println!("rejected     {}", r.rejected);
+                println!("dead letters {}", r.dead_letters);
+                println!(
+                    "pending      {} (ack pending {}, redelivered {})",
+                    r.consumer_pending, r.consumer_ack_pending, r.consumer_redelivered
+                );
+            }
+        }
+        Command::Dlq {
+            dlq_stream,
+            state_bucket,
+            command,
+        } => match command {
+            DlqCommand::List { limit } => {
+                let letters = ctl::dlq_list(&js, &dlq_stream, limit).await?;
+                if cli.json {
+                    let v: Vec<_> = letters
+                        .iter()
+                        .map(|l| {
+                            serde_json::json!({
+                                "sequence": l.dlq_sequence,
+                                "order_id": l.letter.order_id,
+                                "class": class_name(l.letter.error_class()),
+                                "error": l.letter.error_message,
+                                "original_stream_sequence": l.letter.original_stream_sequence,
+                                "delivery_count": l.letter.delivery_count,
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::to_string(&v)?);
+                } else {
+                    println!(
+                        "{:>6}  {:<20} {:<18} {:>8}  error",
+                        "seq", "order", "class", "orig seq"
+                    );
+                    for l in &letters {
+                        println!(
+                            "{:>6}  {:<20} {:<18} {:>8}  {}",
+                            l.dlq_sequence,
+                            if l.letter.order_id.is_empty() {
+                                "-"
+                            } else {
+                                &l.letter.order_id
+                            },
+                            class_name(l.letter.error_class()),
+                            l.letter.original_stream_sequence,
+                            l.letter.error_message
+                        );
+                    }
+                    println!("{} dead letter(s)", letters.len());
+                }
+            }
+            DlqCommand::Show { sequence } => {
+                let letters = ctl::dlq_list(&js, &dlq_stream, usize::MAX).await?;
+                let l = letters
+                    .iter()
+                    .find(|l| l.dlq_sequence == sequence)
+                    .ok_or_else(|| anyhow::anyhow!("no dead letter with sequence {sequence} in {dlq_stream}; see `orderctl dlq list`"))?;
+                let d = &l.letter;
+                println!("sequence:        {}", l.dlq_sequence);
+                println!("order id:        {}", d.order_id);
+                println!("class:           {}", class_name(d.error_class()));
+                println!("error:           {}", d.error_message);
+                println!(
+                    "original:        {} seq {} on {}",
+                    d.original_stream, d.original_stream_sequence, d.original_subject
+                );
+                println!("deliveries:      {}", d.delivery_count);
+                println!("worker:          {}", d.worker);
+                println!("payload:         {} bytes", d.payload.len());
+                for h in &d.headers {
+                    println!("header:          {}: {}", h.name, h.value);
+                }
+            }
+            DlqCommand::Replay { sequence, all } => {
+                let seqs: Vec<u64> = match (sequence, all) {
+                    (Some(s), false) => vec![s],
+                    (None, true) => ctl::dlq_list(&js, &dlq_stream, usize::MAX)
+                        .await?
+                        .iter()
+                        .map(|l| l.dlq_sequence)
+                        .collect(),
+                    _ => anyhow::bail!("give one dead-letter sequence or --all"),
+                };
+                for s in seqs {
+                    let id = ctl::dlq_replay(&js, &dlq_stream, &state_bucket, s).await?;
+                    println!("replayed dead letter {s} as {id}");
+                }
+            }
+        },
+    }
+    client.flush().await.ok();
+    Ok(())
 }

@@ -1,0 +1,447 @@
+//! What `orderctl` does, as a library (the tests use it too): publish orders the
+//! way the contract says, count outcomes, list and replay dead letters.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use orderpipeline_common::names;
+use orderpipeline_proto::{DeadLetter, Message as _, OrderCreated, OrderItem};
+use tracing::Instrument as _;
+
+use crate::decide::{OrderState, StateRecord};
+use crate::trace;
+
+/// Builds a valid order with a deterministic content for `id`.
+pub fn valid_order(id: &str, n: u64) -> OrderCreated {
+    let items: Vec<OrderItem> = (0..(1 + n % 3))
+        .map(|i| OrderItem {
+            product_id: format!("sku-{}", (n + i) % 97),
+            quantity: i32::try_from(1 + (n + i) % 4).unwrap_or(1),
+            unit_price: ((n + i) % 50) as f64 + 0.25,
+        })
+        .collect();
+    let total = items
+        .iter()
+        .map(|i| f64::from(i.quantity) * i.unit_price)
+        .sum();
+    OrderCreated {
+        order_id: id.to_string(),
+        customer_id: format!("cust-{}", n % 1000),
+        items,
+        total_amount: total,
+        created_at: Some(orderpipeline_proto::now()),
+    }
+}
+
+/// An order that fails validation (its total does not match its items).
+pub fn invalid_order(id: &str, n: u64) -> OrderCreated {
+    let mut o = valid_order(id, n);
+    o.total_amount += 1.0;
+    o
+}
+
+#[derive(Clone, Debug)]
+pub struct PublishOptions {
+    pub subject: String,
+    pub count: u64,
+    /// Orders per second; 0 = as fast as acks allow.
+    pub rate: f64,
+    pub invalid_ratio: f64,
+    pub duplicate_ratio: f64,
+    /// Order ids are `<prefix>-<n>`.
+    pub prefix: String,
+    /// Publishes awaiting their PubAck at once.
+    pub window: usize,
+    pub ack_timeout: Duration,
+    pub progress: bool,
+}
+
+/// What a publish run achieved; "published" means acknowledged by JetStream.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct PublishReport {
+    pub published: u64,
+    pub valid: u64,
+    pub invalid: u64,
+    /// Re-publishes of an earlier order with the same Nats-Msg-Id.
+    pub duplicates_sent: u64,
+    /// PubAcks that said "duplicate" (the stream already had the id).
+    pub duplicates_acked: u64,
+    /// Publishes retried after an error or a timeout (same Nats-Msg-Id).
+    pub retries: u64,
+    pub seconds: f64,
+    /// The trace id of the first order, to look it up in Jaeger.
+    pub first_trace_id: Option<String>,
+    #[serde(skip)]
+    pub valid_ids: Vec<String>,
+    #[serde(skip)]
+    pub invalid_ids: Vec<String>,
+}
+
+struct Pending {
+    payload: Bytes,
+    headers: HeaderMap,
+    fut: jetstream::context::PublishAckFuture,
+}
+
+async fn send(
+    js: &jetstream::Context,
+    subject: &str,
+    headers: HeaderMap,
+    payload: Bytes,
+) -> anyhow::Result<jetstream::context::PublishAckFuture> {
+    Ok(js
+        .publish_with_headers(subject.to_string(), headers, payload)
+        .await?)
+}
+
+/// Publishes orders, each with `Nats-Msg-Id: <order_id>` and a `traceparent`, and
+/// counts an order only once JetStream acknowledged it. A failed or timed-out
+/// publish is retried with the same id until acknowledged.
+pub async fn publish_orders(
+    js: &jetstream::Context,
+    opts: &PublishOptions,
+) -> anyhow::Result<PublishReport> {
+    let start = Instant::now();
+    let mut report = PublishReport::default();
+    let bar = if opts.progress {
+        let b = indicatif::ProgressBar::new(opts.count);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {bar:40} {pos}/{len} orders acked ({per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut window: VecDeque<Pending> = VecDeque::new();
+    let mut sent_ids: Vec<String> = Vec::new();
+    let mut rng_state = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
+    let mut next_rand = move || {
+        // xorshift: cheap and good enough for choosing which orders to vary
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        (rng_state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let total = opts.count;
+    let mut n = 0u64;
+    while n < total || !window.is_empty() {
+        // Keep the window full.
+        while n < total && window.len() < opts.window.max(1) {
+            if opts.rate > 0.0 {
+                let due = start + Duration::from_secs_f64(n as f64 / opts.rate);
+                tokio::time::sleep_until(due.into()).await;
+            }
+            let dup = !sent_ids.is_empty() && next_rand() < opts.duplicate_ratio;
+            let (id, order) = if dup {
+                let pick = (next_rand() * sent_ids.len() as f64) as usize;
+                let id = sent_ids[pick.min(sent_ids.len() - 1)].clone();
+                // The same content: a producer retrying its publish.
+                let idx = id
+                    .rsplit('-')
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                let o = if report.invalid_ids.contains(&id) {
+                    invalid_order(&id, idx)
+                } else {
+                    valid_order(&id, idx)
+                };
+                report.duplicates_sent += 1;
+                (id, o)
+            } else {
+                let id = format!("{}-{n}", opts.prefix);
+                let invalid = next_rand() < opts.invalid_ratio;
+                let o = if invalid {
+                    invalid_order(&id, n)
+                } else {
+                    valid_order(&id, n)
+                };
+                (id, o)
+            };
+            let span = tracing::info_span!(
+                "publish",
+                otel.name = format!("publish {}", opts.subject),
+                otel.kind = "producer",
+                messaging.system = "nats",
+                messaging.operation.type = "publish",
+                messaging.destination.name = opts.subject.as_str(),
+                messaging.message.id = id.as_str(),
+            );
+            let mut headers = HeaderMap::new();
+            headers.insert(names::MSG_ID_HEADER, id.as_str());
+            {
+                let _g = span.enter();
+                trace::inject_current(&mut headers);
+                if report.first_trace_id.is_none() {
+                    report.first_trace_id = trace::current_trace_id();
+                }
+            }
+            let payload = Bytes::from(order.encode_to_vec());
+            let fut = loop {
+                match send(js, &opts.subject, headers.clone(), payload.clone())
+                    .instrument(span.clone())
+                    .await
+                {
+                    Ok(f) => break f,
+                    Err(e) => {
+                        report.retries += 1;
+                        tracing::warn!(error = %e, id, "publish failed; retrying with the same id");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                }
+            };
+            if !dup {
+                let valid = crate::decide::validate(&order).is_ok();
+                if valid {
+                    report.valid_ids.push(id.clone());
+                } else {
+                    report.invalid_ids.push(id.clone());
+                }
+                sent_ids.push(id.clone());
+                n += 1;
+            }
+            window.push_back(Pending {
+                payload,
+                headers,
+                fut,
+            });
+        }
+        // Collect the oldest ack; retry on error with the same id.
+        if let Some(p) = window.pop_front() {
+            match tokio::time::timeout(opts.ack_timeout, p.fut).await {
+                Ok(Ok(ack)) => {
+                    report.published += 1;
+                    if ack.duplicate {
+                        report.duplicates_acked += 1;
+                    }
+                    bar.inc(1);
+                }
+                Ok(Err(_)) | Err(_) => {
+                    report.retries += 1;
+                    let fut = loop {
+                        match send(js, &opts.subject, p.headers.clone(), p.payload.clone()).await {
+                            Ok(f) => break f,
+                            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+                        }
+                    };
+                    window.push_front(Pending { fut, ..p });
+                }
+            }
+        }
+    }
+    bar.finish_and_clear();
+    // `published` counts acks, including those of deliberate duplicates.
+    report.valid = report.valid_ids.len() as u64;
+    report.invalid = report.invalid_ids.len() as u64;
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Counts by outcome, read from the streams and the consumer.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct StatusReport {
+    pub created: u64,
+    pub processed: u64,
+    pub rejected: u64,
+    pub dead_letters: u64,
+    pub consumer_pending: u64,
+    pub consumer_ack_pending: u64,
+    pub consumer_redelivered: u64,
+}
+
+pub struct Names {
+    pub stream: String,
+    pub consumer: String,
+    pub input_subject: String,
+    pub processed_subject: String,
+    pub rejected_subject: String,
+    pub dlq_stream: String,
+    pub state_bucket: String,
+}
+
+pub async fn status(js: &jetstream::Context, n: &Names) -> anyhow::Result<StatusReport> {
+    let stream = js
+        .get_stream(&n.stream)
+        .await
+        .with_context(|| format!("stream {}", n.stream))?;
+    let mut counts = stream.info_with_subjects(">").await?;
+    let mut r = StatusReport::default();
+    while let Some(item) = counts.next().await {
+        let (subject, count) = item?;
+        let count = count as u64;
+        if subject == n.input_subject {
+            r.created = count;
+        } else if subject == n.processed_subject {
+            r.processed = count;
+        } else if subject == n.rejected_subject {
+            r.rejected = count;
+        }
+    }
+    let mut dlq = js
+        .get_stream(&n.dlq_stream)
+        .await
+        .with_context(|| format!("stream {}", n.dlq_stream))?;
+    r.dead_letters = dlq.info().await?.state.messages;
+    let c = stream.consumer_info(&n.consumer).await?;
+    r.consumer_pending = c.num_pending;
+    r.consumer_ack_pending = c.num_ack_pending as u64;
+    r.consumer_redelivered = c.num_redelivered as u64;
+    Ok(r)
+}
+
+/// One dead letter as stored.
+#[derive(Clone, Debug)]
+pub struct StoredDeadLetter {
+    pub dlq_sequence: u64,
+    pub letter: DeadLetter,
+}
+
+/// Every dead letter in the DLQ stream, oldest first (at most `limit`).
+pub async fn dlq_list(
+    js: &jetstream::Context,
+    dlq_stream: &str,
+    limit: usize,
+) -> anyhow::Result<Vec<StoredDeadLetter>> {
+    let mut s = js
+        .get_stream(dlq_stream)
+        .await
+        .with_context(|| format!("dead-letter stream {dlq_stream}"))?;
+    let state = s.info().await?.state.clone();
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return Ok(out);
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        if out.len() >= limit {
+            break;
+        }
+        match s.get_raw_message(seq).await {
+            Ok(m) => {
+                let letter = DeadLetter::decode(m.payload.as_ref())
+                    .with_context(|| format!("dead letter {seq} is not an orders.v1.DeadLetter"))?;
+                out.push(StoredDeadLetter {
+                    dlq_sequence: seq,
+                    letter,
+                });
+            }
+            Err(e)
+                if e.to_string().contains("no message found")
+                    || e.to_string().contains("not found") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
+}
+
+/// Replays dead letter `dlq_sequence`: moves the order's record from
+/// `dead_lettered` back to `pending` with compare-and-set, re-submits the
+/// original payload to its subject with a fresh id (`<order_id>:replay:<seq>`,
+/// since the order's own id is still in the stream's duplicate window), then
+/// removes the dead letter. Replaying the same letter twice has one effect.
+pub async fn dlq_replay(
+    js: &jetstream::Context,
+    dlq_stream: &str,
+    state_bucket: &str,
+    dlq_sequence: u64,
+) -> anyhow::Result<String> {
+    let s = js
+        .get_stream(dlq_stream)
+        .await
+        .with_context(|| format!("dead-letter stream {dlq_stream}"))?;
+    let m = s
+        .get_raw_message(dlq_sequence)
+        .await
+        .with_context(|| format!("dead letter {dlq_sequence} in {dlq_stream}"))?;
+    let letter = DeadLetter::decode(m.payload.as_ref())
+        .with_context(|| format!("dead letter {dlq_sequence} is not an orders.v1.DeadLetter"))?;
+    let msg_id = if letter.order_id.is_empty() {
+        format!(
+            "{}:{}:replay:{dlq_sequence}",
+            letter.original_stream, letter.original_stream_sequence
+        )
+    } else {
+        let kv = js
+            .get_key_value(state_bucket)
+            .await
+            .with_context(|| format!("KV bucket {state_bucket}"))?;
+        reopen(&kv, &letter.order_id).await?;
+        format!("{}:replay:{dlq_sequence}", letter.order_id)
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(names::MSG_ID_HEADER, msg_id.as_str());
+    for h in &letter.headers {
+        let lower = h.name.to_ascii_lowercase();
+        if lower == "traceparent" || lower == "tracestate" {
+            headers.insert(h.name.as_str(), h.value.as_str());
+        }
+    }
+    js.publish_with_headers(
+        letter.original_subject.clone(),
+        headers,
+        Bytes::from(letter.payload.clone()),
+    )
+    .await?
+    .await
+    .context("re-submitting the order")?;
+    s.delete_message(dlq_sequence)
+        .await
+        .with_context(|| format!("removing dead letter {dlq_sequence} after replay"))?;
+    Ok(msg_id)
+}
+
+/// `dead_lettered -> pending` with compare-and-set; a missing record is fine
+/// (the worker creates it), a processed or rejected one refuses the replay.
+async fn reopen(kv: &kv::Store, order_id: &str) -> anyhow::Result<()> {
+    let key = names::state_key(order_id);
+    for _ in 0..5 {
+        let Some(entry) = kv.entry(key.as_str()).await? else {
+            return Ok(());
+        };
+        if entry.operation != kv::Operation::Put {
+            return Ok(());
+        }
+        let mut rec: StateRecord = serde_json::from_slice(&entry.value)
+            .with_context(|| format!("order state {key} is not a state record"))?;
+        match rec.state {
+            OrderState::Pending => return Ok(()),
+            OrderState::Processed | OrderState::Rejected => bail!(
+                "order {order_id} is already {}; replaying it would process it twice",
+                rec.state.as_str()
+            ),
+            OrderState::DeadLettered => {
+                rec.state = OrderState::Pending;
+                rec.reason = Some("replayed from the dead-letter stream".into());
+                match kv
+                    .update(
+                        key.as_str(),
+                        Bytes::from(serde_json::to_vec(&rec)?),
+                        entry.revision,
+                    )
+                    .await
+                {
+                    Ok(_) => return Ok(()),
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+    bail!("order state {key} keeps changing; try again")
+}
+
+/// The order's state record, if any.
+pub async fn order_state(kv: &kv::Store, order_id: &str) -> anyhow::Result<Option<StateRecord>> {
+    let key = names::state_key(order_id);
+    Ok(match kv.entry(key.as_str()).await? {
+        Some(e) if e.operation == kv::Operation::Put => Some(serde_json::from_slice(&e.value)?),
+        _ => None,
+    })
+}
