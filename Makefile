@@ -24,11 +24,15 @@ lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# Unit tests: pure code, no services.
 unit:
-	ORDERPIPE_PYTHON="$$(hack/python-env)" cargo test --workspace --exclude orderpipeline-e2e --locked
+	cargo test --workspace --lib --bins --locked
 
+# Integration tests (every tests/*.rs of every crate): the contract's interop test
+# (Python protobuf) and the tests against a private real environment.
 integration: tools
-	hack/with-env cargo test -p orderpipeline-e2e --locked
+	cargo build --workspace --locked
+	ORDERPIPE_PYTHON="$$(hack/python-env)" hack/with-env cargo test --workspace --test '*' --locked
 
 tools:
 	hack/build-tools >/dev/null

@@ -216,3 +216,5 @@ impl NatsServer {
         self.spawn().await
     }
 }
+
+pub mod pipeline;

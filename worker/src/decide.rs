@@ -212,7 +212,8 @@ mod tests {
 
     #[test]
     fn each_rule_rejects_with_its_reason() {
-        let cases: Vec<(Box<dyn Fn(&mut OrderCreated)>, RejectReason)> = vec![
+        type Mutation = Box<dyn Fn(&mut OrderCreated)>;
+        let cases: Vec<(Mutation, RejectReason)> = vec![
             (
                 Box::new(|o| o.order_id.clear()),
                 RejectReason::MissingOrderId,
@@ -328,6 +329,29 @@ mod tests {
             after_transient_failure(7, 3, i, m),
             AfterFailure::DeadLetter
         );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_and_validate_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024)) {
+            use orderpipeline_proto::Message as _;
+            if let Ok(o) = OrderCreated::decode(bytes.as_slice()) {
+                let _ = validate(&o);
+                let _ = orderpipeline_common::names::state_key(&o.order_id);
+            }
+        }
+
+        #[test]
+        fn validate_never_panics_on_any_numbers(q in proptest::prelude::any::<i32>(), p in proptest::prelude::any::<f64>(), t in proptest::prelude::any::<f64>()) {
+            let o = OrderCreated {
+                order_id: "o".into(),
+                customer_id: "c".into(),
+                items: vec![OrderItem { product_id: "p".into(), quantity: q, unit_price: p }],
+                total_amount: t,
+                created_at: None,
+            };
+            let _ = validate(&o);
+        }
     }
 
     #[test]

@@ -122,6 +122,9 @@ pub async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message, cancel: Cancellation
         span.record("otel.status_code", "ERROR");
     }
     ctx.metrics.outcome(outcome.as_str());
+    if outcome == Outcome::Duplicate {
+        ctx.metrics.duplicates.inc();
+    }
     ctx.metrics.duration.observe(start.elapsed().as_secs_f64());
     ctx.metrics.in_flight.dec();
     outcome
@@ -353,7 +356,7 @@ async fn claim(ctx: &Ctx, key: &str, delivery: &Delivery) -> Result<Claim, StepE
                                 )
                                 .await
                                 .map(Claim::Pending)
-                                .or_else(|_| Ok(Claim::Pending(e.revision)))
+                                .or(Ok(Claim::Pending(e.revision)))
                         }
                     };
                 }

@@ -1,0 +1,581 @@
+//! order-worker against a real nats-server (and Jaeger for tracing): every
+//! outcome path, crashes, restarts, retries, dead letters and replay, config
+//! errors. Each test runs its own nats-server, so they run in parallel.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use order_worker::ctl::{self, PublishOptions};
+use orderpipeline_common::topology::Topology;
+use orderpipeline_e2e::pipeline::{
+    Audit, DownstreamStub, StubBehaviour, WorkerProcess, binary, http_get,
+};
+use orderpipeline_e2e::{NatsServer, env_var, random_suffix, wait_for};
+use orderpipeline_proto::{ErrorClass, Message as _};
+
+fn topology(ack_wait: Duration) -> Topology {
+    Topology {
+        ack_wait,
+        ..Topology::default()
+    }
+}
+
+async fn setup(ack_wait: Duration) -> anyhow::Result<(NatsServer, jetstream::Context)> {
+    let server = NatsServer::start().await?;
+    let client = async_nats::connect(server.url()).await?;
+    let js = jetstream::new(client);
+    topology(ack_wait).ensure(&js).await?;
+    Ok((server, js))
+}
+
+fn worker_env(server: &NatsServer, extra: &[(&str, &str)]) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("NATS_URL", server.url()),
+        ("WORKER_POOL_SIZE", "10".to_string()),
+        ("NAK_INITIAL_DELAY", "100ms".to_string()),
+        ("NAK_MAX_DELAY", "500ms".to_string()),
+        ("RETRY_INITIAL_BACKOFF", "10ms".to_string()),
+        ("RETRY_MAX_BACKOFF", "50ms".to_string()),
+    ];
+    for (k, v) in extra {
+        let k: &'static str = Box::leak(k.to_string().into_boxed_str());
+        env.retain(|(e, _)| *e != k);
+        env.push((k, v.to_string()));
+    }
+    env
+}
+
+fn publish_opts(prefix: &str, count: u64) -> PublishOptions {
+    PublishOptions {
+        subject: "ORDER.created".into(),
+        count,
+        rate: 0.0,
+        invalid_ratio: 0.0,
+        duplicate_ratio: 0.0,
+        prefix: prefix.into(),
+        window: 128,
+        ack_timeout: Duration::from_secs(5),
+        progress: false,
+    }
+}
+
+/// Waits until the consumer has nothing pending or awaiting ack.
+async fn drained(js: &jetstream::Context, timeout: Duration) -> anyhow::Result<()> {
+    wait_for("the consumer to drain", timeout, || async {
+        let s = js.get_stream("ORDERS").await?;
+        let c = s.consumer_info("order-workers").await?;
+        Ok((c.num_pending == 0 && c.num_ack_pending == 0).then_some(()))
+    })
+    .await
+}
+
+async fn publish_raw(js: &jetstream::Context, id: &str, payload: Vec<u8>) -> anyhow::Result<u64> {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Msg-Id", id);
+    Ok(js
+        .publish_with_headers("ORDER.created", h, payload.into())
+        .await?
+        .await?
+        .sequence)
+}
+
+async fn audit(js: &jetstream::Context) -> anyhow::Result<Audit> {
+    Audit::collect(js, "ORDERS", "ORDERS_DLQ", "order-workers").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_outcome_path_is_taken_exactly_once() -> anyhow::Result<()> {
+    let (server, js) = setup(Duration::from_secs(5)).await?;
+    let w = WorkerProcess::spawn(
+        &binary("order-worker")?,
+        &worker_env(&server, &[("MAX_PAYLOAD_BYTES", "4096")]),
+    )
+    .await?;
+    w.wait_ready().await?;
+
+    let mut opts = publish_opts(&format!("o{}", random_suffix()), 300);
+    opts.invalid_ratio = 0.1;
+    opts.duplicate_ratio = 0.05;
+    let report = ctl::publish_orders(&js, &opts).await?;
+    assert!(
+        report.invalid > 0 && report.duplicates_sent > 0,
+        "{report:?}"
+    );
+    assert_eq!(
+        report.duplicates_acked, report.duplicates_sent,
+        "same Nats-Msg-Id is deduplicated by the stream"
+    );
+
+    // Poison: random bytes, a truncated protobuf, an oversized payload.
+    let good = ctl::valid_order("trunc", 1).encode_to_vec();
+    let poison = [
+        ("poison-random", vec![0xff, 0xff, 0xff, 0x0f, 0x01, 0x02]),
+        ("poison-truncated", good[..good.len() - 3].to_vec()),
+        (
+            "poison-oversized",
+            ctl::valid_order(&"x".repeat(5000), 2).encode_to_vec(),
+        ),
+    ];
+    let mut poison_seqs = Vec::new();
+    for (id, payload) in &poison {
+        poison_seqs.push(publish_raw(&js, id, payload.clone()).await?);
+    }
+    // The same order again under a different Nats-Msg-Id: one effect.
+    let again = &report.valid_ids[0];
+    let idx: u64 = again.rsplit('-').next().unwrap_or("0").parse()?;
+    publish_raw(
+        &js,
+        &format!("{again}-republished"),
+        ctl::valid_order(again, idx).encode_to_vec(),
+    )
+    .await?;
+
+    drained(&js, Duration::from_secs(60)).await?;
+    let a = audit(&js).await?;
+    a.assert_exactly_once(&report.valid_ids, &report.invalid_ids)?;
+    assert_eq!(a.dead_letter_count(), 3, "{:?}", a.dead_letters.keys());
+    let class_of = |seq: u64| a.dead_letters[&seq][0].error_class();
+    assert_eq!(class_of(poison_seqs[0]), ErrorClass::Undecodable);
+    assert_eq!(class_of(poison_seqs[1]), ErrorClass::Undecodable);
+    assert_eq!(class_of(poison_seqs[2]), ErrorClass::Oversized);
+    assert!(
+        a.dead_letters[&poison_seqs[2]][0]
+            .error_message
+            .contains("MAX_PAYLOAD_BYTES")
+    );
+    assert_eq!(
+        a.dead_letters[&poison_seqs[0]][0].payload, poison[0].1,
+        "the DLQ keeps the original payload"
+    );
+
+    let (code, metrics) = http_get(&format!("http://127.0.0.1:{}/metrics", w.http_port))
+        .await
+        .context("metrics")?;
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("orderworker_duplicates_skipped_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "orderworker_messages_total{{outcome=\"processed\"}} {}",
+            report.valid
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("orderworker_dead_letters_total{class=\"undecodable\"} 2"),
+        "{metrics}"
+    );
+    let (code, _) = http_get(&format!("http://127.0.0.1:{}/health", w.http_port))
+        .await
+        .context("health")?;
+    assert_eq!(code, 200);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downstream_retries_then_succeeds_and_permanent_refusal_dead_letters() -> anyhow::Result<()>
+{
+    let (server, js) = setup(Duration::from_secs(10)).await?;
+    let stub = DownstreamStub::start(StubBehaviour {
+        fail_first: 2,
+        refuse_prefix: Some("perm-".into()),
+        ..Default::default()
+    })
+    .await?;
+    let w = WorkerProcess::spawn(
+        &binary("order-worker")?,
+        &worker_env(
+            &server,
+            &[("DOWNSTREAM_URL", &stub.url), ("RETRY_ATTEMPTS", "3")],
+        ),
+    )
+    .await?;
+    w.wait_ready().await?;
+    let report =
+        ctl::publish_orders(&js, &publish_opts(&format!("d{}", random_suffix()), 20)).await?;
+    let perm =
+        ctl::publish_orders(&js, &publish_opts(&format!("perm-{}", random_suffix()), 2)).await?;
+    drained(&js, Duration::from_secs(60)).await?;
+
+    let a = audit(&js).await?;
+    a.assert_exactly_once(&report.valid_ids, &[])?;
+    for id in &report.valid_ids {
+        assert_eq!(stub.calls_for(id), 3, "two 503s then one 2xx for {id}");
+    }
+    assert!(
+        stub.charged_twice().is_empty(),
+        "no call after an order is recorded processed"
+    );
+    assert_eq!(a.dead_letter_count(), 2);
+    for letters in a.dead_letters.values() {
+        assert_eq!(letters[0].error_class(), ErrorClass::Permanent);
+        assert!(
+            letters[0].error_message.contains("400"),
+            "{}",
+            letters[0].error_message
+        );
+    }
+    let kv = js.get_key_value("ORDERS_STATE").await?;
+    for id in &perm.valid_ids {
+        let rec = ctl::order_state(&kv, id).await?.context("state record")?;
+        assert_eq!(rec.state.as_str(), "dead_lettered");
+        assert_eq!(stub.calls_for(id), 1, "a permanent refusal is not retried");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_orders_dead_letter_on_the_last_delivery_and_replay_once() -> anyhow::Result<()> {
+    let (server, js) = setup(Duration::from_secs(10)).await?;
+    let broken = DownstreamStub::start(StubBehaviour {
+        fail_first: u32::MAX,
+        ..Default::default()
+    })
+    .await?;
+    let mut w = WorkerProcess::spawn(
+        &binary("order-worker")?,
+        &worker_env(
+            &server,
+            &[
+                ("DOWNSTREAM_URL", &broken.url),
+                ("RETRY_ATTEMPTS", "2"),
+                ("MAX_DELIVERIES", "3"),
+            ],
+        ),
+    )
+    .await?;
+    w.wait_ready().await?;
+    let report =
+        ctl::publish_orders(&js, &publish_opts(&format!("x{}", random_suffix()), 4)).await?;
+    drained(&js, Duration::from_secs(60)).await?;
+    let a = audit(&js).await?;
+    assert_eq!(a.dead_letter_count(), 4);
+    for letters in a.dead_letters.values() {
+        let d = &letters[0];
+        assert_eq!(d.error_class(), ErrorClass::AttemptsExhausted);
+        assert_eq!(
+            d.delivery_count, 3,
+            "dead-lettered by the worker on the last allowed delivery"
+        );
+    }
+    for id in &report.valid_ids {
+        assert_eq!(broken.calls_for(id), 6, "2 tries x 3 deliveries for {id}");
+    }
+    w.signal("TERM").await?;
+    assert_eq!(
+        w.wait(Duration::from_secs(30)).await?,
+        Some(0),
+        "SIGTERM exits 0"
+    );
+
+    // Replay against a healthy downstream: each order processed exactly once.
+    let healthy = DownstreamStub::start(StubBehaviour::default()).await?;
+    let w2 = WorkerProcess::spawn(
+        &binary("order-worker")?,
+        &worker_env(&server, &[("DOWNSTREAM_URL", &healthy.url)]),
+    )
+    .await?;
+    w2.wait_ready().await?;
+    let letters = ctl::dlq_list(&js, "ORDERS_DLQ", 100).await?;
+    for l in &letters {
+        ctl::dlq_replay(&js, "ORDERS_DLQ", "ORDERS_STATE", l.dlq_sequence).await?;
+    }
+    assert!(
+        ctl::dlq_replay(&js, "ORDERS_DLQ", "ORDERS_STATE", letters[0].dlq_sequence)
+            .await
+            .is_err(),
+        "a replayed letter is gone"
+    );
+    drained(&js, Duration::from_secs(60)).await?;
+    let a = audit(&js).await?;
+    for id in &report.valid_ids {
+        assert_eq!(
+            a.processed.get(id),
+            Some(&1),
+            "{id} processed once after replay"
+        );
+        assert_eq!(healthy.calls_for(id), 1);
+    }
+    assert!(ctl::dlq_list(&js, "ORDERS_DLQ", 100).await?.is_empty());
+    let kv = js.get_key_value("ORDERS_STATE").await?;
+    let rec = ctl::order_state(&kv, &report.valid_ids[0])
+        .await?
+        .context("record")?;
+    assert_eq!(rec.state.as_str(), "processed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_order_gives_exactly_one_result_after_redelivery() -> anyhow::Result<()> {
+    let (server, js) = setup(Duration::from_secs(2)).await?;
+    let stub = DownstreamStub::start(StubBehaviour {
+        delay: Duration::from_millis(1500),
+        ..Default::default()
+    })
+    .await?;
+    let env = worker_env(
+        &server,
+        &[("DOWNSTREAM_URL", &stub.url), ("WORKER_POOL_SIZE", "5")],
+    );
+    let mut w1 = WorkerProcess::spawn(&binary("order-worker")?, &env).await?;
+    w1.wait_ready().await?;
+    let report =
+        ctl::publish_orders(&js, &publish_opts(&format!("k{}", random_suffix()), 15)).await?;
+    wait_for(
+        "the first downstream calls",
+        Duration::from_secs(20),
+        || async { Ok((stub.total_calls() >= 3).then_some(())) },
+    )
+    .await?;
+    w1.kill().await?; // mid-order: calls are in flight for 1.5 s
+    let w2 = WorkerProcess::spawn(&binary("order-worker")?, &env).await?;
+    w2.wait_ready().await?;
+    drained(&js, Duration::from_secs(90)).await?;
+    let a = audit(&js).await?;
+    a.assert_exactly_once(&report.valid_ids, &[])?;
+    let repeated = report
+        .valid_ids
+        .iter()
+        .filter(|id| stub.calls_for(id) > 1)
+        .count();
+    assert!(
+        repeated >= 1,
+        "some order was in flight when the worker died"
+    );
+    for id in &report.valid_ids {
+        assert!(
+            stub.calls_for(id) <= 2,
+            "{id} called {} times",
+            stub.calls_for(id)
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_during_a_10k_run_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+    let (mut server, js) = setup(Duration::from_secs(5)).await?;
+    let env = worker_env(&server, &[("WORKER_POOL_SIZE", "50")]);
+    let w1 = WorkerProcess::spawn(&binary("order-worker")?, &env).await?;
+    let w2 = WorkerProcess::spawn(&binary("order-worker")?, &env).await?;
+    w1.wait_ready().await?;
+    w2.wait_ready().await?;
+    let prefix = format!("r{}", random_suffix());
+    let mut first = publish_opts(&format!("{prefix}a"), 5_000);
+    first.invalid_ratio = 0.05;
+    let r1 = ctl::publish_orders(&js, &first).await?;
+    // Restart while the workers are busy with the backlog.
+    server.restart().await?;
+    let client = async_nats::connect(server.url()).await?;
+    let js = jetstream::new(client);
+    let mut second = publish_opts(&format!("{prefix}b"), 5_000);
+    second.invalid_ratio = 0.05;
+    let r2 = ctl::publish_orders(&js, &second).await?;
+    drained(&js, Duration::from_secs(180)).await?;
+    let a = audit(&js).await?;
+    let valid: Vec<String> = r1.valid_ids.iter().chain(&r2.valid_ids).cloned().collect();
+    let invalid: Vec<String> = r1
+        .invalid_ids
+        .iter()
+        .chain(&r2.invalid_ids)
+        .cloned()
+        .collect();
+    assert_eq!(valid.len() + invalid.len(), 10_000);
+    a.assert_exactly_once(&valid, &invalid)?;
+    assert_eq!(a.dead_letter_count(), 0);
+    for w in [&w1, &w2] {
+        w.wait_ready()
+            .await
+            .context("workers are ready again after the restart")?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_started_by_orderctl_continues_in_the_worker() -> anyhow::Result<()> {
+    let otlp = env_var("OTEL_EXPORTER_OTLP_ENDPOINT")?;
+    let jaeger = env_var("JAEGER_QUERY_URL")?;
+    let (server, _js) = setup(Duration::from_secs(5)).await?;
+    let service = format!("order-worker-{}", random_suffix());
+    let mut env = worker_env(&server, &[]);
+    env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.clone()));
+    env.push(("OTEL_SERVICE_NAME", service.clone()));
+    env.push((
+        "OTEL_RESOURCE_ATTRIBUTES",
+        "orderpipeline.name=test,k8s.namespace.name=e2e".into(),
+    ));
+    let w = WorkerProcess::spawn(&binary("order-worker")?, &env).await?;
+    w.wait_ready().await?;
+    let out = tokio::process::Command::new(binary("orderctl")?)
+        .args(["--json", "publish", "--count", "1"])
+        .env("NATS_URL", server.url())
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp)
+        .env("OTEL_SERVICE_NAME", format!("orderctl-{}", random_suffix()))
+        .output()
+        .await?;
+    assert!(
+        out.status.success(),
+        "orderctl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let trace_id = v["first_trace_id"]
+        .as_str()
+        .context("orderctl printed a trace id")?
+        .to_string();
+
+    let url = format!("{jaeger}/api/traces/{trace_id}");
+    let trace = wait_for(
+        "the worker's spans in Jaeger",
+        Duration::from_secs(30),
+        || {
+            let url = url.clone();
+            let service = service.clone();
+            async move {
+                let Some((200, body)) = http_get(&url).await else {
+                    return Ok(None);
+                };
+                let v: serde_json::Value = serde_json::from_str(&body)?;
+                let t = v["data"][0].clone();
+                let has = |name: &str| {
+                    t["spans"]
+                        .as_array()
+                        .is_some_and(|s| s.iter().any(|s| s["operationName"] == name))
+                };
+                let worker_service = t["processes"]
+                    .as_object()
+                    .is_some_and(|p| p.values().any(|p| p["serviceName"] == service.as_str()));
+                Ok((worker_service
+                    && has("process ORDER.created")
+                    && has("publish ORDER.processed")
+                    && has("validate"))
+                .then_some(t))
+            }
+        },
+    )
+    .await?;
+    let spans = trace["spans"].as_array().context("spans")?;
+    let by_name = |n: &str| {
+        spans
+            .iter()
+            .find(|s| s["operationName"] == n)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let producer = by_name("publish ORDER.created");
+    let consumer = by_name("process ORDER.created");
+    let parent_of = |s: &serde_json::Value| {
+        s["references"][0]["spanID"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_eq!(
+        parent_of(&consumer),
+        producer["spanID"].as_str().unwrap_or("-"),
+        "the worker's span is a child of orderctl's"
+    );
+    let tags = consumer["tags"].as_array().context("tags")?;
+    let tag = |k: &str| {
+        tags.iter()
+            .find(|t| t["key"] == k)
+            .map(|t| t["value"].clone())
+    };
+    assert_eq!(tag("messaging.system"), Some("nats".into()));
+    assert_eq!(
+        tag("messaging.consumer.group.name"),
+        Some("order-workers".into())
+    );
+    assert_eq!(tag("messaging.nats.delivery_count"), Some(1.into()));
+    for child in ["validate", "record", "publish ORDER.processed"] {
+        let s = by_name(child);
+        let mut p = parent_of(&s);
+        let mut hops = 0;
+        while p != consumer["spanID"].as_str().unwrap_or("-") && hops < 5 {
+            p = spans
+                .iter()
+                .find(|x| x["spanID"] == p.as_str())
+                .map(parent_of)
+                .unwrap_or_default();
+            hops += 1;
+        }
+        assert!(hops < 5, "{child} descends from the consumer span");
+    }
+    let process = &trace["processes"][consumer["processID"].as_str().unwrap_or("")];
+    let ptags = process["tags"].as_array().cloned().unwrap_or_default();
+    assert!(
+        ptags
+            .iter()
+            .any(|t| t["key"] == "orderpipeline.name" && t["value"] == "test"),
+        "OTEL_RESOURCE_ATTRIBUTES reach the trace: {ptags:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_configuration_exits_naming_the_variable_and_the_form() -> anyhow::Result<()> {
+    let bin = binary("order-worker")?;
+    for (var, value, expect) in [
+        ("WORKER_POOL_SIZE", "0", "1 to 10000"),
+        ("WORKER_POOL_SIZE", "ten", "1 to 10000"),
+        ("RETRY_INITIAL_BACKOFF", "5", "no unit"),
+        ("DOWNSTREAM_URL", "ftp://example", "DOWNSTREAM_URL"),
+        ("HTTP_ADDR", "nowhere", "HTTP_ADDR"),
+    ] {
+        let out = tokio::process::Command::new(&bin)
+            .env(var, value)
+            .output()
+            .await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}={value}: {stderr}");
+        assert!(stderr.contains(expect), "{var}={value}: {stderr}");
+        assert!(
+            stderr.contains(var) || stderr.contains(&var.to_lowercase().replace('_', "-")),
+            "{var}: {stderr}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn missing_topology_or_nats_is_reported_by_the_probes() -> anyhow::Result<()> {
+    let server = NatsServer::start().await?;
+    let w = WorkerProcess::spawn(&binary("order-worker")?, &worker_env(&server, &[])).await?;
+    let body = wait_for(
+        "/readyz to name the missing stream",
+        Duration::from_secs(20),
+        || async {
+            Ok(match w.readyz().await {
+                Some((503, b)) if b.contains("stream ORDERS does not exist") => Some(b),
+                _ => None,
+            })
+        },
+    )
+    .await?;
+    assert!(body.contains("--create-topology"), "{body}");
+    let (code, _) = http_get(&format!("http://127.0.0.1:{}/health", w.http_port))
+        .await
+        .context("health")?;
+    assert_eq!(code, 200, "connected to NATS, so /health is fine");
+
+    let port = orderpipeline_e2e::free_port()?;
+    let env = vec![("NATS_URL", format!("nats://127.0.0.1:{port}"))];
+    let w = WorkerProcess::spawn(&binary("order-worker")?, &env).await?;
+    wait_for(
+        "/health 503 and /readyz naming NATS",
+        Duration::from_secs(20),
+        || async {
+            let h = http_get(&format!("http://127.0.0.1:{}/health", w.http_port)).await;
+            let r = w.readyz().await;
+            Ok(
+                matches!((h, r), (Some((503, _)), Some((503, b))) if b.contains("NATS"))
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+    Ok(())
+}
