@@ -95,9 +95,7 @@ pub fn init(default_service: &str) -> Result<Telemetry, TelemetryError> {
     let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info"))?;
     let fmt = tracing_subscriber::fmt::layer()
         .json()
-        .flatten_event(true)
-        .with_current_span(true)
-        .with_span_list(false)
+        .event_format(TraceIdJson::default())
         .with_writer(std::io::stderr);
     let provider = match otlp_endpoint() {
         Some(endpoint) => Some(tracer_provider(&endpoint, default_service)?),
@@ -117,4 +115,59 @@ pub fn init(default_service: &str) -> Result<Telemetry, TelemetryError> {
         opentelemetry::global::set_tracer_provider(p.clone());
     }
     Ok(Telemetry { provider })
+}
+
+/// JSON log lines with the current span's `trace_id` and `span_id`, so a log
+/// line leads to its trace in Jaeger.
+struct TraceIdJson {
+    inner: tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Json>,
+}
+
+impl Default for TraceIdJson {
+    fn default() -> Self {
+        Self {
+            inner: tracing_subscriber::fmt::format()
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false),
+        }
+    }
+}
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for TraceIdJson
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use opentelemetry::trace::TraceContextExt as _;
+        let ids = ctx.lookup_current().and_then(|span| {
+            tracing::dispatcher::get_default(|d| {
+                tracing_opentelemetry::get_otel_context(&span.id(), d)
+            })
+            .map(|cx| cx.span().span_context().clone())
+            .filter(|sc| sc.is_valid())
+        });
+        let mut line = String::new();
+        self.inner.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut line),
+            event,
+        )?;
+        match (ids, line.strip_prefix('{')) {
+            (Some(sc), Some(rest)) => write!(
+                writer,
+                "{{\"trace_id\":\"{}\",\"span_id\":\"{}\",{rest}",
+                sc.trace_id(),
+                sc.span_id()
+            ),
+            _ => writer.write_str(&line),
+        }
+    }
 }

@@ -579,3 +579,86 @@ async fn missing_topology_or_nats_is_reported_by_the_probes() -> anyhow::Result<
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_work_is_kept_alive_with_in_progress_acks() -> anyhow::Result<()> {
+    // ack wait 1 s, each downstream call 2.5 s: without in-progress acks every
+    // order would be redelivered while still being processed.
+    let (server, js) = setup(Duration::from_secs(1)).await?;
+    let stub = DownstreamStub::start(StubBehaviour {
+        delay: Duration::from_millis(2500),
+        ..Default::default()
+    })
+    .await?;
+    let w = WorkerProcess::spawn(
+        &binary("order-worker")?,
+        &worker_env(
+            &server,
+            &[("DOWNSTREAM_URL", &stub.url), ("DOWNSTREAM_TIMEOUT", "10s")],
+        ),
+    )
+    .await?;
+    w.wait_ready().await?;
+    let report =
+        ctl::publish_orders(&js, &publish_opts(&format!("s{}", random_suffix()), 3)).await?;
+    drained(&js, Duration::from_secs(60)).await?;
+    let a = audit(&js).await?;
+    a.assert_exactly_once(&report.valid_ids, &[])?;
+    for id in &report.valid_ids {
+        assert_eq!(stub.calls_for(id), 1, "{id} was not redelivered");
+    }
+    let s = js.get_stream("ORDERS").await?;
+    assert_eq!(s.consumer_info("order-workers").await?.num_redelivered, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_naks_what_cannot_finish_within_the_grace_and_exits_0() -> anyhow::Result<()> {
+    let (server, js) = setup(Duration::from_secs(30)).await?;
+    let stub = DownstreamStub::start(StubBehaviour {
+        delay: Duration::from_secs(6),
+        ..Default::default()
+    })
+    .await?;
+    let env = worker_env(
+        &server,
+        &[
+            ("DOWNSTREAM_URL", &stub.url),
+            ("DOWNSTREAM_TIMEOUT", "20s"),
+            ("SHUTDOWN_GRACE", "1s"),
+        ],
+    );
+    let mut w = WorkerProcess::spawn(&binary("order-worker")?, &env).await?;
+    w.wait_ready().await?;
+    let report =
+        ctl::publish_orders(&js, &publish_opts(&format!("t{}", random_suffix()), 3)).await?;
+    wait_for("the calls to start", Duration::from_secs(20), || async {
+        Ok((stub.total_calls() >= 3).then_some(()))
+    })
+    .await?;
+    w.signal("TERM").await?;
+    assert_eq!(
+        w.wait(Duration::from_secs(15)).await?,
+        Some(0),
+        "exits 0 after the grace: {}",
+        w.log_text()
+    );
+    assert!(
+        w.log_text().contains("shutdown grace expired"),
+        "{}",
+        w.log_text()
+    );
+    // NAKed, not left to the 30 s ack wait: another worker finishes them now.
+    let fast = DownstreamStub::start(StubBehaviour::default()).await?;
+    let w2 = WorkerProcess::spawn(
+        &binary("order-worker")?,
+        &worker_env(&server, &[("DOWNSTREAM_URL", &fast.url)]),
+    )
+    .await?;
+    w2.wait_ready().await?;
+    drained(&js, Duration::from_secs(20)).await?;
+    audit(&js)
+        .await?
+        .assert_exactly_once(&report.valid_ids, &[])?;
+    Ok(())
+}

@@ -118,6 +118,7 @@ pub async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message, cancel: Cancellation
         .instrument(span.clone())
         .await;
     span.record("outcome", outcome.as_str());
+    span.in_scope(|| tracing::debug!(outcome = outcome.as_str(), "message finished"));
     if outcome == Outcome::Nak {
         span.record("otel.status_code", "ERROR");
     }
