@@ -111,7 +111,11 @@ impl NatsArgs {
 
 /// `order-worker`: processes orders from a JetStream pull consumer, exactly once.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "order-worker", version, about, long_about = None)]
+#[command(
+    name = "order-worker",
+    version,
+    about = "Processes orders from a JetStream pull consumer: each order gets exactly one outcome (processed, rejected or dead-lettered)"
+)]
 pub struct Config {
     #[command(flatten)]
     pub nats: NatsArgs,
