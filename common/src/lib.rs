@@ -2,6 +2,7 @@
 //! telemetry setup, NATS connection options, names and subjects of the
 //! pipeline's JetStream objects, and the topology (stream, DLQ, KV, consumer).
 
+pub mod duration;
 pub mod names;
 pub mod nats;
 pub mod telemetry;

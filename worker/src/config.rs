@@ -9,34 +9,7 @@ use clap::Parser;
 use orderpipeline_common::names;
 use orderpipeline_common::nats::NatsAuth;
 
-/// Parses durations like `250ms`, `5s`, `2m`, `1h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .ok_or_else(|| {
-            format!("'{s}' has no unit; use a number with ms, s, m or h, e.g. 500ms or 5s")
-        })?;
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration; use e.g. 500ms, 5s, 2m or 1h"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => {
-            return Err(format!(
-                "'{s}' has an unknown unit '{unit}'; use ms, s, m or h"
-            ));
-        }
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("'{s}' must be a non-negative duration"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+pub use orderpipeline_common::duration::parse_duration;
 
 fn parse_pool_size(s: &str) -> Result<u32, String> {
     match s.trim().parse::<u32>() {
@@ -235,17 +208,6 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert!(parse_duration("5").unwrap_err().contains("no unit"));
-        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("abc").is_err());
-    }
 
     #[test]
     fn pool_size_is_bounded() {

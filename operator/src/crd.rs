@@ -1,0 +1,584 @@
+//! The `OrderPipeline` custom resource (`orderpipeline.dev/v1alpha1`): the spec a
+//! user writes and the status the operator reports. Doc comments become the
+//! descriptions `kubectl explain` shows; defaults and CEL rules live in the schema.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use orderpipeline_common::names;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "orderpipeline.dev";
+
+/// An order-processing pipeline on NATS JetStream: an input stream, a durable
+/// pull consumer, a dead-letter stream, an idempotency KV bucket, and a
+/// Deployment of workers that process every order exactly once.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "orderpipeline.dev",
+    version = "v1alpha1",
+    kind = "OrderPipeline",
+    plural = "orderpipelines",
+    singular = "orderpipeline",
+    shortname = "op",
+    category = "all",
+    namespaced,
+    status = "OrderPipelineStatus",
+    doc = "An order-processing pipeline on NATS JetStream: stream, consumer, dead-letter stream, idempotency KV bucket and a Deployment of workers.",
+    scale(
+        spec_replicas_path = ".spec.workers.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Whether the pipeline is ready"),
+    printcolumn(name = "Workers", type_ = "string", json_path = ".status.workersReady", description = "Ready worker pods / desired"),
+    printcolumn(name = "Lag", type_ = "integer", json_path = ".status.lag", description = "Orders not yet processed (consumer pending + ack pending)"),
+    printcolumn(name = "Dead letters", type_ = "integer", json_path = ".status.deadLetters", description = "Messages in the dead-letter stream"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1, description = "Why Ready is what it is"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderPipelineSpec {
+    /// How the operator and the workers reach NATS.
+    pub nats: NatsSpec,
+    /// The input stream that holds orders and result events.
+    #[serde(default)]
+    pub stream: StreamSpec,
+    /// The durable pull consumer the workers share.
+    #[serde(default)]
+    pub consumer: ConsumerSpec,
+    /// Where messages that cannot be processed go.
+    #[serde(default)]
+    pub dead_letter: DeadLetterSpec,
+    /// The idempotency store: one record per order in a KV bucket.
+    #[serde(default)]
+    pub state: StateSpec,
+    /// The worker Deployment.
+    #[serde(default)]
+    pub workers: WorkersSpec,
+    /// OpenTelemetry settings rendered into the workers.
+    #[serde(default)]
+    pub telemetry: TelemetrySpec,
+}
+
+/// NATS connection settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NatsSpec {
+    /// NATS server URL(s), comma separated, e.g. `nats://nats.nats.svc:4222`.
+    #[schemars(length(min = 1))]
+    pub url: String,
+    /// A Secret in the pipeline's namespace with credentials, by key: `user` and
+    /// `password`, or `token`, or `creds` (a NATS credentials file), or `nkey`
+    /// (an nkey seed). Changing the Secret rolls the workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+    /// A Secret with TLS material: `ca.crt` (to verify the server), and
+    /// optionally `tls.crt` and `tls.key` (a client certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret_ref: Option<SecretRef>,
+}
+
+/// A reference to a Secret in the pipeline's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1))]
+    pub name: String,
+}
+
+/// What happens to the JetStream objects when the pipeline is deleted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Keep the streams and the KV bucket (the default: orders are data).
+    #[default]
+    Retain,
+    /// Delete the consumer, both streams and the KV bucket.
+    Delete,
+}
+
+/// JetStream retention policy of the input stream.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Retention {
+    /// Keep messages until the stream's limits (age, bytes) remove them.
+    #[default]
+    Limits,
+    /// Keep messages while a consumer has not acknowledged them.
+    Interest,
+    /// Remove a message once acknowledged. Cannot be changed to or from later.
+    WorkQueue,
+}
+
+/// JetStream storage of the streams and the KV bucket.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Storage {
+    /// On disk (survives a nats-server restart).
+    #[default]
+    File,
+    /// In memory (lost on restart).
+    Memory,
+}
+
+fn default_stream_name() -> String {
+    names::DEFAULT_STREAM.into()
+}
+fn default_subjects() -> Vec<String> {
+    vec![names::DEFAULT_STREAM_SUBJECTS.into()]
+}
+fn default_replicas() -> i32 {
+    1
+}
+fn default_max_age() -> String {
+    "7d".into()
+}
+fn default_max_bytes() -> i64 {
+    -1
+}
+fn default_duplicate_window() -> String {
+    "30m".into()
+}
+
+/// The input stream.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamSpec {
+    /// Stream name.
+    #[serde(default = "default_stream_name")]
+    #[schemars(length(min = 1), regex(pattern = r"^[^.*> ]+$"))]
+    pub name: String,
+    /// Subjects the stream captures; they must include the consumer's filter subject
+    /// and must not match the dead-letter subject.
+    #[serde(default = "default_subjects")]
+    #[schemars(length(min = 1))]
+    pub subjects: Vec<String>,
+    /// Retention policy. Limits and Interest can be switched; WorkQueue cannot be
+    /// switched to or from once the stream exists.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf || (self != 'WorkQueue' && oldSelf != 'WorkQueue')").message("stream retention cannot change to or from WorkQueue: NATS cannot change it in place; create a new pipeline (or stream) instead"))]
+    pub retention: Retention,
+    /// Storage: File (default) or Memory. Cannot change once the stream exists.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("stream storage is immutable: NATS cannot change it in place; create a new pipeline (or stream) instead"))]
+    pub storage: Storage,
+    /// Stream replicas (1, 3 or 5 in a NATS cluster); the KV bucket and dead-letter
+    /// stream use the same. R3 survives the loss of a node.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 5))]
+    pub replicas: i32,
+    /// Oldest message kept, e.g. `7d`.
+    #[serde(default = "default_max_age")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    pub max_age: String,
+    /// Largest stream size in bytes; -1 for no limit.
+    #[serde(default = "default_max_bytes")]
+    #[schemars(range(min = -1))]
+    pub max_bytes: i64,
+    /// Window in which JetStream drops a message whose Nats-Msg-Id it has seen.
+    /// Must cover the redelivery horizon (ack wait or backoff times attempts, plus
+    /// NAK delays) so a result event re-published on a late redelivery is still
+    /// deduplicated; the operator reports it in the DuplicateWindowSufficient condition.
+    #[serde(default = "default_duplicate_window")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    pub duplicate_window: String,
+    /// Retain (default) keeps the JetStream objects when the pipeline is deleted;
+    /// Delete removes them.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+impl Default for StreamSpec {
+    fn default() -> Self {
+        Self {
+            name: default_stream_name(),
+            subjects: default_subjects(),
+            retention: Retention::default(),
+            storage: Storage::default(),
+            replicas: default_replicas(),
+            max_age: default_max_age(),
+            max_bytes: default_max_bytes(),
+            duplicate_window: default_duplicate_window(),
+            deletion_policy: DeletionPolicy::default(),
+        }
+    }
+}
+
+fn default_consumer_name() -> String {
+    names::DEFAULT_CONSUMER.into()
+}
+fn default_filter_subject() -> String {
+    names::DEFAULT_INPUT_SUBJECT.into()
+}
+fn default_ack_wait() -> String {
+    "30s".into()
+}
+fn default_max_attempts() -> i32 {
+    5
+}
+
+/// The durable pull consumer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerSpec {
+    /// Durable consumer name.
+    #[serde(default = "default_consumer_name")]
+    #[schemars(length(min = 1), regex(pattern = r"^[^.*> ]+$"))]
+    pub name: String,
+    /// Subject the workers consume (orders in).
+    #[serde(default = "default_filter_subject")]
+    #[schemars(length(min = 1))]
+    pub filter_subject: String,
+    /// How long JetStream waits for an ack before redelivering (workers send
+    /// in-progress acks for long work).
+    #[serde(default = "default_ack_wait")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    pub ack_wait: String,
+    /// Deliveries after which a failing order is dead-lettered. Enforced by the
+    /// workers (MAX_DELIVERIES); the server-side max_deliver stays unlimited so a
+    /// last delivery that dies with its worker is not stranded.
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_attempts: i32,
+    /// Optional redelivery backoff per delivery (replaces ackWait per delivery),
+    /// e.g. `["1s", "5s", "30s"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backoff: Vec<String>,
+    /// Messages awaiting ack across all workers. Default: maxReplicas (or
+    /// replicas) x poolSize, so JetStream never throttles the workers below their pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_ack_pending: Option<i64>,
+}
+
+impl Default for ConsumerSpec {
+    fn default() -> Self {
+        Self {
+            name: default_consumer_name(),
+            filter_subject: default_filter_subject(),
+            ack_wait: default_ack_wait(),
+            max_attempts: default_max_attempts(),
+            backoff: Vec::new(),
+            max_ack_pending: None,
+        }
+    }
+}
+
+fn default_dlq_stream() -> String {
+    names::DEFAULT_DLQ_STREAM.into()
+}
+fn default_dlq_subject() -> String {
+    names::DEFAULT_DLQ_SUBJECT.into()
+}
+fn default_dlq_max_age() -> String {
+    "30d".into()
+}
+
+/// The dead-letter stream.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterSpec {
+    /// Dead-letter stream name.
+    #[serde(default = "default_dlq_stream")]
+    #[schemars(length(min = 1), regex(pattern = r"^[^.*> ]+$"))]
+    pub stream_name: String,
+    /// Dead-letter subject; must not be matched by the input stream's subjects.
+    #[serde(default = "default_dlq_subject")]
+    #[schemars(length(min = 1))]
+    pub subject: String,
+    /// How long dead letters are kept.
+    #[serde(default = "default_dlq_max_age")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    pub max_age: String,
+}
+
+impl Default for DeadLetterSpec {
+    fn default() -> Self {
+        Self {
+            stream_name: default_dlq_stream(),
+            subject: default_dlq_subject(),
+            max_age: default_dlq_max_age(),
+        }
+    }
+}
+
+fn default_bucket() -> String {
+    names::DEFAULT_STATE_BUCKET.into()
+}
+
+/// The idempotency KV bucket.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StateSpec {
+    /// KV bucket name.
+    #[serde(default = "default_bucket")]
+    #[schemars(length(min = 1), regex(pattern = r"^[a-zA-Z0-9_-]+$"))]
+    pub bucket: String,
+    /// How long an order's record is kept; at least the stream's maxAge (the
+    /// operator uses the longer of the two). Replicas follow the stream's.
+    #[serde(default = "default_max_age")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    pub ttl: String,
+}
+
+impl Default for StateSpec {
+    fn default() -> Self {
+        Self {
+            bucket: default_bucket(),
+            ttl: default_max_age(),
+        }
+    }
+}
+
+fn default_pool_size() -> i32 {
+    10
+}
+fn default_worker_replicas() -> i32 {
+    1
+}
+fn default_shutdown_grace() -> String {
+    "25s".into()
+}
+fn default_downstream_timeout() -> String {
+    "5s".into()
+}
+
+/// The worker Deployment.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas").message("workers.minReplicas must not exceed workers.maxReplicas"))]
+pub struct WorkersSpec {
+    /// Worker image. Default: the release matching the operator's own version
+    /// (the operator renders the worker's flags, so the two must agree).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Orders each worker processes at once (WORKER_POOL_SIZE).
+    #[serde(default = "default_pool_size")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub pool_size: i32,
+    /// Worker pods. `kubectl scale orderpipeline/NAME --replicas=N` sets it.
+    #[serde(default = "default_worker_replicas")]
+    #[schemars(range(min = 0))]
+    pub replicas: i32,
+    /// Lower bound for lag-based scaling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub min_replicas: Option<i32>,
+    /// Upper bound for lag-based scaling; also sizes the consumer's maxAckPending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_replicas: Option<i32>,
+    /// CPU and memory requests and limits of the worker container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Extra environment variables for the worker container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// In-process retries and NAK delays for transient errors.
+    #[serde(default)]
+    pub retry: RetrySpec,
+    /// Optional downstream service: each order is POSTed there as JSON with
+    /// `Idempotency-Key: <order_id>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub downstream_url: Option<String>,
+    /// Timeout of one downstream call.
+    #[serde(default = "default_downstream_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    pub downstream_timeout: String,
+    /// Time a worker gets after SIGTERM to finish in-flight orders (the pod's
+    /// terminationGracePeriodSeconds is this plus 5 s).
+    #[serde(default = "default_shutdown_grace")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    pub shutdown_grace: String,
+    /// Node labels the worker pods must match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations of the worker pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Affinity of the worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+}
+
+impl Default for WorkersSpec {
+    fn default() -> Self {
+        Self {
+            image: None,
+            pool_size: default_pool_size(),
+            replicas: default_worker_replicas(),
+            min_replicas: None,
+            max_replicas: None,
+            resources: None,
+            env: Vec::new(),
+            retry: RetrySpec::default(),
+            downstream_url: None,
+            downstream_timeout: default_downstream_timeout(),
+            shutdown_grace: default_shutdown_grace(),
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            affinity: None,
+        }
+    }
+}
+
+fn default_attempts_per_delivery() -> i32 {
+    3
+}
+fn default_initial_backoff() -> String {
+    "100ms".into()
+}
+fn default_max_backoff() -> String {
+    "5s".into()
+}
+fn default_nak_initial() -> String {
+    "1s".into()
+}
+fn default_nak_max() -> String {
+    "60s".into()
+}
+
+/// Retry policy for transient errors.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetrySpec {
+    /// Tries per delivery, with exponential backoff and jitter (RETRY_ATTEMPTS).
+    #[serde(default = "default_attempts_per_delivery")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub attempts_per_delivery: i32,
+    /// First in-process retry delay.
+    #[serde(default = "default_initial_backoff")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    pub initial_backoff: String,
+    /// Longest in-process retry delay.
+    #[serde(default = "default_max_backoff")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    pub max_backoff: String,
+    /// NAK delay after the first failed delivery; doubles per delivery.
+    #[serde(default = "default_nak_initial")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    pub nak_initial_delay: String,
+    /// Longest NAK delay.
+    #[serde(default = "default_nak_max")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    pub nak_max_delay: String,
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        Self {
+            attempts_per_delivery: default_attempts_per_delivery(),
+            initial_backoff: default_initial_backoff(),
+            max_backoff: default_max_backoff(),
+            nak_initial_delay: default_nak_initial(),
+            nak_max_delay: default_nak_max(),
+        }
+    }
+}
+
+fn default_sampling_ratio() -> f64 {
+    1.0
+}
+
+/// OpenTelemetry settings for the workers.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TelemetrySpec {
+    /// OTLP/gRPC endpoint traces are sent to, e.g. `http://jaeger-collector:4317`.
+    /// Unset: no trace export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of new traces sampled (0..1); a producer's sampled trace is always followed.
+    #[serde(default = "default_sampling_ratio")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub sampling_ratio: f64,
+}
+
+impl Default for TelemetrySpec {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sampling_ratio: default_sampling_ratio(),
+        }
+    }
+}
+
+/// Stream figures.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamStatus {
+    /// Messages in the input stream.
+    pub messages: i64,
+    /// Bytes in the input stream.
+    pub bytes: i64,
+    /// First sequence still stored.
+    pub first_sequence: i64,
+    /// Last sequence stored.
+    pub last_sequence: i64,
+}
+
+/// Consumer figures.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerStatus {
+    /// Messages not yet delivered.
+    pub pending: i64,
+    /// Messages delivered and awaiting ack.
+    pub ack_pending: i64,
+    /// Messages redelivered at least once.
+    pub redelivered: i64,
+}
+
+/// Worker figures.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkersStatus {
+    /// Pods the Deployment wants.
+    pub desired: i32,
+    /// Pods ready.
+    pub ready: i32,
+    /// Pods available.
+    pub available: i32,
+}
+
+/// What the operator observed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderPipelineStatus {
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready (aggregate), StreamReady, ConsumerReady, WorkersAvailable,
+    /// DuplicateWindowSufficient.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Input stream figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamStatus>,
+    /// Consumer figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<ConsumerStatus>,
+    /// Orders not yet processed: consumer pending + ack pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<i64>,
+    /// Messages in the dead-letter stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letters: Option<i64>,
+    /// Worker pod figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<WorkersStatus>,
+    /// "ready/desired", for the Workers column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers_ready: Option<String>,
+    /// Current worker pods (the scale subresource's status replicas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Label selector of the worker pods (for the scale subresource and HPAs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Checksum of the referenced Secrets rendered into the pod template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets_checksum: Option<String>,
+}

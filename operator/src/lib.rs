@@ -1,0 +1,4 @@
+//! The OrderPipeline operator: CRD types, the pure builders (topology, Deployment,
+//! conditions), the reconciler and its runtime wiring.
+
+pub mod crd;
