@@ -29,7 +29,13 @@ pub struct Topology {
     pub ack_wait: Duration,
     pub max_ack_pending: i64,
     pub backoff: Vec<Duration>,
+    /// Who manages these objects (`namespace/name` of the pipeline), recorded in
+    /// the stream's and consumer's metadata so a foreign stream is recognised.
+    pub owner: Option<String>,
 }
+
+/// Metadata key naming the pipeline that manages a stream or consumer.
+pub const OWNER_METADATA_KEY: &str = "orderpipeline.dev/owner";
 
 impl Default for Topology {
     fn default() -> Self {
@@ -52,6 +58,7 @@ impl Default for Topology {
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 1000,
             backoff: Vec::new(),
+            owner: None,
         }
     }
 }
@@ -106,8 +113,16 @@ impl Topology {
         Ok(())
     }
 
+    fn metadata(&self) -> std::collections::HashMap<String, String> {
+        self.owner
+            .iter()
+            .map(|o| (OWNER_METADATA_KEY.to_string(), o.clone()))
+            .collect()
+    }
+
     pub fn stream_config(&self) -> stream::Config {
         stream::Config {
+            metadata: self.metadata(),
             name: self.stream.clone(),
             subjects: self.subjects.clone(),
             retention: self.retention,
@@ -122,6 +137,7 @@ impl Topology {
 
     pub fn dlq_stream_config(&self) -> stream::Config {
         stream::Config {
+            metadata: self.metadata(),
             name: self.dlq_stream.clone(),
             subjects: vec![self.dlq_subject.clone()],
             retention: stream::RetentionPolicy::Limits,
@@ -157,6 +173,7 @@ impl Topology {
             max_ack_pending: self.max_ack_pending,
             backoff: self.backoff.clone(),
             deliver_policy: consumer::DeliverPolicy::All,
+            metadata: self.metadata(),
             ..Default::default()
         }
     }

@@ -2,3 +2,5 @@
 //! conditions), the reconciler and its runtime wiring.
 
 pub mod crd;
+pub mod conditions;
+pub mod render;

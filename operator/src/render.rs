@@ -1,0 +1,602 @@
+//! Pure builders: from an `OrderPipeline` (and what was read about its Secrets)
+//! to the JetStream topology and the worker Deployment. No I/O here, so the
+//! whole mapping is unit-tested.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource as _;
+use kube::api::ObjectMeta;
+use orderpipeline_common::duration::parse_duration;
+use orderpipeline_common::topology::{Topology, redelivery_horizon};
+
+use crate::crd::{OrderPipeline, Retention, Storage};
+
+pub const PIPELINE_LABEL: &str = "orderpipeline.dev/pipeline";
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+pub const CHECKSUM_ANNOTATION: &str = "orderpipeline.dev/secrets-checksum";
+pub const WORKER_HTTP_PORT: i32 = 8080;
+const CREDS_MOUNT: &str = "/etc/orderpipeline/nats-credentials";
+const TLS_MOUNT: &str = "/etc/orderpipeline/nats-tls";
+
+/// The default worker image: the release matching this operator's version.
+pub fn default_worker_image() -> String {
+    format!("ghcr.io/orderpipeline/orderpipeline:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// How the credentials Secret authenticates (decided from its keys).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credentials {
+    UserPassword,
+    Token,
+    CredsFile,
+    NkeySeed,
+}
+
+/// What the shell read about the referenced Secrets.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SecretsView {
+    pub credentials: Option<(String, Credentials)>,
+    /// Secret name, and whether it has a client certificate and key.
+    pub tls: Option<(String, bool)>,
+    pub checksum: Option<String>,
+}
+
+/// Everything parsed and checked from the spec.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub topology: Topology,
+    pub ack_wait: Duration,
+    pub max_deliveries: u32,
+    pub nak_max_delay: Duration,
+    pub shutdown_grace: Duration,
+    /// `Some(message)` when the duplicate window is shorter than the redelivery horizon.
+    pub window_warning: Option<String>,
+}
+
+/// A spec the operator cannot act on, with what to change.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{0}")]
+pub struct InvalidSpec(pub String);
+
+fn dur(field: &str, value: &str) -> Result<Duration, InvalidSpec> {
+    parse_duration(value).map_err(|e| InvalidSpec(format!("spec.{field}: {e}")))
+}
+
+/// Parses and checks the spec (what CEL could not), and builds the topology.
+pub fn plan(p: &OrderPipeline) -> Result<Plan, InvalidSpec> {
+    let s = &p.spec;
+    let ack_wait = dur("consumer.ackWait", &s.consumer.ack_wait)?;
+    let backoff = s
+        .consumer
+        .backoff
+        .iter()
+        .enumerate()
+        .map(|(i, b)| dur(&format!("consumer.backoff[{i}]"), b))
+        .collect::<Result<Vec<_>, _>>()?;
+    let max_age = dur("stream.maxAge", &s.stream.max_age)?;
+    let duplicate_window = dur("stream.duplicateWindow", &s.stream.duplicate_window)?;
+    let dlq_max_age = dur("deadLetter.maxAge", &s.dead_letter.max_age)?;
+    let bucket_ttl = dur("state.ttl", &s.state.ttl)?;
+    let shutdown_grace = dur("workers.shutdownGrace", &s.workers.shutdown_grace)?;
+    dur("workers.downstreamTimeout", &s.workers.downstream_timeout)?;
+    let initial = dur("workers.retry.initialBackoff", &s.workers.retry.initial_backoff)?;
+    let max_backoff = dur("workers.retry.maxBackoff", &s.workers.retry.max_backoff)?;
+    let nak_initial = dur("workers.retry.nakInitialDelay", &s.workers.retry.nak_initial_delay)?;
+    let nak_max_delay = dur("workers.retry.nakMaxDelay", &s.workers.retry.nak_max_delay)?;
+    if initial > max_backoff {
+        return Err(InvalidSpec(format!(
+            "spec.workers.retry.initialBackoff ({}) is longer than maxBackoff ({}); make it the shorter one",
+            s.workers.retry.initial_backoff, s.workers.retry.max_backoff
+        )));
+    }
+    if nak_initial > nak_max_delay {
+        return Err(InvalidSpec(format!(
+            "spec.workers.retry.nakInitialDelay ({}) is longer than nakMaxDelay ({}); make it the shorter one",
+            s.workers.retry.nak_initial_delay, s.workers.retry.nak_max_delay
+        )));
+    }
+    if let (Some(min), Some(max)) = (s.workers.min_replicas, s.workers.max_replicas)
+        && min > max
+    {
+        return Err(InvalidSpec(format!(
+            "spec.workers.minReplicas ({min}) exceeds maxReplicas ({max})"
+        )));
+    }
+    if !s
+        .stream
+        .subjects
+        .iter()
+        .any(|p| orderpipeline_common::names::subject_matches(p, &s.consumer.filter_subject))
+    {
+        return Err(InvalidSpec(format!(
+            "spec.consumer.filterSubject {} is not captured by spec.stream.subjects {:?}; add it to the stream's subjects",
+            s.consumer.filter_subject, s.stream.subjects
+        )));
+    }
+    let max_workers = s.workers.max_replicas.unwrap_or(s.workers.replicas).max(1);
+    let max_ack_pending = s
+        .consumer
+        .max_ack_pending
+        .unwrap_or(i64::from(max_workers) * i64::from(s.workers.pool_size));
+    let owner = format!("{}/{}", p.meta().namespace.clone().unwrap_or_default(), p.meta().name.clone().unwrap_or_default());
+    let topology = Topology {
+        stream: s.stream.name.clone(),
+        subjects: s.stream.subjects.clone(),
+        retention: match s.stream.retention {
+            Retention::Limits => async_nats::jetstream::stream::RetentionPolicy::Limits,
+            Retention::Interest => async_nats::jetstream::stream::RetentionPolicy::Interest,
+            Retention::WorkQueue => async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+        },
+        storage: match s.stream.storage {
+            Storage::File => async_nats::jetstream::stream::StorageType::File,
+            Storage::Memory => async_nats::jetstream::stream::StorageType::Memory,
+        },
+        replicas: usize::try_from(s.stream.replicas).unwrap_or(1),
+        max_age,
+        max_bytes: s.stream.max_bytes,
+        duplicate_window,
+        dlq_stream: s.dead_letter.stream_name.clone(),
+        dlq_subject: s.dead_letter.subject.clone(),
+        dlq_max_age,
+        bucket: s.state.bucket.clone(),
+        bucket_ttl,
+        consumer: s.consumer.name.clone(),
+        filter_subject: s.consumer.filter_subject.clone(),
+        ack_wait,
+        max_ack_pending,
+        backoff: backoff.clone(),
+        owner: Some(owner),
+    };
+    topology.validate().map_err(|e| InvalidSpec(e.to_string()))?;
+    let max_deliveries = u32::try_from(s.consumer.max_attempts).unwrap_or(1);
+    // Time one delivery may take inside the worker: its retries plus the downstream timeouts.
+    let attempts = u32::try_from(s.workers.retry.attempts_per_delivery).unwrap_or(1);
+    let per_delivery = (max_backoff + dur("workers.downstreamTimeout", &s.workers.downstream_timeout)?) * attempts;
+    let horizon = redelivery_horizon(ack_wait, &backoff, max_deliveries, nak_max_delay, per_delivery);
+    let window_warning = (duplicate_window < horizon).then(|| {
+        format!(
+            "stream.duplicateWindow {} is shorter than the redelivery horizon {} ({} deliveries, ack wait {}, NAK delay up to {}): a result event re-published on a late redelivery could be stored twice; raise duplicateWindow to at least {}",
+            s.stream.duplicate_window,
+            orderpipeline_common::duration::format_duration(horizon),
+            max_deliveries,
+            s.consumer.ack_wait,
+            s.workers.retry.nak_max_delay,
+            orderpipeline_common::duration::format_duration(horizon),
+        )
+    });
+    Ok(Plan {
+        topology,
+        ack_wait,
+        max_deliveries,
+        nak_max_delay,
+        shutdown_grace,
+        window_warning,
+    })
+}
+
+pub fn deployment_name(p: &OrderPipeline) -> String {
+    format!("{}-workers", p.meta().name.clone().unwrap_or_default())
+}
+
+pub fn selector_labels(p: &OrderPipeline) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (PIPELINE_LABEL.to_string(), p.meta().name.clone().unwrap_or_default()),
+        (COMPONENT_LABEL.to_string(), "worker".to_string()),
+    ])
+}
+
+/// The label selector string for `status.selector`.
+pub fn selector_string(p: &OrderPipeline) -> String {
+    selector_labels(p)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn env_secret(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+fn env_field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                api_version: None,
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The worker container's environment: exactly the worker's flags (see
+/// `order-worker --help`), then the user's extra env.
+pub fn worker_env(p: &OrderPipeline, plan: &Plan, secrets: &SecretsView) -> Vec<EnvVar> {
+    let s = &p.spec;
+    let name = p.meta().name.clone().unwrap_or_default();
+    let ns = p.meta().namespace.clone().unwrap_or_default();
+    let t = &plan.topology;
+    let mut e = vec![
+        env_field("POD_NAME", "metadata.name"),
+        env_field("POD_NAMESPACE", "metadata.namespace"),
+        env("NATS_URL", &s.nats.url),
+        env("WORKER_POOL_SIZE", s.workers.pool_size.to_string()),
+        env("STREAM_NAME", &t.stream),
+        env("CONSUMER_NAME", &t.consumer),
+        env("INPUT_SUBJECT", &t.filter_subject),
+        env("PROCESSED_SUBJECT", orderpipeline_common::names::DEFAULT_PROCESSED_SUBJECT),
+        env("REJECTED_SUBJECT", orderpipeline_common::names::DEFAULT_REJECTED_SUBJECT),
+        env("DLQ_STREAM", &t.dlq_stream),
+        env("DLQ_SUBJECT", &t.dlq_subject),
+        env("STATE_BUCKET", &t.bucket),
+        env("RETRY_ATTEMPTS", s.workers.retry.attempts_per_delivery.to_string()),
+        env("RETRY_INITIAL_BACKOFF", &s.workers.retry.initial_backoff),
+        env("RETRY_MAX_BACKOFF", &s.workers.retry.max_backoff),
+        env("MAX_DELIVERIES", s.consumer.max_attempts.to_string()),
+        env("NAK_INITIAL_DELAY", &s.workers.retry.nak_initial_delay),
+        env("NAK_MAX_DELAY", &s.workers.retry.nak_max_delay),
+        env("HTTP_ADDR", format!("0.0.0.0:{WORKER_HTTP_PORT}")),
+        env("SHUTDOWN_GRACE", &s.workers.shutdown_grace),
+        env("OTEL_SERVICE_NAME", "order-worker"),
+        env(
+            "OTEL_RESOURCE_ATTRIBUTES",
+            format!("orderpipeline.name={name},k8s.namespace.name={ns},k8s.pod.name=$(POD_NAME)"),
+        ),
+        env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+        env("OTEL_TRACES_SAMPLER_ARG", s.telemetry.sampling_ratio.to_string()),
+    ];
+    if let Some(u) = &s.workers.downstream_url {
+        e.push(env("DOWNSTREAM_URL", u));
+        e.push(env("DOWNSTREAM_TIMEOUT", &s.workers.downstream_timeout));
+    }
+    if let Some(ep) = &s.telemetry.otlp_endpoint {
+        e.push(env("OTEL_EXPORTER_OTLP_ENDPOINT", ep));
+    }
+    if let Some((secret, kind)) = &secrets.credentials {
+        match kind {
+            Credentials::UserPassword => {
+                e.push(env_secret("NATS_USER", secret, "user"));
+                e.push(env_secret("NATS_PASSWORD", secret, "password"));
+            }
+            Credentials::Token => e.push(env_secret("NATS_TOKEN", secret, "token")),
+            Credentials::CredsFile => e.push(env("NATS_CREDS_FILE", format!("{CREDS_MOUNT}/creds"))),
+            Credentials::NkeySeed => e.push(env("NATS_NKEY_SEED_FILE", format!("{CREDS_MOUNT}/nkey"))),
+        }
+    }
+    if let Some((_, client_cert)) = &secrets.tls {
+        e.push(env("NATS_TLS_CA_FILE", format!("{TLS_MOUNT}/ca.crt")));
+        if *client_cert {
+            e.push(env("NATS_TLS_CERT_FILE", format!("{TLS_MOUNT}/tls.crt")));
+            e.push(env("NATS_TLS_KEY_FILE", format!("{TLS_MOUNT}/tls.key")));
+        }
+    }
+    e.extend(s.workers.env.iter().cloned());
+    e
+}
+
+fn probe(path: &str) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(WORKER_HTTP_PORT),
+            ..Default::default()
+        }),
+        period_seconds: Some(10),
+        failure_threshold: Some(3),
+        ..Default::default()
+    }
+}
+
+/// The worker Deployment. `replicas` is `None` when someone else owns the field.
+pub fn deployment(
+    p: &OrderPipeline,
+    plan: &Plan,
+    secrets: &SecretsView,
+    default_image: &str,
+    replicas: Option<i32>,
+) -> Deployment {
+    let s = &p.spec;
+    let labels = {
+        let mut l = selector_labels(p);
+        l.insert("app.kubernetes.io/name".into(), "order-worker".into());
+        l.insert("app.kubernetes.io/instance".into(), p.meta().name.clone().unwrap_or_default());
+        l.insert("app.kubernetes.io/managed-by".into(), "order-operator".into());
+        l
+    };
+    let mut annotations = BTreeMap::new();
+    if let Some(c) = &secrets.checksum {
+        annotations.insert(CHECKSUM_ANNOTATION.to_string(), c.clone());
+    }
+    let mut volumes = Vec::new();
+    let mut mounts = Vec::new();
+    if let Some((secret, kind)) = &secrets.credentials
+        && matches!(kind, Credentials::CredsFile | Credentials::NkeySeed)
+    {
+        volumes.push(Volume {
+            name: "nats-credentials".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                default_mode: Some(0o400),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "nats-credentials".into(),
+            mount_path: CREDS_MOUNT.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+    if let Some((secret, _)) = &secrets.tls {
+        volumes.push(Volume {
+            name: "nats-tls".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                default_mode: Some(0o400),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "nats-tls".into(),
+            mount_path: TLS_MOUNT.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+    let grace = i64::try_from(plan.shutdown_grace.as_secs()).unwrap_or(25) + 5;
+    let container = Container {
+        name: "worker".into(),
+        image: Some(s.workers.image.clone().unwrap_or_else(|| default_image.to_string())),
+        env: Some(worker_env(p, plan, secrets)),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: WORKER_HTTP_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        liveness_probe: Some(probe("/livez")),
+        readiness_probe: Some(probe("/readyz")),
+        resources: s.workers.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: (!mounts.is_empty()).then_some(mounts),
+        ..Default::default()
+    };
+    Deployment {
+        metadata: ObjectMeta {
+            name: Some(deployment_name(p)),
+            namespace: p.meta().namespace.clone(),
+            labels: Some(labels.clone()),
+            owner_references: p.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        spec: Some(DeploymentSpec {
+            replicas,
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(p)),
+                match_expressions: None,
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    annotations: (!annotations.is_empty()).then_some(annotations),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    termination_grace_period_seconds: Some(grace),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            localhost_profile: None,
+                        }),
+                        ..Default::default()
+                    }),
+                    node_selector: (!s.workers.node_selector.is_empty()).then(|| s.workers.node_selector.clone()),
+                    tolerations: (!s.workers.tolerations.is_empty()).then(|| s.workers.tolerations.clone()),
+                    affinity: s.workers.affinity.clone(),
+                    volumes: (!volumes.is_empty()).then_some(volumes),
+                    automount_service_account_token: Some(false),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> OrderPipeline {
+        let mut p: OrderPipeline = serde_yaml::from_str(
+            r#"
+apiVersion: orderpipeline.dev/v1alpha1
+kind: OrderPipeline
+metadata: {name: orders, namespace: shop, uid: "1234"}
+spec:
+  nats: {url: "nats://127.0.0.1:4222"}
+  workers: {poolSize: 20, replicas: 2, maxReplicas: 5, downstreamUrl: "http://127.0.0.1:9000/charge"}
+  telemetry: {otlpEndpoint: "http://127.0.0.1:4317", samplingRatio: 0.5}
+"#,
+        )
+        .unwrap();
+        p.metadata.uid = Some("1234".into());
+        p
+    }
+
+    fn env_map(d: &Deployment) -> BTreeMap<String, String> {
+        d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_follow_the_blog_and_the_contract() {
+        let p = sample();
+        let plan = plan(&p).unwrap();
+        let t = &plan.topology;
+        assert_eq!(t.stream, "ORDERS");
+        assert_eq!(t.subjects, vec!["ORDER.*"]);
+        assert_eq!(t.filter_subject, "ORDER.created");
+        assert_eq!(t.dlq_subject, "DLQ.ORDER.created");
+        assert_eq!(t.max_ack_pending, 5 * 20, "maxReplicas x poolSize");
+        assert_eq!(t.owner.as_deref(), Some("shop/orders"));
+        assert_eq!(t.consumer_config().max_deliver, -1);
+        assert!(plan.window_warning.is_none(), "{:?}", plan.window_warning);
+    }
+
+    #[test]
+    fn env_matches_the_worker_flags() {
+        let p = sample();
+        let plan = plan(&p).unwrap();
+        let d = deployment(&p, &plan, &SecretsView::default(), "img:1", Some(2));
+        let env = env_map(&d);
+        assert_eq!(env["WORKER_POOL_SIZE"], "20");
+        assert_eq!(env["NATS_URL"], "nats://127.0.0.1:4222");
+        assert_eq!(env["MAX_DELIVERIES"], "5");
+        assert_eq!(env["DOWNSTREAM_URL"], "http://127.0.0.1:9000/charge");
+        assert_eq!(env["OTEL_TRACES_SAMPLER_ARG"], "0.5");
+        assert!(env["OTEL_RESOURCE_ATTRIBUTES"].contains("orderpipeline.name=orders"));
+        assert!(env["OTEL_RESOURCE_ATTRIBUTES"].contains("k8s.namespace.name=shop"));
+        // Every variable rendered is one the worker accepts (read from its flag definitions).
+        let worker_flags: Vec<&str> = include_str!("../../worker/src/config.rs")
+            .split("env = \"")
+            .skip(1)
+            .filter_map(|s| s.split('"').next())
+            .collect();
+        for name in env.keys() {
+            if name.starts_with("OTEL_") || name == "POD_NAMESPACE" {
+                continue;
+            }
+            assert!(worker_flags.contains(&name.as_str()), "the worker has no flag for {name}");
+        }
+    }
+
+    #[test]
+    fn pod_is_restricted_and_probed() {
+        let p = sample();
+        let plan = plan(&p).unwrap();
+        let d = deployment(&p, &plan, &SecretsView::default(), "img:1", Some(2));
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let c = &pod.containers[0];
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(), &vec!["ALL".to_string()]);
+        let psc = pod.security_context.as_ref().unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        assert_eq!(c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/livez"));
+        assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/readyz"));
+        assert_eq!(pod.termination_grace_period_seconds, Some(30), "25s grace + 5s");
+        assert_eq!(d.spec.as_ref().unwrap().replicas, Some(2));
+        assert_eq!(c.image.as_deref(), Some("img:1"));
+        let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(owner.kind, "OrderPipeline");
+        assert_eq!(owner.controller, Some(true));
+    }
+
+    #[test]
+    fn secrets_are_projected_and_checksummed() {
+        let p = sample();
+        let plan = plan(&p).unwrap();
+        let secrets = SecretsView {
+            credentials: Some(("creds".into(), Credentials::UserPassword)),
+            tls: Some(("tls".into(), true)),
+            checksum: Some("abc".into()),
+        };
+        let d = deployment(&p, &plan, &secrets, "img:1", Some(1));
+        let t = &d.spec.as_ref().unwrap().template;
+        assert_eq!(t.metadata.as_ref().unwrap().annotations.as_ref().unwrap()[CHECKSUM_ANNOTATION], "abc");
+        let c = &t.spec.as_ref().unwrap().containers[0];
+        let envs = c.env.as_ref().unwrap();
+        let user = envs.iter().find(|e| e.name == "NATS_USER").unwrap();
+        assert_eq!(user.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name, "creds");
+        assert_eq!(env_map(&d)["NATS_TLS_CA_FILE"], "/etc/orderpipeline/nats-tls/ca.crt");
+        assert_eq!(c.volume_mounts.as_ref().unwrap()[0].mount_path, "/etc/orderpipeline/nats-tls");
+    }
+
+    #[test]
+    fn invalid_specs_are_explained() {
+        let mut p = sample();
+        p.spec.dead_letter.subject = "ORDER.dead".into();
+        let e = plan(&p).unwrap_err().0;
+        assert!(e.contains("ORDER.dead") && e.contains("ORDER.*"), "{e}");
+
+        let mut p = sample();
+        p.spec.consumer.filter_subject = "OTHER.created".into();
+        assert!(plan(&p).unwrap_err().0.contains("not captured"));
+
+        let mut p = sample();
+        p.spec.consumer.ack_wait = "30".into();
+        assert!(plan(&p).unwrap_err().0.contains("spec.consumer.ackWait"));
+    }
+
+    #[test]
+    fn a_short_duplicate_window_is_reported() {
+        let mut p = sample();
+        p.spec.stream.duplicate_window = "1m".into();
+        let w = plan(&p).unwrap().window_warning.unwrap();
+        assert!(w.contains("duplicateWindow 1m is shorter"), "{w}");
+    }
+
+    #[test]
+    fn external_replicas_are_left_out() {
+        let p = sample();
+        let plan = plan(&p).unwrap();
+        let d = deployment(&p, &plan, &SecretsView::default(), "img", None);
+        let v = serde_json::to_value(&d).unwrap();
+        assert!(v["spec"].get("replicas").is_none());
+    }
+}
