@@ -17,22 +17,32 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let num_end = rest
             .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .ok_or_else(|| format!("'{t}' has no unit; use a number with ms, s, m, h or d, e.g. 500ms or 5s"))?;
+            .ok_or_else(|| {
+                format!("'{t}' has no unit; use a number with ms, s, m, h or d, e.g. 500ms or 5s")
+            })?;
         if num_end == 0 {
-            return Err(format!("'{t}' is not a duration; use e.g. 500ms, 5s, 2m, 1h or 7d"));
+            return Err(format!(
+                "'{t}' is not a duration; use e.g. 500ms, 5s, 2m, 1h or 7d"
+            ));
         }
         let n: f64 = rest[..num_end]
             .parse()
             .map_err(|_| format!("'{t}' is not a duration; use e.g. 500ms, 5s, 2m, 1h or 7d"))?;
         let after = &rest[num_end..];
-        let unit_end = after.find(|c: char| c.is_ascii_digit()).unwrap_or(after.len());
+        let unit_end = after
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(after.len());
         let factor = match &after[..unit_end] {
             "ms" => 0.001,
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
             "d" => 86400.0,
-            u => return Err(format!("'{t}' has an unknown unit '{u}'; use ms, s, m, h or d")),
+            u => {
+                return Err(format!(
+                    "'{t}' has an unknown unit '{u}'; use ms, s, m, h or d"
+                ));
+            }
         };
         total += n * factor;
         rest = &after[unit_end..];
@@ -71,7 +81,10 @@ mod tests {
         assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
     }
 

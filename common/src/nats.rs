@@ -11,6 +11,8 @@ use async_nats::{ConnectErrorKind, ConnectOptions};
 #[derive(Clone, Debug, Default)]
 pub struct NatsAuth {
     pub creds_file: Option<PathBuf>,
+    /// The contents of a creds file (e.g. read from a Secret).
+    pub creds: Option<String>,
     pub user: Option<String>,
     pub password: Option<String>,
     pub token: Option<String>,
@@ -55,7 +57,7 @@ impl NatsAuth {
     /// Builds connect options; fails when the auth settings contradict each other.
     pub async fn options(&self) -> Result<ConnectOptions, NatsConnectError> {
         let methods = [
-            self.creds_file.is_some(),
+            self.creds_file.is_some() || self.creds.is_some(),
             self.user.is_some() || self.password.is_some(),
             self.token.is_some(),
             self.nkey_seed.is_some(),
@@ -74,6 +76,13 @@ impl NatsAuth {
                 NatsConnectError::Options(format!(
                     "cannot read the NATS creds file {}: {e}",
                     path.display()
+                ))
+            })?;
+        }
+        if let Some(c) = &self.creds {
+            opts = opts.credentials(c).map_err(|e| {
+                NatsConnectError::Options(format!(
+                    "the NATS creds are not a valid credentials file: {e}"
                 ))
             })?;
         }

@@ -144,6 +144,7 @@ impl Topology {
             storage: self.storage,
             num_replicas: self.replicas,
             max_age: self.dlq_max_age,
+            max_bytes: -1,
             duplicate_window: self.duplicate_window,
             ..Default::default()
         }

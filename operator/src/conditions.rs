@@ -33,7 +33,13 @@ pub mod reasons {
 }
 
 /// Builds a condition.
-pub fn condition(type_: &str, ok: bool, reason: &str, message: impl Into<String>, generation: Option<i64>) -> Condition {
+pub fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+) -> Condition {
     Condition {
         type_: type_.to_string(),
         status: if ok { "True" } else { "False" }.to_string(),
@@ -90,7 +96,13 @@ mod tests {
     fn changed_status_moves_transition_time() {
         let mut old = condition(types::READY, true, reasons::READY, "ok", Some(1));
         at(&mut old, 100);
-        let new = condition(types::READY, false, reasons::NATS_UNREACHABLE, "down", Some(1));
+        let new = condition(
+            types::READY,
+            false,
+            reasons::NATS_UNREACHABLE,
+            "down",
+            Some(1),
+        );
         let merged = merge(&[old.clone()], vec![new]);
         assert_ne!(merged[0].last_transition_time, old.last_transition_time);
         assert_eq!(merged[0].reason, reasons::NATS_UNREACHABLE);
@@ -98,8 +110,23 @@ mod tests {
 
     #[test]
     fn conditions_not_reported_again_are_kept() {
-        let old = condition(types::WORKERS_AVAILABLE, true, reasons::WORKERS_AVAILABLE, "2/2", None);
-        let merged = merge(&[old], vec![condition(types::READY, false, reasons::INVALID_SPEC, "x", None)]);
+        let old = condition(
+            types::WORKERS_AVAILABLE,
+            true,
+            reasons::WORKERS_AVAILABLE,
+            "2/2",
+            None,
+        );
+        let merged = merge(
+            &[old],
+            vec![condition(
+                types::READY,
+                false,
+                reasons::INVALID_SPEC,
+                "x",
+                None,
+            )],
+        );
         assert_eq!(merged.len(), 2);
     }
 }

@@ -33,12 +33,42 @@ pub const GROUP: &str = "orderpipeline.dev";
         status_replicas_path = ".status.replicas",
         label_selector_path = ".status.selector"
     ),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Whether the pipeline is ready"),
-    printcolumn(name = "Workers", type_ = "string", json_path = ".status.workersReady", description = "Ready worker pods / desired"),
-    printcolumn(name = "Lag", type_ = "integer", json_path = ".status.lag", description = "Orders not yet processed (consumer pending + ack pending)"),
-    printcolumn(name = "Dead letters", type_ = "integer", json_path = ".status.deadLetters", description = "Messages in the dead-letter stream"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1, description = "Why Ready is what it is"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the pipeline is ready"
+    ),
+    printcolumn(
+        name = "Workers",
+        type_ = "string",
+        json_path = ".status.workersReady",
+        description = "Ready worker pods / desired"
+    ),
+    printcolumn(
+        name = "Lag",
+        type_ = "integer",
+        json_path = ".status.lag",
+        description = "Orders not yet processed (consumer pending + ack pending)"
+    ),
+    printcolumn(
+        name = "Dead letters",
+        type_ = "integer",
+        json_path = ".status.deadLetters",
+        description = "Messages in the dead-letter stream"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        priority = 1,
+        description = "Why Ready is what it is"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct OrderPipelineSpec {

@@ -1,6 +1,8 @@
 //! The OrderPipeline operator: CRD types, the pure builders (topology, Deployment,
 //! conditions), the reconciler and its runtime wiring.
 
-pub mod crd;
 pub mod conditions;
+pub mod controller;
+pub mod crd;
+pub mod metrics;
 pub mod render;

@@ -1,12 +1,27 @@
 //! `order-operator`: reconciles `OrderPipeline` resources into JetStream objects
 //! and a worker Deployment.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::routing::get;
 use clap::{Parser, Subcommand};
 use kube::CustomResourceExt as _;
+use order_operator::controller::{self, Context};
 use order_operator::crd::OrderPipeline;
+use order_operator::metrics::Metrics;
+use orderpipeline_common::duration::parse_duration;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
-#[command(name = "order-operator", version, about = "Kubernetes operator for OrderPipeline resources")]
+#[command(
+    name = "order-operator",
+    version,
+    about = "Kubernetes operator for OrderPipeline resources"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -15,18 +30,149 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the controller.
-    Run,
+    Run(RunArgs),
     /// Print the OrderPipeline CRD as YAML.
     Crd,
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Watch one namespace only (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+    /// Worker image used when a pipeline sets none.
+    #[arg(long, env = "WORKER_IMAGE")]
+    worker_image: Option<String>,
+    /// How often each pipeline's figures are refreshed (jittered +-10%).
+    #[arg(long, env = "RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    resync_interval: Duration,
+    /// This replica's name, for Events (the Pod name in a cluster).
+    #[arg(long, env = "POD_NAME", default_value = "order-operator")]
+    pod_name: String,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crd => {
-            print!("{}", serde_yaml::to_string(&OrderPipeline::crd())?);
-            Ok(())
+        Command::Crd => match serde_yaml::to_string(&OrderPipeline::crd()) {
+            Ok(y) => {
+                print!("{y}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("order-operator: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+        Command::Run(args) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let telemetry = match orderpipeline_common::telemetry::init("order-operator") {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("order-operator: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            };
+            let r = run(args).await;
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+            match r {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "order-operator failed");
+                    eprintln!("order-operator: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
         }
-        Command::Run => anyhow::bail!("not implemented yet"),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let registry = Arc::new(registry);
+    let image = args
+        .worker_image
+        .clone()
+        .unwrap_or_else(order_operator::render::default_worker_image);
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics,
+        image,
+        args.resync_interval,
+        args.pod_name.clone(),
+    ));
+
+    let shutdown = CancellationToken::new();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received; shutting down");
+        s.cancel();
+    });
+
+    let listener = tokio::net::TcpListener::bind(args.http_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "HTTP_ADDR {}: cannot listen there; pick a free host:port",
+                args.http_addr
+            )
+        })?;
+    let reg = registry.clone();
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let reg = reg.clone();
+                async move {
+                    let mut out = String::new();
+                    let _ = prometheus_client::encoding::text::encode(&mut out, &reg);
+                    (
+                        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                        out,
+                    )
+                }
+            }),
+        );
+    let hs = shutdown.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { hs.cancelled().await })
+            .await
+    });
+    tracing::info!(namespace = ?args.namespace, addr = %args.http_addr, "order-operator starting");
+    let cs = shutdown.clone();
+    controller::run(ctx, args.namespace, async move { cs.cancelled().await }).await;
+    shutdown.cancel();
+    let _ = http.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

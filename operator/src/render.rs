@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector,
-    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -29,7 +29,10 @@ const TLS_MOUNT: &str = "/etc/orderpipeline/nats-tls";
 
 /// The default worker image: the release matching this operator's version.
 pub fn default_worker_image() -> String {
-    format!("ghcr.io/orderpipeline/orderpipeline:{}", env!("CARGO_PKG_VERSION"))
+    format!(
+        "ghcr.io/orderpipeline/orderpipeline:{}",
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 /// How the credentials Secret authenticates (decided from its keys).
@@ -88,9 +91,15 @@ pub fn plan(p: &OrderPipeline) -> Result<Plan, InvalidSpec> {
     let bucket_ttl = dur("state.ttl", &s.state.ttl)?;
     let shutdown_grace = dur("workers.shutdownGrace", &s.workers.shutdown_grace)?;
     dur("workers.downstreamTimeout", &s.workers.downstream_timeout)?;
-    let initial = dur("workers.retry.initialBackoff", &s.workers.retry.initial_backoff)?;
+    let initial = dur(
+        "workers.retry.initialBackoff",
+        &s.workers.retry.initial_backoff,
+    )?;
     let max_backoff = dur("workers.retry.maxBackoff", &s.workers.retry.max_backoff)?;
-    let nak_initial = dur("workers.retry.nakInitialDelay", &s.workers.retry.nak_initial_delay)?;
+    let nak_initial = dur(
+        "workers.retry.nakInitialDelay",
+        &s.workers.retry.nak_initial_delay,
+    )?;
     let nak_max_delay = dur("workers.retry.nakMaxDelay", &s.workers.retry.nak_max_delay)?;
     if initial > max_backoff {
         return Err(InvalidSpec(format!(
@@ -127,7 +136,11 @@ pub fn plan(p: &OrderPipeline) -> Result<Plan, InvalidSpec> {
         .consumer
         .max_ack_pending
         .unwrap_or(i64::from(max_workers) * i64::from(s.workers.pool_size));
-    let owner = format!("{}/{}", p.meta().namespace.clone().unwrap_or_default(), p.meta().name.clone().unwrap_or_default());
+    let owner = format!(
+        "{}/{}",
+        p.meta().namespace.clone().unwrap_or_default(),
+        p.meta().name.clone().unwrap_or_default()
+    );
     let topology = Topology {
         stream: s.stream.name.clone(),
         subjects: s.stream.subjects.clone(),
@@ -156,12 +169,21 @@ pub fn plan(p: &OrderPipeline) -> Result<Plan, InvalidSpec> {
         backoff: backoff.clone(),
         owner: Some(owner),
     };
-    topology.validate().map_err(|e| InvalidSpec(e.to_string()))?;
+    topology
+        .validate()
+        .map_err(|e| InvalidSpec(e.to_string()))?;
     let max_deliveries = u32::try_from(s.consumer.max_attempts).unwrap_or(1);
     // Time one delivery may take inside the worker: its retries plus the downstream timeouts.
     let attempts = u32::try_from(s.workers.retry.attempts_per_delivery).unwrap_or(1);
-    let per_delivery = (max_backoff + dur("workers.downstreamTimeout", &s.workers.downstream_timeout)?) * attempts;
-    let horizon = redelivery_horizon(ack_wait, &backoff, max_deliveries, nak_max_delay, per_delivery);
+    let per_delivery =
+        (max_backoff + dur("workers.downstreamTimeout", &s.workers.downstream_timeout)?) * attempts;
+    let horizon = redelivery_horizon(
+        ack_wait,
+        &backoff,
+        max_deliveries,
+        nak_max_delay,
+        per_delivery,
+    );
     let window_warning = (duplicate_window < horizon).then(|| {
         format!(
             "stream.duplicateWindow {} is shorter than the redelivery horizon {} ({} deliveries, ack wait {}, NAK delay up to {}): a result event re-published on a late redelivery could be stored twice; raise duplicateWindow to at least {}",
@@ -189,7 +211,10 @@ pub fn deployment_name(p: &OrderPipeline) -> String {
 
 pub fn selector_labels(p: &OrderPipeline) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (PIPELINE_LABEL.to_string(), p.meta().name.clone().unwrap_or_default()),
+        (
+            PIPELINE_LABEL.to_string(),
+            p.meta().name.clone().unwrap_or_default(),
+        ),
         (COMPONENT_LABEL.to_string(), "worker".to_string()),
     ])
 }
@@ -255,12 +280,21 @@ pub fn worker_env(p: &OrderPipeline, plan: &Plan, secrets: &SecretsView) -> Vec<
         env("STREAM_NAME", &t.stream),
         env("CONSUMER_NAME", &t.consumer),
         env("INPUT_SUBJECT", &t.filter_subject),
-        env("PROCESSED_SUBJECT", orderpipeline_common::names::DEFAULT_PROCESSED_SUBJECT),
-        env("REJECTED_SUBJECT", orderpipeline_common::names::DEFAULT_REJECTED_SUBJECT),
+        env(
+            "PROCESSED_SUBJECT",
+            orderpipeline_common::names::DEFAULT_PROCESSED_SUBJECT,
+        ),
+        env(
+            "REJECTED_SUBJECT",
+            orderpipeline_common::names::DEFAULT_REJECTED_SUBJECT,
+        ),
         env("DLQ_STREAM", &t.dlq_stream),
         env("DLQ_SUBJECT", &t.dlq_subject),
         env("STATE_BUCKET", &t.bucket),
-        env("RETRY_ATTEMPTS", s.workers.retry.attempts_per_delivery.to_string()),
+        env(
+            "RETRY_ATTEMPTS",
+            s.workers.retry.attempts_per_delivery.to_string(),
+        ),
         env("RETRY_INITIAL_BACKOFF", &s.workers.retry.initial_backoff),
         env("RETRY_MAX_BACKOFF", &s.workers.retry.max_backoff),
         env("MAX_DELIVERIES", s.consumer.max_attempts.to_string()),
@@ -274,7 +308,10 @@ pub fn worker_env(p: &OrderPipeline, plan: &Plan, secrets: &SecretsView) -> Vec<
             format!("orderpipeline.name={name},k8s.namespace.name={ns},k8s.pod.name=$(POD_NAME)"),
         ),
         env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
-        env("OTEL_TRACES_SAMPLER_ARG", s.telemetry.sampling_ratio.to_string()),
+        env(
+            "OTEL_TRACES_SAMPLER_ARG",
+            s.telemetry.sampling_ratio.to_string(),
+        ),
     ];
     if let Some(u) = &s.workers.downstream_url {
         e.push(env("DOWNSTREAM_URL", u));
@@ -290,8 +327,12 @@ pub fn worker_env(p: &OrderPipeline, plan: &Plan, secrets: &SecretsView) -> Vec<
                 e.push(env_secret("NATS_PASSWORD", secret, "password"));
             }
             Credentials::Token => e.push(env_secret("NATS_TOKEN", secret, "token")),
-            Credentials::CredsFile => e.push(env("NATS_CREDS_FILE", format!("{CREDS_MOUNT}/creds"))),
-            Credentials::NkeySeed => e.push(env("NATS_NKEY_SEED_FILE", format!("{CREDS_MOUNT}/nkey"))),
+            Credentials::CredsFile => {
+                e.push(env("NATS_CREDS_FILE", format!("{CREDS_MOUNT}/creds")))
+            }
+            Credentials::NkeySeed => {
+                e.push(env("NATS_NKEY_SEED_FILE", format!("{CREDS_MOUNT}/nkey")))
+            }
         }
     }
     if let Some((_, client_cert)) = &secrets.tls {
@@ -330,8 +371,14 @@ pub fn deployment(
     let labels = {
         let mut l = selector_labels(p);
         l.insert("app.kubernetes.io/name".into(), "order-worker".into());
-        l.insert("app.kubernetes.io/instance".into(), p.meta().name.clone().unwrap_or_default());
-        l.insert("app.kubernetes.io/managed-by".into(), "order-operator".into());
+        l.insert(
+            "app.kubernetes.io/instance".into(),
+            p.meta().name.clone().unwrap_or_default(),
+        );
+        l.insert(
+            "app.kubernetes.io/managed-by".into(),
+            "order-operator".into(),
+        );
         l
     };
     let mut annotations = BTreeMap::new();
@@ -379,7 +426,12 @@ pub fn deployment(
     let grace = i64::try_from(plan.shutdown_grace.as_secs()).unwrap_or(25) + 5;
     let container = Container {
         name: "worker".into(),
-        image: Some(s.workers.image.clone().unwrap_or_else(|| default_image.to_string())),
+        image: Some(
+            s.workers
+                .image
+                .clone()
+                .unwrap_or_else(|| default_image.to_string()),
+        ),
         env: Some(worker_env(p, plan, secrets)),
         ports: Some(vec![ContainerPort {
             name: Some("http".into()),
@@ -436,8 +488,10 @@ pub fn deployment(
                         }),
                         ..Default::default()
                     }),
-                    node_selector: (!s.workers.node_selector.is_empty()).then(|| s.workers.node_selector.clone()),
-                    tolerations: (!s.workers.tolerations.is_empty()).then(|| s.workers.tolerations.clone()),
+                    node_selector: (!s.workers.node_selector.is_empty())
+                        .then(|| s.workers.node_selector.clone()),
+                    tolerations: (!s.workers.tolerations.is_empty())
+                        .then(|| s.workers.tolerations.clone()),
                     affinity: s.workers.affinity.clone(),
                     volumes: (!volumes.is_empty()).then_some(volumes),
                     automount_service_account_token: Some(false),
@@ -472,7 +526,14 @@ spec:
     }
 
     fn env_map(d: &Deployment) -> BTreeMap<String, String> {
-        d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
+        d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
             .env
             .as_ref()
             .unwrap()
@@ -519,7 +580,10 @@ spec:
             if name.starts_with("OTEL_") || name == "POD_NAMESPACE" {
                 continue;
             }
-            assert!(worker_flags.contains(&name.as_str()), "the worker has no flag for {name}");
+            assert!(
+                worker_flags.contains(&name.as_str()),
+                "the worker has no flag for {name}"
+            );
         }
     }
 
@@ -533,13 +597,43 @@ spec:
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.allow_privilege_escalation, Some(false));
         assert_eq!(sc.read_only_root_filesystem, Some(true));
-        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(), &vec!["ALL".to_string()]);
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(),
+            &vec!["ALL".to_string()]
+        );
         let psc = pod.security_context.as_ref().unwrap();
         assert_eq!(psc.run_as_non_root, Some(true));
-        assert_eq!(psc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
-        assert_eq!(c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/livez"));
-        assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/readyz"));
-        assert_eq!(pod.termination_grace_period_seconds, Some(30), "25s grace + 5s");
+        assert_eq!(
+            psc.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
+        assert_eq!(
+            c.liveness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/livez")
+        );
+        assert_eq!(
+            c.readiness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/readyz")
+        );
+        assert_eq!(
+            pod.termination_grace_period_seconds,
+            Some(30),
+            "25s grace + 5s"
+        );
         assert_eq!(d.spec.as_ref().unwrap().replicas, Some(2));
         assert_eq!(c.image.as_deref(), Some("img:1"));
         let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
@@ -558,13 +652,31 @@ spec:
         };
         let d = deployment(&p, &plan, &secrets, "img:1", Some(1));
         let t = &d.spec.as_ref().unwrap().template;
-        assert_eq!(t.metadata.as_ref().unwrap().annotations.as_ref().unwrap()[CHECKSUM_ANNOTATION], "abc");
+        assert_eq!(
+            t.metadata.as_ref().unwrap().annotations.as_ref().unwrap()[CHECKSUM_ANNOTATION],
+            "abc"
+        );
         let c = &t.spec.as_ref().unwrap().containers[0];
         let envs = c.env.as_ref().unwrap();
         let user = envs.iter().find(|e| e.name == "NATS_USER").unwrap();
-        assert_eq!(user.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name, "creds");
-        assert_eq!(env_map(&d)["NATS_TLS_CA_FILE"], "/etc/orderpipeline/nats-tls/ca.crt");
-        assert_eq!(c.volume_mounts.as_ref().unwrap()[0].mount_path, "/etc/orderpipeline/nats-tls");
+        assert_eq!(
+            user.value_from
+                .as_ref()
+                .unwrap()
+                .secret_key_ref
+                .as_ref()
+                .unwrap()
+                .name,
+            "creds"
+        );
+        assert_eq!(
+            env_map(&d)["NATS_TLS_CA_FILE"],
+            "/etc/orderpipeline/nats-tls/ca.crt"
+        );
+        assert_eq!(
+            c.volume_mounts.as_ref().unwrap()[0].mount_path,
+            "/etc/orderpipeline/nats-tls"
+        );
     }
 
     #[test]

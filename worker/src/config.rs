@@ -71,6 +71,7 @@ impl NatsArgs {
         };
         Ok(NatsAuth {
             creds_file: self.nats_creds_file.clone(),
+            creds: None,
             user: self.nats_user.clone(),
             password: self.nats_password.clone(),
             token: self.nats_token.clone(),

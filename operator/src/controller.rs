@@ -1,0 +1,1147 @@
+//! The reconciler: dereference (Secrets, NATS) -> plan (pure) -> apply
+//! (JetStream objects, Deployment) -> status. Errors become conditions and
+//! Events; only unexpected failures reach `error_policy`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use futures::StreamExt as _;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt as _};
+use orderpipeline_common::nats::{NatsAuth, NatsConnectError};
+use orderpipeline_common::topology::{OWNER_METADATA_KEY, Topology};
+use tokio::sync::Mutex;
+
+use crate::conditions::{self, reasons, types};
+use crate::crd::{DeletionPolicy, OrderPipeline, OrderPipelineStatus};
+use crate::metrics::Metrics;
+use crate::render::{self, Credentials, Plan, SecretsView};
+
+pub const MANAGER: &str = "order-operator";
+pub const FINALIZER: &str = "orderpipeline.dev/cleanup";
+/// Annotation that lets a deletion finish without deleting JetStream objects.
+pub const SKIP_CLEANUP_ANNOTATION: &str = "orderpipeline.dev/skip-cleanup";
+/// How long a `Delete` cleanup keeps retrying an unreachable NATS before giving up.
+pub const CLEANUP_GIVE_UP: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[source] kube::Error),
+    #[error("finalizer error: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+impl Error {
+    /// A short label for the failure metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kubernetes",
+            Error::Finalizer(_) => "finalizer",
+            Error::Nats(_) => "nats",
+        }
+    }
+}
+
+/// Shared state of the controller.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    pub default_image: String,
+    pub resync: Duration,
+    /// NATS connections keyed by `namespace/name`, with the hash of the auth they used.
+    nats: Mutex<HashMap<String, (String, async_nats::Client)>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        metrics: Metrics,
+        default_image: String,
+        resync: Duration,
+        pod: String,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance: Some(pod),
+            },
+        );
+        Self {
+            client,
+            recorder,
+            metrics,
+            default_image,
+            resync,
+            nats: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn event(
+        &self,
+        p: &OrderPipeline,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &p.object_ref(&())).await {
+            tracing::warn!(error = %e, "could not publish event");
+        }
+    }
+
+    /// The pipeline's own NATS connection; reconnects when its auth changed.
+    async fn nats(
+        &self,
+        key: &str,
+        url: &str,
+        auth: &NatsAuth,
+        auth_hash: &str,
+    ) -> Result<async_nats::Client, NatsConnectError> {
+        let mut cache = self.nats.lock().await;
+        if let Some((hash, c)) = cache.get(key)
+            && hash == auth_hash
+        {
+            return Ok(c.clone());
+        }
+        if cache.remove(key).is_some() {
+            tracing::info!(pipeline = key, "NATS settings changed; reconnecting");
+        }
+        let c = orderpipeline_common::nats::connect(url, auth, &format!("order-operator {key}"))
+            .await?;
+        cache.insert(key.to_string(), (auth_hash.to_string(), c.clone()));
+        Ok(c)
+    }
+
+    async fn forget_nats(&self, key: &str) {
+        self.nats.lock().await.remove(key);
+    }
+}
+
+fn key_of(p: &OrderPipeline) -> String {
+    format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any())
+}
+
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(0.9 + rand::random::<f64>() * 0.2)
+}
+
+/// A reason + message that ends this reconcile with Ready=False.
+struct Blocked {
+    reason: &'static str,
+    message: String,
+    retry: Duration,
+}
+
+fn blocked(reason: &'static str, message: impl Into<String>, retry: Duration) -> Blocked {
+    Blocked {
+        reason,
+        message: message.into(),
+        retry,
+    }
+}
+
+pub async fn reconcile(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let start = std::time::Instant::now();
+    let ns = p.namespace().unwrap_or_default();
+    let api: Api<OrderPipeline> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, p, |event| async {
+        match event {
+            Finalizer::Apply(p) => apply(p, ctx.clone()).await,
+            Finalizer::Cleanup(p) => cleanup(p, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.reconciled(
+        start.elapsed(),
+        result.as_ref().err().map(Error::metric_label),
+    );
+    result
+}
+
+pub fn error_policy(p: Arc<OrderPipeline>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(pipeline = %key_of(&p), error = %error, "reconcile failed; retrying");
+    let _ = ctx;
+    Action::requeue(Duration::from_secs(10))
+}
+
+/// Reads the referenced Secrets: the auth for the operator's connection, what to
+/// project into the pods, and a checksum that rolls the pods when they change.
+async fn read_secrets(
+    p: &OrderPipeline,
+    client: &Client,
+) -> Result<(NatsAuth, SecretsView, Vec<(String, String)>), Blocked> {
+    let ns = p.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let mut auth = NatsAuth::default();
+    let mut view = SecretsView::default();
+    let mut files = Vec::new();
+    let mut hasher = sha_lite::Hasher::default();
+    let get = |name: String| {
+        let secrets = secrets.clone();
+        let ns = ns.clone();
+        async move {
+            match secrets.get_opt(&name).await {
+                Ok(Some(s)) => Ok(s),
+                Ok(None) => Err(blocked(
+                    reasons::SECRET_MISSING,
+                    format!(
+                        "Secret {ns}/{name} referenced by the pipeline does not exist; create it or fix the reference"
+                    ),
+                    Duration::from_secs(15),
+                )),
+                Err(e) => Err(blocked(
+                    reasons::KUBERNETES_ERROR,
+                    format!("reading Secret {name}: {e}"),
+                    Duration::from_secs(15),
+                )),
+            }
+        }
+    };
+    let text = |s: &Secret, key: &str| -> Option<String> {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|b| String::from_utf8_lossy(&b.0).to_string())
+            .or_else(|| s.string_data.as_ref().and_then(|d| d.get(key).cloned()))
+    };
+    if let Some(r) = &p.spec.nats.credentials_secret_ref {
+        let s = get(r.name.clone()).await?;
+        hasher.update_secret(&s);
+        let kind = if text(&s, "user").is_some() || text(&s, "password").is_some() {
+            auth.user = text(&s, "user");
+            auth.password = text(&s, "password");
+            if auth.user.is_none() || auth.password.is_none() {
+                return Err(blocked(
+                    reasons::SECRET_INVALID,
+                    format!(
+                        "Secret {} has only one of the keys user and password; set both",
+                        r.name
+                    ),
+                    Duration::from_secs(30),
+                ));
+            }
+            Credentials::UserPassword
+        } else if let Some(t) = text(&s, "token") {
+            auth.token = Some(t);
+            Credentials::Token
+        } else if let Some(c) = text(&s, "creds") {
+            auth.creds = Some(c);
+            Credentials::CredsFile
+        } else if let Some(n) = text(&s, "nkey") {
+            auth.nkey_seed = Some(n);
+            Credentials::NkeySeed
+        } else {
+            return Err(blocked(
+                reasons::SECRET_INVALID,
+                format!(
+                    "Secret {} has none of the keys user+password, token, creds or nkey; add one",
+                    r.name
+                ),
+                Duration::from_secs(30),
+            ));
+        };
+        view.credentials = Some((r.name.clone(), kind));
+    }
+    if let Some(r) = &p.spec.nats.tls_secret_ref {
+        let s = get(r.name.clone()).await?;
+        hasher.update_secret(&s);
+        let Some(ca) = text(&s, "ca.crt") else {
+            return Err(blocked(
+                reasons::SECRET_INVALID,
+                format!(
+                    "TLS Secret {} has no ca.crt; add the CA that signed the NATS server's certificate",
+                    r.name
+                ),
+                Duration::from_secs(30),
+            ));
+        };
+        files.push(("ca.crt".to_string(), ca));
+        let client_cert = match (text(&s, "tls.crt"), text(&s, "tls.key")) {
+            (Some(c), Some(k)) => {
+                files.push(("tls.crt".into(), c));
+                files.push(("tls.key".into(), k));
+                true
+            }
+            (None, None) => false,
+            _ => {
+                return Err(blocked(
+                    reasons::SECRET_INVALID,
+                    format!(
+                        "TLS Secret {} has only one of tls.crt and tls.key; set both",
+                        r.name
+                    ),
+                    Duration::from_secs(30),
+                ));
+            }
+        };
+        view.tls = Some((r.name.clone(), client_cert));
+    }
+    if view.credentials.is_some() || view.tls.is_some() {
+        view.checksum = Some(hasher.finish_hex());
+    }
+    Ok((auth, view, files))
+}
+
+/// Writes TLS material where the NATS client can read it (a private directory).
+fn write_tls_files(
+    key: &str,
+    files: &[(String, String)],
+    auth: &mut NatsAuth,
+) -> Result<(), Blocked> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let dir = std::env::temp_dir()
+        .join("order-operator")
+        .join(key.replace('/', "_"));
+    let io = |e: std::io::Error| {
+        blocked(
+            reasons::KUBERNETES_ERROR,
+            format!("writing TLS files: {e}"),
+            Duration::from_secs(30),
+        )
+    };
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    for (name, content) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, content).map_err(io)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        }
+        match name.as_str() {
+            "ca.crt" => auth.tls_ca = Some(path),
+            "tls.crt" => auth.tls_cert = Some(path),
+            "tls.key" => auth.tls_key = Some(path),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let generation = p.metadata.generation;
+    let old = p.status.clone().unwrap_or_default();
+    let key = key_of(&p);
+
+    let plan = match render::plan(&p) {
+        Ok(plan) => plan,
+        Err(e) => {
+            let msg = format!("{e}; fix the spec");
+            return finish_blocked(
+                &p,
+                &ctx,
+                &old,
+                blocked(reasons::INVALID_SPEC, msg, Duration::from_secs(300)),
+                None,
+            )
+            .await;
+        }
+    };
+    let (mut auth, secrets, files) = match read_secrets(&p, &ctx.client).await {
+        Ok(x) => x,
+        Err(b) => return finish_blocked(&p, &ctx, &old, b, None).await,
+    };
+    if let Err(b) = write_tls_files(&key, &files, &mut auth) {
+        return finish_blocked(&p, &ctx, &old, b, None).await;
+    }
+    let auth_hash = format!("{}|{:?}", p.spec.nats.url, secrets.checksum);
+    let client = match ctx.nats(&key, &p.spec.nats.url, &auth, &auth_hash).await {
+        Ok(c) => c,
+        Err(e) => {
+            let reason = match e {
+                NatsConnectError::Authentication { .. } => reasons::NATS_AUTH_FAILED,
+                NatsConnectError::Tls { .. } => reasons::NATS_TLS_FAILED,
+                NatsConnectError::Options(_) => reasons::SECRET_INVALID,
+                NatsConnectError::Unreachable { .. } => reasons::NATS_UNREACHABLE,
+            };
+            return finish_blocked(
+                &p,
+                &ctx,
+                &old,
+                blocked(reason, e.to_string(), Duration::from_secs(10)),
+                None,
+            )
+            .await;
+        }
+    };
+    if client.connection_state() != async_nats::connection::State::Connected {
+        let b = blocked(
+            reasons::NATS_UNREACHABLE,
+            format!(
+                "lost the connection to NATS at {}; reconnecting (check that nats-server runs there)",
+                p.spec.nats.url
+            ),
+            Duration::from_secs(5),
+        );
+        return finish_blocked(&p, &ctx, &old, b, None).await;
+    }
+    let mut js = jetstream::new(client.clone());
+    js.set_timeout(Duration::from_secs(5));
+
+    // JetStream objects.
+    if let Err(b) = ensure_topology(&p, &ctx, &js, &plan.topology).await {
+        if b.reason == reasons::NATS_UNREACHABLE || b.reason == reasons::JETSTREAM_ERROR {
+            ctx.forget_nats(&key).await;
+        }
+        return finish_blocked(&p, &ctx, &old, b, None).await;
+    }
+
+    // The worker Deployment.
+    let deployments: Api<Deployment> =
+        Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
+    let desired = render::deployment(
+        &p,
+        &plan,
+        &secrets,
+        &ctx.default_image,
+        Some(p.spec.workers.replicas),
+    );
+    let name = render::deployment_name(&p);
+    let before = deployments.get_opt(&name).await.map_err(Error::Kube)?;
+    let after = deployments
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&desired),
+        )
+        .await
+        .map_err(Error::Kube)?;
+    match &before {
+        None => {
+            ctx.event(
+                &p,
+                EventType::Normal,
+                "DeploymentCreated",
+                "Create",
+                format!(
+                    "created Deployment {name} with {} replica(s)",
+                    p.spec.workers.replicas
+                ),
+            )
+            .await;
+        }
+        Some(b)
+            if b.metadata.resource_version != after.metadata.resource_version
+                && b.spec != after.spec =>
+        {
+            ctx.event(
+                &p,
+                EventType::Normal,
+                "DeploymentUpdated",
+                "Update",
+                format!("updated Deployment {name}"),
+            )
+            .await;
+        }
+        _ => {}
+    }
+
+    // Figures and conditions.
+    let figures = read_figures(&js, &plan.topology).await;
+    let mut status = old.clone();
+    status.observed_generation = generation;
+    let mut conds = Vec::new();
+    let mut ready = true;
+    match &figures {
+        Ok(f) => {
+            status.stream = Some(f.stream.clone());
+            status.consumer = Some(f.consumer.clone());
+            status.lag = Some(f.consumer.pending + f.consumer.ack_pending);
+            status.dead_letters = Some(f.dead_letters);
+            conds.push(conditions::condition(
+                types::STREAM_READY,
+                true,
+                reasons::STREAM_READY,
+                format!(
+                    "stream {} and dead-letter stream {} exist",
+                    plan.topology.stream, plan.topology.dlq_stream
+                ),
+                generation,
+            ));
+            conds.push(conditions::condition(
+                types::CONSUMER_READY,
+                true,
+                reasons::CONSUMER_READY,
+                format!(
+                    "consumer {} on {} filters {}",
+                    plan.topology.consumer, plan.topology.stream, plan.topology.filter_subject
+                ),
+                generation,
+            ));
+        }
+        Err(e) => {
+            ready = false;
+            conds.push(conditions::condition(
+                types::STREAM_READY,
+                false,
+                reasons::JETSTREAM_ERROR,
+                e.clone(),
+                generation,
+            ));
+        }
+    }
+    let ds = after.status.clone().unwrap_or_default();
+    let desired_replicas = after.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+    let ready_pods = ds.ready_replicas.unwrap_or(0);
+    let available = ds.available_replicas.unwrap_or(0);
+    status.workers = Some(crate::crd::WorkersStatus {
+        desired: desired_replicas,
+        ready: ready_pods,
+        available,
+    });
+    status.workers_ready = Some(format!("{ready_pods}/{desired_replicas}"));
+    status.replicas = Some(ds.replicas.unwrap_or(0));
+    status.selector = Some(render::selector_string(&p));
+    status.secrets_checksum = secrets.checksum.clone();
+    let workers_ok = available >= desired_replicas;
+    if !workers_ok {
+        ready = false;
+    }
+    conds.push(conditions::condition(
+        types::WORKERS_AVAILABLE,
+        workers_ok,
+        if workers_ok {
+            reasons::WORKERS_AVAILABLE
+        } else {
+            reasons::WORKERS_UNAVAILABLE
+        },
+        format!("{available} of {desired_replicas} worker pod(s) available"),
+        generation,
+    ));
+    match &plan.window_warning {
+        None => conds.push(conditions::condition(
+            types::DUPLICATE_WINDOW,
+            true,
+            reasons::WINDOW_COVERS,
+            "the stream's duplicate window covers the redelivery horizon",
+            generation,
+        )),
+        Some(w) => {
+            conds.push(conditions::condition(
+                types::DUPLICATE_WINDOW,
+                false,
+                reasons::WINDOW_TOO_SHORT,
+                w.clone(),
+                generation,
+            ));
+            if !old
+                .conditions
+                .iter()
+                .any(|c| c.type_ == types::DUPLICATE_WINDOW && c.status == "False")
+            {
+                ctx.event(
+                    &p,
+                    EventType::Warning,
+                    reasons::WINDOW_TOO_SHORT,
+                    "Validate",
+                    w.clone(),
+                )
+                .await;
+            }
+        }
+    }
+    let (reason, message) = if ready {
+        (
+            reasons::READY,
+            format!("stream, consumer and {available} worker pod(s) ready"),
+        )
+    } else if !workers_ok {
+        (
+            reasons::WORKERS_UNAVAILABLE,
+            format!("waiting for workers: {available} of {desired_replicas} available"),
+        )
+    } else {
+        (
+            reasons::JETSTREAM_ERROR,
+            figures.as_ref().err().cloned().unwrap_or_default(),
+        )
+    };
+    conds.insert(
+        0,
+        conditions::condition(types::READY, ready, reason, message, generation),
+    );
+    status.conditions = conditions::merge(&old.conditions, conds);
+
+    if let (Some(new), Some(prev)) = (status.dead_letters, old.dead_letters)
+        && new > prev
+    {
+        ctx.event(
+            &p,
+            EventType::Warning,
+            "DeadLettersGrew",
+            "Observe",
+            format!(
+                "{} new dead letter(s) in {} (total {new}); inspect them with `orderctl dlq list`",
+                new - prev,
+                plan.topology.dlq_stream
+            ),
+        )
+        .await;
+    }
+    ctx.metrics.pipeline(
+        &key,
+        status.lag.unwrap_or(0),
+        status.dead_letters.unwrap_or(0),
+        i64::from(ds.replicas.unwrap_or(0)),
+    );
+    write_status(&p, &ctx, &status).await?;
+    let next = if ready {
+        ctx.resync
+    } else {
+        ctx.resync.min(Duration::from_secs(5))
+    };
+    Ok(Action::requeue(jittered(next)))
+}
+
+/// Ends a reconcile that cannot go on: Ready=False with the reason, an Event, a requeue.
+async fn finish_blocked(
+    p: &OrderPipeline,
+    ctx: &Context,
+    old: &OrderPipelineStatus,
+    b: Blocked,
+    _plan: Option<&Plan>,
+) -> Result<Action, Error> {
+    let generation = p.metadata.generation;
+    let was = old.conditions.iter().find(|c| c.type_ == types::READY);
+    if was.is_none_or(|c| c.reason != b.reason || c.message != b.message) {
+        ctx.event(
+            p,
+            EventType::Warning,
+            b.reason,
+            "Reconcile",
+            b.message.clone(),
+        )
+        .await;
+    }
+    tracing::warn!(pipeline = %key_of(p), reason = b.reason, message = %b.message, "pipeline not ready");
+    let mut status = old.clone();
+    status.observed_generation = generation;
+    let mut conds = vec![conditions::condition(
+        types::READY,
+        false,
+        b.reason,
+        b.message.clone(),
+        generation,
+    )];
+    if matches!(
+        b.reason,
+        reasons::NATS_UNREACHABLE
+            | reasons::NATS_AUTH_FAILED
+            | reasons::NATS_TLS_FAILED
+            | reasons::STREAM_CONFLICT
+            | reasons::STREAM_INCOMPATIBLE
+            | reasons::JETSTREAM_ERROR
+    ) {
+        conds.push(conditions::condition(
+            types::STREAM_READY,
+            false,
+            b.reason,
+            b.message.clone(),
+            generation,
+        ));
+    }
+    status.conditions = conditions::merge(&old.conditions, conds);
+    write_status(p, ctx, &status).await?;
+    Ok(Action::requeue(jittered(b.retry)))
+}
+
+async fn write_status(
+    p: &OrderPipeline,
+    ctx: &Context,
+    status: &OrderPipelineStatus,
+) -> Result<(), Error> {
+    let api: Api<OrderPipeline> =
+        Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": "orderpipeline.dev/v1alpha1",
+        "kind": "OrderPipeline",
+        "status": status,
+    });
+    api.patch_status(
+        &p.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::Kube)?;
+    Ok(())
+}
+
+/// Creates or updates the stream, DLQ stream, KV bucket and consumer; refuses a
+/// stream that belongs to something else or that NATS cannot change in place.
+async fn ensure_topology(
+    p: &OrderPipeline,
+    ctx: &Context,
+    js: &jetstream::Context,
+    t: &Topology,
+) -> Result<(), Blocked> {
+    let api_err = |what: &str, e: &dyn std::fmt::Display| {
+        let s = e.to_string();
+        if s.contains("timed out") || s.contains("no responders") || s.contains("disconnected") {
+            blocked(
+                reasons::NATS_UNREACHABLE,
+                format!(
+                    "{what}: NATS did not answer ({s}); check that nats-server (with JetStream) runs at {}",
+                    p.spec.nats.url
+                ),
+                Duration::from_secs(5),
+            )
+        } else {
+            blocked(
+                reasons::JETSTREAM_ERROR,
+                format!("{what}: {s}"),
+                Duration::from_secs(15),
+            )
+        }
+    };
+    for (cfg, what) in [
+        (t.stream_config(), "Stream"),
+        (t.dlq_stream_config(), "DeadLetterStream"),
+    ] {
+        let name = cfg.name.clone();
+        match js.get_stream(&name).await {
+            Ok(mut s) => {
+                let live = s
+                    .info()
+                    .await
+                    .map_err(|e| api_err(&format!("reading stream {name}"), &e))?
+                    .config
+                    .clone();
+                let owner = live.metadata.get(OWNER_METADATA_KEY).cloned();
+                if owner.as_deref() != t.owner.as_deref() {
+                    let msg = match owner {
+                        Some(o) => format!(
+                            "stream {name} already belongs to pipeline {o}; give this pipeline other stream names (spec.stream.name / spec.deadLetter.streamName)"
+                        ),
+                        None => format!(
+                            "stream {name} exists and was not created by an OrderPipeline; delete it (nats stream rm {name}) or choose another name"
+                        ),
+                    };
+                    return Err(blocked(
+                        reasons::STREAM_CONFLICT,
+                        msg,
+                        Duration::from_secs(30),
+                    ));
+                }
+                if live.storage != cfg.storage {
+                    return Err(blocked(
+                        reasons::STREAM_INCOMPATIBLE,
+                        format!(
+                            "stream {name} has {:?} storage but the spec asks for {:?}; NATS cannot change storage in place: recreate the stream",
+                            live.storage, cfg.storage
+                        ),
+                        Duration::from_secs(60),
+                    ));
+                }
+                let wq = stream::RetentionPolicy::WorkQueue;
+                if (live.retention == wq) != (cfg.retention == wq) {
+                    return Err(blocked(
+                        reasons::STREAM_INCOMPATIBLE,
+                        format!(
+                            "stream {name} has {:?} retention but the spec asks for {:?}; NATS cannot change to or from WorkQueue in place",
+                            live.retention, cfg.retention
+                        ),
+                        Duration::from_secs(60),
+                    ));
+                }
+                if let Some(field) = stream_differs(&live, &cfg) {
+                    js.update_stream(cfg.clone())
+                        .await
+                        .map_err(|e| api_err(&format!("updating stream {name}"), &e))?;
+                    ctx.event(
+                        p,
+                        EventType::Normal,
+                        &format!("{what}Updated"),
+                        "Update",
+                        format!("updated stream {name} ({field} changed)"),
+                    )
+                    .await;
+                }
+            }
+            Err(e) if e.to_string().contains("not found") => {
+                js.create_stream(cfg.clone())
+                    .await
+                    .map_err(|e| api_err(&format!("creating stream {name}"), &e))?;
+                ctx.event(
+                    p,
+                    EventType::Normal,
+                    &format!("{what}Created"),
+                    "Create",
+                    format!("created stream {name} on {:?}", cfg.subjects),
+                )
+                .await;
+            }
+            Err(e) => return Err(api_err(&format!("reading stream {name}"), &e)),
+        }
+    }
+    match js.get_key_value(&t.bucket).await {
+        Ok(_) => {}
+        Err(_) => {
+            js.create_or_update_key_value(t.kv_config())
+                .await
+                .map_err(|e| api_err(&format!("creating KV bucket {}", t.bucket), &e))?;
+            ctx.event(
+                p,
+                EventType::Normal,
+                "BucketCreated",
+                "Create",
+                format!("created KV bucket {}", t.bucket),
+            )
+            .await;
+        }
+    }
+    let desired = t.consumer_config();
+    let s = js
+        .get_stream(&t.stream)
+        .await
+        .map_err(|e| api_err(&format!("reading stream {}", t.stream), &e))?;
+    match s.consumer_info(&t.consumer).await {
+        Ok(info) => {
+            let live = &info.config;
+            if live.ack_wait != desired.ack_wait
+                || live.max_ack_pending != desired.max_ack_pending
+                || live.filter_subject != desired.filter_subject
+                || live.backoff != desired.backoff
+                || live.max_deliver != desired.max_deliver
+            {
+                s.create_consumer(desired.clone())
+                    .await
+                    .map_err(|e| api_err(&format!("updating consumer {}", t.consumer), &e))?;
+                ctx.event(
+                    p,
+                    EventType::Normal,
+                    "ConsumerUpdated",
+                    "Update",
+                    format!(
+                        "updated consumer {} (max ack pending {}, ack wait {:?})",
+                        t.consumer, desired.max_ack_pending, desired.ack_wait
+                    ),
+                )
+                .await;
+            }
+        }
+        Err(e) if e.to_string().contains("not found") => {
+            s.create_consumer(desired.clone())
+                .await
+                .map_err(|e| api_err(&format!("creating consumer {}", t.consumer), &e))?;
+            ctx.event(
+                p,
+                EventType::Normal,
+                "ConsumerCreated",
+                "Create",
+                format!(
+                    "created durable consumer {} filtering {}",
+                    t.consumer, t.filter_subject
+                ),
+            )
+            .await;
+        }
+        Err(e) => return Err(api_err(&format!("reading consumer {}", t.consumer), &e)),
+    }
+    Ok(())
+}
+
+/// The first field NATS can change in place that differs from the spec.
+fn stream_differs(live: &stream::Config, want: &stream::Config) -> Option<&'static str> {
+    [
+        (live.subjects != want.subjects, "subjects"),
+        (live.max_age != want.max_age, "max age"),
+        (live.max_bytes != want.max_bytes, "max bytes"),
+        (
+            live.duplicate_window != want.duplicate_window,
+            "duplicate window",
+        ),
+        (live.num_replicas != want.num_replicas, "replicas"),
+        (live.retention != want.retention, "retention"),
+    ]
+    .into_iter()
+    .find_map(|(differs, field)| differs.then_some(field))
+}
+
+struct Figures {
+    stream: crate::crd::StreamStatus,
+    consumer: crate::crd::ConsumerStatus,
+    dead_letters: i64,
+}
+
+async fn read_figures(js: &jetstream::Context, t: &Topology) -> Result<Figures, String> {
+    let i64_of = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let mut s = js
+        .get_stream(&t.stream)
+        .await
+        .map_err(|e| format!("reading stream {}: {e}", t.stream))?;
+    let st = s
+        .info()
+        .await
+        .map_err(|e| format!("reading stream {}: {e}", t.stream))?
+        .state
+        .clone();
+    let c = s
+        .consumer_info(&t.consumer)
+        .await
+        .map_err(|e| format!("reading consumer {}: {e}", t.consumer))?;
+    let mut d = js
+        .get_stream(&t.dlq_stream)
+        .await
+        .map_err(|e| format!("reading stream {}: {e}", t.dlq_stream))?;
+    let dead = d
+        .info()
+        .await
+        .map_err(|e| format!("reading stream {}: {e}", t.dlq_stream))?
+        .state
+        .messages;
+    Ok(Figures {
+        stream: crate::crd::StreamStatus {
+            messages: i64_of(st.messages),
+            bytes: i64_of(st.bytes),
+            first_sequence: i64_of(st.first_sequence),
+            last_sequence: i64_of(st.last_sequence),
+        },
+        consumer: crate::crd::ConsumerStatus {
+            pending: i64_of(c.num_pending),
+            ack_pending: i64::try_from(c.num_ack_pending).unwrap_or(i64::MAX),
+            redelivered: i64::try_from(c.num_redelivered).unwrap_or(i64::MAX),
+        },
+        dead_letters: i64_of(dead),
+    })
+}
+
+/// Deletion: `Retain` keeps the JetStream objects; `Delete` removes them. If NATS
+/// stays unreachable for CLEANUP_GIVE_UP after the deletion was requested (or
+/// the pipeline carries `orderpipeline.dev/skip-cleanup: "true"`), the finalizer
+/// gives up so the pipeline can still be deleted, and says so in an Event.
+async fn cleanup(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let key = key_of(&p);
+    if p.spec.stream.deletion_policy == DeletionPolicy::Retain {
+        ctx.forget_nats(&key).await;
+        ctx.event(
+            &p,
+            EventType::Normal,
+            "Retained",
+            "Delete",
+            format!(
+                "deletionPolicy Retain: kept stream {}, {} and bucket {}",
+                p.spec.stream.name, p.spec.dead_letter.stream_name, p.spec.state.bucket
+            ),
+        )
+        .await;
+        ctx.metrics.forget(&key);
+        return Ok(Action::await_change());
+    }
+    let skip = p
+        .annotations()
+        .get(SKIP_CLEANUP_ANNOTATION)
+        .is_some_and(|v| v == "true");
+    let waited = p
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| {
+            k8s_openapi::jiff::Timestamp::now()
+                .duration_since(t.0)
+                .unsigned_abs()
+        })
+        .unwrap_or_default();
+    let outcome = if skip {
+        Err("skip-cleanup annotation set".to_string())
+    } else {
+        delete_topology(&p, &ctx).await
+    };
+    match outcome {
+        Ok(()) => {
+            ctx.forget_nats(&key).await;
+            ctx.metrics.forget(&key);
+            ctx.event(
+                &p,
+                EventType::Normal,
+                "Deleted",
+                "Delete",
+                format!(
+                    "deleted consumer {}, streams {} and {}, bucket {}",
+                    p.spec.consumer.name,
+                    p.spec.stream.name,
+                    p.spec.dead_letter.stream_name,
+                    p.spec.state.bucket
+                ),
+            )
+            .await;
+            Ok(Action::await_change())
+        }
+        Err(e) if skip || waited >= CLEANUP_GIVE_UP => {
+            ctx.forget_nats(&key).await;
+            ctx.metrics.forget(&key);
+            ctx.event(&p, EventType::Warning, "CleanupAbandoned", "Delete", format!("gave up deleting the JetStream objects ({e}); delete them by hand: nats stream rm {}; nats stream rm {}; nats kv del {}", p.spec.stream.name, p.spec.dead_letter.stream_name, p.spec.state.bucket)).await;
+            Ok(Action::await_change())
+        }
+        Err(e) => {
+            ctx.event(&p, EventType::Warning, "CleanupFailed", "Delete", format!("cannot delete the JetStream objects yet ({e}); retrying, giving up after {}s (or set annotation {SKIP_CLEANUP_ANNOTATION}=true)", CLEANUP_GIVE_UP.as_secs())).await;
+            Err(Error::Nats(e))
+        }
+    }
+}
+
+async fn delete_topology(p: &OrderPipeline, ctx: &Context) -> Result<(), String> {
+    let key = key_of(p);
+    let (mut auth, _view, files) = read_secrets(p, &ctx.client).await.map_err(|b| b.message)?;
+    write_tls_files(&key, &files, &mut auth).map_err(|b| b.message)?;
+    let auth_hash = format!("{}|cleanup", p.spec.nats.url);
+    let client = ctx
+        .nats(&key, &p.spec.nats.url, &auth, &auth_hash)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut js = jetstream::new(client);
+    js.set_timeout(Duration::from_secs(5));
+    let ignore_missing = |r: Result<(), String>| match r {
+        Err(e) if e.contains("not found") => Ok(()),
+        other => other,
+    };
+    ignore_missing(
+        js.delete_key_value(&p.spec.state.bucket)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+    )?;
+    ignore_missing(
+        js.delete_stream(&p.spec.stream.name)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+    )?;
+    ignore_missing(
+        js.delete_stream(&p.spec.dead_letter.stream_name)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+    )?;
+    Ok(())
+}
+
+/// Maps a Secret to the pipelines in its namespace that reference it.
+fn pipelines_using(
+    secret: &Secret,
+    store: &kube::runtime::reflector::Store<OrderPipeline>,
+) -> Vec<ObjectRef<OrderPipeline>> {
+    let ns = secret.namespace();
+    let name = secret.name_any();
+    store
+        .state()
+        .iter()
+        .filter(|p| p.namespace() == ns)
+        .filter(|p| {
+            p.spec
+                .nats
+                .credentials_secret_ref
+                .as_ref()
+                .is_some_and(|r| r.name == name)
+                || p.spec
+                    .nats
+                    .tls_secret_ref
+                    .as_ref()
+                    .is_some_and(|r| r.name == name)
+        })
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (pipelines, deployments, secrets): (Api<OrderPipeline>, Api<Deployment>, Api<Secret>) =
+        match &namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
+        };
+    let controller = Controller::new(pipelines, watcher::Config::default());
+    let store = controller.store();
+    controller
+        .owns(
+            deployments,
+            watcher::Config::default().labels("app.kubernetes.io/managed-by=order-operator"),
+        )
+        .watches(secrets, watcher::Config::default(), move |s| {
+            pipelines_using(&s, &store)
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "controller event");
+            }
+        })
+        .await;
+}
+
+/// A small, dependency-free FNV-1a based digest for the Secrets checksum (not a
+/// security measure: it only detects change).
+mod sha_lite {
+    use k8s_openapi::api::core::v1::Secret;
+
+    pub struct Hasher(u64, u64);
+
+    impl Default for Hasher {
+        fn default() -> Self {
+            Self(0xcbf2_9ce4_8422_2325, 0x8422_2325_cbf2_9ce4)
+        }
+    }
+
+    impl Hasher {
+        fn bytes(&mut self, b: &[u8]) {
+            for x in b {
+                self.0 = (self.0 ^ u64::from(*x)).wrapping_mul(0x0100_0000_01b3);
+                self.1 = (self.1 ^ u64::from(*x))
+                    .wrapping_mul(0x0000_0100_0000_01b3)
+                    .rotate_left(5);
+            }
+        }
+        pub fn update_secret(&mut self, s: &Secret) {
+            self.bytes(s.metadata.name.as_deref().unwrap_or("").as_bytes());
+            let data: super::BTreeMap<&String, &Vec<u8>> =
+                s.data.iter().flatten().map(|(k, v)| (k, &v.0)).collect();
+            for (k, v) in data {
+                self.bytes(k.as_bytes());
+                self.bytes(&[0]);
+                self.bytes(v);
+                self.bytes(&[0xff]);
+            }
+        }
+        pub fn finish_hex(&self) -> String {
+            format!("{:016x}{:016x}", self.0, self.1)
+        }
+    }
+}
