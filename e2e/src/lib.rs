@@ -217,4 +217,5 @@ impl NatsServer {
     }
 }
 
+pub mod operator;
 pub mod pipeline;

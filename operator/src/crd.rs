@@ -16,6 +16,8 @@ pub const GROUP: &str = "orderpipeline.dev";
 /// An order-processing pipeline on NATS JetStream: an input stream, a durable
 /// pull consumer, a dead-letter stream, an idempotency KV bucket, and a
 /// Deployment of workers that process every order exactly once.
+// clippy reads the repeated `printcolumn(type_ = ...)` keys as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "orderpipeline.dev",

@@ -1,0 +1,163 @@
+//! Helpers for operator tests: the operator as a real process, run with the
+//! identity of its ServiceAccount (impersonated) so the manifests' RBAC is what
+//! is tested, and the CRD and RBAC applied from the repository.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::pipeline::binary;
+use crate::{env_var, free_port, random_suffix};
+
+pub const OPERATOR_NAMESPACE: &str = "orderpipeline-system";
+pub const OPERATOR_SA: &str = "system:serviceaccount:orderpipeline-system:order-operator";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+async fn kubectl(args: &[&str]) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new("kubectl")
+        .args(args)
+        .output()
+        .await
+        .context("running kubectl")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "kubectl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// Applies the CRD, the operator's namespace and its RBAC from `crds/` and
+/// `manifests/` (idempotent; server-side apply), and waits for the CRD.
+pub async fn install_crd_and_rbac() -> anyhow::Result<()> {
+    let root = repo_root();
+    let crd = root.join("crds/orderpipeline.dev_orderpipelines.yaml");
+    kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        &crd.to_string_lossy(),
+    ])
+    .await?;
+    kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        &root.join("manifests/namespace.yaml").to_string_lossy(),
+    ])
+    .await?;
+    kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-n",
+        OPERATOR_NAMESPACE,
+        "-f",
+        &root.join("manifests/rbac.yaml").to_string_lossy(),
+    ])
+    .await?;
+    kubectl(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "--timeout=60s",
+        "crd/orderpipelines.orderpipeline.dev",
+    ])
+    .await?;
+    Ok(())
+}
+
+/// A kubeconfig that acts as the operator's ServiceAccount (the admin certificate
+/// impersonating it), written next to the environment's.
+pub fn service_account_kubeconfig() -> anyhow::Result<PathBuf> {
+    let admin = env_var("KUBECONFIG")?;
+    let text = std::fs::read_to_string(&admin)?;
+    let mut out = String::new();
+    for line in text.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if line.trim_start().starts_with("client-key:") {
+            out.push_str(&format!("    as: {OPERATOR_SA}\n"));
+        }
+    }
+    let path = std::env::temp_dir().join(format!("kubeconfig-operator-sa-{}", random_suffix()));
+    std::fs::write(&path, out)?;
+    Ok(path)
+}
+
+/// A real `order-operator run` process.
+pub struct OperatorProcess {
+    child: Option<tokio::process::Child>,
+    pub http_port: u16,
+    pub log: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl OperatorProcess {
+    /// Runs the operator for `namespace` as its ServiceAccount.
+    pub async fn spawn(namespace: &str, resync: &str) -> anyhow::Result<Self> {
+        let kubeconfig = service_account_kubeconfig()?;
+        Self::spawn_with(namespace, resync, &kubeconfig).await
+    }
+
+    pub async fn spawn_with(
+        namespace: &str,
+        resync: &str,
+        kubeconfig: &Path,
+    ) -> anyhow::Result<Self> {
+        let http_port = free_port()?;
+        let log = std::env::temp_dir().join(format!("order-operator-{}.log", random_suffix()));
+        let file = std::fs::File::create(&log)?;
+        let child = tokio::process::Command::new(binary("order-operator")?)
+            .args(["run", "--namespace", namespace, "--resync-interval", resync])
+            .env("KUBECONFIG", kubeconfig)
+            .env("HTTP_ADDR", format!("127.0.0.1:{http_port}"))
+            .env("WORKER_IMAGE", "example.invalid/order-worker:test")
+            .env("RUST_LOG", "info,kube=warn,async_nats=warn")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting order-operator")?;
+        Ok(Self {
+            child: Some(child),
+            http_port,
+            log,
+            kubeconfig: kubeconfig.to_path_buf(),
+        })
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            if let Some(pid) = c.id() {
+                tokio::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status()
+                    .await?;
+            }
+            tokio::time::timeout(Duration::from_secs(20), c.wait())
+                .await
+                .context("operator did not stop")??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_file(&self.kubeconfig);
+    }
+}

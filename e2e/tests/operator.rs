@@ -1,0 +1,489 @@
+//! order-operator on the real control plane and a real nats-server. Every test
+//! runs the operator as its ServiceAccount (RBAC from manifests/), in its own
+//! namespace, against its own nats-server.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use order_operator::crd::OrderPipeline;
+use orderpipeline_e2e::operator::{
+    OperatorProcess, install_crd_and_rbac, repo_root, service_account_kubeconfig,
+};
+use orderpipeline_e2e::{NatsServer, TestNamespace, kube_client, wait_for};
+
+fn sample(nats_url: &str) -> anyhow::Result<OrderPipeline> {
+    let text = std::fs::read_to_string(repo_root().join("manifests/samples/orderpipeline.yaml"))?;
+    let mut p: OrderPipeline = serde_yaml::from_str(&text)?;
+    p.spec.nats.url = nats_url.to_string();
+    p.spec.telemetry.otlp_endpoint = None;
+    Ok(p)
+}
+
+struct Setup {
+    client: Client,
+    ns: TestNamespace,
+    nats: NatsServer,
+    js: jetstream::Context,
+    operator: OperatorProcess,
+    api: Api<OrderPipeline>,
+}
+
+async fn setup(prefix: &str) -> anyhow::Result<Setup> {
+    install_crd_and_rbac().await?;
+    let client = kube_client().await?;
+    let ns = TestNamespace::create(&client, prefix).await?;
+    let nats = NatsServer::start().await?;
+    let js = jetstream::new(async_nats::connect(nats.url()).await?);
+    let operator = OperatorProcess::spawn(&ns.name, "2s").await?;
+    let api = Api::namespaced(client.clone(), &ns.name);
+    Ok(Setup {
+        client,
+        ns,
+        nats,
+        js,
+        operator,
+        api,
+    })
+}
+
+fn condition<'a>(
+    p: &'a OrderPipeline,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    p.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+/// Waits until Ready has `status` (and `reason`, when given).
+async fn wait_ready(
+    s: &Setup,
+    name: &str,
+    status: &str,
+    reason: Option<&str>,
+) -> anyhow::Result<OrderPipeline> {
+    let api = s.api.clone();
+    wait_for(
+        &format!("{name} Ready={status} {reason:?}"),
+        Duration::from_secs(60),
+        || {
+            let api = api.clone();
+            async move {
+                let p = api.get(name).await?;
+                let ok = condition(&p, "Ready")
+                    .is_some_and(|c| c.status == status && reason.is_none_or(|r| c.reason == r));
+                Ok(ok.then_some(p))
+            }
+        },
+    )
+    .await
+    .with_context(|| format!("operator log:\n{}", s.operator.log_text()))
+}
+
+fn env_of(d: &Deployment) -> BTreeMap<String, String> {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .map(|p| p.containers[0].env.clone().unwrap_or_default())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| Some((e.name, e.value?)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sample_becomes_ready_with_matching_jetstream_objects_and_workers() -> anyhow::Result<()>
+{
+    let s = setup("op-sample").await?;
+    s.api
+        .create(&PostParams::default(), &sample(&s.nats.url())?)
+        .await?;
+    let p = wait_ready(&s, "orders", "True", Some("PipelineReady")).await?;
+    let st = p.status.clone().context("status")?;
+    assert_eq!(st.observed_generation, p.metadata.generation);
+    assert_eq!(st.workers_ready.as_deref(), Some("2/2"));
+    assert_eq!(st.lag, Some(0));
+    assert_eq!(st.dead_letters, Some(0));
+    for t in [
+        "StreamReady",
+        "ConsumerReady",
+        "WorkersAvailable",
+        "DuplicateWindowSufficient",
+    ] {
+        assert_eq!(
+            condition(&p, t).map(|c| c.status.as_str()),
+            Some("True"),
+            "{t}"
+        );
+    }
+
+    // JetStream objects, read back with a NATS client.
+    let mut stream = s.js.get_stream("ORDERS").await?;
+    let cfg = stream.info().await?.config.clone();
+    assert_eq!(cfg.subjects, vec!["ORDER.*"]);
+    assert_eq!(cfg.storage, jetstream::stream::StorageType::File);
+    assert_eq!(cfg.num_replicas, 1);
+    assert_eq!(cfg.max_age, Duration::from_secs(7 * 86400));
+    assert_eq!(cfg.duplicate_window, Duration::from_secs(30 * 60));
+    assert_eq!(
+        cfg.metadata
+            .get("orderpipeline.dev/owner")
+            .map(String::as_str),
+        Some(format!("{}/orders", s.ns.name).as_str())
+    );
+    let mut dlq = s.js.get_stream("ORDERS_DLQ").await?;
+    assert_eq!(dlq.info().await?.config.subjects, vec!["DLQ.ORDER.created"]);
+    let kv = s.js.get_key_value("ORDERS_STATE").await?;
+    assert_eq!(kv.status().await?.history(), 1);
+    let c = stream.consumer_info("order-workers").await?;
+    assert_eq!(c.config.filter_subject, "ORDER.created");
+    assert_eq!(c.config.ack_wait, Duration::from_secs(30));
+    assert_eq!(
+        c.config.max_deliver, -1,
+        "the workers count attempts; the server never strands"
+    );
+    assert_eq!(c.config.max_ack_pending, 2 * 10, "replicas x poolSize");
+
+    // The worker Deployment.
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns.name);
+    let d = deployments.get("orders-workers").await?;
+    assert_eq!(d.spec.as_ref().and_then(|s| s.replicas), Some(2));
+    let env = env_of(&d);
+    assert_eq!(env["NATS_URL"], s.nats.url());
+    assert_eq!(env["WORKER_POOL_SIZE"], "10");
+    assert_eq!(env["STREAM_NAME"], "ORDERS");
+    assert_eq!(env["MAX_DELIVERIES"], "5");
+    assert!(env["OTEL_RESOURCE_ATTRIBUTES"].contains(&format!("k8s.namespace.name={}", s.ns.name)));
+    let owner = &d.metadata.owner_references.as_ref().context("owner")?[0];
+    assert_eq!(owner.kind, "OrderPipeline");
+    assert_eq!(owner.uid, p.metadata.uid.clone().unwrap_or_default());
+
+    // Events for the children.
+    let events = tokio::process::Command::new("kubectl")
+        .args([
+            "-n",
+            &s.ns.name,
+            "get",
+            "events",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ])
+        .output()
+        .await?;
+    let reasons = String::from_utf8_lossy(&events.stdout).to_string();
+    for r in [
+        "StreamCreated",
+        "DeadLetterStreamCreated",
+        "BucketCreated",
+        "ConsumerCreated",
+        "DeploymentCreated",
+    ] {
+        assert!(reasons.contains(r), "missing event {r}: {reasons}");
+    }
+
+    // The operator's metrics carry the pipeline.
+    let metrics = orderpipeline_e2e::pipeline::http_get(&format!(
+        "http://127.0.0.1:{}/metrics",
+        s.operator.http_port
+    ))
+    .await
+    .context("operator metrics")?
+    .1;
+    assert!(
+        metrics.contains(&format!(
+            "orderoperator_pipeline_replicas{{pipeline=\"{}/orders\"}} 2",
+            s.ns.name
+        )),
+        "{metrics}"
+    );
+    s.ns.delete().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cel_rules_and_spec_checks_refuse_bad_specs_with_their_message() -> anyhow::Result<()> {
+    let s = setup("op-cel").await?;
+    s.api
+        .create(&PostParams::default(), &sample(&s.nats.url())?)
+        .await?;
+    wait_ready(&s, "orders", "True", None).await?;
+
+    let patch = |v: serde_json::Value| {
+        let api = s.api.clone();
+        async move {
+            api.patch("orders", &PatchParams::default(), &Patch::Merge(&v))
+                .await
+        }
+    };
+    let e = patch(serde_json::json!({"spec": {"stream": {"storage": "Memory"}}}))
+        .await
+        .expect_err("storage is immutable");
+    assert!(e.to_string().contains("stream storage is immutable"), "{e}");
+    let e = patch(serde_json::json!({"spec": {"stream": {"retention": "WorkQueue"}}}))
+        .await
+        .expect_err("to WorkQueue");
+    assert!(
+        e.to_string().contains("cannot change to or from WorkQueue"),
+        "{e}"
+    );
+    patch(serde_json::json!({"spec": {"stream": {"retention": "Interest"}}}))
+        .await
+        .context("Limits -> Interest is allowed")?;
+    let e = patch(serde_json::json!({"spec": {"workers": {"minReplicas": 5, "maxReplicas": 2}}}))
+        .await
+        .expect_err("min > max");
+    assert!(e.to_string().contains("minReplicas must not exceed"), "{e}");
+    let e = patch(serde_json::json!({"spec": {"workers": {"poolSize": 0}}}))
+        .await
+        .expect_err("positive sizes");
+    assert!(e.to_string().contains("poolSize"), "{e}");
+
+    // A dead-letter subject the stream would capture: refused before anything is created.
+    let mut bad = sample(&s.nats.url())?;
+    bad.metadata.name = Some("overlap".into());
+    bad.spec.stream.name = "OTHER".into();
+    bad.spec.dead_letter.stream_name = "OTHER_DLQ".into();
+    bad.spec.state.bucket = "OTHER_STATE".into();
+    bad.spec.dead_letter.subject = "ORDER.dead".into();
+    s.api.create(&PostParams::default(), &bad).await?;
+    let p = wait_ready(&s, "overlap", "False", Some("InvalidSpec")).await?;
+    let msg = &condition(&p, "Ready").context("Ready")?.message;
+    assert!(
+        msg.contains("ORDER.dead") && msg.contains("ORDER.*"),
+        "names both subjects: {msg}"
+    );
+    assert!(
+        s.js.get_stream("OTHER").await.is_err(),
+        "nothing is created for an invalid spec"
+    );
+    s.ns.delete().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_size_and_secret_changes_roll_into_the_deployment_and_consumer() -> anyhow::Result<()>
+{
+    let s = setup("op-change").await?;
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns.name);
+    // A token the (auth-less) test server ignores, to exercise the checksum.
+    let secret = |token: &str| -> anyhow::Result<Secret> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "nats-creds"},
+            "stringData": {"token": token}
+        }))?)
+    };
+    let mut p = sample(&s.nats.url())?;
+    p.spec.nats.credentials_secret_ref = Some(order_operator::crd::SecretRef {
+        name: "nats-creds".into(),
+    });
+    s.api.create(&PostParams::default(), &p).await?;
+    let blocked = wait_ready(&s, "orders", "False", Some("SecretMissing")).await?;
+    assert!(condition(&blocked, "Ready").is_some_and(|c| c.message.contains("nats-creds")));
+    secrets
+        .create(&PostParams::default(), &secret("one")?)
+        .await?;
+    wait_ready(&s, "orders", "True", None)
+        .await
+        .context("fixing the cause makes the pipeline Ready")?;
+
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns.name);
+    let checksum = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get("orderpipeline.dev/secrets-checksum").cloned())
+    };
+    let first =
+        checksum(&deployments.get("orders-workers").await?).context("checksum annotation")?;
+    let d = deployments.get("orders-workers").await?;
+    let token_env = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .map(|p| p.containers[0].env.clone().unwrap_or_default())
+        .unwrap_or_default();
+    assert!(
+        token_env
+            .iter()
+            .any(|e| e.name == "NATS_TOKEN" && e.value_from.is_some()),
+        "token projected from the Secret"
+    );
+
+    secrets
+        .replace("nats-creds", &PostParams::default(), &{
+            let mut s2 = secret("two")?;
+            s2.metadata.resource_version =
+                secrets.get("nats-creds").await?.metadata.resource_version;
+            s2
+        })
+        .await?;
+    wait_for(
+        "the pod template checksum to change",
+        Duration::from_secs(30),
+        || {
+            let deployments = deployments.clone();
+            let first = first.clone();
+            async move {
+                Ok(checksum(&deployments.get("orders-workers").await?).filter(|c| *c != first))
+            }
+        },
+    )
+    .await?;
+
+    s.api
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"spec": {"workers": {"poolSize": 25}}})),
+        )
+        .await?;
+    wait_for(
+        "WORKER_POOL_SIZE=25 and max_ack_pending=50",
+        Duration::from_secs(30),
+        || {
+            let (deployments, js) = (deployments.clone(), s.js.clone());
+            async move {
+                let env = env_of(&deployments.get("orders-workers").await?);
+                let stream = js.get_stream("ORDERS").await?;
+                let c = stream.consumer_info("order-workers").await?;
+                Ok(
+                    (env.get("WORKER_POOL_SIZE").map(String::as_str) == Some("25")
+                        && c.config.max_ack_pending == 50)
+                        .then_some(()),
+                )
+            }
+        },
+    )
+    .await?;
+    s.ns.delete().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retain_keeps_the_stream_and_delete_removes_it() -> anyhow::Result<()> {
+    let s = setup("op-delete").await?;
+    let mut keep = sample(&s.nats.url())?;
+    keep.metadata.name = Some("keep".into());
+    s.api.create(&PostParams::default(), &keep).await?;
+    let mut gone = sample(&s.nats.url())?;
+    gone.metadata.name = Some("gone".into());
+    gone.spec.stream.name = "GONE".into();
+    gone.spec.stream.subjects = vec!["GONE.*".into()];
+    gone.spec.consumer.filter_subject = "GONE.created".into();
+    gone.spec.dead_letter.stream_name = "GONE_DLQ".into();
+    gone.spec.dead_letter.subject = "DLQ.GONE.created".into();
+    gone.spec.state.bucket = "GONE_STATE".into();
+    gone.spec.stream.deletion_policy = order_operator::crd::DeletionPolicy::Delete;
+    s.api.create(&PostParams::default(), &gone).await?;
+    wait_ready(&s, "keep", "True", None).await?;
+    wait_ready(&s, "gone", "True", None).await?;
+
+    for name in ["keep", "gone"] {
+        s.api.delete(name, &DeleteParams::default()).await?;
+    }
+    let api = s.api.clone();
+    wait_for(
+        "both pipelines to be deleted",
+        Duration::from_secs(60),
+        || {
+            let api = api.clone();
+            async move {
+                Ok(
+                    (api.get_opt("keep").await?.is_none() && api.get_opt("gone").await?.is_none())
+                        .then_some(()),
+                )
+            }
+        },
+    )
+    .await?;
+    assert!(
+        s.js.get_stream("ORDERS").await.is_ok(),
+        "Retain keeps the stream"
+    );
+    assert!(s.js.get_stream("ORDERS_DLQ").await.is_ok());
+    assert!(s.js.get_key_value("ORDERS_STATE").await.is_ok());
+    assert!(
+        s.js.get_stream("GONE").await.is_err(),
+        "Delete removes the stream"
+    );
+    assert!(s.js.get_stream("GONE_DLQ").await.is_err());
+    assert!(s.js.get_key_value("GONE_STATE").await.is_err());
+    s.ns.delete().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_going_away_turns_ready_false_and_back() -> anyhow::Result<()> {
+    let mut s = setup("op-nats").await?;
+    s.api
+        .create(&PostParams::default(), &sample(&s.nats.url())?)
+        .await?;
+    wait_ready(&s, "orders", "True", None).await?;
+    s.nats.stop().await?;
+    let p = wait_ready(&s, "orders", "False", Some("NatsUnreachable")).await?;
+    let msg = &condition(&p, "Ready").context("Ready")?.message;
+    assert!(msg.contains(&s.nats.url()) || msg.contains("NATS"), "{msg}");
+    s.nats.restart().await?;
+    wait_ready(&s, "orders", "True", Some("PipelineReady"))
+        .await
+        .context("Ready again without restarting anything")?;
+    s.ns.delete().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_whose_nats_is_gone_can_still_be_deleted() -> anyhow::Result<()> {
+    let mut s = setup("op-gone").await?;
+    let mut p = sample(&s.nats.url())?;
+    p.spec.stream.deletion_policy = order_operator::crd::DeletionPolicy::Delete;
+    s.api.create(&PostParams::default(), &p).await?;
+    wait_ready(&s, "orders", "True", None).await?;
+    s.nats.stop().await?;
+    s.api.delete("orders", &DeleteParams::default()).await?;
+    // The annotation lets the finalizer give up at once (otherwise after 2 minutes).
+    s.api
+        .patch("orders", &PatchParams::default(), &Patch::Merge(&serde_json::json!({"metadata": {"annotations": {"orderpipeline.dev/skip-cleanup": "true"}}})))
+        .await?;
+    let api = s.api.clone();
+    wait_for(
+        "the pipeline to be deleted",
+        Duration::from_secs(60),
+        || {
+            let api = api.clone();
+            async move { Ok(api.get_opt("orders").await?.is_none().then_some(())) }
+        },
+    )
+    .await?;
+    s.ns.delete().await
+}
+
+#[tokio::test]
+async fn the_service_account_cannot_act_outside_its_role() -> anyhow::Result<()> {
+    install_crd_and_rbac().await?;
+    let kubeconfig = service_account_kubeconfig()?;
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&kubeconfig)?,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await?;
+    let sa = Client::try_from(config)?;
+    let err = Api::<Namespace>::all(sa.clone())
+        .delete("default", &DeleteParams::default())
+        .await
+        .expect_err("deleting a Namespace is outside the operator's role");
+    assert!(
+        err.to_string().contains("forbidden") || err.to_string().contains("403"),
+        "{err}"
+    );
+    let err = Api::<Secret>::namespaced(sa, "default")
+        .create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}}))?)
+        .await
+        .expect_err("the operator only reads Secrets");
+    assert!(err.to_string().contains("forbidden"), "{err}");
+    let _ = std::fs::remove_file(kubeconfig);
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! The checked-in CRD is what the code generates, and the Dockerfile builds what
+//! exists in the workspace (there is no Docker engine here to build it).
+
+use kube::CustomResourceExt as _;
+use order_operator::crd::OrderPipeline;
+
+fn root() -> std::path::PathBuf {
+    std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+#[test]
+fn checked_in_crd_matches_the_code() {
+    let generated = serde_yaml::to_string(&OrderPipeline::crd()).unwrap();
+    let path = root().join("crds/orderpipeline.dev_orderpipelines.yaml");
+    let committed = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        generated == committed,
+        "{} is stale: run `cargo run -p order-operator -- crd > {}`",
+        path.display(),
+        path.display()
+    );
+}
+
+#[test]
+fn every_field_of_the_crd_has_a_description() {
+    let crd = serde_json::to_value(OrderPipeline::crd()).unwrap();
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    fn walk(path: &str, v: &serde_json::Value, missing: &mut Vec<String>) {
+        if let Some(props) = v.get("properties").and_then(|p| p.as_object()) {
+            for (k, p) in props {
+                let here = format!("{path}.{k}");
+                if p.get("description").is_none() {
+                    missing.push(here.clone());
+                }
+                // Kubernetes' own embedded types (resources, affinity, ...) are documented upstream.
+                if !["resources", "affinity", "tolerations", "env"].contains(&k.as_str()) {
+                    walk(&here, p, missing);
+                    if let Some(items) = p.get("items") {
+                        walk(&here, items, missing);
+                    }
+                }
+            }
+        }
+    }
+    let mut missing = Vec::new();
+    walk("spec", schema, &mut missing);
+    assert!(
+        missing.is_empty(),
+        "fields without a description: {missing:?}"
+    );
+}
+
+#[test]
+fn the_dockerfile_builds_what_exists() {
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    for line in dockerfile
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
+        for src in line
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .split_last()
+            .map(|(_, s)| s.to_vec())
+            .unwrap_or_default()
+        {
+            assert!(
+                root().join(src).exists(),
+                "Dockerfile copies {src}, which does not exist"
+            );
+        }
+    }
+    let manifest = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    for pkg in ["order-operator", "order-worker"] {
+        assert!(
+            dockerfile.contains(&format!("-p {pkg}")),
+            "Dockerfile builds {pkg}"
+        );
+    }
+    for bin in ["order-operator", "order-worker", "orderctl"] {
+        assert!(
+            dockerfile.contains(&format!("target/release/{bin}")),
+            "Dockerfile copies {bin}"
+        );
+    }
+    let bins: Vec<String> = ["operator/Cargo.toml", "worker/Cargo.toml"]
+        .iter()
+        .map(|p| std::fs::read_to_string(root().join(p)).unwrap())
+        .collect();
+    assert!(bins.iter().any(|b| b.contains("name = \"orderctl\"")));
+    assert!(manifest.contains("\"operator\"") && manifest.contains("\"worker\""));
+    let operator_manifest =
+        std::fs::read_to_string(root().join("manifests/operator.yaml")).unwrap();
+    assert!(
+        operator_manifest.contains("/usr/local/bin/order-operator"),
+        "manifests run the binary the image has"
+    );
+    assert!(dockerfile.contains("/usr/local/bin/"));
+    assert!(dockerfile.contains("USER 65532"), "non-root image");
+}
