@@ -200,6 +200,7 @@ impl NatsServer {
             if let Some(pid) = child.id() {
                 let _ = tokio::process::Command::new("kill")
                     .args(["-TERM", &pid.to_string()])
+                    .stderr(std::process::Stdio::null())
                     .status()
                     .await;
             }
@@ -219,3 +220,4 @@ impl NatsServer {
 
 pub mod operator;
 pub mod pipeline;
+pub mod podrunner;

@@ -32,7 +32,9 @@ async fn deployment_pods_run_on_kwok_nodes_and_are_garbage_collected() -> anyhow
             }
         }
     }))?;
-    deployments.create(&PostParams::default(), &dep).await?;
+    deployments
+        .create(&PostParams::default(), &dep.clone())
+        .await?;
 
     let running = wait_for(
         "2 Running pods on kwok nodes",
@@ -56,6 +58,58 @@ async fn deployment_pods_run_on_kwok_nodes_and_are_garbage_collected() -> anyhow
     )
     .await?;
     assert_eq!(running.len(), 2, "pods on kwok nodes: {running:?}");
+    for p in pods
+        .list(&ListParams::default().labels("app=web"))
+        .await?
+        .items
+    {
+        let ready = p
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        assert!(ready, "kwok marks ordinary pods Ready");
+    }
+
+    // OrderPipeline worker pods run but are not Ready until a real worker says so
+    // (the pod runner reflects /readyz); kwok must not fake it.
+    let mut worker: Deployment = dep.clone();
+    worker.metadata.name = Some("worker".into());
+    let labels = serde_json::json!({"app": "worker", "orderpipeline.dev/pipeline": "x"});
+    let spec = worker.spec.as_mut().context("spec")?;
+    spec.selector = serde_json::from_value(serde_json::json!({"matchLabels": labels}))?;
+    spec.template.metadata = Some(serde_json::from_value(
+        serde_json::json!({"labels": labels}),
+    )?);
+    deployments.create(&PostParams::default(), &worker).await?;
+    wait_for(
+        "worker pods Running and not Ready",
+        Duration::from_secs(90),
+        || {
+            let pods = pods.clone();
+            async move {
+                let list = pods
+                    .list(&ListParams::default().labels("app=worker"))
+                    .await?;
+                let ok = list.items.len() == 2
+                    && list.items.iter().all(|p| {
+                        let st = p.status.clone().unwrap_or_default();
+                        st.phase.as_deref() == Some("Running")
+                            && st
+                                .conditions
+                                .unwrap_or_default()
+                                .iter()
+                                .any(|c| c.type_ == "Ready" && c.status == "False")
+                    });
+                Ok(ok.then_some(()))
+            }
+        },
+    )
+    .await?;
+    deployments
+        .delete("worker", &DeleteParams::background())
+        .await?;
 
     deployments
         .delete("web", &DeleteParams::background())

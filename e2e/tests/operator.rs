@@ -32,6 +32,8 @@ struct Setup {
     js: jetstream::Context,
     operator: OperatorProcess,
     api: Api<OrderPipeline>,
+    /// Stops the pod runner (real workers for the namespace's worker Pods) on drop.
+    _runner: tokio_util::sync::DropGuard,
 }
 
 async fn setup(prefix: &str) -> anyhow::Result<Setup> {
@@ -42,6 +44,17 @@ async fn setup(prefix: &str) -> anyhow::Result<Setup> {
     let js = jetstream::new(async_nats::connect(nats.url()).await?);
     let operator = OperatorProcess::spawn(&ns.name, "2s").await?;
     let api = Api::namespaced(client.clone(), &ns.name);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let cfg = orderpipeline_e2e::podrunner::RunnerConfig {
+        namespace: Some(ns.name.clone()),
+        worker_binary: orderpipeline_e2e::pipeline::binary("order-worker")?,
+        work_dir: std::env::temp_dir().join(format!("podrunner-{}", ns.name)),
+    };
+    tokio::spawn(orderpipeline_e2e::podrunner::run(
+        client.clone(),
+        cfg,
+        stop.clone(),
+    ));
     Ok(Setup {
         client,
         ns,
@@ -49,6 +62,7 @@ async fn setup(prefix: &str) -> anyhow::Result<Setup> {
         js,
         operator,
         api,
+        _runner: stop.drop_guard(),
     })
 }
 
