@@ -86,13 +86,15 @@ impl Telemetry {
     }
 }
 
-/// Installs the global subscriber: JSON logs to stderr, plus OTLP export when an
-/// endpoint is configured. Also installs the W3C trace-context propagator.
-pub fn init(default_service: &str) -> Result<Telemetry, TelemetryError> {
+/// Installs the global subscriber: JSON logs to stderr (filtered by `RUST_LOG`,
+/// else `default_filter`), plus OTLP export when an endpoint is configured. Also
+/// installs the W3C trace-context propagator.
+pub fn init(default_service: &str, default_filter: &str) -> Result<Telemetry, TelemetryError> {
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
-    let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info"))?;
+    let filter =
+        EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(default_filter))?;
     let fmt = tracing_subscriber::fmt::layer()
         .json()
         .event_format(TraceIdJson::default())

@@ -57,6 +57,7 @@ fn publish_opts(prefix: &str, count: u64) -> PublishOptions {
         window: 128,
         ack_timeout: Duration::from_secs(5),
         progress: false,
+        poison: 0,
     }
 }
 

@@ -70,13 +70,14 @@ async fn main() -> std::process::ExitCode {
         },
         Command::Run(args) => {
             let _ = rustls::crypto::ring::default_provider().install_default();
-            let telemetry = match orderpipeline_common::telemetry::init("order-operator") {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("order-operator: {e}");
-                    return std::process::ExitCode::from(2);
-                }
-            };
+            let telemetry =
+                match orderpipeline_common::telemetry::init("order-operator", "info,kube=warn") {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("order-operator: {e}");
+                        return std::process::ExitCode::from(2);
+                    }
+                };
             let r = run(args).await;
             let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
             match r {

@@ -59,6 +59,8 @@ pub struct PublishOptions {
     pub window: usize,
     pub ack_timeout: Duration,
     pub progress: bool,
+    /// Undecodable messages to publish after the orders (they end in the DLQ).
+    pub poison: u64,
 }
 
 /// What a publish run achieved; "published" means acknowledged by JetStream.
@@ -67,6 +69,8 @@ pub struct PublishReport {
     pub published: u64,
     pub valid: u64,
     pub invalid: u64,
+    /// Undecodable messages published on purpose.
+    pub poison: u64,
     /// Re-publishes of an earlier order with the same Nats-Msg-Id.
     pub duplicates_sent: u64,
     /// PubAcks that said "duplicate" (the stream already had the id).
@@ -236,6 +240,23 @@ pub async fn publish_orders(
                 }
             }
         }
+    }
+    for i in 0..opts.poison {
+        let id = format!("{}-poison-{i}", opts.prefix);
+        let mut headers = HeaderMap::new();
+        headers.insert(names::MSG_ID_HEADER, id.as_str());
+        // A field tag with an invalid wire type: no protobuf decoder accepts it.
+        let payload = Bytes::from(vec![0x0f, 0xff, 0xff, 0xff, 0xff, i as u8]);
+        loop {
+            match send(js, &opts.subject, headers.clone(), payload.clone()).await {
+                Ok(f) => match tokio::time::timeout(opts.ack_timeout, f).await {
+                    Ok(Ok(_)) => break,
+                    _ => report.retries += 1,
+                },
+                Err(_) => report.retries += 1,
+            }
+        }
+        report.poison += 1;
     }
     bar.finish_and_clear();
     // `published` counts acks, including those of deliberate duplicates.

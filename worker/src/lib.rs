@@ -2,6 +2,7 @@
 //! gives every message exactly one outcome (processed, rejected, dead-lettered),
 //! recorded once in a KV bucket. Also the library behind `orderctl`.
 
+pub mod audit;
 pub mod config;
 pub mod ctl;
 pub mod decide;

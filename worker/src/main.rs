@@ -12,7 +12,7 @@ async fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let telemetry = match orderpipeline_common::telemetry::init("order-worker") {
+    let telemetry = match orderpipeline_common::telemetry::init("order-worker", "info") {
         Ok(t) => t,
         Err(e) => {
             eprintln!("order-worker: {e}");

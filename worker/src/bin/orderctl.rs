@@ -49,6 +49,9 @@ enum Command {
         /// Subject to publish on.
         #[arg(long, env = "INPUT_SUBJECT", default_value = names::DEFAULT_INPUT_SUBJECT)]
         subject: String,
+        /// Undecodable messages to publish too (they end in the dead-letter stream).
+        #[arg(long, default_value_t = 0)]
+        poison: u64,
         /// Publishes in flight at once.
         #[arg(long, default_value_t = 256)]
         window: usize,
@@ -58,6 +61,15 @@ enum Command {
     },
     /// Count orders by outcome, and what the consumer still holds.
     Status {
+        #[arg(long, env = "CONSUMER_NAME", default_value = names::DEFAULT_CONSUMER)]
+        consumer: String,
+        #[arg(long, env = "DLQ_STREAM", default_value = names::DEFAULT_DLQ_STREAM)]
+        dlq_stream: String,
+    },
+    /// Read every outcome back and check exactly-once: published, processed,
+    /// rejected, dead-lettered, duplicates suppressed, lost, processed twice.
+    /// Exits 1 when anything is lost or processed twice.
+    Audit {
         #[arg(long, env = "CONSUMER_NAME", default_value = names::DEFAULT_CONSUMER)]
         consumer: String,
         #[arg(long, env = "DLQ_STREAM", default_value = names::DEFAULT_DLQ_STREAM)]
@@ -105,7 +117,7 @@ fn class_name(c: ErrorClass) -> &'static str {
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let telemetry = orderpipeline_common::telemetry::init("orderctl").ok();
+    let telemetry = orderpipeline_common::telemetry::init("orderctl", "warn").ok();
     let result = run(cli).await;
     if let Some(t) = telemetry {
         let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
@@ -133,6 +145,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             subject,
             window,
             ack_timeout,
+            poison,
         } => {
             for (name, v) in [
                 ("--invalid-ratio", invalid_ratio),
@@ -153,18 +166,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 window,
                 ack_timeout,
                 progress: !cli.json,
+                poison,
             };
             let r = ctl::publish_orders(&js, &opts).await?;
             if cli.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "published {} orders in {:.1}s ({:.0}/s): {} valid, {} invalid, {} duplicate publishes ({} acked as duplicate), {} retried",
+                    "published {} orders in {:.1}s ({:.0}/s): {} valid, {} invalid, {} poison, {} duplicate publishes ({} acked as duplicate), {} retried",
                     r.valid + r.invalid,
                     r.seconds,
                     r.published as f64 / r.seconds.max(0.001),
                     r.valid,
                     r.invalid,
+                    r.poison,
                     r.duplicates_sent,
                     r.duplicates_acked,
                     r.retries
@@ -199,6 +214,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "pending      {} (ack pending {}, redelivered {})",
                     r.consumer_pending, r.consumer_ack_pending, r.consumer_redelivered
                 );
+            }
+        }
+        Command::Audit {
+            consumer,
+            dlq_stream,
+        } => {
+            let a = order_worker::audit::Audit::collect(&js, &cli.stream, &dlq_stream, &consumer)
+                .await?;
+            let s = a.summary();
+            if cli.json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!("published              {}", s.published);
+                println!("processed              {}", s.processed);
+                println!("rejected               {}", s.rejected);
+                println!("dead-lettered          {}", s.dead_lettered);
+                println!("duplicates suppressed  {}", s.duplicates_suppressed);
+                println!("still pending          {}", s.pending);
+                println!("lost                   {}", s.lost);
+                println!("processed twice        {}", s.processed_twice);
+            }
+            if s.lost > 0 || s.processed_twice > 0 {
+                anyhow::bail!("{} lost, {} processed twice", s.lost, s.processed_twice);
             }
         }
         Command::Dlq {
