@@ -95,10 +95,13 @@ pub fn init(default_service: &str, default_filter: &str) -> Result<Telemetry, Te
     );
     let filter =
         EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(default_filter))?;
+    // The log filter applies to log lines only: spans (INFO and above) always
+    // reach the trace exporter, so a quiet CLI still starts and continues traces.
     let fmt = tracing_subscriber::fmt::layer()
         .json()
         .event_format(TraceIdJson::default())
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_filter(filter);
     let provider = match otlp_endpoint() {
         Some(endpoint) => Some(tracer_provider(&endpoint, default_service)?),
         None => None,
@@ -106,10 +109,10 @@ pub fn init(default_service: &str, default_filter: &str) -> Result<Telemetry, Te
     let otel = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer(default_service.to_string()))
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
             .boxed()
     });
     tracing_subscriber::registry()
-        .with(filter)
         .with(fmt)
         .with(otel)
         .try_init()?;
