@@ -33,10 +33,15 @@ struct Setup {
     operator: OperatorProcess,
     api: Api<OrderPipeline>,
     /// Stops the pod runner (real workers for the namespace's worker Pods) on drop.
-    _runner: tokio_util::sync::DropGuard,
+    _runner: Option<tokio_util::sync::DropGuard>,
 }
 
 async fn setup(prefix: &str) -> anyhow::Result<Setup> {
+    setup_with(prefix, true).await
+}
+
+/// `runner`: whether real workers run for the namespace's worker Pods.
+async fn setup_with(prefix: &str, runner: bool) -> anyhow::Result<Setup> {
     install_crd_and_rbac().await?;
     let client = kube_client().await?;
     let ns = TestNamespace::create(&client, prefix).await?;
@@ -50,11 +55,13 @@ async fn setup(prefix: &str) -> anyhow::Result<Setup> {
         worker_binary: orderpipeline_e2e::pipeline::binary("order-worker")?,
         work_dir: std::env::temp_dir().join(format!("podrunner-{}", ns.name)),
     };
-    tokio::spawn(orderpipeline_e2e::podrunner::run(
-        client.clone(),
-        cfg,
-        stop.clone(),
-    ));
+    if runner {
+        tokio::spawn(orderpipeline_e2e::podrunner::run(
+            client.clone(),
+            cfg,
+            stop.clone(),
+        ));
+    }
     Ok(Setup {
         client,
         ns,
@@ -62,7 +69,7 @@ async fn setup(prefix: &str) -> anyhow::Result<Setup> {
         js,
         operator,
         api,
-        _runner: stop.drop_guard(),
+        _runner: runner.then(|| stop.drop_guard()),
     })
 }
 
@@ -500,4 +507,331 @@ async fn the_service_account_cannot_act_outside_its_role() -> anyhow::Result<()>
     assert!(err.to_string().contains("forbidden"), "{err}");
     let _ = std::fs::remove_file(kubeconfig);
     Ok(())
+}
+
+async fn deployment_replicas(s: &Setup) -> anyhow::Result<Option<i32>> {
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns.name);
+    Ok(deployments
+        .get_opt("orders-workers")
+        .await?
+        .and_then(|d| d.spec?.replicas))
+}
+
+async fn wait_replicas(s: &Setup, want: i32, within: Duration) -> anyhow::Result<()> {
+    wait_for(
+        &format!("the Deployment at {want} replicas"),
+        within,
+        || async { Ok((deployment_replicas(s).await? == Some(want)).then_some(())) },
+    )
+    .await
+    .with_context(|| format!("operator log:\n{}", s.operator.log_text()))
+}
+
+async fn event_reasons(ns: &str) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new("kubectl")
+        .args([
+            "-n",
+            ns,
+            "get",
+            "events",
+            "-o",
+            "jsonpath={range .items[*]}{.reason}: {.note}{.message}{\"\\n\"}{end}",
+        ])
+        .output()
+        .await?;
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_scales_the_workers_up_and_back_down_after_the_window() -> anyhow::Result<()> {
+    let s = setup_with("op-scale", false).await?;
+    // Publish the backlog first; the pipeline's workers are not run here (the
+    // backlog is drained below by acking with a NATS client), so the lag is exact.
+    let mut p = sample(&s.nats.url())?;
+    p.spec.workers.min_replicas = Some(1);
+    p.spec.workers.max_replicas = Some(20);
+    p.spec.workers.scaling.target_lag_per_replica = 2000;
+    p.spec.workers.scaling.stabilization_window = "8s".into();
+    p.spec.workers.pool_size = 100;
+    s.api.create(&PostParams::default(), &p).await?;
+    wait_replicas(&s, 1, Duration::from_secs(30)).await?;
+    let mut opts = order_worker::ctl::PublishOptions {
+        subject: "ORDER.created".into(),
+        count: 20_000,
+        rate: 0.0,
+        invalid_ratio: 0.0,
+        duplicate_ratio: 0.0,
+        prefix: "scale".into(),
+        window: 512,
+        ack_timeout: Duration::from_secs(5),
+        progress: false,
+        poison: 0,
+    };
+    opts.count = 20_000;
+    order_worker::ctl::publish_orders(&s.js, &opts).await?;
+    // Two resync intervals (2 s each), plus slack for the Deployment write.
+    wait_replicas(&s, 10, Duration::from_secs(6)).await?;
+    // The status is written right after the Deployment.
+    let p = wait_for(
+        "status.desiredReplicas 10",
+        Duration::from_secs(5),
+        || async {
+            let p = s.api.get("orders").await?;
+            Ok((p.status.as_ref().and_then(|s| s.desired_replicas) == Some(10)).then_some(p))
+        },
+    )
+    .await?;
+    let st = p.status.clone().context("status")?;
+    assert!(st.last_scale_time.is_some());
+    assert!(condition(&p, "Scaling").is_some_and(|c| c.status == "True"));
+    let events = event_reasons(&s.ns.name).await?;
+    // The first decision may come while the backlog is still being published,
+    // e.g. "lag 16157 > 1 x 2000, scaling 1 -> 9", then "... scaling 9 -> 10".
+    assert!(
+        events.lines().any(|l| l.starts_with("Scaled: lag ")
+            && l.contains(" x 2000, scaling ")
+            && l.ends_with("-> 10")),
+        "{events}"
+    );
+
+    // Drain by acking with a NATS client, then the window passes and it scales down.
+    let stream = s.js.get_stream("ORDERS").await?;
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_consumer("order-workers")
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let mut acked = 0;
+    while acked < 20_000 {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1000)
+            .messages()
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        while let Some(m) = futures::StreamExt::next(&mut batch).await {
+            m.map_err(|e| anyhow::anyhow!(e))?
+                .ack()
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            acked += 1;
+        }
+    }
+    let before_down = std::time::Instant::now();
+    wait_replicas(&s, 1, Duration::from_secs(40)).await?;
+    assert!(
+        before_down.elapsed() >= Duration::from_secs(5),
+        "scaled down only after the stabilization window"
+    );
+    s.ns.delete().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_mode_follows_kubectl_scale_and_external_mode_leaves_replicas_alone()
+-> anyhow::Result<()> {
+    let s = setup("op-modes").await?;
+    s.api
+        .create(&PostParams::default(), &sample(&s.nats.url())?)
+        .await?;
+    wait_ready(&s, "orders", "True", None).await?;
+    let kubectl = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new("kubectl")
+            .args(&args)
+            .output()
+            .await?;
+        anyhow::ensure!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok::<_, anyhow::Error>(())
+    };
+    // Manual: the scale subresource of the pipeline.
+    kubectl(vec![
+        "-n".into(),
+        s.ns.name.clone(),
+        "scale".into(),
+        "orderpipeline/orders".into(),
+        "--replicas=3".into(),
+    ])
+    .await?;
+    wait_replicas(&s, 3, Duration::from_secs(20)).await?;
+    let p = wait_ready(&s, "orders", "True", None).await?;
+    assert_eq!(
+        p.status.as_ref().and_then(|s| s.replicas),
+        Some(3),
+        "status.replicas feeds the scale subresource"
+    );
+
+    // External: the operator stops applying replicas; what someone else sets stays.
+    s.api
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(
+                &serde_json::json!({"spec": {"workers": {"scaling": {"mode": "External"}}}}),
+            ),
+        )
+        .await?;
+    wait_for(
+        "replica mode External in status",
+        Duration::from_secs(20),
+        || async {
+            let p = s.api.get("orders").await?;
+            Ok((p.status.and_then(|s| s.replica_mode)
+                == Some(order_operator::crd::ReplicaMode::External))
+            .then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(
+        deployment_replicas(&s).await?,
+        Some(3),
+        "switching to External keeps the live replicas"
+    );
+    kubectl(vec![
+        "-n".into(),
+        s.ns.name.clone(),
+        "scale".into(),
+        "deployment/orders-workers".into(),
+        "--replicas=5".into(),
+    ])
+    .await?;
+    // Several reconciles (resync 2 s) must not touch it.
+    let p0 = s.api.get("orders").await?;
+    let rv0 = p0.metadata.resource_version.clone();
+    wait_for("a few reconciles", Duration::from_secs(30), || async {
+        let p = s.api.get("orders").await?;
+        Ok((p.metadata.resource_version != rv0
+            && condition(&p, "WorkersAvailable").is_some_and(|c| c.message.contains("of 5")))
+        .then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        deployment_replicas(&s).await?,
+        Some(5),
+        "External mode leaves the replicas alone"
+    );
+    s.ns.delete().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_scales_to_zero_and_pauses_the_consumer_and_unpause_resumes() -> anyhow::Result<()> {
+    let s = setup("op-pause").await?;
+    s.api
+        .create(&PostParams::default(), &sample(&s.nats.url())?)
+        .await?;
+    wait_ready(&s, "orders", "True", None).await?;
+    s.api
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"spec": {"paused": true}})),
+        )
+        .await?;
+    wait_replicas(&s, 0, Duration::from_secs(20)).await?;
+    let js = s.js.clone();
+    wait_for("the consumer paused", Duration::from_secs(20), || {
+        let js = js.clone();
+        async move {
+            Ok(js
+                .get_stream("ORDERS")
+                .await?
+                .consumer_info("order-workers")
+                .await?
+                .paused
+                .then_some(()))
+        }
+    })
+    .await?;
+    let p = s.api.get("orders").await?;
+    assert!(condition(&p, "Paused").is_some_and(|c| c.status == "True"));
+    // Orders published while paused wait in the stream.
+    let report = order_worker::ctl::publish_orders(
+        &s.js,
+        &order_worker::ctl::PublishOptions {
+            subject: "ORDER.created".into(),
+            count: 50,
+            rate: 0.0,
+            invalid_ratio: 0.0,
+            duplicate_ratio: 0.0,
+            prefix: "paused".into(),
+            window: 64,
+            ack_timeout: Duration::from_secs(5),
+            progress: false,
+            poison: 0,
+        },
+    )
+    .await?;
+    s.api
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"spec": {"paused": false}})),
+        )
+        .await?;
+    wait_replicas(&s, 2, Duration::from_secs(20)).await?;
+    wait_for(
+        "the backlog processed after unpausing",
+        Duration::from_secs(60),
+        || {
+            let js = js.clone();
+            async move {
+                let c = js
+                    .get_stream("ORDERS")
+                    .await?
+                    .consumer_info("order-workers")
+                    .await?;
+                Ok((!c.paused && c.num_pending == 0 && c.num_ack_pending == 0).then_some(()))
+            }
+        },
+    )
+    .await?;
+    let audit =
+        order_worker::audit::Audit::collect(&s.js, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
+    audit.assert_exactly_once(&report.valid_ids, &[])?;
+    s.ns.delete().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_removed_behind_the_operators_back_is_recreated_and_storage_drift_is_refused()
+-> anyhow::Result<()> {
+    let s = setup("op-drift").await?;
+    s.api
+        .create(&PostParams::default(), &sample(&s.nats.url())?)
+        .await?;
+    wait_ready(&s, "orders", "True", None).await?;
+    s.js.delete_stream("ORDERS").await?;
+    wait_for("the stream recreated", Duration::from_secs(30), || async {
+        Ok(s.js.get_stream("ORDERS").await.ok().map(|_| ()))
+    })
+    .await?;
+    wait_for(
+        "a DriftCorrected event",
+        Duration::from_secs(30),
+        || async {
+            Ok(event_reasons(&s.ns.name)
+                .await?
+                .contains("DriftCorrected: recreated stream ORDERS")
+                .then_some(()))
+        },
+    )
+    .await?;
+    wait_ready(&s, "orders", "True", None).await?;
+
+    // Hand-recreated with other storage: NATS cannot change it in place.
+    s.js.delete_stream("ORDERS").await?;
+    let mut cfg =
+        s.js.get_stream("ORDERS_DLQ")
+            .await?
+            .info()
+            .await?
+            .config
+            .clone();
+    cfg.name = "ORDERS".into();
+    cfg.subjects = vec!["ORDER.*".into()];
+    cfg.storage = jetstream::stream::StorageType::Memory;
+    s.js.create_stream(cfg).await?;
+    let p = wait_ready(&s, "orders", "False", Some("ImmutableFieldChanged")).await?;
+    assert!(condition(&p, "Ready").is_some_and(|c| c.message.contains("storage")));
+    s.ns.delete().await
 }

@@ -9,6 +9,8 @@ pub mod types {
     pub const CONSUMER_READY: &str = "ConsumerReady";
     pub const WORKERS_AVAILABLE: &str = "WorkersAvailable";
     pub const DUPLICATE_WINDOW: &str = "DuplicateWindowSufficient";
+    pub const PAUSED: &str = "Paused";
+    pub const SCALING: &str = "Scaling";
 }
 
 pub mod reasons {
@@ -22,7 +24,14 @@ pub mod reasons {
     pub const NATS_TLS_FAILED: &str = "NatsTlsFailed";
     pub const JETSTREAM_ERROR: &str = "JetStreamError";
     pub const STREAM_CONFLICT: &str = "StreamOwnedByAnotherPipeline";
-    pub const STREAM_INCOMPATIBLE: &str = "StreamIncompatible";
+    pub const STREAM_INCOMPATIBLE: &str = "ImmutableFieldChanged";
+    pub const PAUSED: &str = "Paused";
+    pub const RUNNING: &str = "Running";
+    pub const SCALING_ACTIVE: &str = "ScalingActive";
+    pub const LAG_UNAVAILABLE: &str = "LagUnavailable";
+    pub const MANUAL: &str = "ManualReplicas";
+    pub const EXTERNAL: &str = "ExternalScaler";
+    pub const DRIFT_CORRECTED: &str = "DriftCorrected";
     pub const STREAM_READY: &str = "StreamReady";
     pub const CONSUMER_READY: &str = "ConsumerReady";
     pub const WORKERS_AVAILABLE: &str = "WorkersAvailable";

@@ -22,9 +22,14 @@ use orderpipeline_common::topology::{OWNER_METADATA_KEY, Topology};
 use tokio::sync::Mutex;
 
 use crate::conditions::{self, reasons, types};
-use crate::crd::{DeletionPolicy, OrderPipeline, OrderPipelineStatus};
+use crate::crd::{
+    DeletionPolicy, ManagementPolicy, OrderPipeline, OrderPipelineStatus, ReplicaMode,
+};
 use crate::metrics::Metrics;
 use crate::render::{self, Credentials, Plan, SecretsView};
+use crate::scaling;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use orderpipeline_common::duration::parse_duration;
 
 pub const MANAGER: &str = "order-operator";
 pub const FINALIZER: &str = "orderpipeline.dev/cleanup";
@@ -402,36 +407,99 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
     let mut js = jetstream::new(client.clone());
     js.set_timeout(Duration::from_secs(5));
 
-    // JetStream objects.
-    if let Err(b) = ensure_topology(&p, &ctx, &js, &plan.topology).await {
+    let observe = p.spec.management_policy == ManagementPolicy::Observe;
+
+    // JetStream objects (Observe: change nothing, only report).
+    // Between reconciles of an unchanged spec, any difference is drift.
+    let drift = old.observed_generation == generation
+        && old
+            .conditions
+            .iter()
+            .any(|c| c.type_ == types::STREAM_READY && c.status == "True");
+    if !observe && let Err(b) = ensure_topology(&p, &ctx, &js, &plan.topology, drift).await {
         if b.reason == reasons::NATS_UNREACHABLE || b.reason == reasons::JETSTREAM_ERROR {
             ctx.forget_nats(&key).await;
         }
         return finish_blocked(&p, &ctx, &old, b, None).await;
     }
+    let figures = read_figures(&js, &plan.topology).await;
+    if !observe && let Err(b) = ensure_paused(&p, &ctx, &js, &plan.topology, &figures).await {
+        return finish_blocked(&p, &ctx, &old, b, None).await;
+    }
 
-    // The worker Deployment.
+    // Who sets the replicas, and to what.
     let deployments: Api<Deployment> =
         Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
-    let desired = render::deployment(
-        &p,
-        &plan,
-        &secrets,
-        &ctx.default_image,
-        Some(p.spec.workers.replicas),
-    );
     let name = render::deployment_name(&p);
     let before = deployments.get_opt(&name).await.map_err(Error::Kube)?;
-    let after = deployments
-        .patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&desired),
-        )
-        .await
-        .map_err(Error::Kube)?;
+    let live_replicas = before
+        .as_ref()
+        .and_then(|d| d.spec.as_ref())
+        .and_then(|s| s.replicas);
+    let mode = replica_mode(&p);
+    let lag = figures
+        .as_ref()
+        .ok()
+        .map(|f| u64::try_from(f.consumer.pending + f.consumer.ack_pending).unwrap_or(0));
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let mut scale_note: Option<(bool, String)> = None;
+    let mut scaling_clock = (old.last_busy_time.clone(), old.idle_since.clone());
+    let replicas: Option<i32> = if p.spec.paused {
+        Some(0)
+    } else {
+        match mode {
+            ReplicaMode::Manual => Some(p.spec.workers.replicas),
+            ReplicaMode::External => None,
+            ReplicaMode::Operator => {
+                let sc = &p.spec.workers.scaling;
+                let min = p.spec.workers.min_replicas.unwrap_or(1);
+                let max = p
+                    .spec
+                    .workers
+                    .max_replicas
+                    .unwrap_or(p.spec.workers.replicas.max(min));
+                let d = scaling::decide(&scaling::Inputs {
+                    lag,
+                    current: live_replicas.unwrap_or(p.spec.workers.replicas.clamp(min, max)),
+                    min,
+                    max,
+                    target_lag_per_replica: u64::try_from(sc.target_lag_per_replica).unwrap_or(1),
+                    activation_lag: u64::try_from(sc.activation_lag).unwrap_or(0),
+                    max_step: sc.max_step,
+                    stabilization_window: parse_duration(&sc.stabilization_window)
+                        .unwrap_or(Duration::from_secs(300)),
+                    cooldown: parse_duration(&sc.cooldown).unwrap_or(Duration::from_secs(300)),
+                    now,
+                    last_busy: old.last_busy_time.as_ref().map(|t| t.0),
+                    idle_since: old.idle_since.as_ref().map(|t| t.0),
+                });
+                scaling_clock = (d.last_busy.map(Time), d.idle_since.map(Time));
+                scale_note = Some((d.lag_known, d.reason.clone()));
+                Some(d.desired)
+            }
+        }
+    };
+
+    // The worker Deployment (Observe: leave it alone).
+    let after = if observe {
+        before.clone().unwrap_or_default()
+    } else {
+        if replicas.is_none() {
+            release_replicas(&deployments, &name, before.as_ref()).await?;
+        }
+        let desired = render::deployment(&p, &plan, &secrets, &ctx.default_image, replicas);
+        deployments
+            .patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&desired),
+            )
+            .await
+            .map_err(Error::Kube)?
+    };
+    let applied_replicas = after.spec.as_ref().and_then(|s| s.replicas);
     match &before {
-        None => {
+        None if !observe => {
             ctx.event(
                 &p,
                 EventType::Normal,
@@ -439,14 +507,13 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
                 "Create",
                 format!(
                     "created Deployment {name} with {} replica(s)",
-                    p.spec.workers.replicas
+                    applied_replicas.unwrap_or(1)
                 ),
             )
             .await;
         }
         Some(b)
-            if b.metadata.resource_version != after.metadata.resource_version
-                && b.spec != after.spec =>
+            if b.spec.as_ref().map(|s| &s.template) != after.spec.as_ref().map(|s| &s.template) =>
         {
             ctx.event(
                 &p,
@@ -459,13 +526,58 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
         }
         _ => {}
     }
+    let scaled =
+        before.is_some() && !observe && replicas.is_some() && live_replicas != applied_replicas;
+    if scaled {
+        let why = if p.spec.paused {
+            format!("paused, scaling {} -> 0", live_replicas.unwrap_or(0))
+        } else if let Some((_, r)) = &scale_note {
+            r.clone()
+        } else {
+            format!(
+                "spec.workers.replicas, scaling {} -> {}",
+                live_replicas.unwrap_or(0),
+                applied_replicas.unwrap_or(0)
+            )
+        };
+        ctx.event(&p, EventType::Normal, "Scaled", "Scale", why)
+            .await;
+    }
 
-    // Figures and conditions.
-    let figures = read_figures(&js, &plan.topology).await;
     let mut status = old.clone();
     status.observed_generation = generation;
+    status.replica_mode = Some(mode);
+    status.desired_replicas = replicas.or(applied_replicas);
+    (status.last_busy_time, status.idle_since) = scaling_clock;
+    if scaled {
+        status.last_scale_time = Some(Time(now));
+    }
     let mut conds = Vec::new();
     let mut ready = true;
+    conds.push(if p.spec.paused {
+        conditions::condition(
+            types::PAUSED,
+            true,
+            reasons::PAUSED,
+            "workers scaled to zero and the consumer paused; set spec.paused: false to resume",
+            generation,
+        )
+    } else {
+        conditions::condition(
+            types::PAUSED,
+            false,
+            reasons::RUNNING,
+            "not paused",
+            generation,
+        )
+    });
+    match (&scale_note, p.spec.paused, mode) {
+        (_, true, _) => conds.push(conditions::condition(types::SCALING, false, reasons::PAUSED, "paused", generation)),
+        (Some((true, why)), _, _) => conds.push(conditions::condition(types::SCALING, true, reasons::SCALING_ACTIVE, why.clone(), generation)),
+        (Some((false, why)), _, _) => conds.push(conditions::condition(types::SCALING, false, reasons::LAG_UNAVAILABLE, format!("{why}; check the consumer and NATS"), generation)),
+        (None, _, ReplicaMode::Manual) => conds.push(conditions::condition(types::SCALING, false, reasons::MANUAL, "replica mode Manual: spec.workers.replicas (kubectl scale orderpipeline/NAME) sets the replicas", generation)),
+        (None, _, _) => conds.push(conditions::condition(types::SCALING, false, reasons::EXTERNAL, "replica mode External: another scaler (KEDA, HPA) sets the Deployment's replicas", generation)),
+    }
     match &figures {
         Ok(f) => {
             status.stream = Some(f.stream.clone());
@@ -505,7 +617,7 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
         }
     }
     let ds = after.status.clone().unwrap_or_default();
-    let desired_replicas = after.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+    let desired_replicas = applied_replicas.unwrap_or(0);
     let ready_pods = ds.ready_replicas.unwrap_or(0);
     let available = ds.available_replicas.unwrap_or(0);
     status.workers = Some(crate::crd::WorkersStatus {
@@ -617,6 +729,115 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
     Ok(Action::requeue(jittered(next)))
 }
 
+/// The replica mode in force: the spec's, else Operator when bounds are set.
+pub fn replica_mode(p: &OrderPipeline) -> ReplicaMode {
+    let w = &p.spec.workers;
+    w.scaling
+        .mode
+        .unwrap_or(if w.min_replicas.is_some() || w.max_replicas.is_some() {
+            ReplicaMode::Operator
+        } else {
+            ReplicaMode::Manual
+        })
+}
+
+/// Before applying without `spec.replicas` (External mode): if our field manager
+/// still owns the field, hand it to a separate manager at its live value, so
+/// server-side apply does not reset it when we stop applying it.
+async fn release_replicas(
+    api: &Api<Deployment>,
+    name: &str,
+    live: Option<&Deployment>,
+) -> Result<(), Error> {
+    let Some(live) = live else { return Ok(()) };
+    let owned = live.metadata.managed_fields.iter().flatten().any(|m| {
+        m.manager.as_deref() == Some(MANAGER)
+            && m.operation.as_deref() == Some("Apply")
+            && m.fields_v1.as_ref().is_some_and(|f| {
+                f.0.get("f:spec")
+                    .and_then(|s| s.get("f:replicas"))
+                    .is_some()
+            })
+    });
+    let Some(replicas) = live.spec.as_ref().and_then(|s| s.replicas) else {
+        return Ok(());
+    };
+    if owned {
+        let patch = serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {"replicas": replicas},
+        });
+        api.patch(
+            name,
+            &PatchParams::apply(&format!("{MANAGER}-handoff")).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(Error::Kube)?;
+    }
+    Ok(())
+}
+
+/// Pauses or resumes the consumer to match `spec.paused`.
+async fn ensure_paused(
+    p: &OrderPipeline,
+    ctx: &Context,
+    js: &jetstream::Context,
+    t: &Topology,
+    figures: &Result<Figures, String>,
+) -> Result<(), Blocked> {
+    let Ok(f) = figures else { return Ok(()) };
+    if f.consumer_paused == p.spec.paused {
+        return Ok(());
+    }
+    let s = js.get_stream(&t.stream).await.map_err(|e| {
+        blocked(
+            reasons::JETSTREAM_ERROR,
+            format!("reading stream {}: {e}", t.stream),
+            Duration::from_secs(10),
+        )
+    })?;
+    if p.spec.paused {
+        let until = time::OffsetDateTime::now_utc() + time::Duration::days(365 * 100);
+        s.pause_consumer(&t.consumer, until).await.map_err(|e| {
+            blocked(
+                reasons::JETSTREAM_ERROR,
+                format!("pausing consumer {}: {e}", t.consumer),
+                Duration::from_secs(10),
+            )
+        })?;
+        ctx.event(
+            p,
+            EventType::Normal,
+            "Paused",
+            "Pause",
+            format!(
+                "paused consumer {} and scaled the workers to zero",
+                t.consumer
+            ),
+        )
+        .await;
+    } else {
+        s.resume_consumer(&t.consumer).await.map_err(|e| {
+            blocked(
+                reasons::JETSTREAM_ERROR,
+                format!("resuming consumer {}: {e}", t.consumer),
+                Duration::from_secs(10),
+            )
+        })?;
+        ctx.event(
+            p,
+            EventType::Normal,
+            "Resumed",
+            "Resume",
+            format!("resumed consumer {}", t.consumer),
+        )
+        .await;
+    }
+    Ok(())
+}
+
 /// Ends a reconcile that cannot go on: Ready=False with the reason, an Event, a requeue.
 async fn finish_blocked(
     p: &OrderPipeline,
@@ -698,7 +919,19 @@ async fn ensure_topology(
     ctx: &Context,
     js: &jetstream::Context,
     t: &Topology,
+    drift: bool,
 ) -> Result<(), Blocked> {
+    // Drift (a change made behind the operator's back) is reported as such.
+    let note = |default: String| -> (String, String) {
+        if drift {
+            (
+                reasons::DRIFT_CORRECTED.to_string(),
+                format!("{default} (it had been changed outside the operator)"),
+            )
+        } else {
+            (String::new(), default)
+        }
+    };
     let api_err = |what: &str, e: &dyn std::fmt::Display| {
         let s = e.to_string();
         if s.contains("timed out") || s.contains("no responders") || s.contains("disconnected") {
@@ -732,7 +965,8 @@ async fn ensure_topology(
                     .config
                     .clone();
                 let owner = live.metadata.get(OWNER_METADATA_KEY).cloned();
-                if owner.as_deref() != t.owner.as_deref() {
+                let adopt = owner.is_none() && p.spec.management_policy == ManagementPolicy::Adopt;
+                if owner.as_deref() != t.owner.as_deref() && !adopt {
                     let msg = match owner {
                         Some(o) => format!(
                             "stream {name} already belongs to pipeline {o}; give this pipeline other stream names (spec.stream.name / spec.deadLetter.streamName)"
@@ -768,32 +1002,57 @@ async fn ensure_topology(
                         Duration::from_secs(60),
                     ));
                 }
-                if let Some(field) = stream_differs(&live, &cfg) {
+                if adopt {
                     js.update_stream(cfg.clone())
                         .await
-                        .map_err(|e| api_err(&format!("updating stream {name}"), &e))?;
+                        .map_err(|e| api_err(&format!("adopting stream {name}"), &e))?;
                     ctx.event(
                         p,
                         EventType::Normal,
-                        &format!("{what}Updated"),
-                        "Update",
-                        format!("updated stream {name} ({field} changed)"),
+                        "Adopted",
+                        "Adopt",
+                        format!("adopted existing stream {name} (managementPolicy Adopt)"),
                     )
                     .await;
+                } else if let Some(field) = stream_differs(&live, &cfg) {
+                    js.update_stream(cfg.clone())
+                        .await
+                        .map_err(|e| api_err(&format!("updating stream {name}"), &e))?;
+                    let (r, msg) = note(format!("updated stream {name} ({field} changed)"));
+                    let reason = if r.is_empty() {
+                        format!("{what}Updated")
+                    } else {
+                        r
+                    };
+                    ctx.event(p, EventType::Normal, &reason, "Update", msg)
+                        .await;
                 }
             }
             Err(e) if e.to_string().contains("not found") => {
                 js.create_stream(cfg.clone())
                     .await
                     .map_err(|e| api_err(&format!("creating stream {name}"), &e))?;
-                ctx.event(
-                    p,
-                    EventType::Normal,
-                    &format!("{what}Created"),
-                    "Create",
-                    format!("created stream {name} on {:?}", cfg.subjects),
-                )
-                .await;
+                if drift {
+                    ctx.event(
+                        p,
+                        EventType::Warning,
+                        reasons::DRIFT_CORRECTED,
+                        "Create",
+                        format!(
+                            "recreated stream {name}: it had been deleted outside the operator"
+                        ),
+                    )
+                    .await;
+                } else {
+                    ctx.event(
+                        p,
+                        EventType::Normal,
+                        &format!("{what}Created"),
+                        "Create",
+                        format!("created stream {name} on {:?}", cfg.subjects),
+                    )
+                    .await;
+                }
             }
             Err(e) => return Err(api_err(&format!("reading stream {name}"), &e)),
         }
@@ -804,17 +1063,22 @@ async fn ensure_topology(
             js.create_or_update_key_value(t.kv_config())
                 .await
                 .map_err(|e| api_err(&format!("creating KV bucket {}", t.bucket), &e))?;
-            ctx.event(
-                p,
-                EventType::Normal,
-                "BucketCreated",
-                "Create",
-                format!("created KV bucket {}", t.bucket),
-            )
-            .await;
+            let (r, msg) = note(format!("created KV bucket {}", t.bucket));
+            let reason = if r.is_empty() {
+                "BucketCreated".to_string()
+            } else {
+                r
+            };
+            ctx.event(p, EventType::Normal, &reason, "Create", msg)
+                .await;
         }
     }
-    let desired = t.consumer_config();
+    let mut desired = t.consumer_config();
+    if p.spec.paused {
+        // Keep a paused consumer paused when its config is rewritten.
+        desired.pause_until =
+            Some(time::OffsetDateTime::now_utc() + time::Duration::days(365 * 100));
+    }
     let s = js
         .get_stream(&t.stream)
         .await
@@ -831,34 +1095,34 @@ async fn ensure_topology(
                 s.create_consumer(desired.clone())
                     .await
                     .map_err(|e| api_err(&format!("updating consumer {}", t.consumer), &e))?;
-                ctx.event(
-                    p,
-                    EventType::Normal,
-                    "ConsumerUpdated",
-                    "Update",
-                    format!(
-                        "updated consumer {} (max ack pending {}, ack wait {:?})",
-                        t.consumer, desired.max_ack_pending, desired.ack_wait
-                    ),
-                )
-                .await;
+                let (r, msg) = note(format!(
+                    "updated consumer {} (max ack pending {}, ack wait {:?})",
+                    t.consumer, desired.max_ack_pending, desired.ack_wait
+                ));
+                let reason = if r.is_empty() {
+                    "ConsumerUpdated".to_string()
+                } else {
+                    r
+                };
+                ctx.event(p, EventType::Normal, &reason, "Update", msg)
+                    .await;
             }
         }
         Err(e) if e.to_string().contains("not found") => {
             s.create_consumer(desired.clone())
                 .await
                 .map_err(|e| api_err(&format!("creating consumer {}", t.consumer), &e))?;
-            ctx.event(
-                p,
-                EventType::Normal,
-                "ConsumerCreated",
-                "Create",
-                format!(
-                    "created durable consumer {} filtering {}",
-                    t.consumer, t.filter_subject
-                ),
-            )
-            .await;
+            let (r, msg) = note(format!(
+                "created durable consumer {} filtering {}",
+                t.consumer, t.filter_subject
+            ));
+            let reason = if r.is_empty() {
+                "ConsumerCreated".to_string()
+            } else {
+                r
+            };
+            ctx.event(p, EventType::Normal, &reason, "Create", msg)
+                .await;
         }
         Err(e) => return Err(api_err(&format!("reading consumer {}", t.consumer), &e)),
     }
@@ -883,6 +1147,7 @@ fn stream_differs(live: &stream::Config, want: &stream::Config) -> Option<&'stat
 }
 
 struct Figures {
+    consumer_paused: bool,
     stream: crate::crd::StreamStatus,
     consumer: crate::crd::ConsumerStatus,
     dead_letters: i64,
@@ -915,6 +1180,7 @@ async fn read_figures(js: &jetstream::Context, t: &Topology) -> Result<Figures, 
         .state
         .messages;
     Ok(Figures {
+        consumer_paused: c.paused,
         stream: crate::crd::StreamStatus {
             messages: i64_of(st.messages),
             bytes: i64_of(st.bytes),

@@ -60,6 +60,19 @@ pub const GROUP: &str = "orderpipeline.dev";
         description = "Messages in the dead-letter stream"
     ),
     printcolumn(
+        name = "Paused",
+        type_ = "boolean",
+        json_path = ".spec.paused",
+        description = "Whether the pipeline is paused"
+    ),
+    printcolumn(
+        name = "Mode",
+        type_ = "string",
+        json_path = ".status.replicaMode",
+        priority = 1,
+        description = "Who sets the worker replicas"
+    ),
+    printcolumn(
         name = "Reason",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
@@ -74,6 +87,16 @@ pub const GROUP: &str = "orderpipeline.dev";
 )]
 #[serde(rename_all = "camelCase")]
 pub struct OrderPipelineSpec {
+    /// Pause the pipeline: workers scale to zero and the consumer is paused
+    /// (JetStream consumer pause); the stream keeps accepting orders. Unpausing
+    /// resumes where it stopped. Wins over every replica mode.
+    #[serde(default)]
+    pub paused: bool,
+    /// What the operator may do with the JetStream objects: Manage (create, update,
+    /// repair drift), Adopt (take over existing streams not created by a pipeline),
+    /// Observe (report status, change nothing).
+    #[serde(default)]
+    pub management_policy: ManagementPolicy,
     /// How the operator and the workers reach NATS.
     pub nats: NatsSpec,
     /// The input stream that holds orders and result events.
@@ -112,6 +135,86 @@ pub struct NatsSpec {
     /// optionally `tls.crt` and `tls.key` (a client certificate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_secret_ref: Option<SecretRef>,
+}
+
+/// What the operator may change in NATS.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ManagementPolicy {
+    /// Create and update the objects, and repair drift (the default). An existing
+    /// stream not created by this pipeline is a conflict.
+    #[default]
+    Manage,
+    /// Like Manage, but take over existing streams that no pipeline owns.
+    Adopt,
+    /// Change nothing in NATS or Kubernetes; only report status.
+    Observe,
+}
+
+/// Who sets the worker Deployment's replicas.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ReplicaMode {
+    /// The operator copies spec.workers.replicas (set by `kubectl scale
+    /// orderpipeline/NAME` or an HPA targeting the pipeline's scale subresource).
+    Manual,
+    /// The operator scales on consumer lag within minReplicas..maxReplicas.
+    Operator,
+    /// Something else (a KEDA ScaledObject, an HPA on the Deployment) sets the
+    /// Deployment's replicas; the operator leaves them alone.
+    External,
+}
+
+fn default_target_lag() -> i64 {
+    1000
+}
+fn default_max_step() -> i32 {
+    10
+}
+fn default_window() -> String {
+    "5m".into()
+}
+
+/// Lag-based scaling: desired = clamp(ceil(lag / targetLagPerReplica), min, max),
+/// where lag = consumer pending + ack pending.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingSpec {
+    /// Manual, Operator or External. Default: Operator when minReplicas or
+    /// maxReplicas is set, otherwise Manual.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<ReplicaMode>,
+    /// Lag one worker pod is expected to handle.
+    #[serde(default = "default_target_lag")]
+    #[schemars(range(min = 1))]
+    pub target_lag_per_replica: i64,
+    /// Lag above which the pipeline scales from zero.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub activation_lag: i64,
+    /// Most replicas added or removed by one decision.
+    #[serde(default = "default_max_step")]
+    #[schemars(range(min = 1))]
+    pub max_step: i32,
+    /// Scale down only when no decision in this window wanted the current replicas.
+    #[serde(default = "default_window")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    pub stabilization_window: String,
+    /// With minReplicas 0: scale to zero after the lag stayed 0 this long.
+    #[serde(default = "default_window")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    pub cooldown: String,
+}
+
+impl Default for ScalingSpec {
+    fn default() -> Self {
+        Self {
+            mode: None,
+            target_lag_per_replica: default_target_lag(),
+            activation_lag: 0,
+            max_step: default_max_step(),
+            stabilization_window: default_window(),
+            cooldown: default_window(),
+        }
+    }
 }
 
 /// A reference to a Secret in the pipeline's namespace.
@@ -401,6 +504,9 @@ pub struct WorkersSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_replicas: Option<i32>,
+    /// Who sets the replicas, and the lag-based scaler's settings.
+    #[serde(default)]
+    pub scaling: ScalingSpec,
     /// CPU and memory requests and limits of the worker container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
@@ -443,6 +549,7 @@ impl Default for WorkersSpec {
             replicas: default_worker_replicas(),
             min_replicas: None,
             max_replicas: None,
+            scaling: ScalingSpec::default(),
             resources: None,
             env: Vec::new(),
             retry: RetrySpec::default(),
@@ -610,6 +717,21 @@ pub struct OrderPipelineStatus {
     /// Label selector of the worker pods (for the scale subresource and HPAs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
+    /// The replica mode in force (Manual, Operator, External).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_mode: Option<ReplicaMode>,
+    /// Replicas the operator wants (Operator mode: the scaler's decision).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+    /// When the operator last changed the replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Last time a scaling decision wanted at least the current replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_busy_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Since when the lag has been zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     /// Checksum of the referenced Secrets rendered into the pod template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets_checksum: Option<String>,

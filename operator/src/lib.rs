@@ -6,3 +6,4 @@ pub mod controller;
 pub mod crd;
 pub mod metrics;
 pub mod render;
+pub mod scaling;
