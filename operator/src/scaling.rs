@@ -156,7 +156,8 @@ mod tests {
     #[test]
     fn table() {
         // (lag, current, min, max, step, last_busy secs ago, idle secs ago) -> desired
-        let cases: Vec<(
+        // (lag, current, min, max, step, last busy secs ago, idle secs ago, desired)
+        type Case = (
             Option<u64>,
             i32,
             i32,
@@ -165,7 +166,8 @@ mod tests {
             Option<i64>,
             Option<i64>,
             i32,
-        )> = vec![
+        );
+        let cases: Vec<Case> = vec![
             // scale up at once, to ceil(lag/target), clamped to max
             (Some(12_000), 2, 1, 10, 100, Some(0), None, 10),
             (Some(5_500), 2, 1, 10, 100, Some(0), None, 6),
