@@ -112,6 +112,16 @@ impl OperatorProcess {
         resync: &str,
         kubeconfig: &Path,
     ) -> anyhow::Result<Self> {
+        Self::spawn_named(namespace, resync, kubeconfig, "order-operator-test").await
+    }
+
+    /// Runs a replica named `pod` (its Lease identity and Event instance).
+    pub async fn spawn_named(
+        namespace: &str,
+        resync: &str,
+        kubeconfig: &Path,
+        pod: &str,
+    ) -> anyhow::Result<Self> {
         let http_port = free_port()?;
         let log = std::env::temp_dir().join(format!("order-operator-{}.log", random_suffix()));
         let file = std::fs::File::create(&log)?;
@@ -120,6 +130,8 @@ impl OperatorProcess {
             .env("KUBECONFIG", kubeconfig)
             .env("HTTP_ADDR", format!("127.0.0.1:{http_port}"))
             .env("WORKER_IMAGE", "example.invalid/order-worker:test")
+            .env("POD_NAME", pod)
+            .env("LEASE_DURATION", "3s")
             .env("RUST_LOG", "info,kube=warn,async_nats=warn")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdout(std::process::Stdio::null())
@@ -137,6 +149,26 @@ impl OperatorProcess {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit on its own; returns its exit code.
+    pub async fn wait_exit(&mut self, within: Duration) -> anyhow::Result<Option<i32>> {
+        let Some(c) = self.child.as_mut() else {
+            return Ok(None);
+        };
+        let status = tokio::time::timeout(within, c.wait())
+            .await
+            .context("operator did not exit")??;
+        self.child = None;
+        Ok(status.code())
     }
 
     pub async fn stop(&mut self) -> anyhow::Result<()> {

@@ -835,3 +835,110 @@ async fn a_stream_removed_behind_the_operators_back_is_recreated_and_storage_dri
     assert!(condition(&p, "Ready").is_some_and(|c| c.message.contains("storage")));
     s.ns.delete().await
 }
+
+async fn lease_holder(s: &Setup) -> anyhow::Result<Option<String>> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(s.client.clone(), &s.ns.name);
+    Ok(leases
+        .get_opt(&format!("order-operator-{}", s.ns.name))
+        .await?
+        .and_then(|l| l.spec?.holder_identity))
+}
+
+async fn event_instances(ns: &str) -> anyhow::Result<Vec<String>> {
+    let out = tokio::process::Command::new("kubectl")
+        .args(["-n", ns, "get", "events.events.k8s.io", "-o", "jsonpath={range .items[?(@.reportingController==\"order-operator\")]}{.reportingInstance}{\"\\n\"}{end}"])
+        .output()
+        .await?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_operators_one_leader_and_killing_it_hands_over() -> anyhow::Result<()> {
+    let mut s = setup("op-ha").await?; // replica "order-operator-test" leads
+    wait_for(
+        "the first replica to hold the Lease",
+        Duration::from_secs(20),
+        || async {
+            Ok(lease_holder(&s)
+                .await?
+                .filter(|h| h == "order-operator-test"))
+        },
+    )
+    .await?;
+    let kc = service_account_kubeconfig()?;
+    let mut standby = OperatorProcess::spawn_named(&s.ns.name, "2s", &kc, "standby").await?;
+    s.api
+        .create(&PostParams::default(), &sample(&s.nats.url())?)
+        .await?;
+    wait_ready(&s, "orders", "True", None).await?;
+    let instances = event_instances(&s.ns.name).await?;
+    assert!(
+        !instances.is_empty() && instances.iter().all(|i| i == "order-operator-test"),
+        "only the leader reconciles: {instances:?}"
+    );
+    assert!(
+        standby.log_text().contains("standing by"),
+        "{}",
+        standby.log_text()
+    );
+
+    // Kill the leader: the standby takes over within the lease duration (3 s here).
+    s.operator.kill().await?;
+    let killed = std::time::Instant::now();
+    wait_for(
+        "the standby to hold the Lease",
+        Duration::from_secs(15),
+        || async { Ok(lease_holder(&s).await?.filter(|h| h == "standby")) },
+    )
+    .await?;
+    assert!(
+        killed.elapsed() < Duration::from_secs(10),
+        "handover took {:?}",
+        killed.elapsed()
+    );
+    s.api
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"spec": {"workers": {"poolSize": 7}}})),
+        )
+        .await?;
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns.name);
+    wait_for(
+        "the new leader to reconcile",
+        Duration::from_secs(20),
+        || async {
+            Ok((env_of(&deployments.get("orders-workers").await?)
+                .get("WORKER_POOL_SIZE")
+                .map(String::as_str)
+                == Some("7"))
+            .then_some(()))
+        },
+    )
+    .await?;
+
+    // A leader that loses its Lease exits (and would be restarted as a standby).
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(s.client.clone(), &s.ns.name);
+    let name = format!("order-operator-{}", s.ns.name);
+    let mut l = leases.get(&name).await?;
+    if let Some(spec) = l.spec.as_mut() {
+        spec.holder_identity = Some("intruder".into());
+        spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
+    }
+    leases.replace(&name, &PostParams::default(), &l).await?;
+    let code = standby.wait_exit(Duration::from_secs(15)).await?;
+    assert_eq!(code, Some(1), "{}", standby.log_text());
+    assert!(
+        standby.log_text().contains("lost the Lease"),
+        "{}",
+        standby.log_text()
+    );
+    s.ns.delete().await
+}

@@ -49,9 +49,18 @@ struct RunArgs {
     /// How often each pipeline's figures are refreshed (jittered +-10%).
     #[arg(long, env = "RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     resync_interval: Duration,
-    /// This replica's name, for Events (the Pod name in a cluster).
+    /// This replica's name, for Events and the Lease (the Pod name in a cluster).
     #[arg(long, env = "POD_NAME", default_value = "order-operator")]
     pod_name: String,
+    /// Elect a leader with a Lease so only one replica reconciles.
+    #[arg(long, env = "LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Namespace of the Lease (default: the watched namespace, else POD_NAMESPACE, else orderpipeline-system).
+    #[arg(long, env = "LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// How long the Lease stays valid without renewal; a standby takes over within it.
+    #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
 }
 
 #[tokio::main]
@@ -152,10 +161,47 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .await
     });
     tracing::info!(namespace = ?args.namespace, addr = %args.http_addr, "order-operator starting");
-    let cs = shutdown.clone();
-    controller::run(ctx, args.namespace, async move { cs.cancelled().await }).await;
+    let lost = CancellationToken::new();
+    let mut holder = None;
+    if args.leader_elect {
+        let lease = order_operator::leader::LeaseConfig {
+            namespace: args
+                .lease_namespace
+                .clone()
+                .or_else(|| args.namespace.clone())
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_else(|| "orderpipeline-system".into()),
+            name: match &args.namespace {
+                Some(ns) => format!("order-operator-{ns}"),
+                None => "order-operator".into(),
+            },
+            identity: args.pod_name.clone(),
+            duration: args.lease_duration,
+        };
+        if !order_operator::leader::acquire(&client, &lease, &shutdown).await {
+            let _ = http.await;
+            return Ok(());
+        }
+        holder = Some(tokio::spawn(order_operator::leader::hold(
+            client.clone(),
+            lease,
+            shutdown.clone(),
+            lost.clone(),
+        )));
+    }
+    let (cs, cl) = (shutdown.clone(), lost.clone());
+    controller::run(ctx, args.namespace, async move {
+        tokio::select! { _ = cs.cancelled() => {}, _ = cl.cancelled() => {} }
+    })
+    .await;
     shutdown.cancel();
+    if let Some(h) = holder {
+        let _ = h.await;
+    }
     let _ = http.await;
+    if lost.is_cancelled() {
+        anyhow::bail!("lost leadership; exiting so a restart rejoins as a standby");
+    }
     tracing::info!("stopped");
     Ok(())
 }
