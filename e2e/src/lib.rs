@@ -122,6 +122,10 @@ pub struct NatsServer {
     pub port: u16,
     pub store_dir: tempdir::TempDir,
     child: Option<tokio::process::Child>,
+    /// Extra configuration (auth, TLS); `None` for a plain server.
+    config: Option<String>,
+    /// URL scheme and whether the readiness probe needs auth.
+    probe_url: Option<String>,
 }
 
 pub mod tempdir {
@@ -156,6 +160,31 @@ impl NatsServer {
             port,
             store_dir,
             child: None,
+            config: None,
+            probe_url: None,
+        };
+        s.spawn().await?;
+        Ok(s)
+    }
+
+    /// A server with extra configuration (e.g. an `authorization` or `tls`
+    /// block). Readiness is probed on the monitoring port.
+    pub async fn start_with_config(extra: &str) -> anyhow::Result<Self> {
+        let store_dir = tempdir::TempDir::new("nats-test")?;
+        let port = free_port()?;
+        let mon = free_port()?;
+        let conf = format!(
+            "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{mon}\njetstream {{ store_dir: \"{}\" }}\n{extra}\n",
+            store_dir.path().join("js").display()
+        );
+        let mut s = Self {
+            port,
+            store_dir,
+            child: None,
+            config: Some(conf),
+            probe_url: Some(format!(
+                "http://127.0.0.1:{mon}/healthz?js-enabled-only=true"
+            )),
         };
         s.spawn().await?;
         Ok(s)
@@ -166,22 +195,55 @@ impl NatsServer {
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
-        let child = tokio::process::Command::new(tool("nats-server")?)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.store_dir.path())
+        let mut cmd = tokio::process::Command::new(tool("nats-server")?);
+        match &self.config {
+            None => {
+                cmd.args([
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-js",
+                    "-sd",
+                ])
+                .arg(self.store_dir.path());
+            }
+            Some(conf) => {
+                let path = self.store_dir.path().join("nats.conf");
+                std::fs::write(&path, conf)?;
+                cmd.arg("-c").arg(path);
+            }
+        }
+        let log = std::fs::File::create(self.store_dir.path().join("nats-server.log"))?;
+        let child = cmd
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(log)
             .kill_on_drop(true)
             .spawn()
             .context("starting nats-server")?;
         self.child = Some(child);
+        if let Some(probe) = self.probe_url.clone() {
+            return wait_for(
+                "nats-server (configured) to be healthy",
+                Duration::from_secs(20),
+                || {
+                    let probe = probe.clone();
+                    async move {
+                        let out = tokio::process::Command::new("curl")
+                            .args(["-sf", "--max-time", "2", "--noproxy", "*", &probe])
+                            .output()
+                            .await?;
+                        Ok(out.status.success().then_some(()))
+                    }
+                },
+            )
+            .await
+            .with_context(|| {
+                let log = std::fs::read_to_string(self.store_dir.path().join("nats-server.log"))
+                    .unwrap_or_default();
+                format!("nats-server log:\n{log}")
+            });
+        }
         let url = self.url();
         wait_for(
             "nats-server to accept connections",
@@ -218,6 +280,7 @@ impl NatsServer {
     }
 }
 
+pub mod natsauth;
 pub mod operator;
 pub mod pipeline;
 pub mod podrunner;

@@ -42,11 +42,20 @@ async fn setup(prefix: &str) -> anyhow::Result<Setup> {
 
 /// `runner`: whether real workers run for the namespace's worker Pods.
 async fn setup_with(prefix: &str, runner: bool) -> anyhow::Result<Setup> {
+    let nats = NatsServer::start().await?;
+    let js = jetstream::new(async_nats::connect(nats.url()).await?);
+    setup_on(prefix, runner, nats, js).await
+}
+
+async fn setup_on(
+    prefix: &str,
+    runner: bool,
+    nats: NatsServer,
+    js: jetstream::Context,
+) -> anyhow::Result<Setup> {
     install_crd_and_rbac().await?;
     let client = kube_client().await?;
     let ns = TestNamespace::create(&client, prefix).await?;
-    let nats = NatsServer::start().await?;
-    let js = jetstream::new(async_nats::connect(nats.url()).await?);
     let operator = OperatorProcess::spawn(&ns.name, "2s").await?;
     let api = Api::namespaced(client.clone(), &ns.name);
     let stop = tokio_util::sync::CancellationToken::new();
@@ -941,4 +950,149 @@ async fn two_operators_one_leader_and_killing_it_hands_over() -> anyhow::Result<
         standby.log_text()
     );
     s.ns.delete().await
+}
+
+/// Runs the sample against a nats-server configured with `server_config`, with
+/// the given Secrets referenced, and waits for `Ready` = `status`/`reason`.
+/// Ready=True needs the operator connected and the workers (pod runner) ready,
+/// so it proves the credentials reach both.
+async fn with_auth(
+    prefix: &str,
+    server_config: &str,
+    credentials: Option<serde_json::Value>,
+    tls: Option<serde_json::Value>,
+    status: &str,
+    reason: &str,
+) -> anyhow::Result<OrderPipeline> {
+    let nats = NatsServer::start_with_config(server_config).await?;
+    // The test itself does not talk to this server (it may refuse anonymous
+    // clients); a client that retries in the background fills the slot.
+    let idle = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(format!("127.0.0.1:{}", nats.port))
+        .await?;
+    let js = jetstream::new(idle);
+    let s = setup_on(prefix, true, nats, js).await?;
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns.name);
+    let mut p = sample(&s.nats.url())?;
+    if let Some(data) = credentials {
+        secrets.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "nats-credentials"}, "stringData": data
+        }))?).await?;
+        p.spec.nats.credentials_secret_ref = Some(order_operator::crd::SecretRef {
+            name: "nats-credentials".into(),
+        });
+    }
+    if let Some(data) = tls {
+        secrets.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "nats-tls"}, "stringData": data
+        }))?).await?;
+        p.spec.nats.tls_secret_ref = Some(order_operator::crd::SecretRef {
+            name: "nats-tls".into(),
+        });
+    }
+    s.api.create(&PostParams::default(), &p).await?;
+    let got = wait_ready(&s, "orders", status, Some(reason)).await?;
+    s.ns.delete().await?;
+    Ok(got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_password_reach_the_operator_and_the_workers() -> anyhow::Result<()> {
+    let conf = "authorization { user: orders, password: \"s3cret-pw\" }";
+    with_auth(
+        "op-auth-user",
+        conf,
+        Some(serde_json::json!({"user": "orders", "password": "s3cret-pw"})),
+        None,
+        "True",
+        "PipelineReady",
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_reported_as_authentication() -> anyhow::Result<()> {
+    let conf = "authorization { user: orders, password: \"s3cret-pw\" }";
+    let p = with_auth(
+        "op-auth-wrong",
+        conf,
+        Some(serde_json::json!({"user": "orders", "password": "wrong"})),
+        None,
+        "False",
+        "NatsAuthenticationFailed",
+    )
+    .await?;
+    let msg = &condition(&p, "Ready").context("Ready")?.message;
+    assert!(msg.contains("authentication"), "{msg}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_reaches_the_operator_and_the_workers() -> anyhow::Result<()> {
+    with_auth(
+        "op-auth-token",
+        "authorization { token: \"t0ken-value\" }",
+        Some(serde_json::json!({"token": "t0ken-value"})),
+        None,
+        "True",
+        "PipelineReady",
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_nkey_reaches_the_operator_and_the_workers() -> anyhow::Result<()> {
+    let (seed, public) = orderpipeline_e2e::natsauth::user_nkey()?;
+    let conf = format!("authorization {{ users: [ {{ nkey: {public} }} ] }}");
+    with_auth(
+        "op-auth-nkey",
+        &conf,
+        Some(serde_json::json!({"nkey": seed})),
+        None,
+        "True",
+        "PipelineReady",
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creds_file_with_jwt_accounts_reaches_the_operator_and_the_workers() -> anyhow::Result<()>
+{
+    let d = orderpipeline_e2e::natsauth::mint()?;
+    with_auth(
+        "op-auth-creds",
+        &d.server_config,
+        Some(serde_json::json!({"creds": d.creds})),
+        None,
+        "True",
+        "PipelineReady",
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_test_ca_reaches_the_operator_and_the_workers() -> anyhow::Result<()> {
+    let dir = orderpipeline_e2e::tempdir::TempDir::new("nats-tls")?;
+    let (ca, cert, key) = orderpipeline_e2e::natsauth::tls_files(dir.path())?;
+    let conf = format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
+        cert.display(),
+        key.display()
+    );
+    let ca_pem = std::fs::read_to_string(ca)?;
+    with_auth(
+        "op-tls",
+        &conf,
+        None,
+        Some(serde_json::json!({"ca.crt": ca_pem})),
+        "True",
+        "PipelineReady",
+    )
+    .await?;
+    Ok(())
 }
