@@ -194,6 +194,19 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Sends SIGKILL (a crash: no flush) and waits for the exit.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts a stopped or killed server again on the same port and store.
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        self.spawn().await
+    }
+
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let mut cmd = tokio::process::Command::new(tool("nats-server")?);
         match &self.config {
@@ -284,3 +297,62 @@ pub mod natsauth;
 pub mod operator;
 pub mod pipeline;
 pub mod podrunner;
+pub mod proxy;
+
+/// A NATS cluster of `n` nodes on loopback ports (routes between all of them).
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    pub async fn start(n: usize) -> anyhow::Result<Self> {
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let route_list = routes
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let name = format!("test-{}", random_suffix());
+        let mut nodes = Vec::new();
+        for (i, p) in routes.iter().enumerate() {
+            let extra = format!(
+                "server_name: node-{i}\ncluster {{ name: {name}, listen: 127.0.0.1:{p}, routes: [{route_list}] }}\n"
+            );
+            nodes.push(NatsServer::start_with_config(&extra).await?);
+        }
+        let c = Self { nodes };
+        let url = c.url();
+        wait_for(
+            "the cluster to elect a JetStream meta leader",
+            Duration::from_secs(30),
+            || {
+                let url = url.clone();
+                async move {
+                    let client = NatsCluster::connect_urls(&url).await?;
+                    let js = async_nats::jetstream::new(client);
+                    Ok(js.query_account().await.ok().map(|_| ()))
+                }
+            },
+        )
+        .await?;
+        Ok(c)
+    }
+
+    /// Connects to every node of a comma-separated URL list.
+    pub async fn connect_urls(urls: &str) -> anyhow::Result<async_nats::Client> {
+        let addrs = urls
+            .split(',')
+            .map(|u| u.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(async_nats::connect(addrs).await?)
+    }
+
+    /// All nodes' URLs, comma separated.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}

@@ -19,6 +19,10 @@ pub struct StubBehaviour {
     pub refuse_prefix: Option<String>,
     /// Delay every answer.
     pub delay: Duration,
+    /// Flap on a schedule of this period: in every third period answer 503, in
+    /// the next one stall for `stall` (past the worker's timeout) before a 2xx.
+    pub flap_period: Option<Duration>,
+    pub stall: Duration,
 }
 
 /// A downstream HTTP service on loopback that records every call's
@@ -36,6 +40,7 @@ impl DownstreamStub {
         let calls: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
         let charged: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
         let (c, ch, b) = (calls.clone(), charged.clone(), Arc::new(behaviour));
+        let started = std::time::Instant::now();
         let app = axum::Router::new().route(
             "/charge",
             axum::routing::post(move |headers: HeaderMap| {
@@ -66,6 +71,15 @@ impl DownstreamStub {
                     }
                     if n <= b.fail_first {
                         return StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    if let Some(period) = b.flap_period {
+                        let phase = (started.elapsed().as_millis() / period.as_millis().max(1)) % 3;
+                        if phase == 1 {
+                            return StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        if phase == 2 {
+                            tokio::time::sleep(b.stall).await;
+                        }
                     }
                     // Idempotent: a repeated key is acknowledged without a second charge.
                     let mut m = ch.lock().unwrap_or_else(|p| p.into_inner());
@@ -101,7 +115,22 @@ impl DownstreamStub {
             .unwrap_or(0)
     }
 
-    /// Keys charged (first 2xx) more than once: must always be empty.
+    /// Orders charged at least once: with the Idempotency-Key, a repeated call
+    /// for the same key is not a new charge.
+    pub fn effective_charges(&self) -> usize {
+        self.charged.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn charged(&self, key: &str) -> bool {
+        self.charged
+            .lock()
+            .map(|m| m.contains_key(key))
+            .unwrap_or(false)
+    }
+
+    /// Keys that got more than one 2xx (a repeated call after a lost answer or a
+    /// crash; harmless thanks to the Idempotency-Key, but never expected when
+    /// nothing failed).
     pub fn charged_twice(&self) -> Vec<String> {
         self.charged
             .lock()

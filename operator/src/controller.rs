@@ -103,12 +103,27 @@ impl Context {
         action: &str,
         note: String,
     ) {
+        self.event_about(p, type_, reason, action, note, None).await;
+    }
+
+    /// An Event with a related object. Events with the same reason are grouped
+    /// into a series (keeping the first note); a related object at a new
+    /// resourceVersion makes each one its own Event, e.g. every scale.
+    async fn event_about(
+        &self,
+        p: &OrderPipeline,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+        related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+    ) {
         let ev = Event {
             type_,
             reason: reason.into(),
             note: Some(note),
             action: action.into(),
-            secondary: None,
+            secondary: related,
         };
         if let Err(e) = self.recorder.publish(&ev, &p.object_ref(&())).await {
             tracing::warn!(error = %e, "could not publish event");
@@ -540,8 +555,15 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
                 applied_replicas.unwrap_or(0)
             )
         };
-        ctx.event(&p, EventType::Normal, "Scaled", "Scale", why)
-            .await;
+        ctx.event_about(
+            &p,
+            EventType::Normal,
+            "Scaled",
+            "Scale",
+            why,
+            Some(after.object_ref(&())),
+        )
+        .await;
     }
 
     let mut status = old.clone();

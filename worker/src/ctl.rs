@@ -90,6 +90,9 @@ struct Pending {
     payload: Bytes,
     headers: HeaderMap,
     fut: jetstream::context::PublishAckFuture,
+    /// When the PubAck stops being worth waiting for (sent + ack timeout), so
+    /// a window of publishes lost in an outage times out together, not one by one.
+    deadline: tokio::time::Instant,
 }
 
 async fn send(
@@ -216,11 +219,12 @@ pub async fn publish_orders(
                 payload,
                 headers,
                 fut,
+                deadline: tokio::time::Instant::now() + opts.ack_timeout,
             });
         }
         // Collect the oldest ack; retry on error with the same id.
         if let Some(p) = window.pop_front() {
-            match tokio::time::timeout(opts.ack_timeout, p.fut).await {
+            match tokio::time::timeout_at(p.deadline, p.fut).await {
                 Ok(Ok(ack)) => {
                     report.published += 1;
                     if ack.duplicate {
@@ -236,7 +240,11 @@ pub async fn publish_orders(
                             Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
                         }
                     };
-                    window.push_front(Pending { fut, ..p });
+                    window.push_front(Pending {
+                        fut,
+                        deadline: tokio::time::Instant::now() + opts.ack_timeout,
+                        ..p
+                    });
                 }
             }
         }

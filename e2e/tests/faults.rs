@@ -1,0 +1,485 @@
+//! The fault suite: the blog's promise ("no order lost when services crash or the
+//! network fails") on real components. Each scenario runs orders through real
+//! worker processes while something breaks, then checks exactly-once effects:
+//! every published valid order has exactly one OrderProcessed and a final KV
+//! record, every invalid one exactly one OrderRejected, every poison message one
+//! dead letter, nothing else; nothing pending; every input sequence accounted
+//! for; at most one effective charge per order downstream. Each prints one line.
+//!
+//! `make test` runs short versions; `make test-faults` (ORDERPIPE_FAULTS=long)
+//! the long ones (50k orders for the SIGKILL run).
+
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use order_worker::audit::Audit;
+use order_worker::ctl::{self, PublishOptions, PublishReport};
+use orderpipeline_common::topology::Topology;
+use orderpipeline_e2e::pipeline::{DownstreamStub, StubBehaviour, WorkerProcess, binary};
+use orderpipeline_e2e::proxy::Proxy;
+use orderpipeline_e2e::{NatsCluster, NatsServer, random_suffix, wait_for};
+use orderpipeline_proto::Message as _;
+
+fn long() -> bool {
+    std::env::var("ORDERPIPE_FAULTS").is_ok_and(|v| v == "long")
+}
+
+fn orders(short: u64, long_n: u64) -> u64 {
+    if long() { long_n } else { short }
+}
+
+fn opts(prefix: &str, count: u64) -> PublishOptions {
+    PublishOptions {
+        subject: "ORDER.created".into(),
+        count,
+        rate: 0.0,
+        invalid_ratio: 0.05,
+        duplicate_ratio: 0.01,
+        prefix: prefix.into(),
+        window: 256,
+        ack_timeout: Duration::from_secs(3),
+        progress: false,
+        poison: 0,
+    }
+}
+
+fn worker_env(url: &str, extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("NATS_URL", url.to_string()),
+        ("WORKER_POOL_SIZE", "20".to_string()),
+        ("NAK_INITIAL_DELAY", "100ms".to_string()),
+        ("NAK_MAX_DELAY", "1s".to_string()),
+        ("RETRY_INITIAL_BACKOFF", "20ms".to_string()),
+        ("RETRY_MAX_BACKOFF", "200ms".to_string()),
+        ("MAX_DELIVERIES", "1000".to_string()),
+        ("SHUTDOWN_GRACE", "2s".to_string()),
+    ];
+    for (k, v) in extra {
+        env.retain(|(e, _)| e != k);
+        env.push((k, v.clone()));
+    }
+    env
+}
+
+async fn topology(js: &jetstream::Context, replicas: usize) -> anyhow::Result<()> {
+    Topology {
+        ack_wait: Duration::from_secs(3),
+        replicas,
+        ..Topology::default()
+    }
+    .ensure(js)
+    .await?;
+    Ok(())
+}
+
+async fn drained(js: &jetstream::Context, within: Duration) -> anyhow::Result<()> {
+    wait_for("the consumer to drain", within, || async {
+        let s = js.get_stream("ORDERS").await?;
+        let c = s.consumer_info("order-workers").await?;
+        Ok((c.num_pending == 0 && c.num_ack_pending == 0).then_some(()))
+    })
+    .await
+}
+
+/// Waits until the input stream holds at least `n` orders: "mid-run".
+async fn stored(js: &jetstream::Context, n: u64) -> anyhow::Result<()> {
+    wait_for(
+        &format!("{n} orders stored"),
+        Duration::from_secs(60),
+        || async {
+            let mut s = js.get_stream("ORDERS").await?;
+            Ok((s.info().await?.state.messages >= n).then_some(()))
+        },
+    )
+    .await
+}
+
+/// Keeps a fault in place for `d` (the fault's length, not synchronisation).
+async fn hold_fault(d: Duration) {
+    tokio::time::sleep(d).await;
+}
+
+/// Checks exactly-once and prints the scenario's line.
+fn report(
+    name: &str,
+    audit: &Audit,
+    published: &[&PublishReport],
+    poison: usize,
+    stub: Option<&DownstreamStub>,
+    started: Instant,
+) -> anyhow::Result<()> {
+    let valid: Vec<String> = published
+        .iter()
+        .flat_map(|r| r.valid_ids.iter().cloned())
+        .collect();
+    let invalid: Vec<String> = published
+        .iter()
+        .flat_map(|r| r.invalid_ids.iter().cloned())
+        .collect();
+    let s = audit.summary();
+    let (calls, charges) = stub
+        .map(|d| (d.total_calls(), d.effective_charges()))
+        .unwrap_or((0, 0));
+    let line = format!(
+        "fault {name}: published {} processed {} rejected {} dead-lettered {} duplicates suppressed {} lost {} processed twice {} downstream calls {calls} effective charges {charges} wall {:.1}s\n",
+        s.published,
+        s.processed,
+        s.rejected,
+        s.dead_lettered,
+        s.duplicates_suppressed,
+        s.lost,
+        s.processed_twice,
+        started.elapsed().as_secs_f64()
+    );
+    // Written to stderr directly so the line shows in `make test` output.
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    audit.assert_exactly_once(&valid, &invalid)?;
+    anyhow::ensure!(
+        audit.dead_letter_count() == poison,
+        "dead letters {} != poison {poison}",
+        audit.dead_letter_count()
+    );
+    if let Some(d) = stub {
+        for id in &valid {
+            anyhow::ensure!(d.charged(id), "order {id} processed but never charged");
+        }
+        anyhow::ensure!(
+            charges == valid.len(),
+            "effective charges {charges} != processed orders {}",
+            valid.len()
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_1_sigkill_a_random_worker_every_few_seconds() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let server = NatsServer::start().await?;
+    let js = jetstream::new(async_nats::connect(server.url()).await?);
+    topology(&js, 1).await?;
+    let stub = DownstreamStub::start(StubBehaviour::default()).await?;
+    let env = worker_env(&server.url(), &[("DOWNSTREAM_URL", stub.url.clone())]);
+    let bin = binary("order-worker")?;
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let w = WorkerProcess::spawn(&bin, &env).await?;
+        w.wait_ready().await?;
+        workers.push(w);
+    }
+    let count = orders(3_000, 50_000);
+    let mut o = opts(&format!("k{}", random_suffix()), count);
+    o.rate = if long() { 2_000.0 } else { 1_000.0 };
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move { ctl::publish_orders(&js, &o).await })
+    };
+    let every = Duration::from_secs(if long() { 3 } else { 1 });
+    let mut kills = 0;
+    while !publisher.is_finished() {
+        hold_fault(every).await;
+        let i = (rand_index() as usize) % workers.len();
+        workers[i].kill().await?;
+        workers[i] = WorkerProcess::spawn(&bin, &env).await?;
+        kills += 1;
+    }
+    let r = publisher.await??;
+    drained(&js, Duration::from_secs(300)).await?;
+    anyhow::ensure!(
+        kills >= 2,
+        "the run was too short to kill workers ({kills})"
+    );
+    let audit = Audit::collect(&js, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
+    report(
+        &format!("sigkill-workers ({kills} kills)"),
+        &audit,
+        &[&r],
+        0,
+        Some(&stub),
+        started,
+    )
+}
+
+fn rand_index() -> u32 {
+    let n = Instant::now().elapsed().subsec_nanos() ^ std::process::id();
+    n.wrapping_mul(2_654_435_761)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_2_restart_nats_server_mid_run() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut server = NatsServer::start().await?;
+    let js = jetstream::new(async_nats::connect(server.url()).await?);
+    topology(&js, 1).await?;
+    let env = worker_env(&server.url(), &[]);
+    let bin = binary("order-worker")?;
+    let w1 = WorkerProcess::spawn(&bin, &env).await?;
+    let w2 = WorkerProcess::spawn(&bin, &env).await?;
+    w1.wait_ready().await?;
+    w2.wait_ready().await?;
+    let mut o = opts(&format!("n{}", random_suffix()), orders(4_000, 20_000));
+    o.rate = 2_000.0;
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move { ctl::publish_orders(&js, &o).await })
+    };
+    stored(&js, 1_000).await?;
+    server.restart().await?;
+    let r = publisher.await??;
+    drained(&js, Duration::from_secs(180)).await?;
+    let audit = Audit::collect(&js, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
+    report("restart-nats", &audit, &[&r], 0, None, started)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_3_kill_and_restart_a_node_of_a_3_node_cluster() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut cluster = NatsCluster::start(3).await?;
+    let js = jetstream::new(NatsCluster::connect_urls(&cluster.url()).await?);
+    wait_for("an R3 topology", Duration::from_secs(30), || async {
+        Ok(topology(&js, 3).await.ok())
+    })
+    .await?;
+    let bin = binary("order-worker")?;
+    // Workers on different nodes: clients keep using every node.
+    let mut workers = Vec::new();
+    for node in &cluster.nodes {
+        let w = WorkerProcess::spawn(
+            &bin,
+            &worker_env(&format!("{},{}", node.url(), cluster.url()), &[]),
+        )
+        .await?;
+        w.wait_ready().await?;
+        workers.push(w);
+    }
+    let mut o = opts(&format!("c{}", random_suffix()), orders(3_000, 20_000));
+    o.rate = 1_500.0;
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move { ctl::publish_orders(&js, &o).await })
+    };
+    stored(&js, 500).await?;
+    cluster.nodes[2].kill().await?;
+    hold_fault(Duration::from_secs(2)).await;
+    cluster.nodes[2].start_again().await?;
+    let r = publisher.await??;
+    drained(&js, Duration::from_secs(180)).await?;
+    let audit = Audit::collect(&js, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
+    let info = js.get_stream("ORDERS").await?.info().await?.clone();
+    anyhow::ensure!(info.config.num_replicas == 3, "R3 stream");
+    report("cluster-node-kill", &audit, &[&r], 0, None, started)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_4_cut_workers_then_the_producer_from_nats() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let server = NatsServer::start().await?;
+    let admin = jetstream::new(async_nats::connect(server.url()).await?);
+    topology(&admin, 1).await?;
+    let workers_link = Proxy::start(server.port).await?;
+    let producer_link = Proxy::start(server.port).await?;
+    let bin = binary("order-worker")?;
+    let env = worker_env(&workers_link.url(), &[]);
+    let w1 = WorkerProcess::spawn(&bin, &env).await?;
+    let w2 = WorkerProcess::spawn(&bin, &env).await?;
+    w1.wait_ready().await?;
+    w2.wait_ready().await?;
+    let producer = jetstream::new(
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(producer_link.url())
+            .await?,
+    );
+    let cut = Duration::from_secs(if long() { 10 } else { 4 });
+
+    // Workers cut off while orders keep arriving.
+    let mut o1 = opts(&format!("w{}", random_suffix()), orders(2_000, 10_000));
+    o1.rate = 500.0;
+    let p1 = {
+        let js = producer.clone();
+        tokio::spawn(async move { ctl::publish_orders(&js, &o1).await })
+    };
+    stored(&admin, 300).await?;
+    workers_link.cut();
+    hold_fault(cut).await;
+    workers_link.heal();
+    let r1 = p1.await??;
+
+    // The producer cut off mid-publish: it retries with the same ids.
+    let mut o2 = opts(&format!("p{}", random_suffix()), orders(2_000, 10_000));
+    o2.rate = 500.0;
+    let p2 = {
+        let js = producer.clone();
+        tokio::spawn(async move { ctl::publish_orders(&js, &o2).await })
+    };
+    stored(&admin, r1.valid + r1.invalid + 300).await?;
+    producer_link.cut();
+    hold_fault(cut).await;
+    producer_link.heal();
+    let r2 = p2.await??;
+    anyhow::ensure!(
+        r2.retries > 0,
+        "the producer saw the cut (retries {})",
+        r2.retries
+    );
+    drained(&admin, Duration::from_secs(180)).await?;
+    let audit = Audit::collect(&admin, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
+    report(
+        &format!("network-cut ({}s each)", cut.as_secs()),
+        &audit,
+        &[&r1, &r2],
+        0,
+        None,
+        started,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_5_downstream_flaps_with_503s_and_timeouts() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let server = NatsServer::start().await?;
+    let js = jetstream::new(async_nats::connect(server.url()).await?);
+    topology(&js, 1).await?;
+    let stub = DownstreamStub::start(StubBehaviour {
+        flap_period: Some(Duration::from_millis(700)),
+        stall: Duration::from_millis(1500),
+        ..Default::default()
+    })
+    .await?;
+    let env = worker_env(
+        &server.url(),
+        &[
+            ("DOWNSTREAM_URL", stub.url.clone()),
+            ("DOWNSTREAM_TIMEOUT", "500ms".into()),
+            ("RETRY_ATTEMPTS", "3".into()),
+        ],
+    );
+    let bin = binary("order-worker")?;
+    let w = WorkerProcess::spawn(&bin, &env).await?;
+    w.wait_ready().await?;
+    let mut o = opts(&format!("f{}", random_suffix()), orders(1_000, 10_000));
+    o.rate = 400.0;
+    let r = ctl::publish_orders(&js, &o).await?;
+    drained(&js, Duration::from_secs(180)).await?;
+    let audit = Audit::collect(&js, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
+    anyhow::ensure!(stub.total_calls() > r.valid, "the flapping forced retries");
+    report(
+        "downstream-flapping",
+        &audit,
+        &[&r],
+        0,
+        Some(&stub),
+        started,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_7_poison_interleaved_with_valid_orders() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let server = NatsServer::start().await?;
+    let js = jetstream::new(async_nats::connect(server.url()).await?);
+    topology(&js, 1).await?;
+    let env = worker_env(&server.url(), &[("MAX_PAYLOAD_BYTES", "8192".into())]);
+    let w = WorkerProcess::spawn(&binary("order-worker")?, &env).await?;
+    w.wait_ready().await?;
+    let batches = orders(10, 100);
+    let mut reports = Vec::new();
+    let mut poison = 0;
+    let good = ctl::valid_order("t", 1).encode_to_vec();
+    for b in 0..batches {
+        reports
+            .push(ctl::publish_orders(&js, &opts(&format!("v{b}{}", random_suffix()), 100)).await?);
+        for (i, payload) in [
+            (
+                0,
+                (0..64)
+                    .map(|x| (x * 37 + b) as u8 ^ 0xa5)
+                    .collect::<Vec<u8>>(),
+            ),
+            (1, good[..good.len() / 2].to_vec()),
+            (2, ctl::valid_order(&"x".repeat(9000), b).encode_to_vec()),
+        ] {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(
+                "Nats-Msg-Id",
+                format!("poison-{b}-{i}-{}", random_suffix()).as_str(),
+            );
+            js.publish_with_headers("ORDER.created", h, payload.into())
+                .await?
+                .await?;
+            poison += 1;
+        }
+    }
+    drained(&js, Duration::from_secs(120)).await?;
+    let audit = Audit::collect(&js, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
+    for letters in audit.dead_letters.values() {
+        anyhow::ensure!(
+            !letters[0].error_message.is_empty(),
+            "every dead letter has a reason"
+        );
+    }
+    let refs: Vec<&PublishReport> = reports.iter().collect();
+    report("poison-interleaved", &audit, &refs, poison, None, started)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_8_the_same_order_published_twice_has_one_effect() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let server = NatsServer::start().await?;
+    let js = jetstream::new(async_nats::connect(server.url()).await?);
+    topology(&js, 1).await?;
+    let stub = DownstreamStub::start(StubBehaviour::default()).await?;
+    let w = WorkerProcess::spawn(
+        &binary("order-worker")?,
+        &worker_env(&server.url(), &[("DOWNSTREAM_URL", stub.url.clone())]),
+    )
+    .await?;
+    w.wait_ready().await?;
+    let mut o = opts(&format!("d{}", random_suffix()), orders(500, 5_000));
+    o.duplicate_ratio = 0.2; // same Nats-Msg-Id: dropped by the stream
+    let r = ctl::publish_orders(&js, &o).await?;
+    anyhow::ensure!(
+        r.duplicates_acked == r.duplicates_sent,
+        "the stream reported every same-id publish as duplicate"
+    );
+    // Again under a different Nats-Msg-Id: stored, then acked as duplicate by the worker.
+    for (n, id) in r.valid_ids.iter().take(50).enumerate() {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", format!("{id}-again").as_str());
+        let idx: u64 = id
+            .rsplit('-')
+            .next()
+            .unwrap_or("0")
+            .parse()
+            .unwrap_or(n as u64);
+        js.publish_with_headers(
+            "ORDER.created",
+            h,
+            ctl::valid_order(id, idx).encode_to_vec().into(),
+        )
+        .await?
+        .await?;
+    }
+    drained(&js, Duration::from_secs(60)).await?;
+    let audit = Audit::collect(&js, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
+    let s = audit.summary();
+    anyhow::ensure!(
+        s.duplicates_suppressed == 50,
+        "50 re-published orders suppressed, got {}",
+        s.duplicates_suppressed
+    );
+    for id in r.valid_ids.iter().take(50) {
+        anyhow::ensure!(stub.calls_for(id) == 1, "{id}: one downstream call");
+    }
+    report(
+        "duplicate-publishes",
+        &audit,
+        &[&r],
+        0,
+        Some(&stub),
+        started,
+    )
+    .context("exactly once")
+}
