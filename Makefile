@@ -10,7 +10,7 @@ CACHE ?= $(HOME)/.cache/orderpipeline
 export CARGO_TARGET_DIR ?= $(CACHE)/target
 export ORDERPIPE_CACHE ?= $(CACHE)
 
-.PHONY: demo demo-down test lint unit integration tools
+.PHONY: demo demo-down test test-faults lint unit integration tools
 
 demo:
 	hack/demo
@@ -33,6 +33,13 @@ unit:
 integration: tools
 	cargo build --workspace --locked
 	ORDERPIPE_PYTHON="$$(hack/python-env)" hack/with-env cargo test --workspace --test '*' --locked
+
+# The long fault-injection scenarios (50k orders with SIGKILLs, 10 s network cuts,
+# an API server restart, ...) against their own environment. make test runs short
+# versions of the same scenarios.
+test-faults: tools
+	cargo build --workspace --locked
+	ORDERPIPE_FAULTS=long hack/with-env cargo test -p orderpipeline-e2e --test faults --locked
 
 tools:
 	hack/build-tools >/dev/null

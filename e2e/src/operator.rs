@@ -97,14 +97,17 @@ pub struct OperatorProcess {
     child: Option<tokio::process::Child>,
     pub http_port: u16,
     pub log: PathBuf,
-    kubeconfig: PathBuf,
+    /// A kubeconfig this process made for itself (removed on drop).
+    own_kubeconfig: Option<PathBuf>,
 }
 
 impl OperatorProcess {
     /// Runs the operator for `namespace` as its ServiceAccount.
     pub async fn spawn(namespace: &str, resync: &str) -> anyhow::Result<Self> {
         let kubeconfig = service_account_kubeconfig()?;
-        Self::spawn_with(namespace, resync, &kubeconfig).await
+        let mut p = Self::spawn_with(namespace, resync, &kubeconfig).await?;
+        p.own_kubeconfig = Some(kubeconfig);
+        Ok(p)
     }
 
     pub async fn spawn_with(
@@ -143,7 +146,7 @@ impl OperatorProcess {
             child: Some(child),
             http_port,
             log,
-            kubeconfig: kubeconfig.to_path_buf(),
+            own_kubeconfig: None,
         })
     }
 
@@ -190,6 +193,8 @@ impl OperatorProcess {
 impl Drop for OperatorProcess {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.log);
-        let _ = std::fs::remove_file(&self.kubeconfig);
+        if let Some(k) = &self.own_kubeconfig {
+            let _ = std::fs::remove_file(k);
+        }
     }
 }

@@ -483,3 +483,115 @@ async fn fault_8_the_same_order_published_twice_has_one_effect() -> anyhow::Resu
     )
     .context("exactly once")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_6_operator_killed_during_reconcile_and_scaling() -> anyhow::Result<()> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::Api;
+    use kube::api::PostParams;
+    use order_operator::crd::OrderPipeline;
+    use orderpipeline_e2e::operator::{
+        OperatorProcess, install_crd_and_rbac, repo_root, service_account_kubeconfig,
+    };
+
+    let started = Instant::now();
+    install_crd_and_rbac().await?;
+    let client = orderpipeline_e2e::kube_client().await?;
+    let ns = orderpipeline_e2e::TestNamespace::create(&client, "fault-op").await?;
+    let server = NatsServer::start().await?;
+    let js = jetstream::new(async_nats::connect(server.url()).await?);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _runner = stop.clone().drop_guard();
+    tokio::spawn(orderpipeline_e2e::podrunner::run(
+        client.clone(),
+        orderpipeline_e2e::podrunner::RunnerConfig {
+            namespace: Some(ns.name.clone()),
+            worker_binary: binary("order-worker")?,
+            work_dir: std::env::temp_dir().join(format!("podrunner-{}", ns.name)),
+        },
+        stop,
+    ));
+    let kc = service_account_kubeconfig()?;
+    let mut op = OperatorProcess::spawn_named(&ns.name, "1s", &kc, "op-a").await?;
+
+    let text = std::fs::read_to_string(repo_root().join("manifests/samples/orderpipeline.yaml"))?;
+    let mut p: OrderPipeline = serde_yaml::from_str(&text)?;
+    p.spec.nats.url = server.url();
+    p.spec.telemetry.otlp_endpoint = None;
+    p.spec.consumer.ack_wait = "3s".into();
+    p.spec.workers.min_replicas = Some(1);
+    p.spec.workers.max_replicas = Some(4);
+    p.spec.workers.scaling.target_lag_per_replica = 300;
+    p.spec.workers.scaling.stabilization_window = "3s".into();
+    let api: Api<OrderPipeline> = Api::namespaced(client.clone(), &ns.name);
+    api.create(&PostParams::default(), &p).await?;
+    // Killed during the first reconcile.
+    op.kill().await?;
+    op = OperatorProcess::spawn_named(&ns.name, "1s", &kc, "op-b").await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    wait_for(
+        "the Deployment after the restart",
+        Duration::from_secs(30),
+        || async { Ok(deployments.get_opt("orders-workers").await?.map(|_| ())) },
+    )
+    .await
+    .with_context(|| format!("operator log:\n{}", op.log_text()))?;
+    stored_or_created(&js).await?;
+
+    let mut o = opts(&format!("o{}", random_suffix()), orders(3_000, 20_000));
+    o.rate = 1_500.0;
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move { ctl::publish_orders(&js, &o).await })
+    };
+    // Killed during scaling: once it has scaled up, kill and restart it.
+    wait_for("a scale-up", Duration::from_secs(60), || async {
+        let d = deployments.get("orders-workers").await?;
+        Ok((d.spec.and_then(|s| s.replicas).unwrap_or(0) > 1).then_some(()))
+    })
+    .await?;
+    op.kill().await?;
+    if long() {
+        // The API server restarts too (this environment is the fault run's own).
+        let env_dir = std::env::var("ORDERPIPE_ENV_DIR").context("ORDERPIPE_ENV_DIR")?;
+        let out = tokio::process::Command::new(repo_root().join("hack/env"))
+            .args(["restart", "kube-apiserver"])
+            .env("ORDERPIPE_ENV_DIR", env_dir)
+            .output()
+            .await?;
+        anyhow::ensure!(
+            out.status.success(),
+            "restarting kube-apiserver: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _op = OperatorProcess::spawn_named(&ns.name, "1s", &kc, "op-c").await?;
+    let r = publisher.await??;
+    drained(&js, Duration::from_secs(180)).await?;
+    wait_for(
+        "scaled back to 1 after the window",
+        Duration::from_secs(60),
+        || async {
+            let d = deployments.get("orders-workers").await?;
+            Ok((d.spec.and_then(|s| s.replicas) == Some(1)).then_some(()))
+        },
+    )
+    .await?;
+    let audit = Audit::collect(&js, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
+    let name = if long() {
+        "operator-and-apiserver-restarts"
+    } else {
+        "operator-kills"
+    };
+    report(name, &audit, &[&r], 0, None, started)?;
+    let _ = std::fs::remove_file(&kc);
+    ns.delete().await
+}
+
+/// Waits until the operator has created the input stream.
+async fn stored_or_created(js: &jetstream::Context) -> anyhow::Result<()> {
+    wait_for("the stream to exist", Duration::from_secs(30), || async {
+        Ok(js.get_stream("ORDERS").await.ok().map(|_| ()))
+    })
+    .await
+}

@@ -842,6 +842,49 @@ async fn a_stream_removed_behind_the_operators_back_is_recreated_and_storage_dri
     s.js.create_stream(cfg).await?;
     let p = wait_ready(&s, "orders", "False", Some("ImmutableFieldChanged")).await?;
     assert!(condition(&p, "Ready").is_some_and(|c| c.message.contains("storage")));
+
+    // Recreation only when the spec opts in.
+    s.api
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(
+                &serde_json::json!({"spec": {"stream": {"recreateOnImmutableChange": true}}}),
+            ),
+        )
+        .await?;
+    wait_ready(&s, "orders", "True", None).await?;
+    let mut stream = s.js.get_stream("ORDERS").await?;
+    assert_eq!(
+        stream.info().await?.config.storage,
+        jetstream::stream::StorageType::File
+    );
+    assert!(event_reasons(&s.ns.name).await?.contains("StreamRecreated"));
+
+    // A field changed behind the operator's back is reverted.
+    let mut cfg = stream.info().await?.config.clone();
+    cfg.max_age = Duration::from_secs(3600);
+    s.js.update_stream(cfg).await?;
+    wait_for(
+        "max_age reverted to 7d",
+        Duration::from_secs(30),
+        || async {
+            let mut st = s.js.get_stream("ORDERS").await?;
+            Ok((st.info().await?.config.max_age == Duration::from_secs(7 * 86400)).then_some(()))
+        },
+    )
+    .await?;
+    wait_for(
+        "a DriftCorrected event for the field",
+        Duration::from_secs(30),
+        || async {
+            Ok(event_reasons(&s.ns.name)
+                .await?
+                .contains("max age changed) (it had been changed outside the operator)")
+                .then_some(()))
+        },
+    )
+    .await?;
     s.ns.delete().await
 }
 
@@ -1095,4 +1138,69 @@ async fn tls_with_a_test_ca_reaches_the_operator_and_the_workers() -> anyhow::Re
     )
     .await?;
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_stream_is_a_conflict_until_adopted_and_observe_changes_nothing()
+-> anyhow::Result<()> {
+    let s = setup("op-policy").await?;
+    // A stream created by hand, not by a pipeline.
+    s.js.create_stream(jetstream::stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["ORDER.*".into()],
+        duplicate_window: Duration::from_secs(1800),
+        ..Default::default()
+    })
+    .await?;
+    s.api
+        .create(&PostParams::default(), &sample(&s.nats.url())?)
+        .await?;
+    let p = wait_ready(&s, "orders", "False", Some("StreamOwnedByAnotherPipeline")).await?;
+    assert!(
+        condition(&p, "Ready")
+            .is_some_and(|c| c.message.contains("not created by an OrderPipeline"))
+    );
+    s.api
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"spec": {"managementPolicy": "Adopt"}})),
+        )
+        .await?;
+    wait_ready(&s, "orders", "True", None).await?;
+    let mut st = s.js.get_stream("ORDERS").await?;
+    assert_eq!(
+        st.info()
+            .await?
+            .config
+            .metadata
+            .get("orderpipeline.dev/owner")
+            .map(String::as_str),
+        Some(format!("{}/orders", s.ns.name).as_str())
+    );
+    assert!(event_reasons(&s.ns.name).await?.contains("Adopted"));
+
+    // Observe: report status, change nothing.
+    let mut observed = sample(&s.nats.url())?;
+    observed.metadata.name = Some("watching".into());
+    observed.spec.management_policy = order_operator::crd::ManagementPolicy::Observe;
+    observed.spec.stream.name = "ELSEWHERE".into();
+    observed.spec.stream.subjects = vec!["ELSE.*".into()];
+    observed.spec.consumer.filter_subject = "ELSE.created".into();
+    observed.spec.dead_letter.stream_name = "ELSEWHERE_DLQ".into();
+    observed.spec.dead_letter.subject = "DLQ.ELSE.created".into();
+    observed.spec.state.bucket = "ELSEWHERE_STATE".into();
+    s.api.create(&PostParams::default(), &observed).await?;
+    let p = wait_ready(&s, "watching", "False", None).await?;
+    assert!(condition(&p, "StreamReady").is_some_and(|c| c.status == "False"));
+    assert!(
+        s.js.get_stream("ELSEWHERE").await.is_err(),
+        "Observe creates nothing"
+    );
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns.name);
+    assert!(
+        deployments.get_opt("watching-workers").await?.is_none(),
+        "Observe creates no Deployment"
+    );
+    s.ns.delete().await
 }

@@ -1003,26 +1003,45 @@ async fn ensure_topology(
                         Duration::from_secs(30),
                     ));
                 }
-                if live.storage != cfg.storage {
-                    return Err(blocked(
-                        reasons::STREAM_INCOMPATIBLE,
-                        format!(
-                            "stream {name} has {:?} storage but the spec asks for {:?}; NATS cannot change storage in place: recreate the stream",
-                            live.storage, cfg.storage
-                        ),
-                        Duration::from_secs(60),
-                    ));
-                }
                 let wq = stream::RetentionPolicy::WorkQueue;
-                if (live.retention == wq) != (cfg.retention == wq) {
-                    return Err(blocked(
-                        reasons::STREAM_INCOMPATIBLE,
-                        format!(
-                            "stream {name} has {:?} retention but the spec asks for {:?}; NATS cannot change to or from WorkQueue in place",
-                            live.retention, cfg.retention
-                        ),
-                        Duration::from_secs(60),
-                    ));
+                let immutable = if live.storage != cfg.storage {
+                    Some(format!(
+                        "stream {name} has {:?} storage but the spec asks for {:?}; NATS cannot change storage in place",
+                        live.storage, cfg.storage
+                    ))
+                } else if (live.retention == wq) != (cfg.retention == wq) {
+                    Some(format!(
+                        "stream {name} has {:?} retention but the spec asks for {:?}; NATS cannot change to or from WorkQueue in place",
+                        live.retention, cfg.retention
+                    ))
+                } else {
+                    None
+                };
+                if let Some(why) = immutable {
+                    if !p.spec.stream.recreate_on_immutable_change {
+                        return Err(blocked(
+                            reasons::STREAM_INCOMPATIBLE,
+                            format!(
+                                "{why}: set spec.stream.recreateOnImmutableChange: true to delete and recreate it (its messages are lost), or recreate it by hand"
+                            ),
+                            Duration::from_secs(60),
+                        ));
+                    }
+                    js.delete_stream(&name)
+                        .await
+                        .map_err(|e| api_err(&format!("deleting stream {name}"), &e))?;
+                    js.create_stream(cfg.clone())
+                        .await
+                        .map_err(|e| api_err(&format!("recreating stream {name}"), &e))?;
+                    ctx.event(
+                        p,
+                        EventType::Warning,
+                        "StreamRecreated",
+                        "Recreate",
+                        format!("{why}; recreated it (spec.stream.recreateOnImmutableChange)"),
+                    )
+                    .await;
+                    continue;
                 }
                 if adopt {
                     js.update_stream(cfg.clone())

@@ -322,6 +322,11 @@ pub struct StreamSpec {
     /// Delete removes them.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+    /// When the live stream differs in what NATS cannot change in place (storage,
+    /// retention to or from WorkQueue), delete and recreate it. Its messages are
+    /// lost, so the default (false) reports ImmutableFieldChanged instead.
+    #[serde(default)]
+    pub recreate_on_immutable_change: bool,
 }
 
 impl Default for StreamSpec {
@@ -336,6 +341,7 @@ impl Default for StreamSpec {
             max_bytes: default_max_bytes(),
             duplicate_window: default_duplicate_window(),
             deletion_policy: DeletionPolicy::default(),
+            recreate_on_immutable_change: false,
         }
     }
 }
