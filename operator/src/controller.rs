@@ -364,7 +364,15 @@ fn write_tls_files(
 
 async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
     let generation = p.metadata.generation;
-    let old = p.status.clone().unwrap_or_default();
+    // The status from the API server, not the watch cache: a reconcile triggered
+    // right after our own status write may see the cache without it, and the
+    // scaler's clocks and lastScaleTime must not be lost.
+    let api: Api<OrderPipeline> =
+        Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
+    let old = match api.get_status(&p.name_any()).await {
+        Ok(fresh) => fresh.status.unwrap_or_default(),
+        Err(_) => p.status.clone().unwrap_or_default(),
+    };
     let key = key_of(&p);
 
     let plan = match render::plan(&p) {

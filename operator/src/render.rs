@@ -701,6 +701,8 @@ spec:
         p.spec.stream.duplicate_window = "1m".into();
         let w = plan(&p).unwrap().window_warning.unwrap();
         assert!(w.contains("duplicateWindow 1m is shorter"), "{w}");
+        // 5 deliveries x (max(ack wait 30s, NAK delay 60s) + 3 tries x (5s backoff + 5s timeout))
+        assert!(w.contains("redelivery horizon 450s"), "{w}");
     }
 
     #[test]
