@@ -563,15 +563,11 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
                 applied_replicas.unwrap_or(0)
             )
         };
-        ctx.event_about(
-            &p,
-            EventType::Normal,
-            "Scaled",
-            "Scale",
-            why,
-            Some(after.object_ref(&())),
-        )
-        .await;
+        let mut related = after.object_ref(&());
+        // A new resourceVersion per scale keeps each Scaled event its own.
+        related.resource_version = after.metadata.resource_version.clone();
+        ctx.event_about(&p, EventType::Normal, "Scaled", "Scale", why, Some(related))
+            .await;
     }
 
     let mut status = old.clone();
