@@ -96,6 +96,20 @@ async fn stored(js: &jetstream::Context, n: u64) -> anyhow::Result<()> {
     .await
 }
 
+/// Reads every outcome back, retrying while a recovering cluster times out.
+async fn audit(js: &jetstream::Context) -> anyhow::Result<Audit> {
+    wait_for(
+        "the audit to read the streams",
+        Duration::from_secs(90),
+        || async {
+            Ok(Some(
+                Audit::collect(js, "ORDERS", "ORDERS_DLQ", "order-workers").await?,
+            ))
+        },
+    )
+    .await
+}
+
 /// Keeps a fault in place for `d` (the fault's length, not synchronisation).
 async fn hold_fault(d: Duration) {
     tokio::time::sleep(d).await;
@@ -191,7 +205,7 @@ async fn fault_1_sigkill_a_random_worker_every_few_seconds() -> anyhow::Result<(
         kills >= 2,
         "the run was too short to kill workers ({kills})"
     );
-    let audit = Audit::collect(&js, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
+    let audit = audit(&js).await?;
     report(
         &format!("sigkill-workers ({kills} kills)"),
         &audit,
@@ -229,7 +243,7 @@ async fn fault_2_restart_nats_server_mid_run() -> anyhow::Result<()> {
     server.restart().await?;
     let r = publisher.await??;
     drained(&js, Duration::from_secs(180)).await?;
-    let audit = Audit::collect(&js, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
+    let audit = audit(&js).await?;
     report("restart-nats", &audit, &[&r], 0, None, started)
 }
 
@@ -266,9 +280,19 @@ async fn fault_3_kill_and_restart_a_node_of_a_3_node_cluster() -> anyhow::Result
     cluster.nodes[2].start_again().await?;
     let r = publisher.await??;
     drained(&js, Duration::from_secs(180)).await?;
-    let audit = Audit::collect(&js, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
-    let info = js.get_stream("ORDERS").await?.info().await?.clone();
-    anyhow::ensure!(info.config.num_replicas == 3, "R3 stream");
+    let audit = audit(&js).await?;
+    let replicas = wait_for("the stream's info", Duration::from_secs(60), || async {
+        Ok(Some(
+            js.get_stream("ORDERS")
+                .await?
+                .info()
+                .await?
+                .config
+                .num_replicas,
+        ))
+    })
+    .await?;
+    anyhow::ensure!(replicas == 3, "R3 stream");
     report("cluster-node-kill", &audit, &[&r], 0, None, started)
 }
 
@@ -325,7 +349,7 @@ async fn fault_4_cut_workers_then_the_producer_from_nats() -> anyhow::Result<()>
         r2.retries
     );
     drained(&admin, Duration::from_secs(180)).await?;
-    let audit = Audit::collect(&admin, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
+    let audit = audit(&admin).await?;
     report(
         &format!("network-cut ({}s each)", cut.as_secs()),
         &audit,
@@ -363,7 +387,7 @@ async fn fault_5_downstream_flaps_with_503s_and_timeouts() -> anyhow::Result<()>
     o.rate = 400.0;
     let r = ctl::publish_orders(&js, &o).await?;
     drained(&js, Duration::from_secs(180)).await?;
-    let audit = Audit::collect(&js, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
+    let audit = audit(&js).await?;
     anyhow::ensure!(stub.total_calls() > r.valid, "the flapping forced retries");
     report(
         "downstream-flapping",
@@ -413,7 +437,7 @@ async fn fault_7_poison_interleaved_with_valid_orders() -> anyhow::Result<()> {
         }
     }
     drained(&js, Duration::from_secs(120)).await?;
-    let audit = Audit::collect(&js, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
+    let audit = audit(&js).await?;
     for letters in audit.dead_letters.values() {
         anyhow::ensure!(
             !letters[0].error_message.is_empty(),
@@ -463,7 +487,7 @@ async fn fault_8_the_same_order_published_twice_has_one_effect() -> anyhow::Resu
         .await?;
     }
     drained(&js, Duration::from_secs(60)).await?;
-    let audit = Audit::collect(&js, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
+    let audit = audit(&js).await?;
     let s = audit.summary();
     anyhow::ensure!(
         s.duplicates_suppressed == 50,
@@ -577,7 +601,7 @@ async fn fault_6_operator_killed_during_reconcile_and_scaling() -> anyhow::Resul
         },
     )
     .await?;
-    let audit = Audit::collect(&js, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
+    let audit = audit(&js).await?;
     let name = if long() {
         "operator-and-apiserver-restarts"
     } else {
