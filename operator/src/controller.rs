@@ -434,11 +434,9 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
 
     // JetStream objects (Observe: change nothing, only report).
     // Between reconciles of an unchanged spec, any difference is drift.
-    let drift = old.observed_generation == generation
-        && old
-            .conditions
-            .iter()
-            .any(|c| c.type_ == types::STREAM_READY && c.status == "True");
+    // (`status.stream` is set once the stream has been seen, and kept when a
+    // later read fails, so a failed read in between does not hide drift.)
+    let drift = old.observed_generation == generation && old.stream.is_some();
     if !observe && let Err(b) = ensure_topology(&p, &ctx, &js, &plan.topology, drift).await {
         if b.reason == reasons::NATS_UNREACHABLE || b.reason == reasons::JETSTREAM_ERROR {
             ctx.forget_nats(&key).await;
