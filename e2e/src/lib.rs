@@ -194,6 +194,14 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The monitoring endpoint (servers started with a config file).
+    pub fn monitor_url(&self) -> Option<String> {
+        self.probe_url
+            .as_ref()
+            .and_then(|u| u.split("/healthz").next())
+            .map(str::to_string)
+    }
+
     /// Sends SIGKILL (a crash: no flush) and waits for the exit.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {
@@ -306,17 +314,52 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     pub async fn start(n: usize) -> anyhow::Result<Self> {
+        Ok(Self::start_partitionable(n, None).await?.0)
+    }
+
+    /// A cluster whose node `isolate` reaches the others only through loopback
+    /// proxies (its inbound routes and its outbound ones), so cutting the returned
+    /// proxies isolates it from the cluster while its clients stay connected.
+    pub async fn start_partitionable(
+        n: usize,
+        isolate: Option<usize>,
+    ) -> anyhow::Result<(Self, Vec<proxy::Proxy>)> {
         let routes: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
-        let route_list = routes
-            .iter()
-            .map(|p| format!("nats-route://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let mut proxies = Vec::new();
+        // Route addresses as each node dials them, and what each node advertises.
+        let mut dial: Vec<Vec<u16>> = vec![routes.clone(); n];
+        let mut advertise: Vec<Option<u16>> = vec![None; n];
+        if let Some(x) = isolate {
+            // Others reach x through one proxy; x reaches each other node through its own.
+            let inbound = proxy::Proxy::start(routes[x]).await?;
+            for (i, d) in dial.iter_mut().enumerate() {
+                if i != x {
+                    d[x] = inbound.port;
+                }
+            }
+            advertise[x] = Some(inbound.port);
+            proxies.push(inbound);
+            for i in (0..n).filter(|i| *i != x) {
+                let out = proxy::Proxy::start(routes[i]).await?;
+                dial[x][i] = out.port;
+                proxies.push(out);
+            }
+        }
         let name = format!("test-{}", random_suffix());
         let mut nodes = Vec::new();
         for (i, p) in routes.iter().enumerate() {
+            let route_list = dial[i]
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, p)| format!("nats-route://127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let adv = advertise[i]
+                .map(|a| format!(", advertise: \"127.0.0.1:{a}\""))
+                .unwrap_or_default();
             let extra = format!(
-                "server_name: node-{i}\ncluster {{ name: {name}, listen: 127.0.0.1:{p}, routes: [{route_list}] }}\n"
+                "server_name: node-{i}\ncluster {{ name: {name}, listen: 127.0.0.1:{p}{adv}, routes: [{route_list}] }}\n"
             );
             nodes.push(NatsServer::start_with_config(&extra).await?);
         }
@@ -335,7 +378,7 @@ impl NatsCluster {
             },
         )
         .await?;
-        Ok(c)
+        Ok((c, proxies))
     }
 
     /// Connects to every node of a comma-separated URL list.

@@ -248,9 +248,10 @@ async fn fault_2_restart_nats_server_mid_run() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fault_3_kill_and_restart_a_node_of_a_3_node_cluster() -> anyhow::Result<()> {
+async fn fault_3_kill_restart_and_isolate_a_node_of_a_3_node_cluster() -> anyhow::Result<()> {
     let started = Instant::now();
-    let mut cluster = NatsCluster::start(3).await?;
+    // Node 2's routes run through loopback proxies, so they can be cut alone.
+    let (mut cluster, routes) = NatsCluster::start_partitionable(3, Some(2)).await?;
     let js = jetstream::new(NatsCluster::connect_urls(&cluster.url()).await?);
     wait_for("an R3 topology", Duration::from_secs(30), || async {
         Ok(topology(&js, 3).await.ok())
@@ -279,7 +280,60 @@ async fn fault_3_kill_and_restart_a_node_of_a_3_node_cluster() -> anyhow::Result
     hold_fault(Duration::from_secs(2)).await;
     cluster.nodes[2].start_again().await?;
     let r = publisher.await??;
+
+    // Isolate node 2 from the other two (its cluster routes cut) while its
+    // clients stay connected to it and orders keep coming; then heal.
+    let mut o2 = opts(&format!("i{}", random_suffix()), orders(3_000, 20_000));
+    o2.rate = 1_500.0;
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move { ctl::publish_orders(&js, &o2).await })
+    };
+    stored(&js, r.valid + r.invalid + 500).await?;
+    for p in &routes {
+        p.cut();
+    }
+    let isolated_at = Instant::now();
+    let routez = format!(
+        "{}/routez",
+        cluster.nodes[2].monitor_url().context("monitor")?
+    );
+    wait_for(
+        "node 2 to have no routes",
+        Duration::from_secs(10),
+        || async {
+            let Some((200, body)) = orderpipeline_e2e::pipeline::http_get(&routez).await else {
+                return Ok(None);
+            };
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            Ok((v["num_routes"] == 0).then_some(()))
+        },
+    )
+    .await?;
+    hold_fault(
+        Duration::from_secs(if long() { 10 } else { 5 }).saturating_sub(isolated_at.elapsed()),
+    )
+    .await;
+    for p in &routes {
+        p.heal();
+    }
+    let r2 = publisher.await??;
     drained(&js, Duration::from_secs(180)).await?;
+    // Judge only a settled cluster: every replica of the stream current again.
+    wait_for(
+        "all stream replicas current",
+        Duration::from_secs(60),
+        || async {
+            let mut st = js.get_stream("ORDERS").await?;
+            let info = st.info().await?;
+            let cluster = info.cluster.clone().unwrap_or_default();
+            let ok = cluster.leader.is_some()
+                && cluster.replicas.len() == 2
+                && cluster.replicas.iter().all(|p| p.current && !p.offline);
+            Ok(ok.then_some(()))
+        },
+    )
+    .await?;
     let audit = audit(&js).await?;
     let replicas = wait_for("the stream's info", Duration::from_secs(60), || async {
         Ok(Some(
@@ -293,7 +347,14 @@ async fn fault_3_kill_and_restart_a_node_of_a_3_node_cluster() -> anyhow::Result
     })
     .await?;
     anyhow::ensure!(replicas == 3, "R3 stream");
-    report("cluster-node-kill", &audit, &[&r], 0, None, started)
+    report(
+        "cluster-node-kill-and-isolation",
+        &audit,
+        &[&r, &r2],
+        0,
+        None,
+        started,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
