@@ -5,5 +5,6 @@
 pub mod duration;
 pub mod names;
 pub mod nats;
+pub mod signal;
 pub mod telemetry;
 pub mod topology;

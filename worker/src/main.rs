@@ -22,7 +22,7 @@ async fn main() -> std::process::ExitCode {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        orderpipeline_common::signal::shutdown_signal().await;
         tracing::info!("signal received; shutting down");
         signal.cancel();
     });
@@ -37,22 +37,4 @@ async fn main() -> std::process::ExitCode {
     };
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     code
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
