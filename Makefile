@@ -10,7 +10,7 @@ CACHE ?= $(HOME)/.cache/orderpipeline
 export CARGO_TARGET_DIR ?= $(CACHE)/target
 export ORDERPIPE_CACHE ?= $(CACHE)
 
-.PHONY: demo demo-down test test-faults lint unit integration tools
+.PHONY: demo demo-down test test-faults bench lint unit integration tools
 
 demo:
 	hack/demo
@@ -40,6 +40,10 @@ integration: tools
 test-faults: tools
 	cargo build --workspace --locked
 	ORDERPIPE_FAULTS=long hack/with-env cargo test -p orderpipeline-e2e --test faults --locked
+
+# Throughput next to the raw JetStream baseline, measured in the same run.
+bench: tools
+	hack/bench
 
 tools:
 	hack/build-tools >/dev/null
