@@ -159,10 +159,23 @@ async fn run_with_progress(
     }
 }
 
+/// NAKs with a delay and waits (briefly) for the server's confirmation, so a
+/// NAK sent just before shutdown is not lost in the client's buffer.
 async fn nak(ctx: &Ctx, msg: &jetstream::Message, delay: Duration) {
     ctx.metrics.naks.inc();
-    if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
-        tracing::warn!(error = %e, "NAK failed; the message is redelivered after the ack wait");
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        msg.double_ack_with(AckKind::Nak(Some(delay))),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "NAK failed; the message is redelivered after the ack wait")
+        }
+        Err(_) => tracing::warn!(
+            "NAK not confirmed within 2s; the message is redelivered after the ack wait at the latest"
+        ),
     }
 }
 

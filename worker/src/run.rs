@@ -232,6 +232,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         })
         .await;
     }
+    // Everything acked or NAKed above must reach the server before the connection goes.
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
     if let Err(e) = client.drain().await {
         tracing::warn!(error = %e, "draining the NATS connection failed");
     }
