@@ -14,7 +14,11 @@ pub const OPERATOR_NAMESPACE: &str = "orderpipeline-system";
 pub const OPERATOR_SA: &str = "system:serviceaccount:orderpipeline-system:order-operator";
 
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+    // At run time (cargo sets it for tests): a shared target dir may hold a binary
+    // compiled from another clone, whose compile-time path no longer exists.
+    let dir =
+        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into());
+    PathBuf::from(dir).join("..")
 }
 
 async fn kubectl(args: &[&str]) -> anyhow::Result<String> {

@@ -5,7 +5,10 @@ use kube::CustomResourceExt as _;
 use order_operator::crd::OrderPipeline;
 
 fn root() -> std::path::PathBuf {
-    std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+    // At run time: a shared target dir may hold a binary built from another clone.
+    let dir =
+        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into());
+    std::path::PathBuf::from(dir).join("..")
 }
 
 #[test]

@@ -15,7 +15,12 @@ fn python() -> String {
 }
 
 fn script() -> (String, String) {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    // At run time (cargo sets it for tests): a shared target dir may hold a binary
+    // compiled from another clone, whose compile-time path no longer exists.
+    let root = format!(
+        "{}/..",
+        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into())
+    );
     (
         format!("{root}/hack/interop/orders_interop.py"),
         format!("{root}/proto"),
