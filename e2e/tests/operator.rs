@@ -36,6 +36,16 @@ struct Setup {
     _runner: Option<tokio_util::sync::DropGuard>,
 }
 
+/// `setup`, then the sample pipeline created and Ready.
+async fn setup_ready(prefix: &str) -> anyhow::Result<Setup> {
+    let s = setup(prefix).await?;
+    s.api
+        .create(&PostParams::default(), &sample(&s.nats.url())?)
+        .await?;
+    wait_ready(&s, "orders", "True", None).await?;
+    Ok(s)
+}
+
 async fn setup(prefix: &str) -> anyhow::Result<Setup> {
     setup_with(prefix, true).await
 }
@@ -239,11 +249,7 @@ async fn the_sample_becomes_ready_with_matching_jetstream_objects_and_workers() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cel_rules_and_spec_checks_refuse_bad_specs_with_their_message() -> anyhow::Result<()> {
-    let s = setup("op-cel").await?;
-    s.api
-        .create(&PostParams::default(), &sample(&s.nats.url())?)
-        .await?;
-    wait_ready(&s, "orders", "True", None).await?;
+    let s = setup_ready("op-cel").await?;
 
     let patch = |v: serde_json::Value| {
         let api = s.api.clone();
@@ -449,11 +455,7 @@ async fn retain_keeps_the_stream_and_delete_removes_it() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_going_away_turns_ready_false_and_back() -> anyhow::Result<()> {
-    let mut s = setup("op-nats").await?;
-    s.api
-        .create(&PostParams::default(), &sample(&s.nats.url())?)
-        .await?;
-    wait_ready(&s, "orders", "True", None).await?;
+    let mut s = setup_ready("op-nats").await?;
     s.nats.stop().await?;
     let p = wait_ready(&s, "orders", "False", Some("NatsUnreachable")).await?;
     let msg = &condition(&p, "Ready").context("Ready")?.message;
@@ -637,11 +639,7 @@ async fn a_backlog_scales_the_workers_up_and_back_down_after_the_window() -> any
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_mode_follows_kubectl_scale_and_external_mode_leaves_replicas_alone()
 -> anyhow::Result<()> {
-    let s = setup("op-modes").await?;
-    s.api
-        .create(&PostParams::default(), &sample(&s.nats.url())?)
-        .await?;
-    wait_ready(&s, "orders", "True", None).await?;
+    let s = setup_ready("op-modes").await?;
     let kubectl = |args: Vec<String>| async move {
         let out = tokio::process::Command::new("kubectl")
             .args(&args)
@@ -725,11 +723,7 @@ async fn manual_mode_follows_kubectl_scale_and_external_mode_leaves_replicas_alo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_scales_to_zero_and_pauses_the_consumer_and_unpause_resumes() -> anyhow::Result<()> {
-    let s = setup("op-pause").await?;
-    s.api
-        .create(&PostParams::default(), &sample(&s.nats.url())?)
-        .await?;
-    wait_ready(&s, "orders", "True", None).await?;
+    let s = setup_ready("op-pause").await?;
     s.api
         .patch(
             "orders",
@@ -804,11 +798,7 @@ async fn pause_scales_to_zero_and_pauses_the_consumer_and_unpause_resumes() -> a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_removed_behind_the_operators_back_is_recreated_and_storage_drift_is_refused()
 -> anyhow::Result<()> {
-    let s = setup("op-drift").await?;
-    s.api
-        .create(&PostParams::default(), &sample(&s.nats.url())?)
-        .await?;
-    wait_ready(&s, "orders", "True", None).await?;
+    let s = setup_ready("op-drift").await?;
     s.js.delete_stream("ORDERS").await?;
     wait_for("the stream recreated", Duration::from_secs(30), || async {
         Ok(s.js.get_stream("ORDERS").await.ok().map(|_| ()))

@@ -385,44 +385,37 @@ pub fn deployment(
     if let Some(c) = &secrets.checksum {
         annotations.insert(CHECKSUM_ANNOTATION.to_string(), c.clone());
     }
-    let mut volumes = Vec::new();
-    let mut mounts = Vec::new();
+    // Secrets whose contents the worker reads as files: read-only mounts.
+    let mut file_secrets: Vec<(&str, &str, &str)> = Vec::new();
     if let Some((secret, kind)) = &secrets.credentials
         && matches!(kind, Credentials::CredsFile | Credentials::NkeySeed)
     {
-        volumes.push(Volume {
-            name: "nats-credentials".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.clone()),
-                default_mode: Some(0o400),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        mounts.push(VolumeMount {
-            name: "nats-credentials".into(),
-            mount_path: CREDS_MOUNT.into(),
-            read_only: Some(true),
-            ..Default::default()
-        });
+        file_secrets.push(("nats-credentials", secret, CREDS_MOUNT));
     }
     if let Some((secret, _)) = &secrets.tls {
-        volumes.push(Volume {
-            name: "nats-tls".into(),
+        file_secrets.push(("nats-tls", secret, TLS_MOUNT));
+    }
+    let volumes: Vec<Volume> = file_secrets
+        .iter()
+        .map(|(name, secret, _)| Volume {
+            name: (*name).into(),
             secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.clone()),
+                secret_name: Some((*secret).into()),
                 default_mode: Some(0o400),
                 ..Default::default()
             }),
             ..Default::default()
-        });
-        mounts.push(VolumeMount {
-            name: "nats-tls".into(),
-            mount_path: TLS_MOUNT.into(),
+        })
+        .collect();
+    let mounts: Vec<VolumeMount> = file_secrets
+        .iter()
+        .map(|(name, _, path)| VolumeMount {
+            name: (*name).into(),
+            mount_path: (*path).into(),
             read_only: Some(true),
             ..Default::default()
-        });
-    }
+        })
+        .collect();
     let grace = i64::try_from(plan.shutdown_grace.as_secs()).unwrap_or(25) + 5;
     let container = Container {
         name: "worker".into(),
