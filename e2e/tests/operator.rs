@@ -799,18 +799,26 @@ async fn pause_scales_to_zero_and_pauses_the_consumer_and_unpause_resumes() -> a
 async fn a_stream_removed_behind_the_operators_back_is_recreated_and_storage_drift_is_refused()
 -> anyhow::Result<()> {
     let s = setup_ready("op-drift").await?;
+    // Both streams removed: two DriftCorrected Events with the same reason and
+    // their own notes (not one series that keeps the first note).
     s.js.delete_stream("ORDERS").await?;
-    wait_for("the stream recreated", Duration::from_secs(30), || async {
-        Ok(s.js.get_stream("ORDERS").await.ok().map(|_| ()))
+    s.js.delete_stream("ORDERS_DLQ").await?;
+    wait_for("the streams recreated", Duration::from_secs(30), || async {
+        Ok(
+            (s.js.get_stream("ORDERS").await.is_ok()
+                && s.js.get_stream("ORDERS_DLQ").await.is_ok())
+            .then_some(()),
+        )
     })
     .await?;
     wait_for(
-        "a DriftCorrected event",
+        "a DriftCorrected event per stream",
         Duration::from_secs(30),
         || async {
-            Ok(event_reasons(&s.ns.name)
-                .await?
-                .contains("DriftCorrected: recreated stream ORDERS")
+            let events = event_reasons(&s.ns.name).await?;
+            Ok(["ORDERS:", "ORDERS_DLQ:"]
+                .iter()
+                .all(|n| events.contains(&format!("DriftCorrected: recreated stream {n}")))
                 .then_some(()))
         },
     )

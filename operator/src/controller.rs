@@ -12,7 +12,6 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -25,8 +24,9 @@ use crate::conditions::{self, reasons, types};
 use crate::crd::{
     DeletionPolicy, ManagementPolicy, OrderPipeline, OrderPipelineStatus, ReplicaMode,
 };
+use crate::events::{Event, EventType, Recorder};
 use crate::metrics::Metrics;
-use crate::render::{self, Credentials, Plan, SecretsView};
+use crate::render::{self, Credentials, SecretsView};
 use crate::scaling;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use orderpipeline_common::duration::parse_duration;
@@ -78,13 +78,7 @@ impl Context {
         resync: Duration,
         pod: String,
     ) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: MANAGER.into(),
-                instance: Some(pod),
-            },
-        );
+        let recorder = Recorder::new(client.clone(), MANAGER, pod);
         Self {
             client,
             recorder,
@@ -106,9 +100,7 @@ impl Context {
         self.event_about(p, type_, reason, action, note, None).await;
     }
 
-    /// An Event with a related object. Events with the same reason are grouped
-    /// into a series (keeping the first note); a related object at a new
-    /// resourceVersion makes each one its own Event, e.g. every scale.
+    /// An Event with a related object (e.g. the Deployment a scale changed).
     async fn event_about(
         &self,
         p: &OrderPipeline,
@@ -384,17 +376,16 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
                 &ctx,
                 &old,
                 blocked(reasons::INVALID_SPEC, msg, Duration::from_secs(300)),
-                None,
             )
             .await;
         }
     };
     let (mut auth, secrets, files) = match read_secrets(&p, &ctx.client).await {
         Ok(x) => x,
-        Err(b) => return finish_blocked(&p, &ctx, &old, b, None).await,
+        Err(b) => return finish_blocked(&p, &ctx, &old, b).await,
     };
     if let Err(b) = write_tls_files(&key, &files, &mut auth) {
-        return finish_blocked(&p, &ctx, &old, b, None).await;
+        return finish_blocked(&p, &ctx, &old, b).await;
     }
     let auth_hash = format!("{}|{:?}", p.spec.nats.url, secrets.checksum);
     let client = match ctx.nats(&key, &p.spec.nats.url, &auth, &auth_hash).await {
@@ -411,7 +402,6 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
                 &ctx,
                 &old,
                 blocked(reason, e.to_string(), Duration::from_secs(10)),
-                None,
             )
             .await;
         }
@@ -425,7 +415,7 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
             ),
             Duration::from_secs(5),
         );
-        return finish_blocked(&p, &ctx, &old, b, None).await;
+        return finish_blocked(&p, &ctx, &old, b).await;
     }
     let mut js = jetstream::new(client.clone());
     js.set_timeout(Duration::from_secs(5));
@@ -441,11 +431,11 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
         if b.reason == reasons::NATS_UNREACHABLE || b.reason == reasons::JETSTREAM_ERROR {
             ctx.forget_nats(&key).await;
         }
-        return finish_blocked(&p, &ctx, &old, b, None).await;
+        return finish_blocked(&p, &ctx, &old, b).await;
     }
     let figures = read_figures(&js, &plan.topology).await;
     if !observe && let Err(b) = ensure_paused(&p, &ctx, &js, &plan.topology, &figures).await {
-        return finish_blocked(&p, &ctx, &old, b, None).await;
+        return finish_blocked(&p, &ctx, &old, b).await;
     }
 
     // Who sets the replicas, and to what.
@@ -868,7 +858,6 @@ async fn finish_blocked(
     ctx: &Context,
     old: &OrderPipelineStatus,
     b: Blocked,
-    _plan: Option<&Plan>,
 ) -> Result<Action, Error> {
     let generation = p.metadata.generation;
     let was = old.conditions.iter().find(|c| c.type_ == types::READY);
