@@ -117,6 +117,8 @@ async fn every_outcome_path_is_taken_exactly_once() -> anyhow::Result<()> {
             "poison-oversized",
             ctl::valid_order(&"x".repeat(5000), 2).encode_to_vec(),
         ),
+        // Just under the server's 1 MiB max_payload: no envelope can carry it whole.
+        ("poison-huge", vec![0xff; 1024 * 1024 - 1024]),
     ];
     let mut poison_seqs = Vec::new();
     for (id, payload) in &poison {
@@ -132,14 +134,31 @@ async fn every_outcome_path_is_taken_exactly_once() -> anyhow::Result<()> {
     )
     .await?;
 
+    // An order id that no NATS header can carry (CR LF): rejected, not a crash.
+    let crlf_id = format!("crlf-{}\r\nNats-Msg-Id: forged", random_suffix());
+    publish_raw(
+        &js,
+        &format!("crlf-{}", random_suffix()),
+        ctl::valid_order(&crlf_id, 1).encode_to_vec(),
+    )
+    .await?;
+
     drained(&js, Duration::from_secs(60)).await?;
     let a = audit(&js).await?;
-    a.assert_exactly_once(&report.valid_ids, &report.invalid_ids)?;
-    assert_eq!(a.dead_letter_count(), 3, "{:?}", a.dead_letters.keys());
+    let mut invalid = report.invalid_ids.clone();
+    invalid.push(crlf_id);
+    a.assert_exactly_once(&report.valid_ids, &invalid)?;
+    assert_eq!(a.dead_letter_count(), 4, "{:?}", a.dead_letters.keys());
     let class_of = |seq: u64| a.dead_letters[&seq][0].error_class();
     assert_eq!(class_of(poison_seqs[0]), ErrorClass::Undecodable);
     assert_eq!(class_of(poison_seqs[1]), ErrorClass::Undecodable);
     assert_eq!(class_of(poison_seqs[2]), ErrorClass::Oversized);
+    assert_eq!(class_of(poison_seqs[3]), ErrorClass::Oversized);
+    let huge = &a.dead_letters[&poison_seqs[3]][0];
+    assert!(huge.payload_truncated, "the huge payload is truncated");
+    assert_eq!(huge.payload_size, poison[3].1.len() as u64);
+    assert!(!huge.payload.is_empty() && huge.payload.len() < poison[3].1.len());
+    assert!(!a.dead_letters[&poison_seqs[2]][0].payload_truncated);
     assert!(
         a.dead_letters[&poison_seqs[2]][0]
             .error_message

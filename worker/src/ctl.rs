@@ -391,6 +391,12 @@ pub async fn dlq_replay(
         .with_context(|| format!("dead letter {dlq_sequence} in {dlq_stream}"))?;
     let letter = DeadLetter::decode(m.payload.as_ref())
         .with_context(|| format!("dead letter {dlq_sequence} is not an orders.v1.DeadLetter"))?;
+    anyhow::ensure!(
+        !letter.payload_truncated,
+        "dead letter {dlq_sequence} keeps only the first {} of the original {} bytes (the payload was too large for the dead-letter stream), so it cannot be replayed; publish the order again from its source",
+        letter.payload.len(),
+        letter.payload_size
+    );
     let msg_id = if letter.order_id.is_empty() {
         format!(
             "{}:{}:replay:{dlq_sequence}",
@@ -408,8 +414,10 @@ pub async fn dlq_replay(
     headers.insert(names::MSG_ID_HEADER, msg_id.as_str());
     for h in &letter.headers {
         let lower = h.name.to_ascii_lowercase();
-        if lower == "traceparent" || lower == "tracestate" {
-            headers.insert(h.name.as_str(), h.value.as_str());
+        if (lower == "traceparent" || lower == "tracestate")
+            && let Ok(value) = h.value.parse::<async_nats::HeaderValue>()
+        {
+            headers.insert(lower.as_str(), value);
         }
     }
     js.publish_with_headers(

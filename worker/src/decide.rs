@@ -20,11 +20,40 @@ fn reject(reason: RejectReason, message: impl Into<String>) -> Rejection {
     }
 }
 
-/// Checks an order: ids present, at least one item, quantities > 0, prices >= 0
+/// How many bytes of an original payload a dead letter can carry: the envelope
+/// (its other fields, `overhead` bytes once encoded, plus the message headers)
+/// must fit the server's `max_payload`. `None` when the whole payload fits.
+pub fn dead_letter_payload_cap(
+    payload_len: usize,
+    overhead: usize,
+    max_payload: usize,
+) -> Option<usize> {
+    // Room for the headers (ids, trace context, the original's) and protobuf framing.
+    const MARGIN: usize = 8 * 1024;
+    let room = max_payload.saturating_sub(overhead + MARGIN);
+    (payload_len > room).then_some(room)
+}
+
+/// Whether an order id can key the order's KV record and message ids: not
+/// blank, and no control characters (NATS headers cannot carry CR or LF).
+pub fn order_id_is_usable(id: &str) -> bool {
+    !id.trim().is_empty() && !id.chars().any(char::is_control)
+}
+
+/// Checks an order: ids present (and usable), at least one item, quantities > 0, prices >= 0
 /// (and finite), and `total_amount` equal to the sum of the items within a cent.
 pub fn validate(order: &OrderCreated) -> Result<(), Rejection> {
     if order.order_id.trim().is_empty() {
         return Err(reject(RejectReason::MissingOrderId, "order_id is empty"));
+    }
+    if !order_id_is_usable(&order.order_id) {
+        return Err(reject(
+            RejectReason::InvalidOrderId,
+            format!(
+                "order_id {:?} contains control characters; use printable characters",
+                order.order_id
+            ),
+        ));
     }
     if order.customer_id.trim().is_empty() {
         return Err(reject(
@@ -203,6 +232,18 @@ mod tests {
     }
 
     #[test]
+    fn a_dead_letter_keeps_the_whole_payload_only_when_it_fits() {
+        let mib = 1024 * 1024;
+        assert_eq!(dead_letter_payload_cap(100, 300, mib), None);
+        assert_eq!(
+            dead_letter_payload_cap(mib, 300, mib),
+            Some(mib - 300 - 8192)
+        );
+        assert_eq!(dead_letter_payload_cap(mib - 300 - 8192, 300, mib), None);
+        assert_eq!(dead_letter_payload_cap(10, 300, 1000), Some(0));
+    }
+
+    #[test]
     fn a_valid_order_passes() {
         validate(&order()).unwrap();
         let mut o = order();
@@ -217,6 +258,10 @@ mod tests {
             (
                 Box::new(|o| o.order_id.clear()),
                 RejectReason::MissingOrderId,
+            ),
+            (
+                Box::new(|o| o.order_id = "ord\r\nNats-Msg-Id: x".into()),
+                RejectReason::InvalidOrderId,
             ),
             (
                 Box::new(|o| o.customer_id = " ".into()),

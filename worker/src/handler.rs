@@ -7,8 +7,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, kv};
+use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use orderpipeline_common::names;
 use orderpipeline_proto::{
@@ -216,9 +216,9 @@ async fn process(ctx: &Ctx, msg: &jetstream::Message) -> Outcome {
     };
     tracing::Span::current().record("order.id", order.order_id.as_str());
 
-    if order.order_id.trim().is_empty() {
-        // No id: nothing to key state on. Reject with an id derived from the
-        // message's stream position, so redelivery still dedups the event.
+    if !decide::order_id_is_usable(&order.order_id) {
+        // No usable id: nothing to key state on. Reject with an id derived from
+        // the message's stream position, so redelivery still dedups the event.
         let rejection = decide::validate(&order).unwrap_err();
         let id = format!("{}:{}:rejected", delivery.stream, delivery.stream_seq);
         return match publish_rejected(ctx, &order, &rejection, &id).await {
@@ -560,9 +560,18 @@ async fn publish(
     );
     async {
         let mut headers = HeaderMap::new();
-        headers.insert(names::MSG_ID_HEADER, msg_id);
+        let id = msg_id.parse::<HeaderValue>().map_err(|e| {
+            StepError::Permanent(format!(
+                "message id {msg_id:?} cannot be a NATS header: {e}"
+            ))
+        })?;
+        headers.insert(names::MSG_ID_HEADER, id);
         for (k, v) in extra {
-            headers.insert(*k, v.as_str());
+            // Informational headers: one that NATS cannot carry is left out.
+            match v.parse::<HeaderValue>() {
+                Ok(v) => headers.insert(*k, v),
+                Err(e) => tracing::debug!(header = *k, error = %e, "header left out"),
+            }
         }
         trace::inject_current(&mut headers);
         let payload = Bytes::from(payload);
@@ -733,11 +742,11 @@ async fn dead_letter_or_nak(
         })
         .unwrap_or_default();
     let order_id = order.map(|o| o.order_id.clone()).unwrap_or_default();
-    let envelope = DeadLetter {
+    let mut envelope = DeadLetter {
         original_subject: msg.subject.to_string(),
         original_stream: delivery.stream.clone(),
         original_stream_sequence: delivery.stream_seq,
-        payload: msg.payload.to_vec(),
+        payload: Vec::new(),
         headers,
         error_class: class as i32,
         error_message: why.to_string(),
@@ -746,7 +755,19 @@ async fn dead_letter_or_nak(
         dead_lettered_at: Some(orderpipeline_proto::now()),
         order_id: order_id.clone(),
         worker: ctx.worker.clone(),
+        payload_size: u64::try_from(msg.payload.len()).unwrap_or(u64::MAX),
+        payload_truncated: false,
     };
+    // A payload near the server's max_payload cannot travel inside an envelope:
+    // keep its first bytes and say so, rather than fail to dead-letter forever.
+    let max_payload = ctx.js.client().server_info().max_payload;
+    match decide::dead_letter_payload_cap(msg.payload.len(), envelope.encoded_len(), max_payload) {
+        None => envelope.payload = msg.payload.to_vec(),
+        Some(cap) => {
+            envelope.payload = msg.payload[..cap].to_vec();
+            envelope.payload_truncated = true;
+        }
+    }
     let id = names::dead_letter_msg_id(&delivery.stream, delivery.stream_seq);
     let extra = [
         ("Orderpipeline-Error-Class", class_label(class).to_string()),

@@ -300,7 +300,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 println!("deliveries:      {}", d.delivery_count);
                 println!("worker:          {}", d.worker);
-                println!("payload:         {} bytes", d.payload.len());
+                if d.payload_truncated {
+                    println!(
+                        "payload:         first {} of {} bytes (truncated to fit the dead-letter stream)",
+                        d.payload.len(),
+                        d.payload_size
+                    );
+                } else {
+                    println!("payload:         {} bytes", d.payload.len());
+                }
                 for h in &d.headers {
                     println!("header:          {}: {}", h.name, h.value);
                 }
