@@ -420,6 +420,35 @@ async fn retain_keeps_the_stream_and_delete_removes_it() -> anyhow::Result<()> {
     wait_ready(&s, "keep", "True", None).await?;
     wait_ready(&s, "gone", "True", None).await?;
 
+    // A pipeline naming keep's streams is refused; deleting it, even with
+    // deletionPolicy Delete, must not delete what belongs to keep.
+    let mut intruder = sample(&s.nats.url())?;
+    intruder.metadata.name = Some("intruder".into());
+    intruder.spec.stream.deletion_policy = order_operator::crd::DeletionPolicy::Delete;
+    s.api.create(&PostParams::default(), &intruder).await?;
+    wait_ready(
+        &s,
+        "intruder",
+        "False",
+        Some("StreamOwnedByAnotherPipeline"),
+    )
+    .await?;
+    s.api.delete("intruder", &DeleteParams::default()).await?;
+    wait_for("the intruder deleted", Duration::from_secs(60), || async {
+        Ok(s.api.get_opt("intruder").await?.is_none().then_some(()))
+    })
+    .await?;
+    assert!(
+        s.js.get_stream("ORDERS").await.is_ok(),
+        "keep's stream stays"
+    );
+    assert!(s.js.get_stream("ORDERS_DLQ").await.is_ok());
+    assert!(s.js.get_key_value("ORDERS_STATE").await.is_ok());
+    assert!(event_reasons(&s.ns.name).await?.contains(
+        "kept bucket ORDERS_STATE, stream ORDERS, stream ORDERS_DLQ (not created by this pipeline)"
+    ));
+    wait_ready(&s, "keep", "True", None).await?;
+
     for name in ["keep", "gone"] {
         s.api.delete(name, &DeleteParams::default()).await?;
     }

@@ -1234,7 +1234,13 @@ async fn read_figures(js: &jetstream::Context, t: &Topology) -> Result<Figures, 
 /// gives up so the pipeline can still be deleted, and says so in an Event.
 async fn cleanup(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
     let key = key_of(&p);
-    if p.spec.stream.deletion_policy == DeletionPolicy::Retain {
+    let observe = p.spec.management_policy == ManagementPolicy::Observe;
+    if p.spec.stream.deletion_policy == DeletionPolicy::Retain || observe {
+        let why = if observe {
+            "managementPolicy Observe"
+        } else {
+            "deletionPolicy Retain"
+        };
         ctx.forget_nats(&key).await;
         ctx.event(
             &p,
@@ -1242,7 +1248,7 @@ async fn cleanup(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Err
             "Retained",
             "Delete",
             format!(
-                "deletionPolicy Retain: kept stream {}, {} and bucket {}",
+                "{why}: kept stream {}, {} and bucket {}",
                 p.spec.stream.name, p.spec.dead_letter.stream_name, p.spec.state.bucket
             ),
         )
@@ -1270,23 +1276,25 @@ async fn cleanup(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Err
         delete_topology(&p, &ctx).await
     };
     match outcome {
-        Ok(()) => {
+        Ok(kept) => {
             ctx.forget_nats(&key).await;
             ctx.metrics.forget(&key);
-            ctx.event(
-                &p,
-                EventType::Normal,
-                "Deleted",
-                "Delete",
+            let note = if kept.is_empty() {
                 format!(
                     "deleted consumer {}, streams {} and {}, bucket {}",
                     p.spec.consumer.name,
                     p.spec.stream.name,
                     p.spec.dead_letter.stream_name,
                     p.spec.state.bucket
-                ),
-            )
-            .await;
+                )
+            } else {
+                format!(
+                    "deleted what this pipeline owned; kept {} (not created by this pipeline)",
+                    kept.join(", ")
+                )
+            };
+            ctx.event(&p, EventType::Normal, "Deleted", "Delete", note)
+                .await;
             Ok(Action::await_change())
         }
         Err(e) if skip || waited >= CLEANUP_GIVE_UP => {
@@ -1302,7 +1310,11 @@ async fn cleanup(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Err
     }
 }
 
-async fn delete_topology(p: &OrderPipeline, ctx: &Context) -> Result<(), String> {
+/// Deletes the pipeline's streams and KV bucket, but only what it owns: a stream
+/// whose owner metadata names another pipeline (or none: it was never created
+/// or adopted by this one) is kept, and so is the bucket unless the input stream
+/// is this pipeline's. Returns what was kept.
+async fn delete_topology(p: &OrderPipeline, ctx: &Context) -> Result<Vec<String>, String> {
     let key = key_of(p);
     let (mut auth, _view, files) = read_secrets(p, &ctx.client).await.map_err(|b| b.message)?;
     write_tls_files(&key, &files, &mut auth).map_err(|b| b.message)?;
@@ -1317,25 +1329,51 @@ async fn delete_topology(p: &OrderPipeline, ctx: &Context) -> Result<(), String>
         Err(e) if e.contains("not found") => Ok(()),
         other => other,
     };
-    ignore_missing(
-        js.delete_key_value(&p.spec.state.bucket)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
-    )?;
-    ignore_missing(
-        js.delete_stream(&p.spec.stream.name)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
-    )?;
-    ignore_missing(
-        js.delete_stream(&p.spec.dead_letter.stream_name)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
-    )?;
-    Ok(())
+    // Some(true): ours; Some(false): someone else's; None: does not exist.
+    let owned = |name: String| {
+        let js = js.clone();
+        async move {
+            match js.get_stream(&name).await {
+                Ok(mut s) => {
+                    let info = s.info().await.map_err(|e| e.to_string())?;
+                    Ok(Some(
+                        info.config.metadata.get(OWNER_METADATA_KEY) == Some(&key_of(p)),
+                    ))
+                }
+                Err(e) if e.to_string().contains("not found") => Ok(None),
+                Err(e) => Err(format!("reading stream {name}: {e}")),
+            }
+        }
+    };
+    let input = owned(p.spec.stream.name.clone()).await?;
+    let dlq = owned(p.spec.dead_letter.stream_name.clone()).await?;
+    let mut kept = Vec::new();
+    if input == Some(true) {
+        ignore_missing(
+            js.delete_key_value(&p.spec.state.bucket)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        )?;
+    } else {
+        kept.push(format!("bucket {}", p.spec.state.bucket));
+    }
+    for (name, owned) in [
+        (&p.spec.stream.name, input),
+        (&p.spec.dead_letter.stream_name, dlq),
+    ] {
+        match owned {
+            Some(true) => ignore_missing(
+                js.delete_stream(name)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            )?,
+            Some(false) => kept.push(format!("stream {name}")),
+            None => {}
+        }
+    }
+    Ok(kept)
 }
 
 /// Maps a Secret to the pipelines in its namespace that reference it.
