@@ -601,6 +601,41 @@ async fn missing_topology_or_nats_is_reported_by_the_probes() -> anyhow::Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_deleted_mid_run_is_reported_and_bound_again() -> anyhow::Result<()> {
+    let (server, js) = setup(Duration::from_secs(5)).await?;
+    let w = WorkerProcess::spawn(&binary("order-worker")?, &worker_env(&server, &[])).await?;
+    w.wait_ready().await?;
+    js.get_stream("ORDERS")
+        .await?
+        .delete_consumer("order-workers")
+        .await?;
+    wait_for(
+        "/readyz to name the deleted consumer",
+        Duration::from_secs(20),
+        || async {
+            Ok(match w.readyz().await {
+                Some((503, b))
+                    if b.contains("consumer order-workers on stream ORDERS does not exist") =>
+                {
+                    Some(())
+                }
+                _ => None,
+            })
+        },
+    )
+    .await?;
+    topology(Duration::from_secs(5)).ensure(&js).await?;
+    w.wait_ready().await?;
+    let report =
+        ctl::publish_orders(&js, &publish_opts(&format!("c{}", random_suffix()), 20)).await?;
+    drained(&js, Duration::from_secs(60)).await?;
+    audit(&js)
+        .await?
+        .assert_exactly_once(&report.valid_ids, &report.invalid_ids)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_work_is_kept_alive_with_in_progress_acks() -> anyhow::Result<()> {
     // ack wait 1 s, each downstream call 2.5 s: without in-progress acks every
     // order would be redelivered while still being processed.

@@ -196,12 +196,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                     });
                 }
                 Ok(Some(Err(e))) => {
-                    tracing::warn!(error = %e, "pull stream error; pulling again");
-                    if e.to_string().contains("consumer deleted")
-                        || e.to_string().contains("not found")
-                    {
-                        consumer = None;
-                        readiness.set_not_ready(format!("consumer {} is gone", cfg.consumer));
+                    // E.g. 409 Consumer Deleted. Bind again: that checks stream,
+                    // consumer and bucket and reports what is missing on /readyz;
+                    // the pause keeps a persistent error from spinning.
+                    tracing::warn!(error = %e, "pull stream error; binding to the consumer again");
+                    consumer = None;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.cancelled() => break 'outer,
                     }
                     break;
                 }
