@@ -299,6 +299,44 @@ async fn cel_rules_and_spec_checks_refuse_bad_specs_with_their_message() -> anyh
         s.js.get_stream("OTHER").await.is_err(),
         "nothing is created for an invalid spec"
     );
+
+    // workers.env may not override the operator -> worker contract.
+    let mut env = sample(&s.nats.url())?;
+    env.metadata.name = Some("env".into());
+    env.spec.workers.env = vec![serde_json::from_value(
+        serde_json::json!({"name": "STREAM_NAME", "value": "ELSEWHERE"}),
+    )?];
+    s.api.create(&PostParams::default(), &env).await?;
+    let p = wait_ready(&s, "env", "False", Some("InvalidSpec")).await?;
+    let msg = &condition(&p, "Ready").context("Ready")?.message;
+    assert!(
+        msg.contains("spec.workers.env[0] sets STREAM_NAME"),
+        "{msg}"
+    );
+
+    // A Deployment the API server refuses (an invalid nodeSelector label value)
+    // is a state with the server's words, not a quiet retry loop.
+    s.api
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"spec": {"workers": {"nodeSelector": {"zone": "not a label value!"}}}})),
+        )
+        .await?;
+    let p = wait_ready(&s, "orders", "False", Some("DeploymentInvalid")).await?;
+    let msg = &condition(&p, "Ready").context("Ready")?.message;
+    assert!(
+        msg.contains("nodeSelector") && msg.contains("fix spec.workers"),
+        "{msg}"
+    );
+    s.api
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"spec": {"workers": {"nodeSelector": null}}})),
+        )
+        .await?;
+    wait_ready(&s, "orders", "True", None).await?;
     s.ns.delete().await
 }
 

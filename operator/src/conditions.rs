@@ -25,6 +25,7 @@ pub mod reasons {
     pub const JETSTREAM_ERROR: &str = "JetStreamError";
     pub const STREAM_CONFLICT: &str = "StreamOwnedByAnotherPipeline";
     pub const STREAM_INCOMPATIBLE: &str = "ImmutableFieldChanged";
+    pub const DEPLOYMENT_INVALID: &str = "DeploymentInvalid";
     pub const PAUSED: &str = "Paused";
     pub const RUNNING: &str = "Running";
     pub const SCALING_ACTIVE: &str = "ScalingActive";

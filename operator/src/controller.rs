@@ -499,14 +499,30 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
             release_replicas(&deployments, &name, before.as_ref()).await?;
         }
         let desired = render::deployment(&p, &plan, &secrets, &ctx.default_image, replicas);
-        deployments
+        match deployments
             .patch(
                 &name,
                 &PatchParams::apply(MANAGER).force(),
                 &Patch::Apply(&desired),
             )
             .await
-            .map_err(Error::Kube)?
+        {
+            Ok(d) => d,
+            // Refused as invalid (e.g. a bad resources or affinity value): the
+            // spec must change, so say so instead of retrying quietly.
+            Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => {
+                let b = blocked(
+                    reasons::DEPLOYMENT_INVALID,
+                    format!(
+                        "the API server refused the worker Deployment {name}: {}; fix spec.workers",
+                        s.message
+                    ),
+                    Duration::from_secs(60),
+                );
+                return finish_blocked(&p, &ctx, &old, b).await;
+            }
+            Err(e) => return Err(Error::Kube(e)),
+        }
     };
     let applied_replicas = after.spec.as_ref().and_then(|s| s.replicas);
     match &before {
@@ -872,6 +888,10 @@ async fn finish_blocked(
         .await;
     }
     tracing::warn!(pipeline = %key_of(p), reason = b.reason, message = %b.message, "pipeline not ready");
+    ctx.metrics
+        .not_ready
+        .get_or_create(&crate::metrics::ReasonLabels { reason: b.reason })
+        .inc();
     let mut status = old.clone();
     status.observed_generation = generation;
     let mut conds = vec![conditions::condition(

@@ -516,7 +516,10 @@ pub struct WorkersSpec {
     /// CPU and memory requests and limits of the worker container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Extra environment variables for the worker container.
+    /// Extra environment variables for the worker container, e.g. `RUST_LOG` or
+    /// `OTEL_*`; one the operator also renders (such as `OTEL_SERVICE_NAME`) is
+    /// replaced. Variables that carry the spec to the workers (`NATS_*`,
+    /// `STREAM_NAME`, `WORKER_POOL_SIZE`, ...) are refused: set the spec's field.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
     /// In-process retries and NAK delays for transient errors.

@@ -15,6 +15,11 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PipelineLabels {
     /// `namespace/name`
     pub pipeline: String,
@@ -24,6 +29,7 @@ pub struct PipelineLabels {
 pub struct Metrics {
     pub reconciles: Counter,
     pub failures: Family<KindLabels, Counter>,
+    pub not_ready: Family<ReasonLabels, Counter>,
     pub duration: Histogram,
     pub lag: Family<PipelineLabels, Gauge>,
     pub dead_letters: Family<PipelineLabels, Gauge>,
@@ -35,6 +41,7 @@ impl Metrics {
         let m = Self {
             reconciles: Counter::default(),
             failures: Family::default(),
+            not_ready: Family::default(),
             duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             lag: Family::default(),
             dead_letters: Family::default(),
@@ -46,6 +53,11 @@ impl Metrics {
             "reconcile_failures",
             "Reconciles that failed, by error kind (kubernetes, nats, finalizer)",
             m.failures.clone(),
+        );
+        r.register(
+            "reconcile_not_ready",
+            "Reconciles that ended with Ready=False, by reason (NatsUnreachable, SecretMissing, InvalidSpec, ...)",
+            m.not_ready.clone(),
         );
         r.register(
             "reconcile_duration_seconds",

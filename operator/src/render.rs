@@ -131,6 +131,14 @@ pub fn plan(p: &OrderPipeline) -> Result<Plan, InvalidSpec> {
             s.consumer.filter_subject, s.stream.subjects
         )));
     }
+    for (i, v) in s.workers.env.iter().enumerate() {
+        if CONTRACT_ENV.contains(&v.name.as_str()) {
+            return Err(InvalidSpec(format!(
+                "spec.workers.env[{i}] sets {}, which the operator renders from the pipeline's spec (it is part of the operator -> worker contract); remove it and set the matching spec field",
+                v.name
+            )));
+        }
+    }
     let max_workers = s.workers.max_replicas.unwrap_or(s.workers.replicas).max(1);
     let max_ack_pending = s
         .consumer
@@ -265,8 +273,46 @@ fn env_field(name: &str, path: &str) -> EnvVar {
     }
 }
 
+/// Worker variables that carry the pipeline's spec to the workers: `workers.env`
+/// may not set them (the spec's fields do). Others, e.g. `OTEL_*` or `RUST_LOG`,
+/// it may set or override.
+pub const CONTRACT_ENV: &[&str] = &[
+    "POD_NAME",
+    "POD_NAMESPACE",
+    "NATS_URL",
+    "NATS_USER",
+    "NATS_PASSWORD",
+    "NATS_TOKEN",
+    "NATS_CREDS_FILE",
+    "NATS_NKEY_SEED_FILE",
+    "NATS_TLS_CA_FILE",
+    "NATS_TLS_CERT_FILE",
+    "NATS_TLS_KEY_FILE",
+    "WORKER_POOL_SIZE",
+    "STREAM_NAME",
+    "CONSUMER_NAME",
+    "INPUT_SUBJECT",
+    "PROCESSED_SUBJECT",
+    "REJECTED_SUBJECT",
+    "DLQ_STREAM",
+    "DLQ_SUBJECT",
+    "STATE_BUCKET",
+    "RETRY_ATTEMPTS",
+    "RETRY_INITIAL_BACKOFF",
+    "RETRY_MAX_BACKOFF",
+    "MAX_DELIVERIES",
+    "NAK_INITIAL_DELAY",
+    "NAK_MAX_DELAY",
+    "HTTP_ADDR",
+    "SHUTDOWN_GRACE",
+    "DOWNSTREAM_URL",
+    "DOWNSTREAM_TIMEOUT",
+    "CREATE_TOPOLOGY",
+];
+
 /// The worker container's environment: exactly the worker's flags (see
-/// `order-worker --help`), then the user's extra env.
+/// `order-worker --help`), then the user's extra env, which replaces a rendered
+/// variable of the same name (only non-contract ones, see [`CONTRACT_ENV`]).
 pub fn worker_env(p: &OrderPipeline, plan: &Plan, secrets: &SecretsView) -> Vec<EnvVar> {
     let s = &p.spec;
     let name = p.meta().name.clone().unwrap_or_default();
@@ -342,6 +388,7 @@ pub fn worker_env(p: &OrderPipeline, plan: &Plan, secrets: &SecretsView) -> Vec<
             e.push(env("NATS_TLS_KEY_FILE", format!("{TLS_MOUNT}/tls.key")));
         }
     }
+    e.retain(|v| !s.workers.env.iter().any(|u| u.name == v.name));
     e.extend(s.workers.env.iter().cloned());
     e
 }
@@ -686,6 +733,68 @@ spec:
         let mut p = sample();
         p.spec.consumer.ack_wait = "30".into();
         assert!(plan(&p).unwrap_err().0.contains("spec.consumer.ackWait"));
+
+        let mut p = sample();
+        p.spec.workers.env = vec![EnvVar {
+            name: "NATS_URL".into(),
+            value: Some("nats://elsewhere:4222".into()),
+            ..Default::default()
+        }];
+        let e = plan(&p).unwrap_err().0;
+        assert!(e.contains("spec.workers.env[0] sets NATS_URL"), "{e}");
+    }
+
+    #[test]
+    fn extra_env_replaces_a_rendered_non_contract_variable() {
+        let mut p = sample();
+        p.spec.workers.env = vec![
+            EnvVar {
+                name: "OTEL_SERVICE_NAME".into(),
+                value: Some("payments-worker".into()),
+                ..Default::default()
+            },
+            EnvVar {
+                name: "RUST_LOG".into(),
+                value: Some("debug".into()),
+                ..Default::default()
+            },
+        ];
+        let plan = plan(&p).unwrap();
+        let env = worker_env(&p, &plan, &SecretsView::default());
+        let names: Vec<_> = env.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names.iter().filter(|n| **n == "OTEL_SERVICE_NAME").count(),
+            1,
+            "{names:?}"
+        );
+        let d = deployment(&p, &plan, &SecretsView::default(), "img", Some(1));
+        assert_eq!(env_map(&d)["OTEL_SERVICE_NAME"], "payments-worker");
+        assert_eq!(env_map(&d)["RUST_LOG"], "debug");
+    }
+
+    #[test]
+    fn every_rendered_variable_is_contract_or_telemetry() {
+        let p = sample();
+        let plan = plan(&p).unwrap();
+        for credentials in [
+            Credentials::UserPassword,
+            Credentials::Token,
+            Credentials::CredsFile,
+            Credentials::NkeySeed,
+        ] {
+            let secrets = SecretsView {
+                credentials: Some(("nats-auth".into(), credentials)),
+                tls: Some(("nats-tls".into(), true)),
+                ..Default::default()
+            };
+            for v in worker_env(&p, &plan, &secrets) {
+                assert!(
+                    CONTRACT_ENV.contains(&v.name.as_str()) || v.name.starts_with("OTEL_"),
+                    "{} is rendered but neither in CONTRACT_ENV nor OTEL_*",
+                    v.name
+                );
+            }
+        }
     }
 
     #[test]
