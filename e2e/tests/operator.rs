@@ -527,6 +527,14 @@ async fn nats_going_away_turns_ready_false_and_back() -> anyhow::Result<()> {
     let p = wait_ready(&s, "orders", "False", Some("NatsUnreachable")).await?;
     let msg = &condition(&p, "Ready").context("Ready")?.message;
     assert!(msg.contains(&s.nats.url()) || msg.contains("NATS"), "{msg}");
+    for type_ in ["StreamReady", "ConsumerReady"] {
+        let c = condition(&p, type_).context(type_)?;
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "NatsUnreachable"),
+            "{type_} does not keep a stale True"
+        );
+    }
     s.nats.restart().await?;
     wait_ready(&s, "orders", "True", Some("PipelineReady"))
         .await

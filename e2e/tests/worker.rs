@@ -542,8 +542,10 @@ async fn bad_configuration_exits_naming_the_variable_and_the_form() -> anyhow::R
         ("WORKER_POOL_SIZE", "0", "1 to 10000"),
         ("WORKER_POOL_SIZE", "ten", "1 to 10000"),
         ("RETRY_INITIAL_BACKOFF", "5", "no unit"),
-        ("DOWNSTREAM_URL", "ftp://example", "DOWNSTREAM_URL"),
-        ("HTTP_ADDR", "nowhere", "HTTP_ADDR"),
+        ("DOWNSTREAM_URL", "ftp://example", "http(s) URL with a host"),
+        ("DOWNSTREAM_TIMEOUT", "0s", "longer than 0"),
+        ("HTTP_ADDR", "nowhere", "IP:PORT"),
+        ("MAX_PAYLOAD_BYTES", "1MB", "1 to 67108864"),
     ] {
         let out = tokio::process::Command::new(&bin)
             .env(var, value)

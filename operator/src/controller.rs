@@ -637,13 +637,16 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
         }
         Err(e) => {
             ready = false;
-            conds.push(conditions::condition(
-                types::STREAM_READY,
-                false,
-                reasons::JETSTREAM_ERROR,
-                e.clone(),
-                generation,
-            ));
+            // Neither can be confirmed: both say why, none keeps a stale True.
+            for type_ in [types::STREAM_READY, types::CONSUMER_READY] {
+                conds.push(conditions::condition(
+                    type_,
+                    false,
+                    reasons::JETSTREAM_ERROR,
+                    e.clone(),
+                    generation,
+                ));
+            }
         }
     }
     let ds = after.status.clone().unwrap_or_default();
@@ -910,13 +913,15 @@ async fn finish_blocked(
             | reasons::STREAM_INCOMPATIBLE
             | reasons::JETSTREAM_ERROR
     ) {
-        conds.push(conditions::condition(
-            types::STREAM_READY,
-            false,
-            b.reason,
-            b.message.clone(),
-            generation,
-        ));
+        for type_ in [types::STREAM_READY, types::CONSUMER_READY] {
+            conds.push(conditions::condition(
+                type_,
+                false,
+                b.reason,
+                b.message.clone(),
+                generation,
+            ));
+        }
     }
     status.conditions = conditions::merge(&old.conditions, conds);
     write_status(p, ctx, &status).await?;

@@ -29,6 +29,37 @@ fn parse_attempts(s: &str) -> Result<u32, String> {
     }
 }
 
+fn parse_payload_bytes(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=64 * 1024 * 1024).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "'{s}' is not a size in bytes; use a whole number from 1 to 67108864"
+        )),
+    }
+}
+
+fn parse_http_addr(s: &str) -> Result<SocketAddr, String> {
+    s.trim().parse().map_err(|_| {
+        format!(
+            "'{s}' is not an address to listen on; use IP:PORT, e.g. 0.0.0.0:8080 or 127.0.0.1:8080"
+        )
+    })
+}
+
+fn parse_downstream_url(s: &str) -> Result<String, String> {
+    let hint = "use an http(s) URL with a host, e.g. http://127.0.0.1:9000/charge";
+    match reqwest::Url::parse(s.trim()) {
+        Ok(u)
+            if matches!(u.scheme(), "http" | "https")
+                && u.host_str().is_some_and(|h| !h.is_empty()) =>
+        {
+            Ok(s.trim().to_string())
+        }
+        Ok(_) => Err(format!("'{s}' is not an http(s) URL with a host; {hint}")),
+        Err(e) => Err(format!("'{s}' is not a URL ({e}); {hint}")),
+    }
+}
+
 /// NATS connection flags, shared by `order-worker` and `orderctl`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct NatsArgs {
@@ -142,18 +173,18 @@ pub struct Config {
     #[arg(long, env = "NAK_MAX_DELAY", default_value = "60s", value_parser = parse_duration)]
     pub nak_max_delay: Duration,
     /// Largest payload accepted; larger messages are dead-lettered as oversized.
-    #[arg(long, env = "MAX_PAYLOAD_BYTES", default_value = "1048576")]
+    #[arg(long, env = "MAX_PAYLOAD_BYTES", default_value = "1048576", value_parser = parse_payload_bytes)]
     pub max_payload_bytes: usize,
 
     /// Optional downstream service: each order is POSTed there as JSON with `Idempotency-Key: <order_id>`.
-    #[arg(long, env = "DOWNSTREAM_URL")]
+    #[arg(long, env = "DOWNSTREAM_URL", value_parser = parse_downstream_url)]
     pub downstream_url: Option<String>,
     /// Timeout of one downstream call.
     #[arg(long, env = "DOWNSTREAM_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub downstream_timeout: Duration,
 
     /// Address of the HTTP server for /health, /livez, /readyz and /metrics.
-    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080", value_parser = parse_http_addr)]
     pub http_addr: SocketAddr,
     /// Time to finish in-flight orders after SIGTERM before NAKing the rest.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
@@ -182,12 +213,10 @@ impl Config {
                 self.nak_initial_delay, self.nak_max_delay
             ));
         }
-        if let Some(u) = &self.downstream_url
-            && !(u.starts_with("http://") || u.starts_with("https://"))
-        {
-            return Err(format!(
-                "DOWNSTREAM_URL '{u}' is not an http(s) URL; use e.g. http://127.0.0.1:9000/charge"
-            ));
+        if self.downstream_timeout.is_zero() {
+            return Err(
+                "DOWNSTREAM_TIMEOUT is 0; use a duration longer than 0, e.g. 5s".to_string(),
+            );
         }
         if orderpipeline_common::names::subject_matches(&self.input_subject, &self.dlq_subject) {
             return Err(format!(
@@ -234,7 +263,26 @@ mod tests {
             s.contains("--worker-pool-size") && s.contains("1 to 10000"),
             "{s}"
         );
-        let c = Config::try_parse_from(["order-worker", "--downstream-url", "ftp://x"]).unwrap();
-        assert!(c.check().unwrap_err().contains("DOWNSTREAM_URL"));
+        for (flag, value, form) in [
+            ("--downstream-url", "ftp://x", "http(s) URL with a host"),
+            ("--downstream-url", "http://", "http(s) URL"),
+            ("--max-payload-bytes", "0", "1 to 67108864"),
+            ("--max-payload-bytes", "1MB", "1 to 67108864"),
+            ("--http-addr", "localhost:8080", "IP:PORT"),
+        ] {
+            let s = Config::try_parse_from(["order-worker", flag, value])
+                .unwrap_err()
+                .to_string();
+            assert!(s.contains(flag) && s.contains(form), "{flag} {value}: {s}");
+        }
+        let c = Config::try_parse_from(["order-worker", "--downstream-timeout", "0s"]).unwrap();
+        assert!(c.check().unwrap_err().contains("DOWNSTREAM_TIMEOUT"));
+        let c = Config::try_parse_from([
+            "order-worker",
+            "--downstream-url",
+            "http://127.0.0.1:9000/charge",
+        ])
+        .unwrap();
+        c.check().unwrap();
     }
 }

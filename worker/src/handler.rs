@@ -64,6 +64,10 @@ impl Outcome {
 enum StepError {
     Transient(String),
     Permanent(String),
+    /// The result event is published but its KV record could not be written:
+    /// never a dead letter (that would be a second outcome), always a NAK, and
+    /// the redelivery finds the event deduplicated and writes the record.
+    Unrecorded(String),
 }
 
 struct Delivery {
@@ -242,6 +246,16 @@ async fn process(ctx: &Ctx, msg: &jetstream::Message) -> Outcome {
         }
         Err(e @ StepError::Transient(_)) => {
             after_failure(ctx, msg, &delivery, &e, Some(&order)).await
+        }
+        Err(StepError::Unrecorded(why)) => {
+            let delay = decide::nak_delay(
+                delivery.delivered,
+                ctx.cfg.nak_initial_delay,
+                ctx.cfg.nak_max_delay,
+            );
+            tracing::warn!(error = %why, delay_ms = delay.as_millis() as u64, "result published but not recorded; NAK with delay");
+            nak(ctx, msg, delay).await;
+            Outcome::Nak
         }
     }
 }
@@ -434,7 +448,7 @@ async fn finalise(
                 Ok(_) => return Ok(true),
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                     let entry = ctx.kv.entry(key).await.map_err(|e| {
-                        StepError::Transient(format!("re-reading order state {key}: {e}"))
+                        StepError::Unrecorded(format!("re-reading order state {key}: {e}"))
                     })?;
                     match entry
                         .as_ref()
@@ -443,20 +457,20 @@ async fn finalise(
                         Some((r, _)) if r.state.is_final() => return Ok(false),
                         Some((_, rev)) => revision = rev,
                         None => {
-                            return Err(StepError::Transient(format!(
+                            return Err(StepError::Unrecorded(format!(
                                 "order state {key} vanished"
                             )));
                         }
                     }
                 }
                 Err(e) => {
-                    return Err(StepError::Transient(format!(
+                    return Err(StepError::Unrecorded(format!(
                         "writing order state {key}: {e}"
                     )));
                 }
             }
         }
-        Err(StepError::Transient(format!(
+        Err(StepError::Unrecorded(format!(
             "order state {key} keeps changing"
         )))
     }
@@ -665,7 +679,7 @@ async fn after_failure(
     order: Option<&OrderCreated>,
 ) -> Outcome {
     let why = match error {
-        StepError::Transient(s) | StepError::Permanent(s) => s.as_str(),
+        StepError::Transient(s) | StepError::Permanent(s) | StepError::Unrecorded(s) => s.as_str(),
     };
     match decide::after_transient_failure(
         delivery.delivered,
