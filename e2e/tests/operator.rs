@@ -958,6 +958,38 @@ async fn a_stream_removed_behind_the_operators_back_is_recreated_and_storage_dri
         },
     )
     .await?;
+
+    // The KV bucket's TTL changed behind the operator's back is reverted too.
+    let mut kv_cfg =
+        s.js.get_stream("KV_ORDERS_STATE")
+            .await?
+            .info()
+            .await?
+            .config
+            .clone();
+    let ttl = kv_cfg.max_age;
+    kv_cfg.max_age = Duration::from_secs(3600);
+    s.js.update_stream(kv_cfg).await?;
+    wait_for(
+        "the bucket's TTL reverted",
+        Duration::from_secs(30),
+        || async {
+            let mut st = s.js.get_stream("KV_ORDERS_STATE").await?;
+            Ok((st.info().await?.config.max_age == ttl).then_some(()))
+        },
+    )
+    .await?;
+    wait_for(
+        "a DriftCorrected event for the bucket",
+        Duration::from_secs(30),
+        || async {
+            Ok(event_reasons(&s.ns.name)
+                .await?
+                .contains("DriftCorrected: updated KV bucket ORDERS_STATE (ttl changed)")
+                .then_some(()))
+        },
+    )
+    .await?;
     s.ns.delete().await
 }
 

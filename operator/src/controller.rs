@@ -1114,8 +1114,41 @@ async fn ensure_topology(
             Err(e) => return Err(api_err(&format!("reading stream {name}"), &e)),
         }
     }
-    match js.get_key_value(&t.bucket).await {
-        Ok(_) => {}
+    // The bucket's settings (TTL, replicas) follow the spec like the streams'.
+    let bucket_stream = format!("KV_{}", t.bucket);
+    match js.get_stream(&bucket_stream).await {
+        Ok(mut s) => {
+            let live = s
+                .info()
+                .await
+                .map_err(|e| api_err(&format!("reading KV bucket {}", t.bucket), &e))?
+                .config
+                .clone();
+            let want = t.kv_config();
+            let field = if live.max_age != want.max_age {
+                Some("ttl")
+            } else if live.num_replicas != want.num_replicas {
+                Some("replicas")
+            } else {
+                None
+            };
+            if let Some(field) = field {
+                js.update_key_value(want)
+                    .await
+                    .map_err(|e| api_err(&format!("updating KV bucket {}", t.bucket), &e))?;
+                let (r, msg) = note(format!("updated KV bucket {} ({field} changed)", t.bucket));
+                let reason = if r.is_empty() {
+                    "BucketUpdated".to_string()
+                } else {
+                    r
+                };
+                ctx.event(p, EventType::Normal, &reason, "Update", msg)
+                    .await;
+            }
+        }
+        Err(e) if !e.to_string().contains("not found") => {
+            return Err(api_err(&format!("reading KV bucket {}", t.bucket), &e));
+        }
         Err(_) => {
             js.create_or_update_key_value(t.kv_config())
                 .await
