@@ -14,7 +14,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, Resource, ResourceExt as _};
 use orderpipeline_common::nats::{NatsAuth, NatsConnectError};
 use orderpipeline_common::topology::{OWNER_METADATA_KEY, Topology};
@@ -1434,6 +1434,18 @@ async fn delete_topology(p: &OrderPipeline, ctx: &Context) -> Result<Vec<String>
     Ok(kept)
 }
 
+/// What a pipeline event must change to trigger a reconcile: the spec (its
+/// generation), the finalizers, the deletion, or the skip-cleanup annotation.
+fn reconcile_trigger(p: &OrderPipeline) -> Option<u64> {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    p.metadata.generation.hash(&mut h);
+    p.metadata.finalizers.hash(&mut h);
+    p.metadata.deletion_timestamp.is_some().hash(&mut h);
+    p.annotations().get(SKIP_CLEANUP_ANNOTATION).hash(&mut h);
+    Some(h.finish())
+}
+
 /// Maps a Secret to the pipelines in its namespace that reference it.
 fn pipelines_using(
     secret: &Secret,
@@ -1481,7 +1493,16 @@ pub async fn run(
                 Api::all(client.clone()),
             ),
         };
-    let controller = Controller::new(pipelines, watcher::Config::default());
+    // Only changes that need a reconcile trigger one: not the operator's own
+    // status writes (under traffic every write changes the figures, which would
+    // reconcile back to back instead of on the jittered resync).
+    let (reader, writer) = kube::runtime::reflector::store();
+    let trigger = watcher(pipelines, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(reconcile_trigger, Default::default());
+    let controller = Controller::for_stream(trigger, reader);
     let store = controller.store();
     controller
         .owns(
