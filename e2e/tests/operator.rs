@@ -793,6 +793,24 @@ async fn manual_mode_follows_kubectl_scale_and_external_mode_leaves_replicas_alo
         Some(5),
         "External mode leaves the replicas alone"
     );
+
+    // Pause wins over External; unpausing gives the external scaler back the
+    // replicas from before the pause (an HPA does not scale up from zero).
+    let pause = |paused: bool| {
+        let api = s.api.clone();
+        async move {
+            api.patch(
+                "orders",
+                &PatchParams::default(),
+                &Patch::Merge(&serde_json::json!({"spec": {"paused": paused}})),
+            )
+            .await
+        }
+    };
+    pause(true).await?;
+    wait_replicas(&s, 0, Duration::from_secs(20)).await?;
+    pause(false).await?;
+    wait_replicas(&s, 5, Duration::from_secs(20)).await?;
     s.ns.delete().await
 }
 

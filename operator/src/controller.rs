@@ -455,6 +455,16 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
     let now = k8s_openapi::jiff::Timestamp::now();
     let mut scale_note: Option<(bool, String)> = None;
     let mut scaling_clock = (old.last_busy_time.clone(), old.idle_since.clone());
+    // Remember the replicas a pause took away, to give them back in External mode.
+    let mut replicas_before_pause = old.replicas_before_pause;
+    let mut resume_at = None;
+    if p.spec.paused {
+        if replicas_before_pause.is_none() {
+            replicas_before_pause = live_replicas.filter(|r| *r > 0);
+        }
+    } else {
+        resume_at = replicas_before_pause.take();
+    }
     let replicas: Option<i32> = if p.spec.paused {
         Some(0)
     } else {
@@ -496,7 +506,7 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
         before.clone().unwrap_or_default()
     } else {
         if replicas.is_none() {
-            release_replicas(&deployments, &name, before.as_ref()).await?;
+            release_replicas(&deployments, &name, before.as_ref(), resume_at).await?;
         }
         let desired = render::deployment(&p, &plan, &secrets, &ctx.default_image, replicas);
         match deployments
@@ -577,6 +587,7 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
     let mut status = old.clone();
     status.observed_generation = generation;
     status.replica_mode = Some(mode);
+    status.replicas_before_pause = replicas_before_pause;
     status.desired_replicas = replicas.or(applied_replicas);
     (status.last_busy_time, status.idle_since) = scaling_clock;
     if scaled {
@@ -775,12 +786,14 @@ pub fn replica_mode(p: &OrderPipeline) -> ReplicaMode {
 }
 
 /// Before applying without `spec.replicas` (External mode): if our field manager
-/// still owns the field, hand it to a separate manager at its live value, so
+/// still owns the field, hand it to a separate manager at its live value (right
+/// after a pause: the replicas from before it), so
 /// server-side apply does not reset it when we stop applying it.
 async fn release_replicas(
     api: &Api<Deployment>,
     name: &str,
     live: Option<&Deployment>,
+    resume_at: Option<i32>,
 ) -> Result<(), Error> {
     let Some(live) = live else { return Ok(()) };
     let owned = live.metadata.managed_fields.iter().flatten().any(|m| {
@@ -792,7 +805,7 @@ async fn release_replicas(
                     .is_some()
             })
     });
-    let Some(replicas) = live.spec.as_ref().and_then(|s| s.replicas) else {
+    let Some(replicas) = resume_at.or(live.spec.as_ref().and_then(|s| s.replicas)) else {
         return Ok(());
     };
     if owned {

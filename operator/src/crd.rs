@@ -741,6 +741,11 @@ pub struct OrderPipelineStatus {
     /// Since when the lag has been zero.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_since: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Worker replicas when the pipeline was paused; in External mode they are
+    /// handed back to the external scaler on unpause (an HPA does not scale up
+    /// from zero).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas_before_pause: Option<i32>,
     /// Checksum of the referenced Secrets rendered into the pod template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets_checksum: Option<String>,
