@@ -11,6 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, ObjectMeta, PostParams};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Debug)]
@@ -26,22 +27,47 @@ impl LeaseConfig {
     fn renew_every(&self) -> Duration {
         (self.duration / 3).max(Duration::from_millis(500))
     }
+
+    /// The holder gives up when it could not renew for this long: well before
+    /// the Lease expires for a standby (client-go: 10 s of 15 s).
+    fn renew_deadline(&self) -> Duration {
+        (self.duration * 2 / 3).max(self.renew_every())
+    }
 }
 
-/// Whether `lease` may be taken by `me` at `now`.
-pub fn can_take(lease: &Lease, me: &str, now: Timestamp) -> bool {
+/// The Lease record as last seen by a standby, and when (on its own clock).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed {
+    record: (Option<String>, Option<String>),
+    at: Instant,
+}
+
+/// Whether `lease` may be taken by `me` at `now`: free, ours, or held by a
+/// holder that has not renewed for its duration *as this replica watched it*.
+/// Expiry is measured from when this replica saw the record change, on its own
+/// clock (as client-go does), never by comparing its clock with the holder's
+/// `renewTime`, so clock skew between machines cannot cut a Lease short.
+pub fn can_take(lease: &Lease, me: &str, observed: &mut Option<Observed>, now: Instant) -> bool {
     let Some(spec) = &lease.spec else { return true };
     match spec.holder_identity.as_deref() {
         None | Some("") => true,
         Some(h) if h == me => true,
-        Some(_) => {
+        Some(h) => {
+            let record = (
+                Some(h.to_string()),
+                spec.renew_time.as_ref().map(|t| t.0.to_string()),
+            );
+            let seen = match observed {
+                Some(o) if o.record == record => o.at,
+                _ => {
+                    *observed = Some(Observed { record, at: now });
+                    now
+                }
+            };
             let duration = Duration::from_secs(
                 u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(15),
             );
-            match &spec.renew_time {
-                Some(t) => now.duration_since(t.0).unsigned_abs() > duration,
-                None => true,
-            }
+            now.duration_since(seen) > duration
         }
     }
 }
@@ -67,7 +93,11 @@ fn spec_for(cfg: &LeaseConfig, previous: Option<&LeaseSpec>, now: Timestamp) -> 
 }
 
 /// Tries once to take or renew the Lease; `Ok(true)` when we hold it afterwards.
-async fn try_hold(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, kube::Error> {
+async fn try_hold(
+    api: &Api<Lease>,
+    cfg: &LeaseConfig,
+    observed: &mut Option<Observed>,
+) -> Result<bool, kube::Error> {
     let now = Timestamp::now();
     match api.get_opt(&cfg.name).await? {
         None => {
@@ -86,7 +116,7 @@ async fn try_hold(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, kube::Err
             }
         }
         Some(mut lease) => {
-            if !can_take(&lease, &cfg.identity, now) {
+            if !can_take(&lease, &cfg.identity, observed, Instant::now()) {
                 return Ok(false);
             }
             lease.spec = Some(spec_for(cfg, lease.spec.as_ref(), now));
@@ -104,8 +134,10 @@ async fn try_hold(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, kube::Err
 pub async fn acquire(client: &Client, cfg: &LeaseConfig, shutdown: &CancellationToken) -> bool {
     let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
     let mut logged = false;
+    let mut observed = None;
     loop {
-        match try_hold(&api, cfg).await {
+        let attempt = tokio::time::timeout(cfg.renew_every(), try_hold(&api, cfg, &mut observed));
+        match attempt.await.unwrap_or(Ok(false)) {
             Ok(true) => {
                 tracing::info!(lease = %cfg.name, identity = %cfg.identity, "acquired leadership");
                 return true;
@@ -127,7 +159,8 @@ pub async fn acquire(client: &Client, cfg: &LeaseConfig, shutdown: &Cancellation
 }
 
 /// Renews the Lease until `shutdown` fires (then releases it) or the Lease is
-/// lost (then cancels `lost`).
+/// lost: taken by another replica, or not renewed within the renew deadline
+/// (then cancels `lost`).
 pub async fn hold(
     client: Client,
     cfg: LeaseConfig,
@@ -135,28 +168,31 @@ pub async fn hold(
     lost: CancellationToken,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
-    let mut last = tokio::time::Instant::now();
+    let mut renewed = Instant::now();
+    let mut observed = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(cfg.renew_every()) => {}
+            _ = tokio::time::sleep_until(renewed + cfg.renew_deadline()) => {
+                tracing::error!(lease = %cfg.name, deadline = ?cfg.renew_deadline(), "could not renew the Lease within the renew deadline");
+                lost.cancel();
+                return;
+            }
             _ = shutdown.cancelled() => {
                 release(&api, &cfg).await;
                 return;
             }
         }
-        match try_hold(&api, &cfg).await {
-            Ok(true) => last = tokio::time::Instant::now(),
-            Ok(false) => {
+        let attempt = tokio::time::timeout(cfg.renew_every(), try_hold(&api, &cfg, &mut observed));
+        match attempt.await {
+            Ok(Ok(true)) => renewed = Instant::now(),
+            Ok(Ok(false)) => {
                 tracing::error!(lease = %cfg.name, "lost the Lease to another replica");
                 lost.cancel();
                 return;
             }
-            Err(e) if last.elapsed() > cfg.duration => {
-                tracing::error!(error = %e, lease = %cfg.name, "could not renew the Lease within its duration");
-                lost.cancel();
-                return;
-            }
-            Err(e) => tracing::warn!(error = %e, "renewing the Lease failed; retrying"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "renewing the Lease failed; retrying"),
+            Err(_) => tracing::warn!("renewing the Lease timed out; retrying"),
         }
     }
 }
@@ -186,16 +222,13 @@ async fn release(api: &Api<Lease>, cfg: &LeaseConfig) {
 mod tests {
     use super::*;
 
-    fn lease(holder: Option<&str>, renewed_secs_ago: i64, duration: i32) -> Lease {
-        let now = Timestamp::from_second(1_800_000_000).unwrap();
+    fn lease(holder: Option<&str>, renewed_at: i64, duration: i32) -> Lease {
         Lease {
             metadata: ObjectMeta::default(),
             spec: Some(LeaseSpec {
                 holder_identity: holder.map(str::to_string),
                 lease_duration_seconds: Some(duration),
-                renew_time: Some(MicroTime(
-                    Timestamp::from_second(now.as_second() - renewed_secs_ago).unwrap(),
-                )),
+                renew_time: Some(MicroTime(Timestamp::from_second(renewed_at).unwrap())),
                 ..Default::default()
             }),
         }
@@ -203,14 +236,41 @@ mod tests {
 
     #[test]
     fn who_may_take_the_lease() {
-        let now = Timestamp::from_second(1_800_000_000).unwrap();
-        assert!(can_take(&lease(None, 0, 15), "a", now), "free");
-        assert!(can_take(&lease(Some("a"), 0, 15), "a", now), "ours");
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut seen = None;
+        assert!(can_take(&lease(None, 0, 15), "a", &mut seen, t0), "free");
         assert!(
-            !can_take(&lease(Some("b"), 5, 15), "a", now),
-            "held and fresh"
+            can_take(&lease(Some("a"), 0, 15), "a", &mut seen, t0),
+            "ours"
         );
-        assert!(can_take(&lease(Some("b"), 16, 15), "a", now), "expired");
+        // Held by b: expiry counts from when a first saw this record, whatever
+        // the renewTime says (b's clock may be far behind or ahead of a's).
+        let held = lease(Some("b"), 1_000, 15);
+        assert!(!can_take(&held, "a", &mut seen, t0), "just seen");
+        assert!(!can_take(&held, "a", &mut seen, t0 + s(10)), "fresh");
+        assert!(
+            can_take(&held, "a", &mut seen, t0 + s(16)),
+            "unchanged for 16s"
+        );
+        // A renewal (a new record) restarts the clock.
+        let renewed = lease(Some("b"), 1_005, 15);
+        assert!(!can_take(&renewed, "a", &mut seen, t0 + s(17)), "renewed");
+        assert!(!can_take(&renewed, "a", &mut seen, t0 + s(30)), "13s since");
+        assert!(can_take(&renewed, "a", &mut seen, t0 + s(33)), "16s since");
+    }
+
+    #[test]
+    fn the_holder_gives_up_before_a_standby_may_take_over() {
+        let cfg = LeaseConfig {
+            namespace: "n".into(),
+            name: "l".into(),
+            identity: "a".into(),
+            duration: Duration::from_secs(15),
+        };
+        assert_eq!(cfg.renew_every(), Duration::from_secs(5));
+        assert_eq!(cfg.renew_deadline(), Duration::from_secs(10));
+        assert!(cfg.renew_deadline() < cfg.duration);
     }
 
     #[test]

@@ -189,11 +189,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             lost.clone(),
         )));
     }
-    let (cs, cl) = (shutdown.clone(), lost.clone());
-    controller::run(ctx, args.namespace, async move {
-        tokio::select! { _ = cs.cancelled() => {}, _ = cl.cancelled() => {} }
-    })
-    .await;
+    let cs = shutdown.clone();
+    let run = controller::run(ctx, args.namespace, async move { cs.cancelled().await });
+    tokio::select! {
+        // SIGTERM: in-flight reconciles finish, then the Lease is released.
+        _ = run => {}
+        // Leadership lost: another replica may lead already, so in-flight
+        // reconciles are dropped at once rather than finished.
+        _ = lost.cancelled() => {}
+    }
     shutdown.cancel();
     if let Some(h) = holder {
         let _ = h.await;
