@@ -13,7 +13,8 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use order_operator::crd::OrderPipeline;
 use orderpipeline_e2e::operator::{
-    OperatorProcess, install_crd_and_rbac, repo_root, service_account_kubeconfig,
+    OPERATOR_NAMESPACE, OperatorProcess, install_crd_and_rbac, repo_root,
+    service_account_kubeconfig,
 };
 use orderpipeline_e2e::{NatsServer, TestNamespace, kube_client, wait_for};
 
@@ -586,10 +587,16 @@ async fn the_service_account_cannot_act_outside_its_role() -> anyhow::Result<()>
         err.to_string().contains("forbidden") || err.to_string().contains("403"),
         "{err}"
     );
-    let err = Api::<Secret>::namespaced(sa, "default")
+    let err = Api::<Secret>::namespaced(sa.clone(), "default")
         .create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}}))?)
         .await
         .expect_err("the operator only reads Secrets");
+    assert!(err.to_string().contains("forbidden"), "{err}");
+    // Leases only in its own namespace, not e.g. the control plane's.
+    let err = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(sa, "kube-system")
+        .get("kube-scheduler")
+        .await
+        .expect_err("Leases outside the operator's namespace");
     assert!(err.to_string().contains("forbidden"), "{err}");
     let _ = std::fs::remove_file(kubeconfig);
     Ok(())
@@ -1013,7 +1020,7 @@ async fn a_stream_removed_behind_the_operators_back_is_recreated_and_storage_dri
 
 async fn lease_holder(s: &Setup) -> anyhow::Result<Option<String>> {
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-        Api::namespaced(s.client.clone(), &s.ns.name);
+        Api::namespaced(s.client.clone(), OPERATOR_NAMESPACE);
     Ok(leases
         .get_opt(&format!("order-operator-{}", s.ns.name))
         .await?
@@ -1098,7 +1105,7 @@ async fn two_operators_one_leader_and_killing_it_hands_over() -> anyhow::Result<
 
     // A leader that loses its Lease exits (and would be restarted as a standby).
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-        Api::namespaced(s.client.clone(), &s.ns.name);
+        Api::namespaced(s.client.clone(), OPERATOR_NAMESPACE);
     let name = format!("order-operator-{}", s.ns.name);
     let mut l = leases.get(&name).await?;
     if let Some(spec) = l.spec.as_mut() {

@@ -55,7 +55,8 @@ struct RunArgs {
     /// Elect a leader with a Lease so only one replica reconciles.
     #[arg(long, env = "LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
     leader_elect: bool,
-    /// Namespace of the Lease (default: the watched namespace, else POD_NAMESPACE, else orderpipeline-system).
+    /// Namespace of the Lease: the operator's own (default: POD_NAMESPACE, else
+    /// orderpipeline-system), where its RBAC Role grants Leases.
     #[arg(long, env = "LEASE_NAMESPACE")]
     lease_namespace: Option<String>,
     /// How long the Lease stays valid without renewal; a standby takes over within it.
@@ -168,7 +169,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             namespace: args
                 .lease_namespace
                 .clone()
-                .or_else(|| args.namespace.clone())
                 .or_else(|| std::env::var("POD_NAMESPACE").ok())
                 .unwrap_or_else(|| "orderpipeline-system".into()),
             name: match &args.namespace {
