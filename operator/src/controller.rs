@@ -130,18 +130,26 @@ impl Context {
         auth: &NatsAuth,
         auth_hash: &str,
     ) -> Result<async_nats::Client, NatsConnectError> {
-        let mut cache = self.nats.lock().await;
-        if let Some((hash, c)) = cache.get(key)
-            && hash == auth_hash
         {
-            return Ok(c.clone());
+            let mut cache = self.nats.lock().await;
+            if let Some((hash, c)) = cache.get(key)
+                && hash == auth_hash
+            {
+                return Ok(c.clone());
+            }
+            if cache.remove(key).is_some() {
+                tracing::info!(pipeline = key, "NATS settings changed; reconnecting");
+            }
         }
-        if cache.remove(key).is_some() {
-            tracing::info!(pipeline = key, "NATS settings changed; reconnecting");
-        }
+        // Connect without holding the lock, so one pipeline's unreachable NATS
+        // does not stall the others' reconciles (the controller never runs two
+        // reconciles of the same pipeline at once).
         let c = orderpipeline_common::nats::connect(url, auth, &format!("order-operator {key}"))
             .await?;
-        cache.insert(key.to_string(), (auth_hash.to_string(), c.clone()));
+        self.nats
+            .lock()
+            .await
+            .insert(key.to_string(), (auth_hash.to_string(), c.clone()));
         Ok(c)
     }
 
