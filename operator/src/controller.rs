@@ -981,14 +981,15 @@ async fn ensure_topology(
     drift: bool,
 ) -> Result<(), Blocked> {
     // Drift (a change made behind the operator's back) is reported as such.
-    let note = |default: String| -> (String, String) {
+    // (reason, message) of the Event for a change: `reason`, or DriftCorrected.
+    let note = |reason: String, message: String| -> (String, String) {
         if drift {
             (
                 reasons::DRIFT_CORRECTED.to_string(),
-                format!("{default} (it had been changed outside the operator)"),
+                format!("{message} (it had been changed outside the operator)"),
             )
         } else {
-            (String::new(), default)
+            (reason, message)
         }
     };
     let api_err = |what: &str, e: &dyn std::fmt::Display| {
@@ -1096,12 +1097,10 @@ async fn ensure_topology(
                     js.update_stream(cfg.clone())
                         .await
                         .map_err(|e| api_err(&format!("updating stream {name}"), &e))?;
-                    let (r, msg) = note(format!("updated stream {name} ({field} changed)"));
-                    let reason = if r.is_empty() {
-                        format!("{what}Updated")
-                    } else {
-                        r
-                    };
+                    let (reason, msg) = note(
+                        format!("{what}Updated"),
+                        format!("updated stream {name} ({field} changed)"),
+                    );
                     ctx.event(p, EventType::Normal, &reason, "Update", msg)
                         .await;
                 }
@@ -1157,12 +1156,10 @@ async fn ensure_topology(
                 js.update_key_value(want)
                     .await
                     .map_err(|e| api_err(&format!("updating KV bucket {}", t.bucket), &e))?;
-                let (r, msg) = note(format!("updated KV bucket {} ({field} changed)", t.bucket));
-                let reason = if r.is_empty() {
-                    "BucketUpdated".to_string()
-                } else {
-                    r
-                };
+                let (reason, msg) = note(
+                    "BucketUpdated".to_string(),
+                    format!("updated KV bucket {} ({field} changed)", t.bucket),
+                );
                 ctx.event(p, EventType::Normal, &reason, "Update", msg)
                     .await;
             }
@@ -1174,12 +1171,10 @@ async fn ensure_topology(
             js.create_or_update_key_value(t.kv_config())
                 .await
                 .map_err(|e| api_err(&format!("creating KV bucket {}", t.bucket), &e))?;
-            let (r, msg) = note(format!("created KV bucket {}", t.bucket));
-            let reason = if r.is_empty() {
-                "BucketCreated".to_string()
-            } else {
-                r
-            };
+            let (reason, msg) = note(
+                "BucketCreated".to_string(),
+                format!("created KV bucket {}", t.bucket),
+            );
             ctx.event(p, EventType::Normal, &reason, "Create", msg)
                 .await;
         }
@@ -1206,15 +1201,13 @@ async fn ensure_topology(
                 s.create_consumer(desired.clone())
                     .await
                     .map_err(|e| api_err(&format!("updating consumer {}", t.consumer), &e))?;
-                let (r, msg) = note(format!(
-                    "updated consumer {} (max ack pending {}, ack wait {:?})",
-                    t.consumer, desired.max_ack_pending, desired.ack_wait
-                ));
-                let reason = if r.is_empty() {
-                    "ConsumerUpdated".to_string()
-                } else {
-                    r
-                };
+                let (reason, msg) = note(
+                    "ConsumerUpdated".to_string(),
+                    format!(
+                        "updated consumer {} (max ack pending {}, ack wait {:?})",
+                        t.consumer, desired.max_ack_pending, desired.ack_wait
+                    ),
+                );
                 ctx.event(p, EventType::Normal, &reason, "Update", msg)
                     .await;
             }
@@ -1223,15 +1216,13 @@ async fn ensure_topology(
             s.create_consumer(desired.clone())
                 .await
                 .map_err(|e| api_err(&format!("creating consumer {}", t.consumer), &e))?;
-            let (r, msg) = note(format!(
-                "created durable consumer {} filtering {}",
-                t.consumer, t.filter_subject
-            ));
-            let reason = if r.is_empty() {
-                "ConsumerCreated".to_string()
-            } else {
-                r
-            };
+            let (reason, msg) = note(
+                "ConsumerCreated".to_string(),
+                format!(
+                    "created durable consumer {} filtering {}",
+                    t.consumer, t.filter_subject
+                ),
+            );
             ctx.event(p, EventType::Normal, &reason, "Create", msg)
                 .await;
         }
