@@ -635,6 +635,33 @@ async fn event_reasons(ns: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
+/// Waits until the namespace's Events include every one of `texts`
+/// (`reason: note` lines, see [`event_reasons`]).
+async fn wait_events(ns: &str, texts: &[&str]) -> anyhow::Result<()> {
+    wait_for(
+        &format!("Events {texts:?}"),
+        Duration::from_secs(30),
+        || async {
+            let events = event_reasons(ns).await?;
+            Ok(texts.iter().all(|t| events.contains(t)).then_some(()))
+        },
+    )
+    .await
+}
+
+/// Waits until stream `name` has `max_age` `want` (e.g. drift reverted).
+async fn wait_max_age(js: &jetstream::Context, name: &str, want: Duration) -> anyhow::Result<()> {
+    wait_for(
+        &format!("stream {name} max_age {want:?}"),
+        Duration::from_secs(30),
+        || async {
+            let mut st = js.get_stream(name).await?;
+            Ok((st.info().await?.config.max_age == want).then_some(()))
+        },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_scales_the_workers_up_and_back_down_after_the_window() -> anyhow::Result<()> {
     let s = setup_with("op-scale", false).await?;
@@ -911,16 +938,12 @@ async fn a_stream_removed_behind_the_operators_back_is_recreated_and_storage_dri
         )
     })
     .await?;
-    wait_for(
-        "a DriftCorrected event per stream",
-        Duration::from_secs(30),
-        || async {
-            let events = event_reasons(&s.ns.name).await?;
-            Ok(["ORDERS:", "ORDERS_DLQ:"]
-                .iter()
-                .all(|n| events.contains(&format!("DriftCorrected: recreated stream {n}")))
-                .then_some(()))
-        },
+    wait_events(
+        &s.ns.name,
+        &[
+            "DriftCorrected: recreated stream ORDERS:",
+            "DriftCorrected: recreated stream ORDERS_DLQ:",
+        ],
     )
     .await?;
     wait_ready(&s, "orders", "True", None).await?;
@@ -963,24 +986,10 @@ async fn a_stream_removed_behind_the_operators_back_is_recreated_and_storage_dri
     let mut cfg = stream.info().await?.config.clone();
     cfg.max_age = Duration::from_secs(3600);
     s.js.update_stream(cfg).await?;
-    wait_for(
-        "max_age reverted to 7d",
-        Duration::from_secs(30),
-        || async {
-            let mut st = s.js.get_stream("ORDERS").await?;
-            Ok((st.info().await?.config.max_age == Duration::from_secs(7 * 86400)).then_some(()))
-        },
-    )
-    .await?;
-    wait_for(
-        "a DriftCorrected event for the field",
-        Duration::from_secs(30),
-        || async {
-            Ok(event_reasons(&s.ns.name)
-                .await?
-                .contains("max age changed) (it had been changed outside the operator)")
-                .then_some(()))
-        },
+    wait_max_age(&s.js, "ORDERS", Duration::from_secs(7 * 86400)).await?;
+    wait_events(
+        &s.ns.name,
+        &["max age changed) (it had been changed outside the operator)"],
     )
     .await?;
 
@@ -995,24 +1004,10 @@ async fn a_stream_removed_behind_the_operators_back_is_recreated_and_storage_dri
     let ttl = kv_cfg.max_age;
     kv_cfg.max_age = Duration::from_secs(3600);
     s.js.update_stream(kv_cfg).await?;
-    wait_for(
-        "the bucket's TTL reverted",
-        Duration::from_secs(30),
-        || async {
-            let mut st = s.js.get_stream("KV_ORDERS_STATE").await?;
-            Ok((st.info().await?.config.max_age == ttl).then_some(()))
-        },
-    )
-    .await?;
-    wait_for(
-        "a DriftCorrected event for the bucket",
-        Duration::from_secs(30),
-        || async {
-            Ok(event_reasons(&s.ns.name)
-                .await?
-                .contains("DriftCorrected: updated KV bucket ORDERS_STATE (ttl changed)")
-                .then_some(()))
-        },
+    wait_max_age(&s.js, "KV_ORDERS_STATE", ttl).await?;
+    wait_events(
+        &s.ns.name,
+        &["DriftCorrected: updated KV bucket ORDERS_STATE (ttl changed)"],
     )
     .await?;
     s.ns.delete().await

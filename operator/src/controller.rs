@@ -28,7 +28,7 @@ use crate::events::{Event, EventType, Recorder};
 use crate::metrics::Metrics;
 use crate::render::{self, Credentials, SecretsView};
 use crate::scaling;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use orderpipeline_common::duration::parse_duration;
 
 pub const MANAGER: &str = "order-operator";
@@ -656,16 +656,7 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
         }
         Err(e) => {
             ready = false;
-            // Neither can be confirmed: both say why, none keeps a stale True.
-            for type_ in [types::STREAM_READY, types::CONSUMER_READY] {
-                conds.push(conditions::condition(
-                    type_,
-                    false,
-                    reasons::JETSTREAM_ERROR,
-                    e.clone(),
-                    generation,
-                ));
-            }
+            conds.extend(topology_not_ready(reasons::JETSTREAM_ERROR, e, generation));
         }
     }
     let ds = after.status.clone().unwrap_or_default();
@@ -892,6 +883,13 @@ async fn ensure_paused(
     Ok(())
 }
 
+/// StreamReady and ConsumerReady, both False for one cause: neither can be
+/// confirmed, and neither may keep a stale True.
+fn topology_not_ready(reason: &str, message: &str, generation: Option<i64>) -> [Condition; 2] {
+    [types::STREAM_READY, types::CONSUMER_READY]
+        .map(|type_| conditions::condition(type_, false, reason, message, generation))
+}
+
 /// Ends a reconcile that cannot go on: Ready=False with the reason, an Event, a requeue.
 async fn finish_blocked(
     p: &OrderPipeline,
@@ -934,15 +932,7 @@ async fn finish_blocked(
             | reasons::STREAM_INCOMPATIBLE
             | reasons::JETSTREAM_ERROR
     ) {
-        for type_ in [types::STREAM_READY, types::CONSUMER_READY] {
-            conds.push(conditions::condition(
-                type_,
-                false,
-                b.reason,
-                b.message.clone(),
-                generation,
-            ));
-        }
+        conds.extend(topology_not_ready(b.reason, &b.message, generation));
     }
     status.conditions = conditions::merge(&old.conditions, conds);
     write_status(p, ctx, &status).await?;
@@ -981,15 +971,19 @@ async fn ensure_topology(
     drift: bool,
 ) -> Result<(), Blocked> {
     // Drift (a change made behind the operator's back) is reported as such.
-    // (reason, message) of the Event for a change: `reason`, or DriftCorrected.
-    let note = |reason: String, message: String| -> (String, String) {
-        if drift {
+    // The Event for a change: `reason`, or DriftCorrected.
+    let report = move |reason: &str, action: &'static str, message: String| {
+        let (reason, message) = if drift {
             (
                 reasons::DRIFT_CORRECTED.to_string(),
                 format!("{message} (it had been changed outside the operator)"),
             )
         } else {
-            (reason, message)
+            (reason.to_string(), message)
+        };
+        async move {
+            ctx.event(p, EventType::Normal, &reason, action, message)
+                .await
         }
     };
     let api_err = |what: &str, e: &dyn std::fmt::Display| {
@@ -1097,12 +1091,12 @@ async fn ensure_topology(
                     js.update_stream(cfg.clone())
                         .await
                         .map_err(|e| api_err(&format!("updating stream {name}"), &e))?;
-                    let (reason, msg) = note(
-                        format!("{what}Updated"),
+                    report(
+                        &format!("{what}Updated"),
+                        "Update",
                         format!("updated stream {name} ({field} changed)"),
-                    );
-                    ctx.event(p, EventType::Normal, &reason, "Update", msg)
-                        .await;
+                    )
+                    .await;
                 }
             }
             Err(e) if e.to_string().contains("not found") => {
@@ -1156,12 +1150,12 @@ async fn ensure_topology(
                 js.update_key_value(want)
                     .await
                     .map_err(|e| api_err(&format!("updating KV bucket {}", t.bucket), &e))?;
-                let (reason, msg) = note(
-                    "BucketUpdated".to_string(),
+                report(
+                    "BucketUpdated",
+                    "Update",
                     format!("updated KV bucket {} ({field} changed)", t.bucket),
-                );
-                ctx.event(p, EventType::Normal, &reason, "Update", msg)
-                    .await;
+                )
+                .await;
             }
         }
         Err(e) if !e.to_string().contains("not found") => {
@@ -1171,12 +1165,12 @@ async fn ensure_topology(
             js.create_or_update_key_value(t.kv_config())
                 .await
                 .map_err(|e| api_err(&format!("creating KV bucket {}", t.bucket), &e))?;
-            let (reason, msg) = note(
-                "BucketCreated".to_string(),
+            report(
+                "BucketCreated",
+                "Create",
                 format!("created KV bucket {}", t.bucket),
-            );
-            ctx.event(p, EventType::Normal, &reason, "Create", msg)
-                .await;
+            )
+            .await;
         }
     }
     let mut desired = t.consumer_config();
@@ -1201,30 +1195,30 @@ async fn ensure_topology(
                 s.create_consumer(desired.clone())
                     .await
                     .map_err(|e| api_err(&format!("updating consumer {}", t.consumer), &e))?;
-                let (reason, msg) = note(
-                    "ConsumerUpdated".to_string(),
+                report(
+                    "ConsumerUpdated",
+                    "Update",
                     format!(
                         "updated consumer {} (max ack pending {}, ack wait {:?})",
                         t.consumer, desired.max_ack_pending, desired.ack_wait
                     ),
-                );
-                ctx.event(p, EventType::Normal, &reason, "Update", msg)
-                    .await;
+                )
+                .await;
             }
         }
         Err(e) if e.to_string().contains("not found") => {
             s.create_consumer(desired.clone())
                 .await
                 .map_err(|e| api_err(&format!("creating consumer {}", t.consumer), &e))?;
-            let (reason, msg) = note(
-                "ConsumerCreated".to_string(),
+            report(
+                "ConsumerCreated",
+                "Create",
                 format!(
                     "created durable consumer {} filtering {}",
                     t.consumer, t.filter_subject
                 ),
-            );
-            ctx.event(p, EventType::Normal, &reason, "Create", msg)
-                .await;
+            )
+            .await;
         }
         Err(e) => return Err(api_err(&format!("reading consumer {}", t.consumer), &e)),
     }
@@ -1399,24 +1393,8 @@ async fn delete_topology(p: &OrderPipeline, ctx: &Context) -> Result<Vec<String>
         Err(e) if e.contains("not found") => Ok(()),
         other => other,
     };
-    // Some(true): ours; Some(false): someone else's; None: does not exist.
-    let owned = |name: String| {
-        let js = js.clone();
-        async move {
-            match js.get_stream(&name).await {
-                Ok(mut s) => {
-                    let info = s.info().await.map_err(|e| e.to_string())?;
-                    Ok(Some(
-                        info.config.metadata.get(OWNER_METADATA_KEY) == Some(&key_of(p)),
-                    ))
-                }
-                Err(e) if e.to_string().contains("not found") => Ok(None),
-                Err(e) => Err(format!("reading stream {name}: {e}")),
-            }
-        }
-    };
-    let input = owned(p.spec.stream.name.clone()).await?;
-    let dlq = owned(p.spec.dead_letter.stream_name.clone()).await?;
+    let input = stream_owned_by(&js, &p.spec.stream.name, &key).await?;
+    let dlq = stream_owned_by(&js, &p.spec.dead_letter.stream_name, &key).await?;
     let mut kept = Vec::new();
     if input == Some(true) {
         ignore_missing(
@@ -1444,6 +1422,32 @@ async fn delete_topology(p: &OrderPipeline, ctx: &Context) -> Result<Vec<String>
         }
     }
     Ok(kept)
+}
+
+/// Whether stream `name` belongs to pipeline `owner` (its owner metadata):
+/// `None` when it does not exist.
+async fn stream_owned_by(
+    js: &jetstream::Context,
+    name: &str,
+    owner: &str,
+) -> Result<Option<bool>, String> {
+    match js.get_stream(name).await {
+        Ok(mut s) => {
+            let info = s
+                .info()
+                .await
+                .map_err(|e| format!("reading stream {name}: {e}"))?;
+            Ok(Some(
+                info.config
+                    .metadata
+                    .get(OWNER_METADATA_KEY)
+                    .map(String::as_str)
+                    == Some(owner),
+            ))
+        }
+        Err(e) if e.to_string().contains("not found") => Ok(None),
+        Err(e) => Err(format!("reading stream {name}: {e}")),
+    }
 }
 
 /// What a pipeline event must change to trigger a reconcile: the spec (its

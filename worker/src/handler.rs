@@ -183,6 +183,17 @@ async fn nak(ctx: &Ctx, msg: &jetstream::Message, delay: Duration) {
     }
 }
 
+/// NAKs with the delay this delivery's count calls for (never a bare NAK).
+async fn nak_for_redelivery(ctx: &Ctx, msg: &jetstream::Message, delivery: &Delivery) -> Outcome {
+    let delay = decide::nak_delay(
+        delivery.delivered,
+        ctx.cfg.nak_initial_delay,
+        ctx.cfg.nak_max_delay,
+    );
+    nak(ctx, msg, delay).await;
+    Outcome::Nak
+}
+
 async fn process(ctx: &Ctx, msg: &jetstream::Message) -> Outcome {
     let delivery = match msg.info() {
         Ok(i) => Delivery {
@@ -248,14 +259,8 @@ async fn process(ctx: &Ctx, msg: &jetstream::Message) -> Outcome {
             after_failure(ctx, msg, &delivery, &e, Some(&order)).await
         }
         Err(StepError::Unrecorded(why)) => {
-            let delay = decide::nak_delay(
-                delivery.delivered,
-                ctx.cfg.nak_initial_delay,
-                ctx.cfg.nak_max_delay,
-            );
-            tracing::warn!(error = %why, delay_ms = delay.as_millis() as u64, "result published but not recorded; NAK with delay");
-            nak(ctx, msg, delay).await;
-            Outcome::Nak
+            tracing::warn!(error = %why, "result published but not recorded; NAK with delay");
+            nak_for_redelivery(ctx, msg, &delivery).await
         }
     }
 }
@@ -797,17 +802,7 @@ async fn dead_letter_or_nak(
     .await
     {
         tracing::error!(error = %e, "cannot write the dead letter; NAK so the message is not lost");
-        nak(
-            ctx,
-            msg,
-            decide::nak_delay(
-                delivery.delivered,
-                ctx.cfg.nak_initial_delay,
-                ctx.cfg.nak_max_delay,
-            ),
-        )
-        .await;
-        return Outcome::Nak;
+        return nak_for_redelivery(ctx, msg, delivery).await;
     }
     if !order_id.trim().is_empty() {
         mark_dead_lettered(ctx, &order_id, delivery, why).await;
