@@ -1,6 +1,8 @@
-//! The pipeline's JetStream objects: the input stream, the dead-letter stream, the
-//! idempotency KV bucket and the durable pull consumer. One description, used by
-//! the operator (from the CRD) and by `order-worker --create-topology` (defaults).
+//! The pipeline's JetStream objects: the input stream (which also holds every
+//! input's outcome on `<prefix>.<kind>.<key>`, see [`names::OutcomeSubjects`]), the
+//! dead-letter stream (sourcing the `deadlettered` outcomes), the KV bucket of
+//! earlier versions and the durable pull consumer. One description, used by the
+//! operator (from the CRD) and by `order-worker --create-topology` (defaults).
 
 use std::time::Duration;
 
@@ -86,6 +88,22 @@ pub enum TopologyError {
         "the dead-letter subject {dlq} is matched by the stream's subject {pattern}; dead letters would be consumed again: pick a subject outside the stream's subjects"
     )]
     DlqOverlaps { dlq: String, pattern: String },
+    #[error(
+        "the consumer's filter subject {0} has no prefix for the outcome subjects; use a subject of two or more tokens ending in a literal token, e.g. ORDER.created (outcomes then go to ORDER.processed.<key>, ORDER.rejected.<key> and ORDER.deadlettered.<key>)"
+    )]
+    NoOutcomePrefix(String),
+    #[error(
+        "the consumer's filter subject {filter} matches the outcome subject {outcome}; the workers would consume their own results: narrow the filter to the input subject, e.g. {example}"
+    )]
+    FilterMatchesOutcomes {
+        filter: String,
+        outcome: String,
+        example: String,
+    },
+    #[error(
+        "stream retention {0} removes messages nobody consumes, and the stream keeps each input's outcome (the record that makes it exactly once); use retention Limits (to migrate an existing stream: create a new pipeline with Limits retention, move producers to its subjects, and delete the old one once its consumer is drained)"
+    )]
+    RetentionUnsafe(&'static str),
     #[error("JetStream request for {what} failed: {detail}")]
     Api { what: String, detail: String },
 }
@@ -98,8 +116,55 @@ fn api(what: impl Into<String>, e: impl std::fmt::Display) -> TopologyError {
 }
 
 impl Topology {
+    /// Where the pipeline's outcomes go.
+    pub fn outcome_subjects(&self) -> Result<names::OutcomeSubjects, TopologyError> {
+        names::OutcomeSubjects::for_filter(&self.filter_subject)
+            .ok_or_else(|| TopologyError::NoOutcomePrefix(self.filter_subject.clone()))
+    }
+
+    /// The input stream's subjects: the spec's plus the outcome subjects the spec's
+    /// do not already capture.
+    pub fn stream_subjects(&self) -> Vec<String> {
+        let mut subjects = self.subjects.clone();
+        if let Ok(o) = self.outcome_subjects() {
+            for kind in names::OutcomeKind::ALL {
+                let all = o.all_of(kind);
+                if !subjects.iter().any(|p| names::subject_matches(p, &all)) {
+                    subjects.push(all);
+                }
+            }
+        }
+        subjects
+    }
+
     /// Checks what can be checked without a server.
     pub fn validate(&self) -> Result<(), TopologyError> {
+        let outcomes = self.outcome_subjects()?;
+        for kind in names::OutcomeKind::ALL {
+            let all = outcomes.all_of(kind);
+            if names::subjects_overlap(&self.filter_subject, &all) {
+                return Err(TopologyError::FilterMatchesOutcomes {
+                    filter: self.filter_subject.clone(),
+                    outcome: all,
+                    example: format!("{}.created", outcomes.prefix),
+                });
+            }
+            if names::subjects_overlap(&self.dlq_subject, &all) {
+                return Err(TopologyError::DlqOverlaps {
+                    dlq: self.dlq_subject.clone(),
+                    pattern: all,
+                });
+            }
+        }
+        match self.retention {
+            stream::RetentionPolicy::Limits => {}
+            stream::RetentionPolicy::Interest => {
+                return Err(TopologyError::RetentionUnsafe("Interest"));
+            }
+            stream::RetentionPolicy::WorkQueue => {
+                return Err(TopologyError::RetentionUnsafe("WorkQueue"));
+            }
+        }
         if let Some(p) = self
             .subjects
             .iter()
@@ -124,7 +189,7 @@ impl Topology {
         stream::Config {
             metadata: self.metadata(),
             name: self.stream.clone(),
-            subjects: self.subjects.clone(),
+            subjects: self.stream_subjects(),
             retention: self.retention,
             storage: self.storage,
             num_replicas: self.replicas,
@@ -140,6 +205,15 @@ impl Topology {
             metadata: self.metadata(),
             name: self.dlq_stream.clone(),
             subjects: vec![self.dlq_subject.clone()],
+            // The dead letters are the input stream's `deadlettered` outcomes, copied
+            // here by the server (the worker writes each once, conditionally).
+            sources: self.outcome_subjects().ok().map(|o| {
+                vec![stream::Source {
+                    name: self.stream.clone(),
+                    filter_subject: Some(o.all_of(names::OutcomeKind::DeadLettered)),
+                    ..Default::default()
+                }]
+            }),
             retention: stream::RetentionPolicy::Limits,
             storage: self.storage,
             num_replicas: self.replicas,
@@ -188,9 +262,6 @@ impl Topology {
         js.create_or_update_stream(self.dlq_stream_config())
             .await
             .map_err(|e| api(format!("stream {}", self.dlq_stream), e))?;
-        js.create_or_update_key_value(self.kv_config())
-            .await
-            .map_err(|e| api(format!("KV bucket {}", self.bucket), e))?;
         js.create_consumer_on_stream(self.consumer_config(), self.stream.as_str())
             .await
             .map_err(|e| api(format!("consumer {}", self.consumer), e))?;
@@ -202,25 +273,33 @@ impl Topology {
 pub struct Bound {
     pub consumer: consumer::PullConsumer,
     pub consumer_info: consumer::Info,
-    pub state: kv::Store,
+    /// The input stream (it also holds the outcomes).
+    pub stream: stream::Stream,
+    /// Its creation time in ns since the epoch (part of position keys).
+    pub stream_created_ns: u128,
+    pub dlq: stream::Stream,
 }
 
-/// Finds the consumer, the dead-letter stream and the KV bucket; a missing one
-/// is an error naming it.
+/// Finds the stream, the consumer and the dead-letter stream; a missing one is
+/// an error naming it.
 pub async fn bind(
     js: &jetstream::Context,
     stream: &str,
     consumer: &str,
     dlq_stream: &str,
-    bucket: &str,
 ) -> Result<Bound, TopologyError> {
-    use jetstream::context::{GetStreamErrorKind, KeyValueErrorKind};
-    let s = js.get_stream(stream).await.map_err(|e| match e.kind() {
+    use jetstream::context::GetStreamErrorKind;
+    let mut s = js.get_stream(stream).await.map_err(|e| match e.kind() {
         GetStreamErrorKind::JetStream(j) if j.code() == 404 => {
             TopologyError::MissingStream(stream.into())
         }
         _ => api(format!("stream {stream}"), e),
     })?;
+    let created = s
+        .info()
+        .await
+        .map_err(|e| api(format!("stream {stream}"), e))?
+        .created;
     let c: consumer::PullConsumer = s.get_consumer(consumer).await.map_err(|e| {
         if e.to_string().contains("not found") {
             TopologyError::MissingConsumer {
@@ -235,7 +314,8 @@ pub async fn bind(
         .consumer_info(consumer)
         .await
         .map_err(|e| api(format!("consumer {consumer}"), e))?;
-    js.get_stream(dlq_stream)
+    let dlq = js
+        .get_stream(dlq_stream)
         .await
         .map_err(|e| match e.kind() {
             GetStreamErrorKind::JetStream(j) if j.code() == 404 => {
@@ -243,14 +323,12 @@ pub async fn bind(
             }
             _ => api(format!("stream {dlq_stream}"), e),
         })?;
-    let state = js.get_key_value(bucket).await.map_err(|e| match e.kind() {
-        KeyValueErrorKind::GetBucket => TopologyError::MissingBucket(bucket.into()),
-        _ => api(format!("KV bucket {bucket}"), e),
-    })?;
     Ok(Bound {
         consumer: c,
         consumer_info,
-        state,
+        stream_created_ns: u128::try_from(created.unix_timestamp_nanos()).unwrap_or(0),
+        stream: s,
+        dlq,
     })
 }
 

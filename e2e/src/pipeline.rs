@@ -26,11 +26,15 @@ pub struct StubBehaviour {
 }
 
 /// A downstream HTTP service on loopback that records every call's
-/// `Idempotency-Key` and counts "effective charges" (first 2xx per key).
+/// `Idempotency-Key` (`<pipeline>:<order key>`, recorded by order key; a key
+/// without the pipeline scope is refused with 400) and counts "effective
+/// charges" (first 2xx per key).
 pub struct DownstreamStub {
     pub url: String,
     pub calls: Arc<Mutex<HashMap<String, u32>>>,
     pub charged: Arc<Mutex<HashMap<String, u32>>>,
+    /// When each call arrived (wall clock), by order key.
+    pub call_times: Arc<Mutex<HashMap<String, Vec<std::time::SystemTime>>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -39,18 +43,30 @@ impl DownstreamStub {
         use axum::http::{HeaderMap, StatusCode};
         let calls: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
         let charged: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let call_times: Arc<Mutex<HashMap<String, Vec<std::time::SystemTime>>>> = Arc::default();
         let (c, ch, b) = (calls.clone(), charged.clone(), Arc::new(behaviour));
+        let ct = call_times.clone();
         let started = std::time::Instant::now();
         let app = axum::Router::new().route(
             "/charge",
             axum::routing::post(move |headers: HeaderMap| {
-                let (c, ch, b) = (c.clone(), ch.clone(), b.clone());
+                let (c, ch, b, ct) = (c.clone(), ch.clone(), b.clone(), ct.clone());
                 async move {
-                    let key = headers
+                    let arrived = std::time::SystemTime::now();
+                    // `<pipeline>:<order key>`: recorded by order key (see calls_for).
+                    let full = headers
                         .get("idempotency-key")
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("")
                         .to_string();
+                    let key = full
+                        .rsplit_once(':')
+                        .map_or(String::new(), |(_, k)| k.to_string());
+                    ct.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(key.clone())
+                        .or_default()
+                        .push(arrived);
                     let n = {
                         let mut m = c.lock().unwrap_or_else(|p| p.into_inner());
                         let e = m.entry(key.clone()).or_insert(0);
@@ -97,14 +113,17 @@ impl DownstreamStub {
             url,
             calls,
             charged,
+            call_times,
             task,
         })
     }
 
-    pub fn calls_for(&self, key: &str) -> u32 {
+    /// Calls made for the order with this id.
+    pub fn calls_for(&self, order_id: &str) -> u32 {
+        let key = orderpipeline_common::names::order_key(order_id).unwrap_or_default();
         self.calls
             .lock()
-            .map(|m| m.get(key).copied().unwrap_or(0))
+            .map(|m| m.get(&key).copied().unwrap_or(0))
             .unwrap_or(0)
     }
 
@@ -121,11 +140,28 @@ impl DownstreamStub {
         self.charged.lock().map(|m| m.len()).unwrap_or(0)
     }
 
-    pub fn charged(&self, key: &str) -> bool {
+    pub fn charged(&self, order_id: &str) -> bool {
+        let key = orderpipeline_common::names::order_key(order_id).unwrap_or_default();
         self.charged
             .lock()
-            .map(|m| m.contains_key(key))
+            .map(|m| m.contains_key(&key))
             .unwrap_or(false)
+    }
+
+    /// Order keys the downstream charged (answered 2xx at least once).
+    pub fn charged_keys(&self) -> Vec<String> {
+        self.charged
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The latest call for an order key.
+    pub fn last_call(&self, key: &str) -> Option<std::time::SystemTime> {
+        self.call_times
+            .lock()
+            .ok()
+            .and_then(|m| m.get(key).and_then(|v| v.iter().max().copied()))
     }
 
     /// Keys that got more than one 2xx (a repeated call after a lost answer or a

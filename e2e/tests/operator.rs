@@ -169,7 +169,31 @@ async fn the_sample_becomes_ready_with_matching_jetstream_objects_and_workers() 
     // JetStream objects, read back with a NATS client.
     let mut stream = s.js.get_stream("ORDERS").await?;
     let cfg = stream.info().await?.config.clone();
-    assert_eq!(cfg.subjects, vec!["ORDER.*"]);
+    // The spec's subjects, plus the outcome subjects (outcomes live in the input
+    // stream since the v2 protocol).
+    assert_eq!(
+        cfg.subjects,
+        vec![
+            "ORDER.*",
+            "ORDER.processed.*",
+            "ORDER.rejected.*",
+            "ORDER.deadlettered.*"
+        ]
+    );
+    let dlq_cfg =
+        s.js.get_stream("ORDERS_DLQ")
+            .await?
+            .info()
+            .await?
+            .config
+            .clone();
+    let sources: Vec<_> = dlq_cfg
+        .sources
+        .iter()
+        .flatten()
+        .map(|x| (x.name.as_str(), x.filter_subject.as_deref()))
+        .collect();
+    assert_eq!(sources, [("ORDERS", Some("ORDER.deadlettered.*"))]);
     assert_eq!(cfg.storage, jetstream::stream::StorageType::File);
     assert_eq!(cfg.num_replicas, 1);
     assert_eq!(cfg.max_age, Duration::from_secs(7 * 86400));
@@ -270,9 +294,19 @@ async fn cel_rules_and_spec_checks_refuse_bad_specs_with_their_message() -> anyh
         e.to_string().contains("cannot change to or from WorkQueue"),
         "{e}"
     );
+    // Interest passes the CEL rules but would delete the outcomes nobody consumes:
+    // refused with the way back, which works.
     patch(serde_json::json!({"spec": {"stream": {"retention": "Interest"}}}))
         .await
-        .context("Limits -> Interest is allowed")?;
+        .context("Limits -> Interest passes the schema")?;
+    let p = wait_ready(&s, "orders", "False", Some("InvalidSpec")).await?;
+    let msg = &condition(&p, "Ready").context("Ready")?.message;
+    assert!(
+        msg.contains("retention Interest") && msg.contains("use retention Limits"),
+        "{msg}"
+    );
+    patch(serde_json::json!({"spec": {"stream": {"retention": "Limits"}}})).await?;
+    wait_ready(&s, "orders", "True", None).await?;
     let e = patch(serde_json::json!({"spec": {"workers": {"minReplicas": 5, "maxReplicas": 2}}}))
         .await
         .expect_err("min > max");
@@ -286,9 +320,9 @@ async fn cel_rules_and_spec_checks_refuse_bad_specs_with_their_message() -> anyh
     let mut bad = sample(&s.nats.url())?;
     bad.metadata.name = Some("overlap".into());
     bad.spec.stream.name = "OTHER".into();
-    bad.spec.dead_letter.stream_name = "OTHER_DLQ".into();
-    bad.spec.state.bucket = "OTHER_STATE".into();
-    bad.spec.dead_letter.subject = "ORDER.dead".into();
+    bad.spec.dead_letter.stream_name = Some("OTHER_DLQ".into());
+    bad.spec.state.bucket = Some("OTHER_STATE".into());
+    bad.spec.dead_letter.subject = Some("ORDER.dead".into());
     s.api.create(&PostParams::default(), &bad).await?;
     let p = wait_ready(&s, "overlap", "False", Some("InvalidSpec")).await?;
     let msg = &condition(&p, "Ready").context("Ready")?.message;
@@ -451,27 +485,26 @@ async fn retain_keeps_the_stream_and_delete_removes_it() -> anyhow::Result<()> {
     gone.spec.stream.name = "GONE".into();
     gone.spec.stream.subjects = vec!["GONE.*".into()];
     gone.spec.consumer.filter_subject = "GONE.created".into();
-    gone.spec.dead_letter.stream_name = "GONE_DLQ".into();
-    gone.spec.dead_letter.subject = "DLQ.GONE.created".into();
-    gone.spec.state.bucket = "GONE_STATE".into();
+    gone.spec.dead_letter.stream_name = Some("GONE_DLQ".into());
+    gone.spec.dead_letter.subject = Some("DLQ.GONE.created".into());
+    gone.spec.state.bucket = Some("GONE_STATE".into());
     gone.spec.stream.deletion_policy = order_operator::crd::DeletionPolicy::Delete;
     s.api.create(&PostParams::default(), &gone).await?;
     wait_ready(&s, "keep", "True", None).await?;
     wait_ready(&s, "gone", "True", None).await?;
 
-    // A pipeline naming keep's streams is refused; deleting it, even with
-    // deletionPolicy Delete, must not delete what belongs to keep.
+    // A pipeline naming keep's streams is refused (naming keep); deleting it, even
+    // with deletionPolicy Delete, must not delete what belongs to keep.
     let mut intruder = sample(&s.nats.url())?;
     intruder.metadata.name = Some("intruder".into());
     intruder.spec.stream.deletion_policy = order_operator::crd::DeletionPolicy::Delete;
     s.api.create(&PostParams::default(), &intruder).await?;
-    wait_ready(
-        &s,
-        "intruder",
-        "False",
-        Some("StreamOwnedByAnotherPipeline"),
-    )
-    .await?;
+    let p = wait_ready(&s, "intruder", "False", Some("InvalidSpec")).await?;
+    let msg = &condition(&p, "Ready").context("Ready")?.message;
+    assert!(
+        msg.contains(&format!("belongs to pipeline {}/keep", s.ns.name)),
+        "{msg}"
+    );
     s.api.delete("intruder", &DeleteParams::default()).await?;
     wait_for("the intruder deleted", Duration::from_secs(60), || async {
         Ok(s.api.get_opt("intruder").await?.is_none().then_some(()))
@@ -1312,9 +1345,9 @@ async fn a_foreign_stream_is_a_conflict_until_adopted_and_observe_changes_nothin
     observed.spec.stream.name = "ELSEWHERE".into();
     observed.spec.stream.subjects = vec!["ELSE.*".into()];
     observed.spec.consumer.filter_subject = "ELSE.created".into();
-    observed.spec.dead_letter.stream_name = "ELSEWHERE_DLQ".into();
-    observed.spec.dead_letter.subject = "DLQ.ELSE.created".into();
-    observed.spec.state.bucket = "ELSEWHERE_STATE".into();
+    observed.spec.dead_letter.stream_name = Some("ELSEWHERE_DLQ".into());
+    observed.spec.dead_letter.subject = Some("DLQ.ELSE.created".into());
+    observed.spec.state.bucket = Some("ELSEWHERE_STATE".into());
     s.api.create(&PostParams::default(), &observed).await?;
     let p = wait_ready(&s, "watching", "False", None).await?;
     assert!(condition(&p, "StreamReady").is_some_and(|c| c.status == "False"));
@@ -1326,6 +1359,101 @@ async fn a_foreign_stream_is_a_conflict_until_adopted_and_observe_changes_nothin
     assert!(
         deployments.get_opt("watching-workers").await?.is_none(),
         "Observe creates no Deployment"
+    );
+    s.ns.delete().await
+}
+
+/// Publishes `count` valid orders with ids `<prefix>-<n>` on `subject`.
+async fn publish_ids(
+    js: &jetstream::Context,
+    subject: &str,
+    prefix: &str,
+    count: u64,
+) -> anyhow::Result<order_worker::ctl::PublishReport> {
+    order_worker::ctl::publish_orders(
+        js,
+        &order_worker::ctl::PublishOptions {
+            subject: subject.into(),
+            count,
+            rate: 0.0,
+            invalid_ratio: 0.0,
+            duplicate_ratio: 0.0,
+            prefix: prefix.into(),
+            window: 64,
+            ack_timeout: Duration::from_secs(5),
+            progress: false,
+            poison: 0,
+        },
+    )
+    .await
+}
+
+async fn wait_drained(js: &jetstream::Context, stream: &str, consumer: &str) -> anyhow::Result<()> {
+    wait_for(
+        &format!("{stream}/{consumer} to drain"),
+        Duration::from_secs(60),
+        || async move {
+            let c = js.get_stream(stream).await?.consumer_info(consumer).await?;
+            Ok((c.num_pending == 0 && c.num_ack_pending == 0).then_some(()))
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pipelines_on_one_nats_keep_their_orders_apart_and_a_clash_is_refused()
+-> anyhow::Result<()> {
+    let s = setup_ready("iso").await?;
+    // A second shop on the same NATS: its own stream and filter; every other name
+    // is derived (SHOP_DLQ, SHOP_STATE, SHOP.processed.<key>, ...).
+    let mut shop = sample(&s.nats.url())?;
+    shop.metadata.name = Some("shop".into());
+    shop.spec.stream.name = "SHOP".into();
+    shop.spec.stream.subjects = vec!["SHOP.*".into()];
+    shop.spec.consumer.filter_subject = "SHOP.created".into();
+    shop.spec.dead_letter.stream_name = None;
+    shop.spec.dead_letter.subject = None;
+    shop.spec.state.bucket = None;
+    s.api.create(&PostParams::default(), &shop).await?;
+    wait_ready(&s, "shop", "True", None).await?;
+    // A third one that names the first's stream: refused, naming the first.
+    let mut twin = sample(&s.nats.url())?;
+    twin.metadata.name = Some("twin".into());
+    s.api.create(&PostParams::default(), &twin).await?;
+    let t = wait_ready(&s, "twin", "False", Some("InvalidSpec")).await?;
+    let msg = condition(&t, "Ready")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        msg.contains(&format!(
+            "stream ORDERS belongs to pipeline {}/orders",
+            s.ns.name
+        )) && msg.contains("spec.stream.name"),
+        "{msg}"
+    );
+
+    // Both shops number their orders the same way: the same ids are two orders each.
+    let a = publish_ids(&s.js, "ORDER.created", "same", 50).await?;
+    let b = publish_ids(&s.js, "SHOP.created", "same", 50).await?;
+    assert_eq!(a.valid_ids, b.valid_ids);
+    wait_drained(&s.js, "ORDERS", "order-workers").await?;
+    wait_drained(&s.js, "SHOP", "order-workers").await?;
+    let orders =
+        order_worker::audit::Audit::collect(&s.js, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
+    orders.assert_exactly_once(&a.valid_ids, &[])?;
+    let shop =
+        order_worker::audit::Audit::collect(&s.js, "SHOP", "SHOP_DLQ", "order-workers").await?;
+    shop.assert_exactly_once(&b.valid_ids, &[])?;
+    // Nothing of the shop's reached the first pipeline's stream, nor its KV bucket.
+    let mut orders_stream = s.js.get_stream("ORDERS").await?;
+    let subjects = orders_stream.info().await?.config.subjects.clone();
+    assert!(
+        subjects.iter().all(|x| !x.starts_with("SHOP")),
+        "{subjects:?}"
+    );
+    assert!(
+        s.js.get_key_value("SHOP_STATE").await.is_ok(),
+        "the shop has its own bucket"
     );
     s.ns.delete().await
 }

@@ -68,6 +68,9 @@ pub struct Context {
     pub resync: Duration,
     /// NATS connections keyed by `namespace/name`, with the hash of the auth they used.
     nats: Mutex<HashMap<String, (String, async_nats::Client)>>,
+    /// Every pipeline the controller watches (its reflector store), for the
+    /// check that two pipelines never share NATS objects or subjects.
+    pipelines: std::sync::OnceLock<kube::runtime::reflector::Store<OrderPipeline>>,
 }
 
 impl Context {
@@ -86,6 +89,7 @@ impl Context {
             default_image,
             resync,
             nats: Mutex::new(HashMap::new()),
+            pipelines: std::sync::OnceLock::new(),
         }
     }
 
@@ -375,7 +379,11 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
     };
     let key = key_of(&p);
 
-    let plan = match render::plan(&p) {
+    let others = ctx.pipelines.get().map(|s| s.state()).unwrap_or_default();
+    let plan = match render::plan(&p).and_then(|plan| {
+        render::conflicts(&p, &plan, &others)?;
+        Ok(plan)
+    }) {
         Ok(plan) => plan,
         Err(e) => {
             let msg = format!("{e}; fix the spec");
@@ -1225,6 +1233,21 @@ async fn ensure_topology(
     Ok(())
 }
 
+/// A stream's sources as (stream, filter) pairs: the part the operator sets (the
+/// dead-letter stream sources the input stream's `deadlettered` outcomes).
+fn sources_of(c: &stream::Config) -> Vec<(String, Option<String>)> {
+    c.sources
+        .iter()
+        .flatten()
+        .map(|s| {
+            (
+                s.name.clone(),
+                s.filter_subject.clone().filter(|f| !f.is_empty()),
+            )
+        })
+        .collect()
+}
+
 /// The first field NATS can change in place that differs from the spec.
 fn stream_differs(live: &stream::Config, want: &stream::Config) -> Option<&'static str> {
     [
@@ -1237,6 +1260,7 @@ fn stream_differs(live: &stream::Config, want: &stream::Config) -> Option<&'stat
         ),
         (live.num_replicas != want.num_replicas, "replicas"),
         (live.retention != want.retention, "retention"),
+        (sources_of(live) != sources_of(want), "sources"),
     ]
     .into_iter()
     .find_map(|(differs, field)| differs.then_some(field))
@@ -1313,7 +1337,9 @@ async fn cleanup(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Err
             "Delete",
             format!(
                 "{why}: kept stream {}, {} and bucket {}",
-                p.spec.stream.name, p.spec.dead_letter.stream_name, p.spec.state.bucket
+                p.spec.stream.name,
+                p.spec.dlq_stream(),
+                p.spec.state_bucket()
             ),
         )
         .await;
@@ -1348,8 +1374,8 @@ async fn cleanup(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Err
                     "deleted consumer {}, streams {} and {}, bucket {}",
                     p.spec.consumer.name,
                     p.spec.stream.name,
-                    p.spec.dead_letter.stream_name,
-                    p.spec.state.bucket
+                    p.spec.dlq_stream(),
+                    p.spec.state_bucket()
                 )
             } else {
                 format!(
@@ -1364,7 +1390,7 @@ async fn cleanup(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Err
         Err(e) if skip || waited >= CLEANUP_GIVE_UP => {
             ctx.forget_nats(&key).await;
             ctx.metrics.forget(&key);
-            ctx.event(&p, EventType::Warning, "CleanupAbandoned", "Delete", format!("gave up deleting the JetStream objects ({e}); delete them by hand: nats stream rm {}; nats stream rm {}; nats kv del {}", p.spec.stream.name, p.spec.dead_letter.stream_name, p.spec.state.bucket)).await;
+            ctx.event(&p, EventType::Warning, "CleanupAbandoned", "Delete", format!("gave up deleting the JetStream objects ({e}); delete them by hand: nats stream rm {}; nats stream rm {}; nats kv del {}", p.spec.stream.name, p.spec.dlq_stream(), p.spec.state_bucket())).await;
             Ok(Action::await_change())
         }
         Err(e) => {
@@ -1394,22 +1420,19 @@ async fn delete_topology(p: &OrderPipeline, ctx: &Context) -> Result<Vec<String>
         other => other,
     };
     let input = stream_owned_by(&js, &p.spec.stream.name, &key).await?;
-    let dlq = stream_owned_by(&js, &p.spec.dead_letter.stream_name, &key).await?;
+    let dlq = stream_owned_by(&js, &p.spec.dlq_stream(), &key).await?;
     let mut kept = Vec::new();
     if input == Some(true) {
         ignore_missing(
-            js.delete_key_value(&p.spec.state.bucket)
+            js.delete_key_value(&p.spec.state_bucket())
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
         )?;
     } else {
-        kept.push(format!("bucket {}", p.spec.state.bucket));
+        kept.push(format!("bucket {}", p.spec.state_bucket()));
     }
-    for (name, owned) in [
-        (&p.spec.stream.name, input),
-        (&p.spec.dead_letter.stream_name, dlq),
-    ] {
+    for (name, owned) in [(&p.spec.stream.name, input), (&p.spec.dlq_stream(), dlq)] {
         match owned {
             Some(true) => ignore_missing(
                 js.delete_stream(name)
@@ -1513,6 +1536,7 @@ pub async fn run(
     // status writes (under traffic every write changes the figures, which would
     // reconcile back to back instead of on the jittered resync).
     let (reader, writer) = kube::runtime::reflector::store();
+    let _ = ctx.pipelines.set(reader.clone());
     let trigger = watcher(pipelines, watcher::Config::default())
         .default_backoff()
         .reflect(writer)

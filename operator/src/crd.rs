@@ -406,12 +406,6 @@ impl Default for ConsumerSpec {
     }
 }
 
-fn default_dlq_stream() -> String {
-    names::DEFAULT_DLQ_STREAM.into()
-}
-fn default_dlq_subject() -> String {
-    names::DEFAULT_DLQ_SUBJECT.into()
-}
 fn default_dlq_max_age() -> String {
     "30d".into()
 }
@@ -420,14 +414,17 @@ fn default_dlq_max_age() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetterSpec {
-    /// Dead-letter stream name.
-    #[serde(default = "default_dlq_stream")]
+    /// Dead-letter stream name; default `<stream.name>_DLQ` (`ORDERS_DLQ`). It
+    /// sources the input stream's `<prefix>.deadlettered.*` outcomes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1), regex(pattern = r"^[^.*> ]+$"))]
-    pub stream_name: String,
-    /// Dead-letter subject; must not be matched by the input stream's subjects.
-    #[serde(default = "default_dlq_subject")]
+    pub stream_name: Option<String>,
+    /// The dead-letter stream's own subject (for letters published by hand);
+    /// must not be matched by the input stream's subjects. Default `DLQ.<consumer.filterSubject>`
+    /// (`DLQ.ORDER.created`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
-    pub subject: String,
+    pub subject: Option<String>,
     /// How long dead letters are kept.
     #[serde(default = "default_dlq_max_age")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
@@ -437,25 +434,23 @@ pub struct DeadLetterSpec {
 impl Default for DeadLetterSpec {
     fn default() -> Self {
         Self {
-            stream_name: default_dlq_stream(),
-            subject: default_dlq_subject(),
+            stream_name: None,
+            subject: None,
             max_age: default_dlq_max_age(),
         }
     }
 }
 
-fn default_bucket() -> String {
-    names::DEFAULT_STATE_BUCKET.into()
-}
-
-/// The idempotency KV bucket.
+/// The KV bucket of earlier versions (v1 kept one record per order there; the
+/// outcomes are now the records, in the input stream). Kept so existing specs
+/// still apply; the operator still manages the bucket.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StateSpec {
-    /// KV bucket name.
-    #[serde(default = "default_bucket")]
+    /// KV bucket name; default `<stream.name>_STATE` (`ORDERS_STATE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1), regex(pattern = r"^[a-zA-Z0-9_-]+$"))]
-    pub bucket: String,
+    pub bucket: Option<String>,
     /// How long an order's record is kept; at least the stream's maxAge (the
     /// operator uses the longer of the two). Replicas follow the stream's.
     #[serde(default = "default_max_age")]
@@ -466,9 +461,33 @@ pub struct StateSpec {
 impl Default for StateSpec {
     fn default() -> Self {
         Self {
-            bucket: default_bucket(),
+            bucket: None,
             ttl: default_max_age(),
         }
+    }
+}
+
+impl OrderPipelineSpec {
+    /// The dead-letter stream: `deadLetter.streamName`, or `<stream.name>_DLQ`.
+    pub fn dlq_stream(&self) -> String {
+        self.dead_letter
+            .stream_name
+            .clone()
+            .unwrap_or_else(|| format!("{}_DLQ", self.stream.name))
+    }
+    /// The dead-letter stream's subject: `deadLetter.subject`, or `DLQ.<filter>`.
+    pub fn dlq_subject(&self) -> String {
+        self.dead_letter
+            .subject
+            .clone()
+            .unwrap_or_else(|| format!("DLQ.{}", self.consumer.filter_subject))
+    }
+    /// The KV bucket: `state.bucket`, or `<stream.name>_STATE`.
+    pub fn state_bucket(&self) -> String {
+        self.state
+            .bucket
+            .clone()
+            .unwrap_or_else(|| format!("{}_STATE", self.stream.name))
     }
 }
 

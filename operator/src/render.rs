@@ -165,10 +165,10 @@ pub fn plan(p: &OrderPipeline) -> Result<Plan, InvalidSpec> {
         max_age,
         max_bytes: s.stream.max_bytes,
         duplicate_window,
-        dlq_stream: s.dead_letter.stream_name.clone(),
-        dlq_subject: s.dead_letter.subject.clone(),
+        dlq_stream: s.dlq_stream(),
+        dlq_subject: s.dlq_subject(),
         dlq_max_age,
-        bucket: s.state.bucket.clone(),
+        bucket: s.state_bucket(),
         bucket_ttl,
         consumer: s.consumer.name.clone(),
         filter_subject: s.consumer.filter_subject.clone(),
@@ -211,6 +211,87 @@ pub fn plan(p: &OrderPipeline) -> Result<Plan, InvalidSpec> {
         shutdown_grace,
         window_warning,
     })
+}
+
+/// The NATS objects and subjects a pipeline uses, for the conflict check.
+struct Footprint {
+    url: String,
+    objects: Vec<(&'static str, String)>,
+    subjects: Vec<String>,
+}
+
+fn footprint(p: &OrderPipeline, t: &Topology) -> Footprint {
+    let mut subjects = t.stream_subjects();
+    subjects.push(t.dlq_subject.clone());
+    Footprint {
+        url: p.spec.nats.url.trim().to_string(),
+        objects: vec![
+            ("stream", t.stream.clone()),
+            ("stream", t.dlq_stream.clone()),
+            ("KV bucket", t.bucket.clone()),
+        ],
+        subjects,
+    }
+}
+
+fn pipeline_name(p: &OrderPipeline) -> String {
+    format!(
+        "{}/{}",
+        p.meta().namespace.clone().unwrap_or_default(),
+        p.meta().name.clone().unwrap_or_default()
+    )
+}
+
+/// Refuses a pipeline whose streams, bucket or subjects another pipeline on the
+/// same NATS server already uses: pipelines are isolated (the same order id in
+/// two pipelines is two orders, and one pipeline's results never land in
+/// another's stream). The older pipeline (by creation time, then name) keeps
+/// them; the message names the other pipeline and the field to change.
+pub fn conflicts(
+    p: &OrderPipeline,
+    mine: &Plan,
+    others: &[std::sync::Arc<OrderPipeline>],
+) -> Result<(), InvalidSpec> {
+    let me = footprint(p, &mine.topology);
+    let my_rank = (p.meta().creation_timestamp.clone(), pipeline_name(p));
+    for q in others {
+        let other_name = pipeline_name(q);
+        if other_name == pipeline_name(p) || q.meta().deletion_timestamp.is_some() {
+            continue;
+        }
+        if (q.meta().creation_timestamp.clone(), other_name.clone()) > my_rank {
+            continue; // the newer one is refused, not this one
+        }
+        let Ok(other_plan) = plan(q) else { continue };
+        let them = footprint(q, &other_plan.topology);
+        if them.url != me.url {
+            continue;
+        }
+        for (kind, name) in &me.objects {
+            if them.objects.iter().any(|(_, n)| n == name) {
+                let field = match *kind {
+                    "KV bucket" => "spec.state.bucket",
+                    _ if *name == mine.topology.stream => "spec.stream.name",
+                    _ => "spec.deadLetter.streamName",
+                };
+                return Err(InvalidSpec(format!(
+                    "{kind} {name} belongs to pipeline {other_name} on the same NATS server; every pipeline needs its own: set {field} to another name"
+                )));
+            }
+        }
+        for mine in &me.subjects {
+            if let Some(theirs) = them
+                .subjects
+                .iter()
+                .find(|t| orderpipeline_common::names::subjects_overlap(mine, t))
+            {
+                return Err(InvalidSpec(format!(
+                    "subject {mine} overlaps {theirs} of pipeline {other_name} on the same NATS server (inputs, results and dead letters of two pipelines must not mix); give this pipeline its own subjects: spec.stream.subjects and spec.consumer.filterSubject (results go to <filter prefix>.processed|rejected|deadlettered.<key>), spec.deadLetter.subject"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn deployment_name(p: &OrderPipeline) -> String {
@@ -292,11 +373,8 @@ pub const CONTRACT_ENV: &[&str] = &[
     "STREAM_NAME",
     "CONSUMER_NAME",
     "INPUT_SUBJECT",
-    "PROCESSED_SUBJECT",
-    "REJECTED_SUBJECT",
     "DLQ_STREAM",
-    "DLQ_SUBJECT",
-    "STATE_BUCKET",
+    "PIPELINE",
     "RETRY_ATTEMPTS",
     "RETRY_INITIAL_BACKOFF",
     "RETRY_MAX_BACKOFF",
@@ -326,17 +404,8 @@ pub fn worker_env(p: &OrderPipeline, plan: &Plan, secrets: &SecretsView) -> Vec<
         env("STREAM_NAME", &t.stream),
         env("CONSUMER_NAME", &t.consumer),
         env("INPUT_SUBJECT", &t.filter_subject),
-        env(
-            "PROCESSED_SUBJECT",
-            orderpipeline_common::names::DEFAULT_PROCESSED_SUBJECT,
-        ),
-        env(
-            "REJECTED_SUBJECT",
-            orderpipeline_common::names::DEFAULT_REJECTED_SUBJECT,
-        ),
         env("DLQ_STREAM", &t.dlq_stream),
-        env("DLQ_SUBJECT", &t.dlq_subject),
-        env("STATE_BUCKET", &t.bucket),
+        env("PIPELINE", format!("{ns}/{name}")),
         env(
             "RETRY_ATTEMPTS",
             s.workers.retry.attempts_per_delivery.to_string(),
@@ -565,6 +634,124 @@ spec:
         p
     }
 
+    /// A pipeline from YAML, created at second `created` of the epoch.
+    fn pipeline(yaml: &str, created: i64) -> std::sync::Arc<OrderPipeline> {
+        let mut p: OrderPipeline = serde_yaml::from_str(yaml).unwrap();
+        p.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(created).unwrap(),
+        ));
+        std::sync::Arc::new(p)
+    }
+
+    fn conflict(p: &OrderPipeline, others: &[std::sync::Arc<OrderPipeline>]) -> Option<String> {
+        let pl = plan(p).unwrap();
+        conflicts(p, &pl, others).err().map(|e| e.0)
+    }
+
+    #[test]
+    fn unset_names_derive_from_the_stream_and_the_filter() {
+        let shop = pipeline(
+            "{apiVersion: orderpipeline.dev/v1alpha1, kind: OrderPipeline, metadata: {name: shop, namespace: b}, spec: {nats: {url: 'nats://n:4222'}, stream: {name: SHOP, subjects: [SHOP.*]}, consumer: {filterSubject: SHOP.created}}}",
+            2,
+        );
+        let t = plan(&shop).unwrap().topology;
+        assert_eq!(t.dlq_stream, "SHOP_DLQ");
+        assert_eq!(t.bucket, "SHOP_STATE");
+        assert_eq!(t.dlq_subject, "DLQ.SHOP.created");
+        assert_eq!(
+            t.stream_subjects(),
+            [
+                "SHOP.*",
+                "SHOP.processed.*",
+                "SHOP.rejected.*",
+                "SHOP.deadlettered.*"
+            ]
+        );
+        let d = plan(&sample()).unwrap().topology;
+        assert_eq!(
+            (
+                d.stream.as_str(),
+                d.dlq_stream.as_str(),
+                d.bucket.as_str(),
+                d.dlq_subject.as_str()
+            ),
+            ("ORDERS", "ORDERS_DLQ", "ORDERS_STATE", "DLQ.ORDER.created"),
+            "today's names stay the defaults"
+        );
+    }
+
+    #[test]
+    fn a_second_pipeline_on_the_same_objects_or_subjects_is_refused_naming_the_first() {
+        let y = |name: &str, extra: &str| {
+            format!(
+                "{{apiVersion: orderpipeline.dev/v1alpha1, kind: OrderPipeline, metadata: {{name: {name}, namespace: ns}}, spec: {{nats: {{url: 'nats://n:4222'}}{extra}}}}}"
+            )
+        };
+        let first = pipeline(&y("orders", ""), 1);
+        let all = |p: &std::sync::Arc<OrderPipeline>| vec![first.clone(), p.clone()];
+        // The same defaults: the stream is the first's.
+        let twin = pipeline(&y("twin", ""), 2);
+        let e = conflict(&twin, &all(&twin)).unwrap();
+        assert!(
+            e.contains("stream ORDERS belongs to pipeline ns/orders")
+                && e.contains("spec.stream.name"),
+            "{e}"
+        );
+        assert_eq!(
+            conflict(&first, &all(&twin)),
+            None,
+            "the older one keeps its objects"
+        );
+        // Its own stream but subjects that capture the first's results.
+        let greedy = pipeline(
+            &y(
+                "greedy",
+                ", stream: {name: ALL, subjects: ['ORDER.>']}, consumer: {filterSubject: ORDER.new}",
+            ),
+            2,
+        );
+        let e = conflict(&greedy, &all(&greedy)).unwrap();
+        assert!(e.contains("overlaps") && e.contains("ns/orders"), "{e}");
+        // Its own stream, subjects and derived names: fine.
+        let shop = pipeline(
+            &y(
+                "shop",
+                ", stream: {name: SHOP, subjects: ['SHOP.*']}, consumer: {filterSubject: SHOP.created}",
+            ),
+            2,
+        );
+        assert_eq!(conflict(&shop, &all(&shop)), None);
+        // ... unless it names the first's DLQ.
+        let shared = pipeline(
+            &y(
+                "shared",
+                ", stream: {name: SHOP, subjects: ['SHOP.*']}, consumer: {filterSubject: SHOP.created}, deadLetter: {streamName: ORDERS_DLQ}",
+            ),
+            2,
+        );
+        let e = conflict(&shared, &all(&shared)).unwrap();
+        assert!(
+            e.contains("ORDERS_DLQ") && e.contains("spec.deadLetter.streamName"),
+            "{e}"
+        );
+        // Another NATS server: no conflict.
+        let elsewhere = pipeline(&y("twin", "").replace("nats://n:4222", "nats://m:4222"), 2);
+        assert_eq!(conflict(&elsewhere, &all(&elsewhere)), None);
+    }
+
+    #[test]
+    fn interest_and_workqueue_retention_are_refused_with_the_migration() {
+        for r in ["Interest", "WorkQueue"] {
+            let mut p = sample();
+            p.spec.stream.retention = serde_yaml::from_str(r).unwrap();
+            let e = plan(&p).unwrap_err().0;
+            assert!(
+                e.contains(r) && e.contains("use retention Limits") && e.contains("migrate"),
+                "{e}"
+            );
+        }
+    }
+
     fn env_map(d: &Deployment) -> BTreeMap<String, String> {
         d.spec
             .as_ref()
@@ -722,7 +909,7 @@ spec:
     #[test]
     fn invalid_specs_are_explained() {
         let mut p = sample();
-        p.spec.dead_letter.subject = "ORDER.dead".into();
+        p.spec.dead_letter.subject = Some("ORDER.dead".into());
         let e = plan(&p).unwrap_err().0;
         assert!(e.contains("ORDER.dead") && e.contains("ORDER.*"), "{e}");
 

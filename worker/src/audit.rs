@@ -1,25 +1,61 @@
-//! Reads every outcome back from the streams and checks the pipeline's promise:
-//! each input message has exactly one outcome, nothing is lost or doubled, and
-//! nothing is left pending. Used by `orderctl audit`, the demo and the tests.
+//! Reads every input and every outcome back from the streams and checks the
+//! pipeline's promise (see `protocol.rs`): each stored input's key has exactly one
+//! current outcome, an outcome is only ever superseded by the replay of a dead
+//! letter, nothing is left with the consumer, and no outcome or dead letter lacks
+//! its input. Used by `orderctl audit`, the demo and the tests.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt as _;
-use orderpipeline_proto::{DeadLetter, Message as _, OrderProcessed, OrderRejected};
+use orderpipeline_common::names::{self, OutcomeKind, OutcomeSubjects};
+use orderpipeline_proto::{DeadLetter, Message as _, OrderCreated, OrderProcessed, OrderRejected};
 
-/// Every outcome in the streams, for exactly-once assertions.
+/// One outcome message as stored in the input stream.
+#[derive(Clone, Debug)]
+pub struct StoredOutcome {
+    pub seq: u64,
+    pub kind: OutcomeKind,
+    pub key: String,
+    /// The input whose delivery wrote it.
+    pub input_seq: Option<u64>,
+    /// For a replay's outcome: the dead-letter marker it supersedes.
+    pub replay_of: Option<u64>,
+    /// The order id in the event (empty for undecodable inputs).
+    pub order_id: String,
+    /// When the stream stored it.
+    pub stored_at: std::time::SystemTime,
+}
+
+/// One input message as stored.
+#[derive(Clone, Debug)]
+pub struct StoredInput {
+    pub seq: u64,
+    /// "" when undecodable.
+    pub order_id: String,
+    /// The keys its outcome may be under: the order key (when the id is usable)
+    /// and always the position key (undecodable, oversized, unusable id).
+    pub keys: Vec<String>,
+    pub replay_of: Option<u64>,
+}
+
+/// Every input and outcome in the streams, for exactly-once assertions.
 #[derive(Debug, Default)]
 pub struct Audit {
     /// order id -> number of OrderProcessed events
     pub processed: HashMap<String, u32>,
     pub rejected: HashMap<String, u32>,
-    /// original stream sequence -> dead letters
+    /// original stream sequence -> current dead letters (outcomes not superseded)
     pub dead_letters: HashMap<u64, Vec<DeadLetter>>,
     /// input stream sequences with their order id ("" when undecodable)
     pub inputs: Vec<(u64, String)>,
+    pub stored_inputs: Vec<StoredInput>,
+    /// key -> its outcomes, oldest first
+    pub chains: BTreeMap<String, Vec<StoredOutcome>>,
+    /// Dead letters in the DLQ stream: (DLQ sequence, marker sequence in the input stream).
+    pub letters: Vec<(u64, Option<u64>)>,
     pub consumer_pending: u64,
     pub consumer_ack_pending: u64,
 }
@@ -54,65 +90,284 @@ async fn read_all(
     Ok(out)
 }
 
+fn header_u64(m: &jetstream::Message, name: &str) -> Option<u64> {
+    m.headers.as_ref()?.get(name)?.as_str().trim().parse().ok()
+}
+
+fn replay_of(m: &jetstream::Message) -> Option<u64> {
+    let v = m.headers.as_ref()?.get(names::REPLAY_OF_HEADER)?.as_str();
+    v.split('/').next()?.trim().parse().ok()
+}
+
+/// The input-stream sequence a sourced dead letter was copied from
+/// (`Nats-Stream-Source: <stream> <seq> ...`).
+fn source_seq(m: &jetstream::Message) -> Option<u64> {
+    let v = m.headers.as_ref()?.get("Nats-Stream-Source")?.as_str();
+    v.split_whitespace().nth(1)?.parse().ok()
+}
+
 impl Audit {
+    /// Reads the pipeline whose input stream is `stream` and whose consumer is
+    /// `consumer` (its filter subject names the inputs and the outcome prefix).
     pub async fn collect(
         js: &jetstream::Context,
         stream: &str,
         dlq_stream: &str,
         consumer: &str,
     ) -> anyhow::Result<Self> {
-        let mut a = Audit::default();
-        for m in read_all(
-            js,
-            stream,
-            orderpipeline_common::names::DEFAULT_PROCESSED_SUBJECT,
-        )
-        .await?
-        {
-            let e = OrderProcessed::decode(m.payload.as_ref())?;
-            *a.processed.entry(e.order_id).or_default() += 1;
-        }
-        for m in read_all(
-            js,
-            stream,
-            orderpipeline_common::names::DEFAULT_REJECTED_SUBJECT,
-        )
-        .await?
-        {
-            let e = OrderRejected::decode(m.payload.as_ref())?;
-            *a.rejected.entry(e.order_id).or_default() += 1;
-        }
-        for m in read_all(js, dlq_stream, ">").await? {
-            let d = DeadLetter::decode(m.payload.as_ref())?;
-            a.dead_letters
-                .entry(d.original_stream_sequence)
-                .or_default()
-                .push(d);
-        }
-        for m in read_all(
-            js,
-            stream,
-            orderpipeline_common::names::DEFAULT_INPUT_SUBJECT,
-        )
-        .await?
-        {
+        let mut s = js
+            .get_stream(stream)
+            .await
+            .with_context(|| format!("stream {stream}"))?;
+        let created = s.info().await?.created;
+        let created_ns = u128::try_from(created.unix_timestamp_nanos()).unwrap_or(0);
+        let c = s
+            .consumer_info(consumer)
+            .await
+            .with_context(|| format!("consumer {consumer} on {stream}"))?;
+        let input_subject = c.config.filter_subject.clone();
+        let outcomes = OutcomeSubjects::for_filter(&input_subject).with_context(|| {
+            format!("consumer {consumer}'s filter {input_subject} has no outcome prefix")
+        })?;
+        let mut a = Audit {
+            consumer_pending: c.num_pending,
+            consumer_ack_pending: c.num_ack_pending as u64,
+            ..Default::default()
+        };
+        for m in read_all(js, stream, &input_subject).await? {
             let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-            let id = orderpipeline_proto::OrderCreated::decode(m.payload.as_ref())
+            let id = OrderCreated::decode(m.payload.as_ref())
                 .map(|o| o.order_id)
                 .unwrap_or_default();
-            a.inputs.push((seq, id));
+            let mut keys = Vec::new();
+            if let Some(k) = names::order_key(&id) {
+                keys.push(k);
+            }
+            keys.push(names::position_key(created_ns, seq));
+            a.inputs.push((seq, id.clone()));
+            a.stored_inputs.push(StoredInput {
+                seq,
+                order_id: id,
+                keys,
+                replay_of: replay_of(&m),
+            });
         }
-        let s = js.get_stream(stream).await?;
-        let c = s.consumer_info(consumer).await?;
-        a.consumer_pending = c.num_pending;
-        a.consumer_ack_pending = c.num_ack_pending as u64;
+        let mut current_dead: HashMap<u64, DeadLetter> = HashMap::new();
+        for m in read_all(js, stream, &format!("{}.*.*", outcomes.prefix)).await? {
+            let Some((kind, key)) = outcomes.parse(&m.subject) else {
+                continue;
+            };
+            let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+            let order_id = match kind {
+                OutcomeKind::Processed => {
+                    OrderProcessed::decode(m.payload.as_ref())
+                        .with_context(|| format!("outcome {seq} is not an OrderProcessed"))?
+                        .order_id
+                }
+                OutcomeKind::Rejected => {
+                    OrderRejected::decode(m.payload.as_ref())
+                        .with_context(|| format!("outcome {seq} is not an OrderRejected"))?
+                        .order_id
+                }
+                OutcomeKind::DeadLettered => {
+                    let d = DeadLetter::decode(m.payload.as_ref())
+                        .with_context(|| format!("outcome {seq} is not a DeadLetter"))?;
+                    let id = d.order_id.clone();
+                    current_dead.insert(seq, d);
+                    id
+                }
+            };
+            a.chains
+                .entry(key.to_string())
+                .or_default()
+                .push(StoredOutcome {
+                    seq,
+                    kind,
+                    key: key.to_string(),
+                    input_seq: header_u64(&m, names::INPUT_SEQ_HEADER),
+                    replay_of: replay_of(&m),
+                    order_id,
+                    stored_at: m
+                        .info()
+                        .ok()
+                        .and_then(|i| {
+                            let ns = u64::try_from(i.published.unix_timestamp_nanos()).ok()?;
+                            Some(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns))
+                        })
+                        .unwrap_or(std::time::UNIX_EPOCH),
+                });
+        }
+        // A marker is superseded when a replay's outcome names it (under the same
+        // key, or under the replay's own key when the letter had no usable id).
+        let superseded: HashSet<u64> = a
+            .chains
+            .values()
+            .flatten()
+            .filter_map(|o| o.replay_of)
+            .collect();
+        for chain in a.chains.values() {
+            let Some(last) = chain.last() else { continue };
+            match last.kind {
+                OutcomeKind::DeadLettered if superseded.contains(&last.seq) => {}
+                OutcomeKind::Processed => {
+                    *a.processed.entry(last.order_id.clone()).or_default() += 1
+                }
+                OutcomeKind::Rejected => *a.rejected.entry(last.order_id.clone()).or_default() += 1,
+                OutcomeKind::DeadLettered => {
+                    if let Some(d) = current_dead.remove(&last.seq) {
+                        a.dead_letters
+                            .entry(d.original_stream_sequence)
+                            .or_default()
+                            .push(d);
+                    }
+                }
+            }
+            // Earlier processed/rejected in the same chain count too: they are
+            // second outcomes, which the checks below report.
+            for o in &chain[..chain.len() - 1] {
+                match o.kind {
+                    OutcomeKind::Processed => {
+                        *a.processed.entry(o.order_id.clone()).or_default() += 1
+                    }
+                    OutcomeKind::Rejected => {
+                        *a.rejected.entry(o.order_id.clone()).or_default() += 1
+                    }
+                    OutcomeKind::DeadLettered => {}
+                }
+            }
+        }
+        for m in read_all(js, dlq_stream, ">").await? {
+            let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+            a.letters.push((seq, source_seq(&m)));
+        }
         Ok(a)
     }
 
+    /// The current outcome of an input: the last of its key's chain.
+    pub fn outcome_of(&self, input: &StoredInput) -> Option<&StoredOutcome> {
+        input
+            .keys
+            .iter()
+            .find_map(|k| self.chains.get(k).and_then(|c| c.last()))
+    }
+
+    /// Problems with the promise, each a sentence; empty when it holds.
+    pub fn violations(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut push = |what: &str, items: Vec<String>| {
+            if !items.is_empty() {
+                let n = items.len();
+                let some: Vec<_> = items.into_iter().take(5).collect();
+                out.push(format!("{what}: {n}, e.g. {some:?}"));
+            }
+        };
+        // Chains: at most one processed-or-rejected; only a replay of the current
+        // dead letter may supersede it.
+        let mut two = Vec::new();
+        let mut bad_supersede = Vec::new();
+        for (key, chain) in &self.chains {
+            let finals = chain
+                .iter()
+                .filter(|o| o.kind != OutcomeKind::DeadLettered)
+                .count();
+            if finals > 1 {
+                two.push(format!(
+                    "{key}: {:?}",
+                    chain
+                        .iter()
+                        .map(|o| (o.seq, o.kind.token()))
+                        .collect::<Vec<_>>()
+                ));
+            }
+            for w in chain.windows(2) {
+                if w[0].kind != OutcomeKind::DeadLettered || w[1].replay_of != Some(w[0].seq) {
+                    bad_supersede.push(format!(
+                        "{key}: {} {} then {} {}",
+                        w[0].kind.token(),
+                        w[0].seq,
+                        w[1].kind.token(),
+                        w[1].seq
+                    ));
+                }
+            }
+        }
+        push("inputs with two outcomes (processed and/or rejected)", two);
+        push(
+            "outcomes written over another outcome without replaying its dead letter",
+            bad_supersede,
+        );
+        let lost: Vec<String> = self
+            .stored_inputs
+            .iter()
+            .filter(|i| self.outcome_of(i).is_none())
+            .map(|i| format!("seq {} id {:?}", i.seq, i.order_id))
+            .collect();
+        push("lost: stored inputs without an outcome", lost);
+        let input_keys: HashSet<&String> =
+            self.stored_inputs.iter().flat_map(|i| &i.keys).collect();
+        let orphans: Vec<String> = self
+            .chains
+            .keys()
+            .filter(|k| !input_keys.contains(k))
+            .cloned()
+            .collect();
+        push("outcomes with no stored input", orphans);
+        // Dead letters in the DLQ: each copies a marker that is its key's current
+        // outcome; a superseded one should have been removed by its replay.
+        let superseded: HashSet<u64> = self
+            .chains
+            .values()
+            .flatten()
+            .filter_map(|o| o.replay_of)
+            .collect();
+        let current: HashSet<u64> = self
+            .chains
+            .values()
+            .filter_map(|c| c.last())
+            .filter(|o| o.kind == OutcomeKind::DeadLettered && !superseded.contains(&o.seq))
+            .map(|o| o.seq)
+            .collect();
+        let all_markers: HashSet<u64> = self
+            .chains
+            .values()
+            .flatten()
+            .filter(|o| o.kind == OutcomeKind::DeadLettered)
+            .map(|o| o.seq)
+            .collect();
+        let stale: Vec<String> = self
+            .letters
+            .iter()
+            .filter(|(_, m)| m.is_some_and(|m| all_markers.contains(&m) && !current.contains(&m)))
+            .map(|(s, m)| format!("DLQ seq {s} (marker {m:?})"))
+            .collect();
+        push(
+            "dead letters still in the DLQ although a replay superseded them (remove with orderctl dlq list/replay)",
+            stale,
+        );
+        let letterless: Vec<String> = self
+            .letters
+            .iter()
+            .filter(|(_, m)| m.is_some_and(|m| !all_markers.contains(&m)))
+            .map(|(s, m)| format!("DLQ seq {s} (marker {m:?})"))
+            .collect();
+        push(
+            "dead letters with no input (their marker is gone)",
+            letterless,
+        );
+        if self.consumer_pending + self.consumer_ack_pending > 0 {
+            out.push(format!(
+                "stranded: the consumer still holds pending {} ack-pending {}",
+                self.consumer_pending, self.consumer_ack_pending
+            ));
+        }
+        out
+    }
+
     /// Asserts exactly-once outcomes: each valid id processed once, each invalid
-    /// id rejected once, nothing else; the consumer holds nothing; every input
-    /// sequence is accounted for (its order has an outcome, or it is dead-lettered).
+    /// id rejected once, nothing else, and no [`Audit::violations`].
     pub fn assert_exactly_once(&self, valid: &[String], invalid: &[String]) -> anyhow::Result<()> {
+        let v = self.violations();
+        anyhow::ensure!(v.is_empty(), "{}", v.join("; "));
         let valid_set: HashSet<&String> = valid.iter().collect();
         let invalid_set: HashSet<&String> = invalid.iter().collect();
         let missing: Vec<_> = valid
@@ -161,84 +416,73 @@ impl Audit {
             .take(5)
             .collect();
         anyhow::ensure!(extra.is_empty(), "unexpected OrderRejected for {extra:?}");
-        let dl_twice: Vec<_> = self
-            .dead_letters
-            .iter()
-            .filter(|(_, v)| v.len() > 1)
-            .map(|(k, _)| k)
-            .take(5)
-            .collect();
-        anyhow::ensure!(
-            dl_twice.is_empty(),
-            "dead-lettered twice: input sequences {dl_twice:?}"
-        );
-        anyhow::ensure!(
-            self.consumer_pending == 0 && self.consumer_ack_pending == 0,
-            "stranded: consumer pending {} ack-pending {}",
-            self.consumer_pending,
-            self.consumer_ack_pending
-        );
-        let unaccounted: Vec<_> = self
-            .inputs
-            .iter()
-            .filter(|(seq, id)| {
-                !(self.dead_letters.contains_key(seq)
-                    || self.processed.contains_key(id)
-                    || self.rejected.contains_key(id))
-            })
-            .take(5)
-            .collect();
-        anyhow::ensure!(
-            unaccounted.is_empty(),
-            "input sequences without an outcome: {unaccounted:?}"
-        );
         Ok(())
     }
 
+    /// Current dead letters (outcomes not superseded by a replay).
     pub fn dead_letter_count(&self) -> usize {
         self.dead_letters.values().map(Vec::len).sum()
     }
 
+    /// Current dead letters of valid orders whose attempts ran out.
+    pub fn attempts_exhausted(&self) -> usize {
+        self.dead_letters
+            .values()
+            .flatten()
+            .filter(|d| d.error_class == orderpipeline_proto::ErrorClass::AttemptsExhausted as i32)
+            .count()
+    }
+
     /// The figures a person wants after a run.
     pub fn summary(&self) -> Summary {
-        let dead_seqs: HashSet<u64> = self.dead_letters.keys().copied().collect();
         let lost = self
-            .inputs
+            .stored_inputs
             .iter()
-            .filter(|(seq, id)| {
-                !(dead_seqs.contains(seq)
-                    || self.processed.contains_key(id)
-                    || self.rejected.contains_key(id))
-            })
+            .filter(|i| self.outcome_of(i).is_none())
             .count() as u64;
-        let outcomes =
-            (self.processed.len() + self.rejected.len() + self.dead_letter_count()) as u64;
+        let outcomes = self.chains.len() as u64;
         Summary {
             published: self.inputs.len() as u64,
             processed: self.processed.len() as u64,
             rejected: self.rejected.len() as u64,
             dead_lettered: self.dead_letter_count() as u64,
+            attempts_exhausted: self.attempts_exhausted() as u64,
             duplicates_suppressed: (self.inputs.len() as u64).saturating_sub(outcomes + lost),
             lost,
             processed_twice: self.processed.values().filter(|n| **n > 1).count() as u64,
+            two_outcomes: self
+                .chains
+                .values()
+                .filter(|c| {
+                    c.iter()
+                        .filter(|o| o.kind != OutcomeKind::DeadLettered)
+                        .count()
+                        > 1
+                })
+                .count() as u64,
             pending: self.consumer_pending + self.consumer_ack_pending,
         }
     }
 }
 
-/// Per-run figures: `lost` and `processed_twice` must be 0.
+/// Per-run figures: `lost`, `processed_twice` and `two_outcomes` must be 0.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Summary {
     /// Input messages stored in the stream (acknowledged publishes, after dedup).
     pub published: u64,
     pub processed: u64,
     pub rejected: u64,
+    /// Current dead letters (not superseded by a replay).
     pub dead_lettered: u64,
-    /// Input messages acked as duplicates (the order already had an outcome).
+    /// Of those, valid orders whose attempts ran out.
+    pub attempts_exhausted: u64,
+    /// Inputs whose key already had an outcome (the same order stored again).
     pub duplicates_suppressed: u64,
     /// Input messages with no outcome at all.
     pub lost: u64,
     pub processed_twice: u64,
+    /// Keys with more than one processed-or-rejected outcome.
+    pub two_outcomes: u64,
     /// Messages the consumer still holds (pending + awaiting ack).
     pub pending: u64,
 }

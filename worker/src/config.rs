@@ -138,21 +138,14 @@ pub struct Config {
     /// Subject orders arrive on (the consumer's filter).
     #[arg(long, env = "INPUT_SUBJECT", default_value = names::DEFAULT_INPUT_SUBJECT)]
     pub input_subject: String,
-    /// Subject of OrderProcessed events.
-    #[arg(long, env = "PROCESSED_SUBJECT", default_value = names::DEFAULT_PROCESSED_SUBJECT)]
-    pub processed_subject: String,
-    /// Subject of OrderRejected events.
-    #[arg(long, env = "REJECTED_SUBJECT", default_value = names::DEFAULT_REJECTED_SUBJECT)]
-    pub rejected_subject: String,
-    /// Dead-letter stream.
+    /// Dead-letter stream (the operator makes it source the pipeline's
+    /// `<prefix>.deadlettered.*` outcomes from the input stream).
     #[arg(long, env = "DLQ_STREAM", default_value = names::DEFAULT_DLQ_STREAM)]
     pub dlq_stream: String,
-    /// Dead-letter subject (must not be matched by the input stream's subjects).
-    #[arg(long, env = "DLQ_SUBJECT", default_value = names::DEFAULT_DLQ_SUBJECT)]
-    pub dlq_subject: String,
-    /// KV bucket holding each order's state (the idempotency store).
-    #[arg(long, env = "STATE_BUCKET", default_value = names::DEFAULT_STATE_BUCKET)]
-    pub state_bucket: String,
+    /// The pipeline this worker serves (`namespace/name`): scopes the downstream
+    /// `Idempotency-Key`. Defaults to the stream's name.
+    #[arg(long, env = "PIPELINE")]
+    pub pipeline: Option<String>,
 
     /// Tries per delivery for transient errors (in process, with backoff).
     #[arg(long, env = "RETRY_ATTEMPTS", default_value = "3", value_parser = parse_attempts)]
@@ -176,7 +169,7 @@ pub struct Config {
     #[arg(long, env = "MAX_PAYLOAD_BYTES", default_value = "1048576", value_parser = parse_payload_bytes)]
     pub max_payload_bytes: usize,
 
-    /// Optional downstream service: each order is POSTed there as JSON with `Idempotency-Key: <order_id>`.
+    /// Optional downstream service: each order is POSTed there as JSON with `Idempotency-Key: <pipeline>:<order key>`.
     #[arg(long, env = "DOWNSTREAM_URL", value_parser = parse_downstream_url)]
     pub downstream_url: Option<String>,
     /// Timeout of one downstream call.
@@ -218,13 +211,24 @@ impl Config {
                 "DOWNSTREAM_TIMEOUT is 0; use a duration longer than 0, e.g. 5s".to_string(),
             );
         }
-        if orderpipeline_common::names::subject_matches(&self.input_subject, &self.dlq_subject) {
-            return Err(format!(
-                "DLQ_SUBJECT {} is matched by INPUT_SUBJECT {}; dead letters would be consumed again",
-                self.dlq_subject, self.input_subject
-            ));
-        }
+        self.outcome_subjects()?;
         Ok(())
+    }
+
+    /// Where outcomes go: `<prefix>.processed|rejected|deadlettered.<key>`, the
+    /// prefix being INPUT_SUBJECT without its last token.
+    pub fn outcome_subjects(&self) -> Result<names::OutcomeSubjects, String> {
+        names::OutcomeSubjects::for_filter(&self.input_subject).ok_or_else(|| {
+            format!(
+                "INPUT_SUBJECT {} has no prefix for the outcome subjects; use a subject of two or more tokens ending in a literal token, e.g. ORDER.created (outcomes then go to ORDER.processed.<key>, ORDER.rejected.<key>, ORDER.deadlettered.<key>)",
+                self.input_subject
+            )
+        })
+    }
+
+    /// The idempotency scope: PIPELINE, or the stream's name.
+    pub fn pipeline(&self) -> String {
+        self.pipeline.clone().unwrap_or_else(|| self.stream.clone())
     }
 
     pub fn worker_name(&self) -> String {

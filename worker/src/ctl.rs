@@ -4,16 +4,14 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
-use futures::StreamExt as _;
 use orderpipeline_common::names;
 use orderpipeline_proto::{DeadLetter, Message as _, OrderCreated, OrderItem};
 use tracing::Instrument as _;
 
-use crate::decide::{OrderState, StateRecord};
 use crate::trace;
 
 /// Builds a valid order with a deterministic content for `id`.
@@ -280,6 +278,8 @@ pub struct StatusReport {
     pub created: u64,
     pub processed: u64,
     pub rejected: u64,
+    /// Dead-letter outcomes (markers) in the input stream, including superseded ones.
+    pub dead_lettered: u64,
     pub dead_letters: u64,
     pub consumer_pending: u64,
     pub consumer_ack_pending: u64,
@@ -290,10 +290,18 @@ pub struct Names {
     pub stream: String,
     pub consumer: String,
     pub input_subject: String,
-    pub processed_subject: String,
-    pub rejected_subject: String,
     pub dlq_stream: String,
-    pub state_bucket: String,
+}
+
+/// How many messages of `stream` match `filter` (an ordered consumer's pending count).
+async fn count(stream: &jetstream::stream::Stream, filter: &str) -> anyhow::Result<u64> {
+    let mut c = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: filter.to_string(),
+            ..Default::default()
+        })
+        .await?;
+    Ok(c.info().await?.num_pending)
 }
 
 pub async fn status(js: &jetstream::Context, n: &Names) -> anyhow::Result<StatusReport> {
@@ -301,19 +309,19 @@ pub async fn status(js: &jetstream::Context, n: &Names) -> anyhow::Result<Status
         .get_stream(&n.stream)
         .await
         .with_context(|| format!("stream {}", n.stream))?;
-    let mut counts = stream.info_with_subjects(">").await?;
-    let mut r = StatusReport::default();
-    while let Some(item) = counts.next().await {
-        let (subject, count) = item?;
-        let count = count as u64;
-        if subject == n.input_subject {
-            r.created = count;
-        } else if subject == n.processed_subject {
-            r.processed = count;
-        } else if subject == n.rejected_subject {
-            r.rejected = count;
-        }
-    }
+    let outcomes = names::OutcomeSubjects::for_filter(&n.input_subject).with_context(|| {
+        format!(
+            "input subject {} has no outcome prefix; pass the pipeline's consumer filter subject with --input-subject",
+            n.input_subject
+        )
+    })?;
+    let mut r = StatusReport {
+        created: count(&stream, &n.input_subject).await?,
+        processed: count(&stream, &outcomes.all_of(names::OutcomeKind::Processed)).await?,
+        rejected: count(&stream, &outcomes.all_of(names::OutcomeKind::Rejected)).await?,
+        dead_lettered: count(&stream, &outcomes.all_of(names::OutcomeKind::DeadLettered)).await?,
+        ..Default::default()
+    };
     let mut dlq = js
         .get_stream(&n.dlq_stream)
         .await
@@ -330,7 +338,15 @@ pub async fn status(js: &jetstream::Context, n: &Names) -> anyhow::Result<Status
 #[derive(Clone, Debug)]
 pub struct StoredDeadLetter {
     pub dlq_sequence: u64,
+    /// Its marker (the `deadlettered` outcome) in the input stream, when the
+    /// server copied it from there; `None` for letters written by earlier versions.
+    pub marker: Option<u64>,
     pub letter: DeadLetter,
+}
+
+fn marker_of(headers: &HeaderMap) -> Option<u64> {
+    let v = headers.get("Nats-Stream-Source")?.as_str();
+    v.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Every dead letter in the DLQ stream, oldest first (at most `limit`).
@@ -358,37 +374,45 @@ pub async fn dlq_list(
                     .with_context(|| format!("dead letter {seq} is not an orders.v1.DeadLetter"))?;
                 out.push(StoredDeadLetter {
                     dlq_sequence: seq,
+                    marker: marker_of(&m.headers),
                     letter,
                 });
             }
-            Err(e)
-                if e.to_string().contains("no message found")
-                    || e.to_string().contains("not found") => {}
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {}
             Err(e) => return Err(e.into()),
         }
     }
     Ok(out)
 }
 
-/// Replays dead letter `dlq_sequence`: moves the order's record from
-/// `dead_lettered` back to `pending` with compare-and-set, re-submits the
-/// original payload to its subject with a fresh id (`<order_id>:replay:<seq>`,
-/// since the order's own id is still in the stream's duplicate window), then
-/// removes the dead letter. Replaying the same letter twice has one effect.
+/// Replays dead letter `dlq_sequence`: re-submits the original payload to its
+/// subject as a new input naming the letter it supersedes
+/// (`Orderpipeline-Replay-Of: <marker>/<dlq seq>`). The worker gives the replay
+/// its outcome (written over the letter's marker, so the order still has one
+/// outcome) and then removes the letter. Replaying the same letter twice has one
+/// effect: only one replay can write over the marker.
 pub async fn dlq_replay(
     js: &jetstream::Context,
     dlq_stream: &str,
-    state_bucket: &str,
     dlq_sequence: u64,
 ) -> anyhow::Result<String> {
     let s = js
         .get_stream(dlq_stream)
         .await
         .with_context(|| format!("dead-letter stream {dlq_stream}"))?;
-    let m = s
-        .get_raw_message(dlq_sequence)
-        .await
-        .with_context(|| format!("dead letter {dlq_sequence} in {dlq_stream}"))?;
+    let m = match s.get_raw_message(dlq_sequence).await {
+        Ok(m) => m,
+        Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+            anyhow::bail!(
+                "dead letter {dlq_sequence} is not in {dlq_stream} (already replayed and removed, or never there); see `orderctl dlq list`"
+            )
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "reading dead letter {dlq_sequence} in {dlq_stream}"
+            )));
+        }
+    };
     let letter = DeadLetter::decode(m.payload.as_ref())
         .with_context(|| format!("dead letter {dlq_sequence} is not an orders.v1.DeadLetter"))?;
     anyhow::ensure!(
@@ -397,21 +421,12 @@ pub async fn dlq_replay(
         letter.payload.len(),
         letter.payload_size
     );
-    let msg_id = if letter.order_id.is_empty() {
-        format!(
-            "{}:{}:replay:{dlq_sequence}",
-            letter.original_stream, letter.original_stream_sequence
-        )
-    } else {
-        let kv = js
-            .get_key_value(state_bucket)
-            .await
-            .with_context(|| format!("KV bucket {state_bucket}"))?;
-        reopen(&kv, &letter.order_id).await?;
-        format!("{}:replay:{dlq_sequence}", letter.order_id)
-    };
+    let marker = marker_of(&m.headers);
     let mut headers = HeaderMap::new();
-    headers.insert(names::MSG_ID_HEADER, msg_id.as_str());
+    let replay_of = marker.map(|mk| format!("{mk}/{dlq_sequence}"));
+    if let Some(r) = &replay_of {
+        headers.insert(names::REPLAY_OF_HEADER, r.as_str());
+    }
     for h in &letter.headers {
         let lower = h.name.to_ascii_lowercase();
         if (lower == "traceparent" || lower == "tracestate")
@@ -428,57 +443,12 @@ pub async fn dlq_replay(
     .await?
     .await
     .context("re-submitting the order")?;
-    s.delete_message(dlq_sequence)
-        .await
-        .with_context(|| format!("removing dead letter {dlq_sequence} after replay"))?;
-    Ok(msg_id)
-}
-
-/// `dead_lettered -> pending` with compare-and-set; a missing record is fine
-/// (the worker creates it), a processed or rejected one refuses the replay.
-async fn reopen(kv: &kv::Store, order_id: &str) -> anyhow::Result<()> {
-    let key = names::state_key(order_id);
-    for _ in 0..5 {
-        let Some(entry) = kv.entry(key.as_str()).await? else {
-            return Ok(());
-        };
-        if entry.operation != kv::Operation::Put {
-            return Ok(());
-        }
-        let mut rec: StateRecord = serde_json::from_slice(&entry.value)
-            .with_context(|| format!("order state {key} is not a state record"))?;
-        match rec.state {
-            OrderState::Pending => return Ok(()),
-            OrderState::Processed | OrderState::Rejected => bail!(
-                "order {order_id} is already {}; replaying it would process it twice",
-                rec.state.as_str()
-            ),
-            OrderState::DeadLettered => {
-                rec.state = OrderState::Pending;
-                rec.reason = Some("replayed from the dead-letter stream".into());
-                match kv
-                    .update(
-                        key.as_str(),
-                        Bytes::from(serde_json::to_vec(&rec)?),
-                        entry.revision,
-                    )
-                    .await
-                {
-                    Ok(_) => return Ok(()),
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
+    if marker.is_none() {
+        // A letter from an earlier version has no marker to supersede: the replay
+        // is an ordinary input, and the letter goes now.
+        s.delete_message(dlq_sequence)
+            .await
+            .with_context(|| format!("removing dead letter {dlq_sequence} after replay"))?;
     }
-    bail!("order state {key} keeps changing; try again")
-}
-
-/// The order's state record, if any.
-pub async fn order_state(kv: &kv::Store, order_id: &str) -> anyhow::Result<Option<StateRecord>> {
-    let key = names::state_key(order_id);
-    Ok(match kv.entry(key.as_str()).await? {
-        Some(e) if e.operation == kv::Operation::Put => Some(serde_json::from_slice(&e.value)?),
-        _ => None,
-    })
+    Ok(replay_of.unwrap_or_else(|| format!("legacy letter {dlq_sequence}")))
 }

@@ -34,24 +34,19 @@ pub fn dead_letter_payload_cap(
     (payload_len > room).then_some(room)
 }
 
-/// Whether an order id can key the order's KV record and message ids: not
-/// blank, and no control characters (NATS headers cannot carry CR or LF).
-pub fn order_id_is_usable(id: &str) -> bool {
-    !id.trim().is_empty() && !id.chars().any(char::is_control)
-}
-
-/// Checks an order: ids present (and usable), at least one item, quantities > 0, prices >= 0
+/// Checks an order: an id of 1 to 256 bytes (any UTF-8), a customer, at least one item, quantities > 0, prices >= 0
 /// (and finite), and `total_amount` equal to the sum of the items within a cent.
 pub fn validate(order: &OrderCreated) -> Result<(), Rejection> {
     if order.order_id.trim().is_empty() {
         return Err(reject(RejectReason::MissingOrderId, "order_id is empty"));
     }
-    if !order_id_is_usable(&order.order_id) {
+    if order.order_id.len() > orderpipeline_common::names::MAX_ORDER_ID_BYTES {
         return Err(reject(
             RejectReason::InvalidOrderId,
             format!(
-                "order_id {:?} contains control characters; use printable characters",
-                order.order_id
+                "order_id is {} bytes long; the limit is {} bytes (UTF-8): use a shorter id",
+                order.order_id.len(),
+                orderpipeline_common::names::MAX_ORDER_ID_BYTES
             ),
         ));
     }
@@ -106,7 +101,7 @@ pub fn validate(order: &OrderCreated) -> Result<(), Rejection> {
 }
 
 /// How a downstream answer (or failure to answer) is treated.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CallClass {
     Ok,
     /// Worth retrying: timeouts, connection errors, 408, 429, 5xx.
@@ -143,66 +138,6 @@ pub fn nak_delay(delivered: u64, initial: Duration, max: Duration) -> Duration {
         .max(Duration::from_millis(1))
         .saturating_mul(2u32.saturating_pow(shift))
         .min(max.max(Duration::from_millis(1)))
-}
-
-/// What to do when this delivery could not complete because of transient errors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AfterFailure {
-    /// Give the message back for a later delivery, after this delay.
-    Nak(Duration),
-    /// This was the last allowed delivery: dead-letter it, then TERM.
-    DeadLetter,
-}
-
-pub fn after_transient_failure(
-    delivered: u64,
-    max_deliveries: u32,
-    nak_initial: Duration,
-    nak_max: Duration,
-) -> AfterFailure {
-    if delivered >= u64::from(max_deliveries) {
-        AfterFailure::DeadLetter
-    } else {
-        AfterFailure::Nak(nak_delay(delivered, nak_initial, nak_max))
-    }
-}
-
-/// The order's state in the KV bucket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OrderState {
-    Pending,
-    Processed,
-    Rejected,
-    DeadLettered,
-}
-
-impl OrderState {
-    pub fn is_final(self) -> bool {
-        !matches!(self, OrderState::Pending)
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OrderState::Pending => "pending",
-            OrderState::Processed => "processed",
-            OrderState::Rejected => "rejected",
-            OrderState::DeadLettered => "dead_lettered",
-        }
-    }
-}
-
-/// The JSON record stored per order.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct StateRecord {
-    pub state: OrderState,
-    /// Input stream sequence of the message that set this state.
-    pub stream_sequence: u64,
-    pub delivery_count: u64,
-    pub worker: String,
-    /// Unix milliseconds.
-    pub updated_at_ms: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
 }
 
 #[cfg(test)]
@@ -260,7 +195,7 @@ mod tests {
                 RejectReason::MissingOrderId,
             ),
             (
-                Box::new(|o| o.order_id = "ord\r\nNats-Msg-Id: x".into()),
+                Box::new(|o| o.order_id = "x".repeat(257)),
                 RejectReason::InvalidOrderId,
             ),
             (
@@ -302,6 +237,27 @@ mod tests {
             mutate(&mut o);
             assert_eq!(validate(&o).unwrap_err().reason, reason, "{o:?}");
         }
+    }
+
+    #[test]
+    fn any_utf8_id_up_to_the_limit_is_valid() {
+        for id in [
+            "ord\r\nNats-Msg-Id: x",
+            "A:processed",
+            "über ördér",
+            "a.b.*.>",
+            &"é".repeat(128),
+        ] {
+            let mut o = order();
+            o.order_id = id.to_string();
+            validate(&o).unwrap();
+        }
+        let mut o = order();
+        o.order_id = "é".repeat(129);
+        assert_eq!(
+            validate(&o).unwrap_err().message,
+            "order_id is 258 bytes long; the limit is 256 bytes (UTF-8): use a shorter id"
+        );
     }
 
     #[test]
@@ -355,34 +311,13 @@ mod tests {
         assert!(nak_delay(0, Duration::ZERO, Duration::ZERO) > Duration::ZERO);
     }
 
-    #[test]
-    fn the_last_delivery_dead_letters() {
-        let (i, m) = (Duration::from_secs(1), Duration::from_secs(60));
-        assert_eq!(
-            after_transient_failure(1, 3, i, m),
-            AfterFailure::Nak(Duration::from_secs(1))
-        );
-        assert_eq!(
-            after_transient_failure(2, 3, i, m),
-            AfterFailure::Nak(Duration::from_secs(2))
-        );
-        assert_eq!(
-            after_transient_failure(3, 3, i, m),
-            AfterFailure::DeadLetter
-        );
-        assert_eq!(
-            after_transient_failure(7, 3, i, m),
-            AfterFailure::DeadLetter
-        );
-    }
-
     proptest::proptest! {
         #[test]
         fn decode_and_validate_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024)) {
             use orderpipeline_proto::Message as _;
             if let Ok(o) = OrderCreated::decode(bytes.as_slice()) {
                 let _ = validate(&o);
-                let _ = orderpipeline_common::names::state_key(&o.order_id);
+                let _ = orderpipeline_common::names::order_key(&o.order_id);
             }
         }
 
@@ -397,20 +332,5 @@ mod tests {
             };
             let _ = validate(&o);
         }
-    }
-
-    #[test]
-    fn state_record_json_is_stable() {
-        let r = StateRecord {
-            state: OrderState::DeadLettered,
-            stream_sequence: 7,
-            delivery_count: 2,
-            worker: "w".into(),
-            updated_at_ms: 1,
-            reason: None,
-        };
-        let j = serde_json::to_string(&r).unwrap();
-        assert!(j.contains("\"state\":\"dead_lettered\""), "{j}");
-        assert_eq!(serde_json::from_str::<StateRecord>(&j).unwrap(), r);
     }
 }

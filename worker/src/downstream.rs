@@ -1,5 +1,6 @@
 //! The optional downstream call: POST the order as JSON with
-//! `Idempotency-Key: <order_id>`, classified as ok, transient or permanent.
+//! `Idempotency-Key: <pipeline>:<order key>` (scoped by pipeline, any id
+//! encoded), classified as ok, transient or permanent.
 
 use std::time::Duration;
 
@@ -42,6 +43,7 @@ impl Downstream {
     pub async fn call(
         &self,
         order: &OrderCreated,
+        idempotency_key: &str,
         headers: reqwest::header::HeaderMap,
     ) -> CallResult {
         let body = serde_json::json!({
@@ -56,7 +58,7 @@ impl Downstream {
             .client
             .post(&self.url)
             .headers(headers)
-            .header("Idempotency-Key", order.order_id.as_str())
+            .header("Idempotency-Key", idempotency_key)
             .header("Content-Type", "application/json")
             .body(body.to_string());
         match req.send().await {

@@ -1,34 +1,45 @@
-//! Handles one input message, end to end, per the contract in ARCHITECTURE.md:
-//! decode -> check KV state -> validate -> (downstream, retried) -> publish the
-//! result event (own Nats-Msg-Id) -> finalise the KV record (CAS) -> ack.
-//! Every message ends as exactly one of: acked after success, acked as duplicate,
-//! NAKed with a delay, or dead-lettered then TERMed.
+//! Handles one input message, end to end: decide what the input is (decode, size,
+//! validation), then carry out the steps of the outcome protocol
+//! ([`crate::protocol::Machine`]): read the key's outcome when needed, call the
+//! downstream, write the outcome as one conditional publish on
+//! `<prefix>.<kind>.<key>`, ack. Every message ends as exactly one of: acked with
+//! its outcome written by this delivery, acked because its key already has one
+//! (duplicate), or NAKed with a delay.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, AckKind, kv};
-use async_nats::{HeaderMap, HeaderValue};
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, stream};
 use bytes::Bytes;
-use orderpipeline_common::names;
+use orderpipeline_common::names::{self, OutcomeKind, OutcomeSubjects};
 use orderpipeline_proto::{
     DeadLetter, ErrorClass, Header, Message as _, OrderCreated, OrderProcessed, OrderRejected,
+    RejectReason,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, field};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::config::Config;
-use crate::decide::{self, AfterFailure, CallClass, OrderState, StateRecord};
+use crate::decide::{self, CallClass};
 use crate::downstream::Downstream;
 use crate::metrics::Metrics;
+use crate::protocol::{DeadReason, Delivery as ProtocolDelivery, Event, Machine, Step, Verdict};
 use crate::trace;
 
 /// Everything a handler needs; shared by all in-flight messages.
 pub struct Ctx {
     pub cfg: Config,
     pub js: jetstream::Context,
-    pub kv: kv::Store,
+    /// The input stream, which also holds the outcomes.
+    pub stream: stream::Stream,
+    /// The dead-letter stream (replays remove the letter they supersede).
+    pub dlq: stream::Stream,
+    pub outcomes: OutcomeSubjects,
+    /// The input stream's creation time (ns): part of position keys, so a
+    /// recreated stream's inputs never share a key with the old one's.
+    pub stream_created_ns: u128,
     pub metrics: Metrics,
     pub downstream: Option<Downstream>,
     pub worker: String,
@@ -58,30 +69,10 @@ impl Outcome {
     }
 }
 
-/// A failure of one step; transient ones end in a NAK (or, on the last delivery,
-/// a dead letter), permanent ones in a dead letter.
-#[derive(Debug)]
-enum StepError {
-    Transient(String),
-    Permanent(String),
-    /// The result event is published but its KV record could not be written:
-    /// never a dead letter (that would be a second outcome), always a NAK, and
-    /// the redelivery finds the event deduplicated and writes the record.
-    Unrecorded(String),
-}
-
 struct Delivery {
-    stream: String,
     stream_seq: u64,
     delivered: u64,
     published: prost_types::Timestamp,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 fn jitter() -> f64 {
@@ -194,10 +185,71 @@ async fn nak_for_redelivery(ctx: &Ctx, msg: &jetstream::Message, delivery: &Deli
     Outcome::Nak
 }
 
+/// What this input is, before any I/O.
+struct Classified {
+    /// The subject token of the input's outcome.
+    key: String,
+    verdict: Verdict,
+    order: Option<OrderCreated>,
+    /// Set for `Verdict::Reject`.
+    rejection: Option<decide::Rejection>,
+    /// Set for `Verdict::DeadLetter`.
+    class: ErrorClass,
+    why: String,
+}
+
+fn classify(ctx: &Ctx, msg: &jetstream::Message, delivery: &Delivery) -> Classified {
+    let position = || names::position_key(ctx.stream_created_ns, delivery.stream_seq);
+    if msg.payload.len() > ctx.cfg.max_payload_bytes {
+        return Classified {
+            key: position(),
+            verdict: Verdict::DeadLetter,
+            order: None,
+            rejection: None,
+            class: ErrorClass::Oversized,
+            why: format!(
+                "payload of {} bytes exceeds MAX_PAYLOAD_BYTES ({})",
+                msg.payload.len(),
+                ctx.cfg.max_payload_bytes
+            ),
+        };
+    }
+    let order = match OrderCreated::decode(msg.payload.as_ref()) {
+        Ok(o) => o,
+        Err(e) => {
+            return Classified {
+                key: position(),
+                verdict: Verdict::DeadLetter,
+                order: None,
+                rejection: None,
+                class: ErrorClass::Undecodable,
+                why: format!("payload is not an orders.v1.OrderCreated: {e}"),
+            };
+        }
+    };
+    let validation = {
+        let _s = tracing::info_span!("validate").entered();
+        decide::validate(&order)
+    };
+    // An order with no usable id (empty, too long) is keyed by its position.
+    let key = names::order_key(&order.order_id).unwrap_or_else(position);
+    let (verdict, rejection) = match validation {
+        Ok(()) => (Verdict::Process, None),
+        Err(r) => (Verdict::Reject, Some(r)),
+    };
+    Classified {
+        key,
+        verdict,
+        order: Some(order),
+        rejection,
+        class: ErrorClass::Unspecified,
+        why: String::new(),
+    }
+}
+
 async fn process(ctx: &Ctx, msg: &jetstream::Message) -> Outcome {
     let delivery = match msg.info() {
         Ok(i) => Delivery {
-            stream: i.stream.to_string(),
             stream_seq: i.stream_sequence,
             delivered: u64::try_from(i.delivered).unwrap_or(1),
             published: prost_types::Timestamp {
@@ -212,301 +264,305 @@ async fn process(ctx: &Ctx, msg: &jetstream::Message) -> Outcome {
         }
     };
     tracing::Span::current().record("messaging.nats.stream_sequence", delivery.stream_seq);
-
-    if msg.payload.len() > ctx.cfg.max_payload_bytes {
-        let why = format!(
-            "payload of {} bytes exceeds MAX_PAYLOAD_BYTES ({})",
-            msg.payload.len(),
-            ctx.cfg.max_payload_bytes
-        );
-        return dead_letter_or_nak(ctx, msg, &delivery, ErrorClass::Oversized, &why, None).await;
+    let c = classify(ctx, msg, &delivery);
+    if let Some(o) = &c.order {
+        tracing::Span::current().record("order.id", o.order_id.as_str());
     }
-    let order = match OrderCreated::decode(msg.payload.as_ref()) {
-        Ok(o) => o,
-        Err(e) => {
-            let why = format!("payload is not an orders.v1.OrderCreated: {e}");
-            return dead_letter_or_nak(ctx, msg, &delivery, ErrorClass::Undecodable, &why, None)
-                .await;
-        }
-    };
-    tracing::Span::current().record("order.id", order.order_id.as_str());
-
-    if !decide::order_id_is_usable(&order.order_id) {
-        // No usable id: nothing to key state on. Reject with an id derived from
-        // the message's stream position, so redelivery still dedups the event.
-        let rejection = decide::validate(&order).unwrap_err();
-        let id = format!("{}:{}:rejected", delivery.stream, delivery.stream_seq);
-        return match publish_rejected(ctx, &order, &rejection, &id).await {
-            Ok(()) => ack(msg, Outcome::Rejected).await,
-            Err(e) => after_failure(ctx, msg, &delivery, &e, Some(&order)).await,
-        };
-    }
-
-    match process_order(ctx, msg, &delivery, &order).await {
-        Ok(outcome) => outcome,
-        Err(StepError::Permanent(why)) => {
-            dead_letter_or_nak(
-                ctx,
-                msg,
-                &delivery,
-                ErrorClass::Permanent,
-                &why,
-                Some(&order),
-            )
-            .await
-        }
-        Err(e @ StepError::Transient(_)) => {
-            after_failure(ctx, msg, &delivery, &e, Some(&order)).await
-        }
-        Err(StepError::Unrecorded(why)) => {
-            tracing::warn!(error = %why, "result published but not recorded; NAK with delay");
-            nak_for_redelivery(ctx, msg, &delivery).await
-        }
-    }
-}
-
-async fn process_order(
-    ctx: &Ctx,
-    msg: &jetstream::Message,
-    delivery: &Delivery,
-    order: &OrderCreated,
-) -> Result<Outcome, StepError> {
-    let key = names::state_key(&order.order_id);
-    let revision = match claim(ctx, &key, delivery).await? {
-        Claim::Final(state) => {
-            tracing::info!(
-                state = state.as_str(),
-                "order already has an outcome; acking as duplicate"
-            );
-            return Ok(ack(msg, Outcome::Duplicate).await);
-        }
-        Claim::Pending(rev) => rev,
-    };
-
-    if delivery.delivered > u64::from(ctx.cfg.max_deliveries) {
-        // A delivery beyond the limit: the last allowed one died with its worker.
-        let why = format!(
-            "delivery {} exceeds MAX_DELIVERIES ({}); the last allowed delivery did not finish",
-            delivery.delivered, ctx.cfg.max_deliveries
-        );
-        return Ok(dead_letter_or_nak(
-            ctx,
-            msg,
-            delivery,
-            ErrorClass::AttemptsExhausted,
-            &why,
-            Some(order),
-        )
-        .await);
-    }
-
-    if let Err(rejection) = {
-        let _s = tracing::info_span!("validate").entered();
-        decide::validate(order)
-    } {
-        tracing::info!(reason = ?rejection.reason, message = %rejection.message, "order rejected");
-        publish_rejected(
-            ctx,
-            order,
-            &rejection,
-            &names::rejected_msg_id(&order.order_id),
-        )
-        .await?;
-        return finalise(
-            ctx,
-            msg,
-            &key,
-            revision,
-            delivery,
-            OrderState::Rejected,
-            Some(rejection.message),
-        )
-        .await;
-    }
-
-    if let Some(ds) = &ctx.downstream {
-        call_downstream(ctx, ds, order).await?;
-    }
-
-    publish_processed(ctx, order, delivery).await?;
-    finalise(
-        ctx,
-        msg,
-        &key,
-        revision,
-        delivery,
-        OrderState::Processed,
-        None,
-    )
-    .await
-}
-
-enum Claim {
-    /// The order is pending at this KV revision: go on.
-    Pending(u64),
-    /// The order already has this final state.
-    Final(OrderState),
-}
-
-fn record(state: OrderState, delivery: &Delivery, worker: &str, reason: Option<String>) -> Bytes {
-    let r = StateRecord {
-        state,
-        stream_sequence: delivery.stream_seq,
-        delivery_count: delivery.delivered,
-        worker: worker.to_string(),
-        updated_at_ms: now_ms(),
-        reason,
-    };
-    Bytes::from(serde_json::to_vec(&r).unwrap_or_default())
-}
-
-fn parse_record(value: &[u8]) -> Option<StateRecord> {
-    serde_json::from_slice(value).ok()
-}
-
-/// Reads the order's state, creating a `pending` record if there is none.
-async fn claim(ctx: &Ctx, key: &str, delivery: &Delivery) -> Result<Claim, StepError> {
-    let span = tracing::info_span!("record", kv.op = "claim");
-    async {
-        for _ in 0..5 {
-            let entry = ctx
-                .kv
-                .entry(key)
-                .await
-                .map_err(|e| StepError::Transient(format!("reading order state {key}: {e}")))?;
-            match entry {
-                Some(e) if e.operation == kv::Operation::Put => {
-                    return match parse_record(&e.value) {
-                        Some(r) if r.state.is_final() => Ok(Claim::Final(r.state)),
-                        Some(_) => Ok(Claim::Pending(e.revision)),
-                        None => {
-                            // A record we cannot read: take it over as pending.
-                            ctx.kv
-                                .update(
-                                    key,
-                                    record(OrderState::Pending, delivery, &ctx.worker, None),
-                                    e.revision,
-                                )
-                                .await
-                                .map(Claim::Pending)
-                                .or(Ok(Claim::Pending(e.revision)))
-                        }
-                    };
-                }
-                _ => {
-                    match ctx
-                        .kv
-                        .create(
-                            key,
-                            record(OrderState::Pending, delivery, &ctx.worker, None),
-                        )
-                        .await
-                    {
-                        Ok(rev) => return Ok(Claim::Pending(rev)),
-                        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
-                        Err(e) => {
-                            return Err(StepError::Transient(format!(
-                                "creating order state {key}: {e}"
-                            )));
-                        }
-                    }
-                }
-            }
-        }
-        Err(StepError::Transient(format!(
-            "order state {key} keeps changing"
-        )))
-    }
-    .instrument(span)
-    .await
-}
-
-/// Moves the record from `pending` to `state` with compare-and-set, then acks.
-/// Losing the race to another worker that already finalised is fine: its result
-/// event has the same message id, so the stream kept only one.
-async fn finalise(
-    ctx: &Ctx,
-    msg: &jetstream::Message,
-    key: &str,
-    mut revision: u64,
-    delivery: &Delivery,
-    state: OrderState,
-    reason: Option<String>,
-) -> Result<Outcome, StepError> {
-    let span = tracing::info_span!("record", kv.op = "finalise", order.state = state.as_str());
-    let outcome = if state == OrderState::Processed {
-        Outcome::Processed
-    } else {
-        Outcome::Rejected
-    };
-    let finalised = async {
-        for _ in 0..5 {
-            match ctx
-                .kv
-                .update(
-                    key,
-                    record(state, delivery, &ctx.worker, reason.clone()),
-                    revision,
-                )
-                .await
-            {
-                Ok(_) => return Ok(true),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    let entry = ctx.kv.entry(key).await.map_err(|e| {
-                        StepError::Unrecorded(format!("re-reading order state {key}: {e}"))
-                    })?;
-                    match entry
-                        .as_ref()
-                        .and_then(|e| parse_record(&e.value).map(|r| (r, e.revision)))
-                    {
-                        Some((r, _)) if r.state.is_final() => return Ok(false),
-                        Some((_, rev)) => revision = rev,
-                        None => {
-                            return Err(StepError::Unrecorded(format!(
-                                "order state {key} vanished"
-                            )));
-                        }
-                    }
-                }
-                Err(e) => {
-                    return Err(StepError::Unrecorded(format!(
-                        "writing order state {key}: {e}"
-                    )));
-                }
-            }
-        }
-        Err(StepError::Unrecorded(format!(
-            "order state {key} keeps changing"
-        )))
-    }
-    .instrument(span)
-    .await?;
-    Ok(ack(
-        msg,
-        if finalised {
-            outcome
-        } else {
-            Outcome::Duplicate
+    let replay = replay_headers(msg);
+    let mut machine = Machine::new(
+        c.verdict,
+        ProtocolDelivery {
+            delivered: delivery.delivered,
+            max_deliveries: ctx.cfg.max_deliveries,
+            replay_of: replay.map(|r| r.marker),
+            downstream: ctx.downstream.is_some(),
         },
-    )
-    .await)
-}
-
-/// Acks and waits for the server's confirmation. A failed ack is logged: the
-/// message is redelivered and found final in KV, so it is acked as a duplicate.
-async fn ack(msg: &jetstream::Message, outcome: Outcome) -> Outcome {
-    if let Err(e) = msg.double_ack().await {
-        tracing::warn!(error = %e, outcome = outcome.as_str(), "ack not confirmed; a redelivery will be acked as duplicate");
+    );
+    let mut step = machine.on(Event::Start);
+    // The last failure, for the dead letter's message.
+    let mut last_error = c.why.clone();
+    let mut written: Option<OutcomeKind> = None;
+    loop {
+        let event = match step {
+            Step::ReadOutcome => match read_outcome(ctx, &c.key).await {
+                Ok(last) => Event::Read(last),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the order's outcome");
+                    last_error = e;
+                    Event::ReadFailed
+                }
+            },
+            Step::CallDownstream => {
+                let (Some(ds), Some(order)) = (&ctx.downstream, &c.order) else {
+                    // The machine asks only when both exist; treat as success.
+                    step = machine.on(Event::Downstream(CallClass::Ok));
+                    continue;
+                };
+                let (class, detail) = call_downstream(ctx, ds, order, &c.key).await;
+                if class != CallClass::Ok {
+                    last_error = detail;
+                }
+                Event::Downstream(class)
+            }
+            Step::Write { kind, expect, dead } => {
+                let payload = outcome_payload(ctx, msg, &delivery, &c, kind, dead, &last_error);
+                match write_outcome(ctx, &c.key, kind, expect, &delivery, replay, payload).await {
+                    WriteResult::Written => {
+                        written = Some(kind);
+                        if kind == OutcomeKind::DeadLettered {
+                            count_dead_letter(ctx, dead_class(&c, dead));
+                            tracing::warn!(class = class_label(dead_class(&c, dead)), error = %last_error, "dead-lettered");
+                        } else if kind == OutcomeKind::Rejected
+                            && let Some(r) = &c.rejection
+                        {
+                            tracing::info!(reason = ?r.reason, message = %r.message, "order rejected");
+                        }
+                        Event::Written
+                    }
+                    WriteResult::Conflict => Event::Conflict,
+                    WriteResult::Failed(e) => {
+                        tracing::warn!(error = %e, "writing the outcome failed; it may or may not be stored");
+                        last_error = e;
+                        Event::WriteFailed
+                    }
+                }
+            }
+            Step::RemoveLetter => match replay {
+                Some(r) => match remove_letter(ctx, r.letter).await {
+                    Ok(()) => Event::Removed,
+                    Err(e) => {
+                        tracing::warn!(error = %e, letter = r.letter, "the replayed dead letter could not be removed; orderctl shows it as replayed");
+                        Event::RemoveFailed
+                    }
+                },
+                None => Event::Removed,
+            },
+            Step::Ack => {
+                // No confirmation needed: a lost ack redelivers the input, whose
+                // outcome write then conflicts and it is acked again.
+                if let Err(e) = msg.ack().await {
+                    tracing::warn!(error = %e, "ack failed; the redelivery finds the outcome");
+                }
+                return match written {
+                    Some(OutcomeKind::Processed) => Outcome::Processed,
+                    Some(OutcomeKind::Rejected) => Outcome::Rejected,
+                    Some(OutcomeKind::DeadLettered) => Outcome::DeadLettered,
+                    None => {
+                        tracing::info!("the input already has an outcome; acked as duplicate");
+                        Outcome::Duplicate
+                    }
+                };
+            }
+            Step::Nak => {
+                tracing::warn!(error = %last_error, delivery = delivery.delivered, "giving the input back for a later delivery");
+                return nak_for_redelivery(ctx, msg, &delivery).await;
+            }
+        };
+        step = machine.on(event);
     }
-    outcome
 }
 
+/// A replayed input names the dead-letter marker it supersedes (its sequence in
+/// the input stream) and the letter's sequence in the dead-letter stream.
+#[derive(Clone, Copy, Debug)]
+struct Replay {
+    marker: u64,
+    letter: u64,
+}
+
+fn replay_headers(msg: &jetstream::Message) -> Option<Replay> {
+    let h = msg.headers.as_ref()?;
+    let value = h.get(names::REPLAY_OF_HEADER)?.as_str();
+    let (marker, letter) = value.split_once('/')?;
+    Some(Replay {
+        marker: marker.trim().parse().ok()?,
+        letter: letter.trim().parse().ok()?,
+    })
+}
+
+/// The sequence of the key's latest outcome, if any.
+async fn read_outcome(ctx: &Ctx, key: &str) -> Result<Option<u64>, String> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    let span = tracing::info_span!("read outcome");
+    let subject = ctx.outcomes.any_kind(key);
+    match ctx
+        .stream
+        .get_last_raw_message_by_subject(&subject)
+        .instrument(span)
+        .await
+    {
+        Ok(m) => Ok(Some(m.sequence)),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(format!("reading the last outcome on {subject}: {e}")),
+    }
+}
+
+enum WriteResult {
+    Written,
+    Conflict,
+    Failed(String),
+}
+
+fn is_wrong_last_sequence(e: &async_nats::jetstream::context::PublishError) -> bool {
+    use async_nats::jetstream::context::PublishErrorKind;
+    use async_nats::jetstream::{Error as JsError, ErrorCode};
+    if e.kind() == PublishErrorKind::WrongLastSequence {
+        return true;
+    }
+    // A clustered stream refuses a second conditional write on a key while the
+    // first is still in flight with a code of its own (10164).
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<JsError>())
+        .is_some_and(|j| j.error_code() == ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT)
+}
+
+/// Publishes the outcome on `<prefix>.<kind>.<key>`, accepted by the stream only
+/// if the key's last outcome sequence is `expect`.
+async fn write_outcome(
+    ctx: &Ctx,
+    key: &str,
+    kind: OutcomeKind,
+    expect: u64,
+    delivery: &Delivery,
+    replay: Option<Replay>,
+    payload: Vec<u8>,
+) -> WriteResult {
+    let subject = ctx.outcomes.subject(kind, key);
+    let span = tracing::info_span!(
+        "publish",
+        otel.name = format!("publish {}.{}", ctx.outcomes.prefix, kind.token()),
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.operation.type = "publish",
+        messaging.destination.name = subject.as_str(),
+        outcome.expect = expect,
+    );
+    async {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence-Subject",
+            ctx.outcomes.any_kind(key).as_str(),
+        );
+        headers.insert(
+            names::INPUT_SEQ_HEADER,
+            delivery.stream_seq.to_string().as_str(),
+        );
+        if let Some(r) = replay {
+            headers.insert(
+                names::REPLAY_OF_HEADER,
+                format!("{}/{}", r.marker, r.letter).as_str(),
+            );
+        }
+        trace::inject_current(&mut headers);
+        let publish = jetstream::message::PublishMessage::build()
+            .headers(headers)
+            .expected_last_subject_sequence(expect)
+            .payload(Bytes::from(payload));
+        let ack = match ctx.js.send_publish(subject.clone(), publish).await {
+            Ok(fut) => fut.await,
+            Err(e) => return WriteResult::Failed(format!("publishing to {subject}: {e}")),
+        };
+        match ack {
+            Ok(_) => WriteResult::Written,
+            Err(e) if is_wrong_last_sequence(&e) => WriteResult::Conflict,
+            Err(e) => WriteResult::Failed(format!("publishing to {subject}: {e}")),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The encoded event of an outcome.
+fn outcome_payload(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    delivery: &Delivery,
+    c: &Classified,
+    kind: OutcomeKind,
+    dead: Option<DeadReason>,
+    why: &str,
+) -> Vec<u8> {
+    let order = c.order.clone().unwrap_or_default();
+    match kind {
+        OutcomeKind::Processed => OrderProcessed {
+            order_id: order.order_id,
+            customer_id: order.customer_id,
+            total_amount: order.total_amount,
+            processed_at: Some(orderpipeline_proto::now()),
+            delivery_count: delivery.delivered,
+            worker: ctx.worker.clone(),
+        }
+        .encode_to_vec(),
+        OutcomeKind::Rejected => {
+            let r = c.rejection.clone().unwrap_or(decide::Rejection {
+                reason: RejectReason::Unspecified,
+                message: String::new(),
+            });
+            OrderRejected {
+                order_id: order.order_id,
+                customer_id: order.customer_id,
+                reason_code: r.reason as i32,
+                message: r.message,
+                rejected_at: Some(orderpipeline_proto::now()),
+                worker: ctx.worker.clone(),
+            }
+            .encode_to_vec()
+        }
+        OutcomeKind::DeadLettered => dead_letter(
+            ctx,
+            msg,
+            delivery,
+            dead_class(c, dead),
+            why,
+            c.order.as_ref(),
+        ),
+    }
+}
+
+fn dead_class(c: &Classified, dead: Option<DeadReason>) -> ErrorClass {
+    match dead {
+        Some(DeadReason::Unhandleable) | None => c.class,
+        Some(DeadReason::Permanent) => ErrorClass::Permanent,
+        Some(DeadReason::AttemptsExhausted) => ErrorClass::AttemptsExhausted,
+    }
+}
+
+fn count_dead_letter(ctx: &Ctx, class: ErrorClass) {
+    ctx.metrics
+        .dead_letters
+        .get_or_create(&crate::metrics::ClassLabels {
+            class: class_label(class),
+        })
+        .inc();
+}
+
+/// Removes the dead letter a replay superseded; one already gone is fine.
+async fn remove_letter(ctx: &Ctx, letter: u64) -> Result<(), String> {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
+    let Err(e) = ctx.dlq.delete_message(letter).await else {
+        return Ok(());
+    };
+    // The server answers a delete of a missing message with a generic error:
+    // look the letter up to tell "already gone" (a redelivery of the replay, a
+    // second replay, a person) from a real failure.
+    match ctx.dlq.get_raw_message(letter).await {
+        Err(g) if g.kind() == RawMessageErrorKind::NoMessageFound => Ok(()),
+        _ => Err(format!(
+            "removing dead letter {letter} from {}: {e}",
+            ctx.cfg.dlq_stream
+        )),
+    }
+}
+
+/// Calls the downstream with its in-process retries; the class of the last answer.
 async fn call_downstream(
     ctx: &Ctx,
     ds: &Downstream,
     order: &OrderCreated,
-) -> Result<(), StepError> {
+    key: &str,
+) -> (CallClass, String) {
     let attempts = ctx.cfg.retry_attempts;
+    let idempotency_key = names::idempotency_key(&ctx.cfg.pipeline(), key);
     let mut last = String::new();
     for attempt in 1..=attempts {
         let span = tracing::info_span!(
@@ -533,11 +589,14 @@ async fn call_downstream(
             }
         }
         ctx.metrics.downstream_calls.inc();
-        let result = ds.call(order, headers).instrument(span.clone()).await;
+        let result = ds
+            .call(order, &idempotency_key, headers)
+            .instrument(span.clone())
+            .await;
         span.record("http.outcome", result.detail.as_str());
         match result.class {
-            CallClass::Ok => return Ok(()),
-            CallClass::Permanent => return Err(StepError::Permanent(result.detail)),
+            CallClass::Ok => return (CallClass::Ok, result.detail),
+            CallClass::Permanent => return (CallClass::Permanent, result.detail),
             CallClass::Transient => {
                 last = result.detail;
                 if attempt < attempts {
@@ -554,170 +613,10 @@ async fn call_downstream(
             }
         }
     }
-    Err(StepError::Transient(format!(
-        "downstream failed {attempts} time(s); last: {last}"
-    )))
-}
-
-/// Publishes with a message id and waits for the PubAck, retrying a failed or
-/// timed-out publish with the same id (the stream dedups).
-async fn publish(
-    ctx: &Ctx,
-    subject: &str,
-    msg_id: &str,
-    payload: Vec<u8>,
-    extra: &[(&str, String)],
-) -> Result<(), StepError> {
-    let span = tracing::info_span!(
-        "publish",
-        otel.name = format!("publish {subject}"),
-        otel.kind = "producer",
-        messaging.system = "nats",
-        messaging.operation.type = "publish",
-        messaging.destination.name = subject,
-        messaging.message.id = msg_id,
-    );
-    async {
-        let mut headers = HeaderMap::new();
-        let id = msg_id.parse::<HeaderValue>().map_err(|e| {
-            StepError::Permanent(format!(
-                "message id {msg_id:?} cannot be a NATS header: {e}"
-            ))
-        })?;
-        headers.insert(names::MSG_ID_HEADER, id);
-        for (k, v) in extra {
-            // Informational headers: one that NATS cannot carry is left out.
-            match v.parse::<HeaderValue>() {
-                Ok(v) => headers.insert(*k, v),
-                Err(e) => tracing::debug!(header = *k, error = %e, "header left out"),
-            }
-        }
-        trace::inject_current(&mut headers);
-        let payload = Bytes::from(payload);
-        let mut last = String::new();
-        for attempt in 0..3u32 {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
-            }
-            match ctx
-                .js
-                .publish_with_headers(subject.to_string(), headers.clone(), payload.clone())
-                .await
-            {
-                Ok(fut) => match fut.await {
-                    Ok(ack) => {
-                        if ack.duplicate {
-                            tracing::info!(
-                                msg_id,
-                                "result event was already in the stream (deduplicated)"
-                            );
-                        }
-                        return Ok(());
-                    }
-                    Err(e) => last = e.to_string(),
-                },
-                Err(e) => last = e.to_string(),
-            }
-        }
-        Err(StepError::Transient(format!(
-            "publishing to {subject} failed: {last}"
-        )))
-    }
-    .instrument(span)
-    .await
-}
-
-async fn publish_rejected(
-    ctx: &Ctx,
-    order: &OrderCreated,
-    rejection: &decide::Rejection,
-    msg_id: &str,
-) -> Result<(), StepError> {
-    let event = OrderRejected {
-        order_id: order.order_id.clone(),
-        customer_id: order.customer_id.clone(),
-        reason_code: rejection.reason as i32,
-        message: rejection.message.clone(),
-        rejected_at: Some(orderpipeline_proto::now()),
-        worker: ctx.worker.clone(),
-    };
-    publish(
-        ctx,
-        &ctx.cfg.rejected_subject,
-        msg_id,
-        event.encode_to_vec(),
-        &[],
+    (
+        CallClass::Transient,
+        format!("downstream failed {attempts} time(s); last: {last}"),
     )
-    .await
-}
-
-async fn publish_processed(
-    ctx: &Ctx,
-    order: &OrderCreated,
-    delivery: &Delivery,
-) -> Result<(), StepError> {
-    let event = OrderProcessed {
-        order_id: order.order_id.clone(),
-        customer_id: order.customer_id.clone(),
-        total_amount: order.total_amount,
-        processed_at: Some(orderpipeline_proto::now()),
-        delivery_count: delivery.delivered,
-        worker: ctx.worker.clone(),
-    };
-    publish(
-        ctx,
-        &ctx.cfg.processed_subject,
-        &names::processed_msg_id(&order.order_id),
-        event.encode_to_vec(),
-        &[],
-    )
-    .await
-}
-
-/// After a transient failure: NAK with a delay growing with the delivery count,
-/// or dead-letter on the last allowed delivery.
-async fn after_failure(
-    ctx: &Ctx,
-    msg: &jetstream::Message,
-    delivery: &Delivery,
-    error: &StepError,
-    order: Option<&OrderCreated>,
-) -> Outcome {
-    let why = match error {
-        StepError::Transient(s) | StepError::Permanent(s) | StepError::Unrecorded(s) => s.as_str(),
-    };
-    match decide::after_transient_failure(
-        delivery.delivered,
-        ctx.cfg.max_deliveries,
-        ctx.cfg.nak_initial_delay,
-        ctx.cfg.nak_max_delay,
-    ) {
-        AfterFailure::Nak(delay) => {
-            tracing::warn!(
-                error = why,
-                delivery = delivery.delivered,
-                delay_ms = delay.as_millis() as u64,
-                "transient failure; NAK with delay"
-            );
-            nak(ctx, msg, delay).await;
-            Outcome::Nak
-        }
-        AfterFailure::DeadLetter => {
-            let why = format!(
-                "failed on delivery {} of {}: {why}",
-                delivery.delivered, ctx.cfg.max_deliveries
-            );
-            dead_letter_or_nak(
-                ctx,
-                msg,
-                delivery,
-                ErrorClass::AttemptsExhausted,
-                &why,
-                order,
-            )
-            .await
-        }
-    }
 }
 
 fn class_label(class: ErrorClass) -> &'static str {
@@ -730,22 +629,16 @@ fn class_label(class: ErrorClass) -> &'static str {
     }
 }
 
-/// Writes the dead-letter envelope (id `<stream>:<seq>`), marks the order
-/// `dead_lettered` when it has an id, then TERMs. If the DLQ cannot be written
-/// the message is NAKed instead, so nothing is lost.
-async fn dead_letter_or_nak(
+/// The dead-letter envelope of this input: the original payload (its first
+/// bytes when it cannot fit the server's max_payload), headers and why.
+fn dead_letter(
     ctx: &Ctx,
     msg: &jetstream::Message,
     delivery: &Delivery,
     class: ErrorClass,
     why: &str,
     order: Option<&OrderCreated>,
-) -> Outcome {
-    tracing::warn!(
-        class = class_label(class),
-        error = why,
-        "dead-lettering message"
-    );
+) -> Vec<u8> {
     let headers = msg
         .headers
         .as_ref()
@@ -760,10 +653,9 @@ async fn dead_letter_or_nak(
                 .collect()
         })
         .unwrap_or_default();
-    let order_id = order.map(|o| o.order_id.clone()).unwrap_or_default();
     let mut envelope = DeadLetter {
         original_subject: msg.subject.to_string(),
-        original_stream: delivery.stream.clone(),
+        original_stream: ctx.cfg.stream.clone(),
         original_stream_sequence: delivery.stream_seq,
         payload: Vec::new(),
         headers,
@@ -772,13 +664,11 @@ async fn dead_letter_or_nak(
         delivery_count: delivery.delivered,
         original_published_at: Some(delivery.published),
         dead_lettered_at: Some(orderpipeline_proto::now()),
-        order_id: order_id.clone(),
+        order_id: order.map(|o| o.order_id.clone()).unwrap_or_default(),
         worker: ctx.worker.clone(),
         payload_size: u64::try_from(msg.payload.len()).unwrap_or(u64::MAX),
         payload_truncated: false,
     };
-    // A payload near the server's max_payload cannot travel inside an envelope:
-    // keep its first bytes and say so, rather than fail to dead-letter forever.
     let max_payload = ctx.js.client().server_info().max_payload;
     match decide::dead_letter_payload_cap(msg.payload.len(), envelope.encoded_len(), max_payload) {
         None => envelope.payload = msg.payload.to_vec(),
@@ -787,75 +677,7 @@ async fn dead_letter_or_nak(
             envelope.payload_truncated = true;
         }
     }
-    let id = names::dead_letter_msg_id(&delivery.stream, delivery.stream_seq);
-    let extra = [
-        ("Orderpipeline-Error-Class", class_label(class).to_string()),
-        ("Orderpipeline-Order-Id", order_id.clone()),
-    ];
-    if let Err(StepError::Transient(e) | StepError::Permanent(e)) = publish(
-        ctx,
-        &ctx.cfg.dlq_subject,
-        &id,
-        envelope.encode_to_vec(),
-        &extra,
-    )
-    .await
-    {
-        tracing::error!(error = %e, "cannot write the dead letter; NAK so the message is not lost");
-        return nak_for_redelivery(ctx, msg, delivery).await;
-    }
-    if !order_id.trim().is_empty() {
-        mark_dead_lettered(ctx, &order_id, delivery, why).await;
-    }
-    ctx.metrics
-        .dead_letters
-        .get_or_create(&crate::metrics::ClassLabels {
-            class: class_label(class),
-        })
-        .inc();
-    if let Err(e) = msg.double_ack_with(AckKind::Term).await {
-        tracing::warn!(error = %e, "TERM not confirmed; a redelivery is dead-lettered again under the same id (deduplicated)");
-    }
-    Outcome::DeadLettered
-}
-
-async fn mark_dead_lettered(ctx: &Ctx, order_id: &str, delivery: &Delivery, why: &str) {
-    let key = names::state_key(order_id);
-    let value = record(
-        OrderState::DeadLettered,
-        delivery,
-        &ctx.worker,
-        Some(why.to_string()),
-    );
-    for _ in 0..5 {
-        let result = match ctx.kv.entry(key.as_str()).await {
-            Ok(Some(e)) if e.operation == kv::Operation::Put => {
-                if parse_record(&e.value).is_some_and(|r| r.state.is_final()) {
-                    return;
-                }
-                ctx.kv
-                    .update(key.as_str(), value.clone(), e.revision)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            }
-            Ok(_) => ctx
-                .kv
-                .create(key.as_str(), value.clone())
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match result {
-            Ok(()) => return,
-            Err(e) => tracing::debug!(error = %e, "retrying dead_lettered record"),
-        }
-    }
-    tracing::warn!(
-        key,
-        "could not record dead_lettered state; the dead letter itself is stored"
-    );
+    envelope.encode_to_vec()
 }
 
 /// The trace id of the current span, for logs and for orderctl.

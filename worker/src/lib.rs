@@ -10,5 +10,9 @@ pub mod downstream;
 pub mod handler;
 pub mod health;
 pub mod metrics;
+pub mod protocol;
 pub mod run;
 pub mod trace;
+
+#[cfg(test)]
+mod model;

@@ -31,8 +31,6 @@ pub fn topology_from(cfg: &Config) -> Topology {
         consumer: cfg.consumer.clone(),
         filter_subject: cfg.input_subject.clone(),
         dlq_stream: cfg.dlq_stream.clone(),
-        dlq_subject: cfg.dlq_subject.clone(),
-        bucket: cfg.state_bucket.clone(),
         ..Topology::default()
     }
 }
@@ -41,6 +39,7 @@ pub fn topology_from(cfg: &Config) -> Topology {
 /// period, NAKs the rest and drains the connection.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     cfg.check().map_err(anyhow::Error::msg)?;
+    let outcomes = cfg.outcome_subjects().map_err(anyhow::Error::msg)?;
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
     let readiness = Arc::new(Readiness::default());
@@ -110,15 +109,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     'outer: while !shutdown.is_cancelled() {
         // (Re)bind when needed; report why not ready meanwhile.
         if consumer.is_none() {
-            match topology::bind(
-                &js,
-                &cfg.stream,
-                &cfg.consumer,
-                &cfg.dlq_stream,
-                &cfg.state_bucket,
-            )
-            .await
-            {
+            match topology::bind(&js, &cfg.stream, &cfg.consumer, &cfg.dlq_stream).await {
                 Ok(b) => {
                     if b.consumer_info.config.max_ack_pending > 0 {
                         max_ack_pending =
@@ -127,7 +118,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                     ctx = Some(Arc::new(Ctx {
                         cfg: cfg.clone(),
                         js: js.clone(),
-                        kv: b.state,
+                        stream: b.stream,
+                        dlq: b.dlq,
+                        outcomes: outcomes.clone(),
+                        stream_created_ns: b.stream_created_ns,
                         metrics: metrics.clone(),
                         downstream: downstream.clone(),
                         worker: worker.clone(),

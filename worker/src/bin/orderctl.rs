@@ -63,12 +63,17 @@ enum Command {
     Status {
         #[arg(long, env = "CONSUMER_NAME", default_value = names::DEFAULT_CONSUMER)]
         consumer: String,
+        /// The pipeline's input subject (its consumer's filter); outcomes are
+        /// counted on the subjects derived from it.
+        #[arg(long, env = "INPUT_SUBJECT", default_value = names::DEFAULT_INPUT_SUBJECT)]
+        input_subject: String,
         #[arg(long, env = "DLQ_STREAM", default_value = names::DEFAULT_DLQ_STREAM)]
         dlq_stream: String,
     },
-    /// Read every outcome back and check exactly-once: published, processed,
-    /// rejected, dead-lettered, duplicates suppressed, lost, processed twice.
-    /// Exits 1 when anything is lost or processed twice.
+    /// Read every input and outcome back and check exactly-once: published,
+    /// processed, rejected, dead-lettered, duplicates suppressed, lost, two
+    /// outcomes, outcomes or dead letters without an input, stranded messages.
+    /// Exits 1 on any violation, naming it.
     Audit {
         #[arg(long, env = "CONSUMER_NAME", default_value = names::DEFAULT_CONSUMER)]
         consumer: String,
@@ -79,8 +84,6 @@ enum Command {
     Dlq {
         #[arg(long, env = "DLQ_STREAM", default_value = names::DEFAULT_DLQ_STREAM, global = true)]
         dlq_stream: String,
-        #[arg(long, env = "STATE_BUCKET", default_value = names::DEFAULT_STATE_BUCKET, global = true)]
-        state_bucket: String,
         #[command(subcommand)]
         command: DlqCommand,
     },
@@ -191,16 +194,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status {
             consumer,
+            input_subject,
             dlq_stream,
         } => {
             let n = Names {
                 stream: cli.stream,
                 consumer,
-                input_subject: names::DEFAULT_INPUT_SUBJECT.into(),
-                processed_subject: names::DEFAULT_PROCESSED_SUBJECT.into(),
-                rejected_subject: names::DEFAULT_REJECTED_SUBJECT.into(),
+                input_subject,
                 dlq_stream,
-                state_bucket: names::DEFAULT_STATE_BUCKET.into(),
             };
             let r = ctl::status(&js, &n).await?;
             if cli.json {
@@ -223,25 +224,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let a = order_worker::audit::Audit::collect(&js, &cli.stream, &dlq_stream, &consumer)
                 .await?;
             let s = a.summary();
+            let violations = a.violations();
             if cli.json {
-                println!("{}", serde_json::to_string(&s)?);
+                println!(
+                    "{}",
+                    serde_json::json!({"summary": s, "violations": violations})
+                );
             } else {
                 println!("published              {}", s.published);
                 println!("processed              {}", s.processed);
                 println!("rejected               {}", s.rejected);
-                println!("dead-lettered          {}", s.dead_lettered);
+                println!(
+                    "dead-lettered          {} ({} valid orders whose attempts ran out)",
+                    s.dead_lettered, s.attempts_exhausted
+                );
                 println!("duplicates suppressed  {}", s.duplicates_suppressed);
                 println!("still pending          {}", s.pending);
                 println!("lost                   {}", s.lost);
                 println!("processed twice        {}", s.processed_twice);
+                println!("two outcomes           {}", s.two_outcomes);
+                for v in &violations {
+                    println!("VIOLATION: {v}");
+                }
             }
-            if s.lost > 0 || s.processed_twice > 0 {
-                anyhow::bail!("{} lost, {} processed twice", s.lost, s.processed_twice);
+            if !violations.is_empty() {
+                anyhow::bail!("{} violation(s) of exactly-once", violations.len());
             }
         }
         Command::Dlq {
             dlq_stream,
-            state_bucket,
             command,
         } => match command {
             DlqCommand::List { limit } => {
@@ -291,6 +302,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .ok_or_else(|| anyhow::anyhow!("no dead letter with sequence {sequence} in {dlq_stream}; see `orderctl dlq list`"))?;
                 let d = &l.letter;
                 println!("sequence:        {}", l.dlq_sequence);
+                if let Some(m) = l.marker {
+                    println!(
+                        "marker:          {} seq {m} (the order's outcome record)",
+                        d.original_stream
+                    );
+                }
                 println!("order id:        {}", d.order_id);
                 println!("class:           {}", class_name(d.error_class()));
                 println!("error:           {}", d.error_message);
@@ -324,8 +341,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     _ => anyhow::bail!("give one dead-letter sequence or --all"),
                 };
                 for s in seqs {
-                    let id = ctl::dlq_replay(&js, &dlq_stream, &state_bucket, s).await?;
-                    println!("replayed dead letter {s} as {id}");
+                    let how = ctl::dlq_replay(&js, &dlq_stream, s).await?;
+                    println!(
+                        "replayed dead letter {s} (replay of {how}); the worker removes the letter once the replay has its outcome"
+                    );
                 }
             }
         },

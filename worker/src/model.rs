@@ -1,0 +1,883 @@
+//! Model checking of the outcome protocol with `stateright`.
+//!
+//! [`V2`] runs the worker's own state machine ([`crate::protocol::Machine`]) against
+//! a model of one JetStream stream and its consumer: deliveries (a redelivery may
+//! overlap a delivery still in flight, as after an ack-wait expiry), a worker
+//! crash at any step, lost acks, reads and writes that fail, writes that are
+//! stored but whose answer is lost (ambiguous), a downstream that succeeds, fails
+//! or refuses, the dead-letter copy and `orderctl dlq replay` of it, and inputs
+//! that carry the same order id (a producer that re-published after the duplicate
+//! window). Every fault has a budget, so every path ends.
+//!
+//! [`V1`] is the protocol before it (KV `pending` record, result event deduplicated
+//! by `Nats-Msg-Id` inside the stream's duplicate window, KV compare-and-set,
+//! double ack), with the duplicate window as a real bound: the checker finds the
+//! order that gets two `OrderProcessed` events.
+//!
+//! Properties (both models):
+//! - always: at most one processed-or-rejected outcome per order, and every
+//!   outcome other than the order's latest is a dead letter superseded by a replay;
+//! - always: no downstream call starts after the order's outcome exists, unless
+//!   another delivery of the same order was in flight between this one's read
+//!   of the outcome and its call (two deliveries of one order can overlap after an ack wait expires,
+//!   or when the same order id was stored twice; the Idempotency-Key makes such a
+//!   call a no-op at a correct downstream);
+//! - always: every outcome belongs to a stored input;
+//! - at the end of every path: each stored input's order has exactly one current
+//!   outcome, each live dead letter is the order's current outcome, and the
+//!   downstream charged only orders whose outcome is processed, except an order
+//!   whose delivery died, or whose downstream call or outcome write failed, after
+//!   the charge, or
+//!   that was charged by a delivery overlapping another of the same order (the
+//!   worker cannot know of such a charge; the order is dead-lettered and its
+//!   replay completes it, the Idempotency-Key making the repeated call safe).
+
+use std::fmt::Debug;
+use std::hash::Hash;
+
+use stateright::{Model, Property};
+
+use crate::decide::CallClass;
+use crate::protocol::{Delivery, Event, Machine, OutcomeKind, Step, Verdict};
+
+/// What may go wrong in one run, and how often.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Budget {
+    pub crashes: u8,
+    /// Read/write failures, ambiguous writes, downstream failures (in total).
+    pub failures: u8,
+    pub lost_acks: u8,
+    /// Deliveries that start while another delivery of the same input is in flight.
+    pub overlaps: u8,
+    pub replays: u8,
+    /// V1 only: the duplicate window may pass this many times.
+    pub windows: u8,
+}
+
+/// One input the stream stored.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Input {
+    /// The order (inputs with the same order share it).
+    pub order: u8,
+    pub verdict: Verdict,
+    pub replay_of: Option<u64>,
+    pub seq: u64,
+    pub acked: bool,
+    pub delivered: u64,
+    pub in_flight: u8,
+}
+
+/// An outcome message in the stream.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Outcome {
+    pub order: u8,
+    pub seq: u64,
+    pub kind: OutcomeKind,
+    /// The last outcome sequence the write expected (0 = none).
+    pub over: u64,
+    /// For dead letters: the DLQ copy was removed after a replay superseded it.
+    pub letter_removed: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Worker {
+    pub input: usize,
+    pub machine: Machine,
+    pub step: Step,
+    /// No other delivery of the same order has been in flight since this one read
+    /// the outcome: its downstream call must then never follow the outcome.
+    pub alone_at_read: bool,
+    /// This delivery's downstream call charged the order.
+    pub charged: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct State {
+    pub inputs: Vec<Input>,
+    pub outcomes: Vec<Outcome>,
+    pub workers: Vec<Worker>,
+    pub next_seq: u64,
+    /// Orders the downstream charged (2xx given).
+    pub charged: Vec<u8>,
+    /// A downstream call started although the order already had an outcome.
+    pub late_call: bool,
+    /// Orders whose delivery died, or whose downstream call or outcome write
+    /// failed, after the downstream had charged them, or charged by a delivery that overlapped
+    /// another one of the same order (before or after the charge): the charge may not be the outcome's, and
+    /// the order may end dead-lettered (a replay completes it; the key makes the
+    /// repeated call safe).
+    pub suspect: Vec<u8>,
+    pub budget: Budget,
+}
+
+impl State {
+    fn last_on(&self, order: u8) -> Option<u64> {
+        self.outcomes
+            .iter()
+            .filter(|o| o.order == order)
+            .map(|o| o.seq)
+            .max()
+    }
+}
+
+/// The v2 protocol: the worker's own [`Machine`] against the stream.
+#[derive(Clone, Debug)]
+pub struct V2 {
+    /// The verdict of each input, in the order the stream stored them, with its order.
+    pub inputs: Vec<(u8, Verdict)>,
+    pub max_deliveries: u32,
+    pub downstream: bool,
+    pub budget: Budget,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    Deliver(usize),
+    /// Carry out worker `w`'s step; `fault` picks the failing variant.
+    Run {
+        w: usize,
+        fault: Fault,
+    },
+    Crash(usize),
+    /// `orderctl dlq replay` of the dead letter at this outcome sequence.
+    Replay(u64),
+    /// V1 only: the stream's duplicate window passes (it forgets the ids).
+    WindowPasses,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fault {
+    None,
+    /// The request fails (nothing happens).
+    Fail,
+    /// The write is stored but its answer is lost (ambiguous timeout).
+    StoredButLost,
+    /// The downstream answers with a permanent refusal.
+    Refused,
+    /// The ack is lost.
+    LostAck,
+}
+
+impl V2 {
+    fn delivery(&self, input: &Input) -> Delivery {
+        Delivery {
+            delivered: input.delivered,
+            max_deliveries: self.max_deliveries,
+            replay_of: input.replay_of,
+            downstream: self.downstream,
+        }
+    }
+}
+
+impl Model for V2 {
+    type State = State;
+    type Action = Action;
+
+    fn init_states(&self) -> Vec<State> {
+        let inputs = self
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(i, (order, verdict))| Input {
+                order: *order,
+                verdict: *verdict,
+                replay_of: None,
+                seq: i as u64 + 1,
+                acked: false,
+                delivered: 0,
+                in_flight: 0,
+            })
+            .collect::<Vec<_>>();
+        vec![State {
+            next_seq: inputs.len() as u64 + 1,
+            inputs,
+            outcomes: Vec::new(),
+            workers: Vec::new(),
+            charged: Vec::new(),
+            late_call: false,
+            suspect: Vec::new(),
+            budget: self.budget,
+        }]
+    }
+
+    fn actions(&self, s: &State, out: &mut Vec<Action>) {
+        for (i, input) in s.inputs.iter().enumerate() {
+            // Bounded: past max_deliveries + 1 every delivery's first write is a
+            // dead letter, so more deliveries add nothing new.
+            let b = &self.budget;
+            let cap = u64::from(self.max_deliveries)
+                + 1
+                + u64::from(b.failures + b.crashes + b.lost_acks + b.overlaps);
+            if !input.acked
+                && input.delivered < cap
+                && (input.in_flight == 0 || s.budget.overlaps > 0)
+            {
+                out.push(Action::Deliver(i));
+            }
+        }
+        for (w, worker) in s.workers.iter().enumerate() {
+            out.push(Action::Run {
+                w,
+                fault: Fault::None,
+            });
+            let failures = s.budget.failures > 0;
+            match worker.step {
+                Step::ReadOutcome | Step::RemoveLetter if failures => out.push(Action::Run {
+                    w,
+                    fault: Fault::Fail,
+                }),
+                Step::Write { .. } if failures => {
+                    out.push(Action::Run {
+                        w,
+                        fault: Fault::Fail,
+                    });
+                    out.push(Action::Run {
+                        w,
+                        fault: Fault::StoredButLost,
+                    });
+                }
+                Step::CallDownstream if failures => {
+                    out.push(Action::Run {
+                        w,
+                        fault: Fault::Fail,
+                    });
+                    out.push(Action::Run {
+                        w,
+                        fault: Fault::Refused,
+                    });
+                }
+                Step::Ack if s.budget.lost_acks > 0 => out.push(Action::Run {
+                    w,
+                    fault: Fault::LostAck,
+                }),
+                _ => {}
+            }
+            if s.budget.crashes > 0 {
+                out.push(Action::Crash(w));
+            }
+        }
+        if s.budget.replays > 0 {
+            for o in &s.outcomes {
+                if o.kind == OutcomeKind::DeadLettered
+                    && !o.letter_removed
+                    && s.last_on(o.order) == Some(o.seq)
+                {
+                    out.push(Action::Replay(o.seq));
+                }
+            }
+        }
+    }
+
+    fn next_state(&self, s: &State, action: Action) -> Option<State> {
+        let mut s = s.clone();
+        match action {
+            Action::WindowPasses => return None,
+            Action::Deliver(i) => {
+                if s.inputs[i].in_flight > 0 {
+                    s.budget.overlaps -= 1;
+                }
+                s.inputs[i].delivered += 1;
+                s.inputs[i].in_flight += 1;
+                let order = s.inputs[i].order;
+                for w in s.workers.iter_mut() {
+                    if s.inputs[w.input].order == order {
+                        w.alone_at_read = false;
+                        if w.charged && !s.suspect.contains(&order) {
+                            s.suspect.push(order);
+                        }
+                    }
+                }
+                let mut machine = Machine::new(s.inputs[i].verdict, self.delivery(&s.inputs[i]));
+                let step = machine.on(Event::Start);
+                s.workers.push(Worker {
+                    input: i,
+                    machine,
+                    step,
+                    alone_at_read: false,
+                    charged: false,
+                });
+            }
+            Action::Crash(w) => {
+                s.budget.crashes -= 1;
+                let worker = s.workers.remove(w);
+                s.inputs[worker.input].in_flight -= 1;
+                let order = s.inputs[worker.input].order;
+                if s.charged.contains(&order) && !s.suspect.contains(&order) {
+                    s.suspect.push(order);
+                }
+            }
+            Action::Replay(seq) => {
+                s.budget.replays -= 1;
+                let letter = s.outcomes.iter().find(|o| o.seq == seq)?.clone();
+                let original = s.inputs.iter().find(|i| i.order == letter.order)?.clone();
+                // The replay is a new input; the downstream is healthy by then, so
+                // model its verdict as the original's.
+                s.inputs.push(Input {
+                    order: letter.order,
+                    verdict: original.verdict,
+                    replay_of: Some(seq),
+                    seq: s.next_seq,
+                    acked: false,
+                    delivered: 0,
+                    in_flight: 0,
+                });
+                s.next_seq += 1;
+            }
+            Action::Run { w, fault } => {
+                if fault != Fault::None && fault != Fault::LostAck {
+                    s.budget.failures -= 1;
+                }
+                let Worker {
+                    input,
+                    mut machine,
+                    step,
+                    mut alone_at_read,
+                    mut charged,
+                } = s.workers[w].clone();
+                let order = s.inputs[input].order;
+                if step == Step::ReadOutcome {
+                    alone_at_read = s
+                        .workers
+                        .iter()
+                        .enumerate()
+                        .all(|(x, o)| x == w || s.inputs[o.input].order != order);
+                }
+                let event = match (step, fault) {
+                    (Step::ReadOutcome, Fault::None) => Event::Read(s.last_on(order)),
+                    (Step::ReadOutcome, _) => Event::ReadFailed,
+                    (Step::CallDownstream, f) => {
+                        // An outcome other than the letter a replay may supersede.
+                        let base = s.inputs[input].replay_of.unwrap_or(0);
+                        if alone_at_read && s.last_on(order).unwrap_or(0) != base {
+                            s.late_call = true;
+                        }
+                        match f {
+                            Fault::None => {
+                                charged = true;
+                                if !s.charged.contains(&order) {
+                                    s.charged.push(order);
+                                }
+                                if !alone_at_read && !s.suspect.contains(&order) {
+                                    s.suspect.push(order);
+                                }
+                                Event::Downstream(CallClass::Ok)
+                            }
+                            f => {
+                                if s.charged.contains(&order) && !s.suspect.contains(&order) {
+                                    s.suspect.push(order);
+                                }
+                                if f == Fault::Refused {
+                                    Event::Downstream(CallClass::Permanent)
+                                } else {
+                                    Event::Downstream(CallClass::Transient)
+                                }
+                            }
+                        }
+                    }
+                    (Step::Write { kind, expect, .. }, f) => {
+                        let last = s.last_on(order).unwrap_or(0);
+                        if f == Fault::Fail {
+                            if charged && !s.suspect.contains(&order) {
+                                s.suspect.push(order);
+                            }
+                            Event::WriteFailed
+                        } else if last != expect {
+                            Event::Conflict
+                        } else {
+                            s.outcomes.push(Outcome {
+                                order,
+                                seq: s.next_seq,
+                                kind,
+                                over: expect,
+                                letter_removed: false,
+                            });
+                            s.next_seq += 1;
+                            if f == Fault::StoredButLost {
+                                Event::WriteFailed
+                            } else {
+                                Event::Written
+                            }
+                        }
+                    }
+                    (Step::RemoveLetter, Fault::None) => {
+                        let of = s.inputs[input].replay_of;
+                        if let Some(o) = s.outcomes.iter_mut().find(|o| Some(o.seq) == of) {
+                            o.letter_removed = true;
+                        }
+                        Event::Removed
+                    }
+                    (Step::RemoveLetter, _) => Event::RemoveFailed,
+                    (Step::Ack, f) => {
+                        if f == Fault::LostAck {
+                            s.budget.lost_acks -= 1;
+                        } else {
+                            s.inputs[input].acked = true;
+                        }
+                        s.inputs[input].in_flight -= 1;
+                        s.workers.remove(w);
+                        return Some(s);
+                    }
+                    (Step::Nak, _) => {
+                        s.inputs[input].in_flight -= 1;
+                        s.workers.remove(w);
+                        return Some(s);
+                    }
+                };
+                let next = machine.on(event);
+                s.workers[w] = Worker {
+                    input,
+                    machine,
+                    step: next,
+                    alone_at_read,
+                    charged,
+                };
+            }
+        }
+        Some(s)
+    }
+
+    fn properties(&self) -> Vec<Property<Self>> {
+        outcome_properties()
+    }
+}
+
+/// The properties both models are checked against.
+fn outcome_properties<M: Model<State = State>>() -> Vec<Property<M>> {
+    vec![
+        Property::always("at most one outcome per order", |_, s: &State| {
+            chains_are_sound(s)
+        }),
+        Property::always(
+            "no downstream call after the outcome exists",
+            |_, s: &State| !s.late_call,
+        ),
+        Property::always("outcomes only for stored inputs", |_, s: &State| {
+            s.outcomes
+                .iter()
+                .all(|o| s.inputs.iter().any(|i| i.order == o.order))
+        }),
+        Property::always(
+            "when all is quiet every stored input is acked with exactly one outcome",
+            |_, s: &State| {
+                // Quiet: no delivery in flight and none left to make (a path can still
+                // go on with a replay, which starts a new input).
+                let quiet = s.workers.is_empty() && s.inputs.iter().all(|i| i.in_flight == 0);
+                !quiet || !s.inputs.iter().all(|i| i.acked) || final_outcomes_hold(s)
+            },
+        ),
+        Property::eventually("every stored input is acked", |_, s: &State| {
+            s.inputs.iter().all(|i| i.acked) && final_outcomes_hold(s)
+        }),
+    ]
+}
+
+/// At the end: each stored input's order has an outcome, each live dead letter is
+/// its order's current outcome, and the downstream charged only processed orders.
+fn final_outcomes_hold(s: &State) -> bool {
+    s.inputs.iter().all(|i| s.last_on(i.order).is_some())
+        && chains_are_sound(s)
+        && s.outcomes.iter().all(|o| {
+            o.kind != OutcomeKind::DeadLettered
+                || o.letter_removed
+                || s.last_on(o.order) == Some(o.seq)
+        })
+        && s.charged.iter().all(|order| {
+            s.suspect.contains(order)
+                || s.outcomes
+                    .iter()
+                    .filter(|o| o.order == *order)
+                    .max_by_key(|o| o.seq)
+                    .is_some_and(|o| o.kind == OutcomeKind::Processed)
+        })
+}
+
+/// Per order: at most one processed-or-rejected outcome, and every outcome but
+/// the latest is a dead letter that the next outcome superseded (wrote over).
+fn chains_are_sound(s: &State) -> bool {
+    let mut orders: Vec<u8> = s.outcomes.iter().map(|o| o.order).collect();
+    orders.sort_unstable();
+    orders.dedup();
+    orders.iter().all(|order| {
+        let mut chain: Vec<&Outcome> = s.outcomes.iter().filter(|o| o.order == *order).collect();
+        chain.sort_by_key(|o| o.seq);
+        let finals = chain
+            .iter()
+            .filter(|o| o.kind != OutcomeKind::DeadLettered)
+            .count();
+        finals <= 1
+            && chain.first().is_none_or(|o| o.over == 0)
+            && chain
+                .windows(2)
+                .all(|w| w[0].kind == OutcomeKind::DeadLettered && w[1].over == w[0].seq)
+    })
+}
+
+/// Today's protocol (v1), for the counterexample. Steps of one delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum V1Step {
+    /// Read the KV record; final -> ack as duplicate; else create/keep `pending`.
+    Claim,
+    Downstream,
+    /// Publish the result event with `Nats-Msg-Id: <id>:<kind>` (dedup in window).
+    Publish,
+    /// KV compare-and-set to final; a failure NAKs (never dead-letters).
+    Finalise,
+    Ack,
+    Nak,
+    /// Last delivery after a transient failure: write the dead letter, mark the KV.
+    DeadLetter,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct V1State {
+    pub base: State,
+    /// KV record per order: None, or whether it is final.
+    pub kv_final: Vec<(u8, bool)>,
+    /// Message ids the stream still deduplicates (inside the window).
+    pub dedup: Vec<u8>,
+    pub v1_workers: Vec<(usize, V1Step)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct V1 {
+    pub inputs: Vec<(u8, Verdict)>,
+    pub max_deliveries: u32,
+    pub budget: Budget,
+}
+
+impl Model for V1 {
+    type State = V1State;
+    type Action = Action;
+
+    fn init_states(&self) -> Vec<V1State> {
+        let v2 = V2 {
+            inputs: self.inputs.clone(),
+            max_deliveries: self.max_deliveries,
+            downstream: true,
+            budget: self.budget,
+        };
+        v2.init_states()
+            .into_iter()
+            .map(|base| V1State {
+                base,
+                kv_final: Vec::new(),
+                dedup: Vec::new(),
+                v1_workers: Vec::new(),
+            })
+            .collect()
+    }
+
+    fn actions(&self, s: &V1State, out: &mut Vec<Action>) {
+        let b = &s.base;
+        for (i, input) in b.inputs.iter().enumerate() {
+            if !input.acked
+                && input.delivered < u64::from(self.max_deliveries) + 1
+                && (input.in_flight == 0 || b.budget.overlaps > 0)
+            {
+                out.push(Action::Deliver(i));
+            }
+        }
+        for w in 0..s.v1_workers.len() {
+            out.push(Action::Run {
+                w,
+                fault: Fault::None,
+            });
+            if b.budget.failures > 0 {
+                out.push(Action::Run {
+                    w,
+                    fault: Fault::Fail,
+                });
+            }
+            if b.budget.crashes > 0 {
+                out.push(Action::Crash(w));
+            }
+        }
+        if b.budget.windows > 0 && !s.dedup.is_empty() {
+            out.push(Action::WindowPasses);
+        }
+    }
+
+    fn next_state(&self, s: &V1State, action: Action) -> Option<V1State> {
+        let mut s = s.clone();
+        match action {
+            Action::Deliver(i) => {
+                let b = &mut s.base;
+                if b.inputs[i].in_flight > 0 {
+                    b.budget.overlaps -= 1;
+                }
+                b.inputs[i].delivered += 1;
+                b.inputs[i].in_flight += 1;
+                s.v1_workers.push((i, V1Step::Claim));
+            }
+            Action::Crash(w) => {
+                s.base.budget.crashes -= 1;
+                let (i, _) = s.v1_workers.remove(w);
+                s.base.inputs[i].in_flight -= 1;
+            }
+            Action::WindowPasses => {
+                s.base.budget.windows -= 1;
+                s.dedup.clear();
+            }
+            Action::Replay(_) => return None,
+            Action::Run { w, fault } => {
+                let failed = fault == Fault::Fail;
+                if failed {
+                    s.base.budget.failures -= 1;
+                }
+                let (i, step) = s.v1_workers[w];
+                let order = s.base.inputs[i].order;
+                let verdict = s.base.inputs[i].verdict;
+                let last = s.base.inputs[i].delivered >= u64::from(self.max_deliveries);
+                let kv = s
+                    .kv_final
+                    .iter()
+                    .find(|(o, _)| *o == order)
+                    .map(|(_, f)| *f);
+                let transient = if last {
+                    V1Step::DeadLetter
+                } else {
+                    V1Step::Nak
+                };
+                let next = match step {
+                    V1Step::Claim if failed => transient,
+                    V1Step::Claim => match kv {
+                        Some(true) => V1Step::Ack,
+                        Some(false) => V1Step::Downstream,
+                        None => {
+                            s.kv_final.push((order, false));
+                            V1Step::Downstream
+                        }
+                    },
+                    V1Step::Downstream => {
+                        if s.base.last_on(order).is_some() {
+                            s.base.late_call = true;
+                        }
+                        if failed {
+                            transient
+                        } else {
+                            if !s.base.charged.contains(&order) {
+                                s.base.charged.push(order);
+                            }
+                            V1Step::Publish
+                        }
+                    }
+                    V1Step::Publish if failed => transient,
+                    V1Step::Publish => {
+                        if !s.dedup.contains(&order) {
+                            let kind = if verdict == Verdict::Reject {
+                                OutcomeKind::Rejected
+                            } else {
+                                OutcomeKind::Processed
+                            };
+                            let over = s.base.last_on(order).unwrap_or(0);
+                            let seq = s.base.next_seq;
+                            s.base.outcomes.push(Outcome {
+                                order,
+                                seq,
+                                kind,
+                                over,
+                                letter_removed: false,
+                            });
+                            s.base.next_seq += 1;
+                            s.dedup.push(order);
+                        }
+                        V1Step::Finalise
+                    }
+                    V1Step::Finalise if failed => V1Step::Nak,
+                    V1Step::Finalise => {
+                        for (o, f) in s.kv_final.iter_mut() {
+                            if *o == order {
+                                *f = true;
+                            }
+                        }
+                        V1Step::Ack
+                    }
+                    V1Step::DeadLetter => {
+                        let over = s.base.last_on(order).unwrap_or(0);
+                        let seq = s.base.next_seq;
+                        s.base.outcomes.push(Outcome {
+                            order,
+                            seq,
+                            kind: OutcomeKind::DeadLettered,
+                            over,
+                            letter_removed: false,
+                        });
+                        s.base.next_seq += 1;
+                        match s.kv_final.iter_mut().find(|(o, _)| *o == order) {
+                            Some((_, f)) => *f = true,
+                            None => s.kv_final.push((order, true)),
+                        }
+                        V1Step::Ack
+                    }
+                    V1Step::Ack | V1Step::Nak => {
+                        if step == V1Step::Ack && !failed {
+                            s.base.inputs[i].acked = true;
+                        }
+                        s.base.inputs[i].in_flight -= 1;
+                        s.v1_workers.remove(w);
+                        return Some(s);
+                    }
+                };
+                s.v1_workers[w] = (i, next);
+            }
+        }
+        Some(s)
+    }
+
+    fn properties(&self) -> Vec<Property<Self>> {
+        vec![Property::always(
+            "at most one outcome per order",
+            |_, s: &V1State| chains_are_sound(&s.base),
+        )]
+    }
+}
+
+/// Bounds that make every path end and keep the checks under a minute here.
+pub fn default_budget() -> Budget {
+    Budget {
+        crashes: 2,
+        failures: 3,
+        lost_acks: 1,
+        overlaps: 1,
+        replays: 1,
+        windows: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stateright::Checker;
+
+    fn check_v2(name: &str, model: V2) {
+        let started = std::time::Instant::now();
+        let checker = model.checker().threads(2).spawn_bfs().join();
+        checker.assert_properties();
+        let (states, depth) = (checker.unique_state_count(), checker.max_depth());
+        eprintln!(
+            "model v2, {name}: {states} distinct states, depth {depth}, {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
+        assert!(states > 1000, "the model explored only {states} states");
+    }
+
+    #[test]
+    fn v2_one_order_with_a_downstream_under_every_fault() {
+        check_v2(
+            "one order, downstream, 2 crashes, 3 failures, 1 lost ack, 1 overlap, 1 replay",
+            V2 {
+                inputs: vec![(0, Verdict::Process)],
+                max_deliveries: 2,
+                downstream: true,
+                budget: default_budget(),
+            },
+        );
+    }
+
+    #[test]
+    fn v2_the_same_order_stored_twice() {
+        check_v2(
+            "one order stored twice (re-published after the duplicate window), 1 crash, 1 failure, 1 lost ack, 1 overlap, 1 replay",
+            V2 {
+                inputs: vec![(0, Verdict::Process), (0, Verdict::Process)],
+                max_deliveries: 2,
+                downstream: true,
+                budget: Budget {
+                    crashes: 1,
+                    failures: 1,
+                    lost_acks: 1,
+                    overlaps: 1,
+                    replays: 1,
+                    windows: 0,
+                },
+            },
+        );
+    }
+
+    #[test]
+    fn v2_an_undecodable_input() {
+        check_v2(
+            "one undecodable input, 2 crashes, 3 failures, 1 lost ack, 1 overlap, 1 replay",
+            V2 {
+                inputs: vec![(0, Verdict::DeadLetter)],
+                max_deliveries: 2,
+                downstream: false,
+                budget: default_budget(),
+            },
+        );
+    }
+
+    #[test]
+    fn v2_a_rejected_order_and_two_replays() {
+        check_v2(
+            "one invalid order, 1 crash, 2 failures, 1 lost ack, 1 overlap, 2 replays",
+            V2 {
+                inputs: vec![(0, Verdict::Reject)],
+                max_deliveries: 1,
+                downstream: false,
+                budget: Budget {
+                    crashes: 1,
+                    failures: 2,
+                    replays: 2,
+                    ..default_budget()
+                },
+            },
+        );
+    }
+
+    #[test]
+    fn v1_has_a_counterexample_past_the_duplicate_window() {
+        let checker = V1 {
+            inputs: vec![(0, Verdict::Process)],
+            max_deliveries: 3,
+            budget: Budget {
+                crashes: 1,
+                failures: 1,
+                lost_acks: 0,
+                overlaps: 0,
+                replays: 0,
+                windows: 1,
+            },
+        }
+        .checker()
+        .threads(2)
+        .spawn_bfs()
+        .join();
+        let path = checker
+            .discovery("at most one outcome per order")
+            .expect("the checker finds v1's second outcome");
+        let steps = path.into_vec();
+        let mut lines = Vec::new();
+        for (state, action) in &steps {
+            let Some(action) = action else { continue };
+            lines.push(match action {
+                Action::Deliver(_) => "the consumer delivers the order".to_string(),
+                Action::Crash(w) => format!("the worker dies during {:?}", state.v1_workers[*w].1),
+                Action::WindowPasses => "the duplicate window passes".to_string(),
+                Action::Run { w, fault } => format!(
+                    "worker: {:?}{}",
+                    state.v1_workers[*w].1,
+                    if *fault == Fault::Fail { " fails" } else { "" }
+                ),
+                Action::Replay(_) => "replay".to_string(),
+            });
+        }
+        let Some((last, _)) = steps.last() else {
+            panic!("empty counterexample");
+        };
+        eprintln!(
+            "model v1 (the protocol before v2): {} distinct states; counterexample:\n  {}\n  => OrderProcessed events for the order: {}",
+            checker.unique_state_count(),
+            lines.join("\n  "),
+            last.base
+                .outcomes
+                .iter()
+                .filter(|o| o.kind == OutcomeKind::Processed)
+                .count()
+        );
+        assert!(
+            lines.iter().any(|l| l.contains("window passes")),
+            "{lines:?}"
+        );
+    }
+}
