@@ -1,0 +1,142 @@
+// gobaseline: the speed anchor of `make bench` (not exactly-once). The
+// straightforward pipeline per order, written with nats.go: consume from a
+// durable pull consumer, decode the protobuf order, create the order's KV record,
+// publish the encoded result with its own Nats-Msg-Id and await its PubAck, ack.
+// A crash between the KV create and the publish loses the outcome; the worker
+// does not have that hole. Prints one JSON line: orders, seconds, orders/s.
+package main
+
+import (
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"google.golang.org/protobuf/encoding/protowire"
+)
+
+// orderID reads field 1 (order_id) of an orders.v1.OrderCreated.
+func orderID(b []byte) (string, error) {
+	for len(b) > 0 {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 {
+			return "", protowire.ParseError(n)
+		}
+		b = b[n:]
+		if num == 1 && typ == protowire.BytesType {
+			v, m := protowire.ConsumeBytes(b)
+			if m < 0 {
+				return "", protowire.ParseError(m)
+			}
+			return string(v), nil
+		}
+		m := protowire.ConsumeFieldValue(num, typ, b)
+		if m < 0 {
+			return "", protowire.ParseError(m)
+		}
+		b = b[m:]
+	}
+	return "", errors.New("no order_id")
+}
+
+// result encodes an orders.v1.OrderProcessed with order_id and worker.
+func result(id string) []byte {
+	var b []byte
+	b = protowire.AppendTag(b, 1, protowire.BytesType)
+	b = protowire.AppendString(b, id)
+	b = protowire.AppendTag(b, 6, protowire.BytesType)
+	b = protowire.AppendString(b, "gobaseline")
+	return b
+}
+
+func main() {
+	url := flag.String("url", nats.DefaultURL, "NATS URL")
+	stream := flag.String("stream", "GOBENCH", "input stream")
+	consumer := flag.String("consumer", "workers", "durable pull consumer")
+	bucket := flag.String("bucket", "GOBENCH_STATE", "KV bucket")
+	subject := flag.String("result-subject", "GOB.processed", "result subject")
+	count := flag.Int64("count", 20000, "orders to process, then exit")
+	inflight := flag.Int("inflight", 100, "orders in flight (also the pull batch)")
+	flag.Parse()
+
+	nc, err := nats.Connect(*url)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "gobaseline:", err)
+		os.Exit(1)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "gobaseline:", err)
+		os.Exit(1)
+	}
+	ctx := context.Background()
+	cons, err := js.Consumer(ctx, *stream, *consumer)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "gobaseline: consumer:", err)
+		os.Exit(1)
+	}
+	kv, err := js.KeyValue(ctx, *bucket)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "gobaseline: bucket:", err)
+		os.Exit(1)
+	}
+	iter, err := cons.Messages(jetstream.PullMaxMessages(*inflight))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "gobaseline: pull:", err)
+		os.Exit(1)
+	}
+	var done, failed atomic.Int64
+	sem := make(chan struct{}, *inflight)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for done.Load()+int64(len(sem)) < *count {
+		msg, err := iter.Next()
+		if err != nil {
+			break
+		}
+		sem <- struct{}{}
+		wg.Add(1)
+		go func(m jetstream.Msg) {
+			defer func() { <-sem; wg.Done() }()
+			id, err := orderID(m.Data())
+			if err != nil {
+				failed.Add(1)
+				_ = m.Term()
+				return
+			}
+			key := "x" + hex.EncodeToString([]byte(id))
+			if _, err := kv.Create(ctx, key, []byte("processed")); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+				failed.Add(1)
+				_ = m.Nak()
+				return
+			}
+			if _, err := js.Publish(ctx, *subject, result(id), jetstream.WithMsgID(id+":processed")); err != nil {
+				failed.Add(1)
+				_ = m.Nak()
+				return
+			}
+			if err := m.Ack(); err != nil {
+				failed.Add(1)
+				return
+			}
+			done.Add(1)
+		}(msg)
+	}
+	wg.Wait()
+	secs := time.Since(start).Seconds()
+	iter.Stop()
+	out, _ := json.Marshal(map[string]any{
+		"orders": done.Load(), "failed": failed.Load(), "seconds": secs,
+		"rate": float64(done.Load()) / secs, "inflight": *inflight,
+	})
+	fmt.Println(string(out))
+}
