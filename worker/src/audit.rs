@@ -39,6 +39,19 @@ pub struct StoredInput {
     /// and always the position key (undecodable, oversized, unusable id).
     pub keys: Vec<String>,
     pub replay_of: Option<u64>,
+    /// When the stream stored it.
+    pub stored_at: std::time::SystemTime,
+}
+
+/// The time the stream stored a message (its server timestamp).
+fn stored_at(m: &jetstream::Message) -> std::time::SystemTime {
+    m.info()
+        .ok()
+        .and_then(|i| {
+            let ns = u64::try_from(i.published.unix_timestamp_nanos()).ok()?;
+            Some(std::time::UNIX_EPOCH + Duration::from_nanos(ns))
+        })
+        .unwrap_or(std::time::UNIX_EPOCH)
 }
 
 /// Every input and outcome in the streams, for exactly-once assertions.
@@ -150,6 +163,7 @@ impl Audit {
                 order_id: id,
                 keys,
                 replay_of: replay_of(&m),
+                stored_at: stored_at(&m),
             });
         }
         let mut current_dead: HashMap<u64, DeadLetter> = HashMap::new();
@@ -187,14 +201,7 @@ impl Audit {
                     input_seq: header_u64(&m, names::INPUT_SEQ_HEADER),
                     replay_of: replay_of(&m),
                     order_id,
-                    stored_at: m
-                        .info()
-                        .ok()
-                        .and_then(|i| {
-                            let ns = u64::try_from(i.published.unix_timestamp_nanos()).ok()?;
-                            Some(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns))
-                        })
-                        .unwrap_or(std::time::UNIX_EPOCH),
+                    stored_at: stored_at(&m),
                 });
         }
         // A marker is superseded when a replay's outcome names it (under the same
@@ -419,6 +426,28 @@ impl Audit {
         Ok(())
     }
 
+    /// Publish -> outcome latency in milliseconds, from the stream's own
+    /// timestamps, for each input stored at or after `from_seq` that is the first
+    /// input of its key: the time from storing it to storing the key's first outcome.
+    pub fn latencies_ms(&self, from_seq: u64) -> Vec<f64> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for i in &self.stored_inputs {
+            let Some(key) = i.keys.iter().find(|k| self.chains.contains_key(*k)) else {
+                continue;
+            };
+            if !seen.insert(key.clone()) || i.seq < from_seq {
+                continue;
+            }
+            if let Some(first) = self.chains[key].first()
+                && let Ok(d) = first.stored_at.duration_since(i.stored_at)
+            {
+                out.push(d.as_secs_f64() * 1000.0);
+            }
+        }
+        out
+    }
+
     /// Current dead letters (outcomes not superseded by a replay).
     pub fn dead_letter_count(&self) -> usize {
         self.dead_letters.values().map(Vec::len).sum()
@@ -465,6 +494,17 @@ impl Audit {
     }
 }
 
+/// The `q` quantile (0..1) of `values` (nearest rank); `None` when empty.
+pub fn quantile(values: &[f64], q: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    Some(v[rank - 1])
+}
+
 /// Per-run figures: `lost`, `processed_twice` and `two_outcomes` must be 0.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Summary {
@@ -485,4 +525,18 @@ pub struct Summary {
     pub two_outcomes: u64,
     /// Messages the consumer still holds (pending + awaiting ack).
     pub pending: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantile;
+
+    #[test]
+    fn quantiles_use_the_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&v, 0.5), Some(50.0));
+        assert_eq!(quantile(&v, 0.99), Some(99.0));
+        assert_eq!(quantile(&[3.0], 0.99), Some(3.0));
+        assert_eq!(quantile(&[], 0.5), None);
+    }
 }

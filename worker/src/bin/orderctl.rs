@@ -79,6 +79,10 @@ enum Command {
         consumer: String,
         #[arg(long, env = "DLQ_STREAM", default_value = names::DEFAULT_DLQ_STREAM)]
         dlq_stream: String,
+        /// Publish -> outcome latency (p50, p99, from the stream's timestamps) of
+        /// the inputs stored from this stream sequence on.
+        #[arg(long, default_value_t = 1)]
+        latency_from_seq: u64,
     },
     /// Inspect and replay dead letters.
     Dlq {
@@ -220,15 +224,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit {
             consumer,
             dlq_stream,
+            latency_from_seq,
         } => {
             let a = order_worker::audit::Audit::collect(&js, &cli.stream, &dlq_stream, &consumer)
                 .await?;
             let s = a.summary();
             let violations = a.violations();
+            let lat = a.latencies_ms(latency_from_seq);
+            let (p50, p99) = (
+                order_worker::audit::quantile(&lat, 0.5),
+                order_worker::audit::quantile(&lat, 0.99),
+            );
             if cli.json {
                 println!(
                     "{}",
-                    serde_json::json!({"summary": s, "violations": violations})
+                    serde_json::json!({"summary": s, "violations": violations,
+                        "latency_ms": {"inputs": lat.len(), "p50": p50, "p99": p99}})
                 );
             } else {
                 println!("published              {}", s.published);
@@ -243,6 +254,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("lost                   {}", s.lost);
                 println!("processed twice        {}", s.processed_twice);
                 println!("two outcomes           {}", s.two_outcomes);
+                if let (Some(p50), Some(p99)) = (p50, p99) {
+                    println!(
+                        "publish -> outcome     p50 {p50:.1} ms, p99 {p99:.1} ms ({} inputs, stream timestamps)",
+                        lat.len()
+                    );
+                }
                 for v in &violations {
                     println!("VIOLATION: {v}");
                 }
