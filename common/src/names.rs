@@ -150,6 +150,26 @@ pub fn idempotency_key(pipeline: &str, key: &str) -> String {
     format!("{scope}:{key}")
 }
 
+/// The KV key the protocol before v2 gave an order's record in the state
+/// bucket (read by workers while records of that protocol may remain; see the
+/// worker's LEGACY_STATE_BUCKET).
+pub fn legacy_state_key(order_id: &str) -> String {
+    let valid = !order_id.is_empty()
+        && !order_id.starts_with('.')
+        && !order_id.ends_with('.')
+        && !order_id.starts_with("x.")
+        && !order_id.contains("..")
+        && order_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'=' | b'.' | b'/'));
+    if valid {
+        order_id.to_string()
+    } else {
+        let hex: String = order_id.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("x.{hex}")
+    }
+}
+
 /// Header naming the dead-letter marker (its sequence in the input stream) that
 /// a replayed input supersedes.
 pub const REPLAY_OF_HEADER: &str = "Orderpipeline-Replay-Of";

@@ -1457,3 +1457,52 @@ async fn two_pipelines_on_one_nats_keep_their_orders_apart_and_a_clash_is_refuse
     );
     s.ns.delete().await
 }
+
+fn worker_env_var(d: &Deployment, name: &str) -> Option<String> {
+    env_of(d).get(name).cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_check_the_records_of_the_protocol_before_v2_while_there_are_any()
+-> anyhow::Result<()> {
+    let s = setup_ready("op-legacy").await?;
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns.name);
+    let d = deployments.get("orders-workers").await?;
+    assert_eq!(
+        worker_env_var(&d, "LEGACY_STATE_BUCKET"),
+        None,
+        "a new pipeline has no old records"
+    );
+    // A record as the protocol before v2 wrote it: the workers must consult the bucket.
+    let kv = s.js.get_key_value("ORDERS_STATE").await?;
+    kv.put("o-1", r#"{"state":"processed"}"#.to_string().into())
+        .await?;
+    wait_for(
+        "LEGACY_STATE_BUCKET in the workers' env",
+        Duration::from_secs(30),
+        || async {
+            let d = deployments.get("orders-workers").await?;
+            Ok(
+                (worker_env_var(&d, "LEGACY_STATE_BUCKET").as_deref() == Some("ORDERS_STATE"))
+                    .then_some(()),
+            )
+        },
+    )
+    .await
+    .with_context(|| format!("operator log:\n{}", s.operator.log_text()))?;
+    // Once the records are gone (their TTL; here purged), the check goes too.
+    kv.purge("o-1").await?;
+    s.js.get_stream("KV_ORDERS_STATE").await?.purge().await?;
+    wait_for(
+        "LEGACY_STATE_BUCKET gone",
+        Duration::from_secs(30),
+        || async {
+            let d = deployments.get("orders-workers").await?;
+            Ok(worker_env_var(&d, "LEGACY_STATE_BUCKET")
+                .is_none()
+                .then_some(()))
+        },
+    )
+    .await?;
+    s.ns.delete().await
+}

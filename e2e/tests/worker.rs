@@ -753,3 +753,62 @@ async fn sigterm_naks_what_cannot_finish_within_the_grace_and_exits_0() -> anyho
         .assert_exactly_once(&report.valid_ids, &[])?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_the_protocol_before_v2_still_count_after_the_upgrade() -> anyhow::Result<()> {
+    use orderpipeline_common::names::legacy_state_key;
+    let (server, js) = setup(Duration::from_secs(5)).await?;
+    // The bucket as the protocol before v2 left it: final records and a pending one.
+    let kv = js.create_key_value(Topology::default().kv_config()).await?;
+    let s = random_suffix();
+    let (done, spaced, pending, fresh) = (
+        format!("old-{s}"),
+        format!("old {s}"),
+        format!("half-{s}"),
+        format!("new-{s}"),
+    );
+    let record = |state: &str| {
+        format!(
+            r#"{{"state":"{state}","stream_sequence":1,"delivery_count":1,"worker":"w","updated_at_ms":1}}"#
+        )
+    };
+    kv.put(legacy_state_key(&done), record("processed").into())
+        .await?;
+    kv.put(legacy_state_key(&spaced), record("rejected").into())
+        .await?;
+    kv.put(legacy_state_key(&pending), record("pending").into())
+        .await?;
+    let w = WorkerProcess::spawn(
+        &binary("order-worker")?,
+        &worker_env(&server, &[("LEGACY_STATE_BUCKET", "ORDERS_STATE")]),
+    )
+    .await?;
+    w.wait_ready().await?;
+    for (n, id) in [&done, &spaced, &pending, &fresh].into_iter().enumerate() {
+        publish_raw(&js, id, ctl::valid_order(id, n as u64).encode_to_vec()).await?;
+    }
+    drained(&js, Duration::from_secs(60)).await?;
+    let mut a = audit(&js).await?;
+    for id in [&done, &spaced] {
+        let key = orderpipeline_common::names::order_key(id).context("key")?;
+        assert!(
+            !a.chains.contains_key(&key),
+            "{id} had its outcome before v2"
+        );
+    }
+    assert!(
+        !a.violations().is_empty(),
+        "without the old records the audit misses two outcomes"
+    );
+    a.honour_legacy_records(&js, "ORDERS_STATE").await?;
+    // A pending record is no outcome: that order and the new one are processed now.
+    a.assert_exactly_once(&[pending.clone(), fresh.clone()], &[])?;
+    let (_, metrics) = http_get(&format!("http://127.0.0.1:{}/metrics", w.http_port))
+        .await
+        .context("metrics")?;
+    assert!(
+        metrics.contains("orderworker_duplicates_skipped_total 2"),
+        "{metrics}"
+    );
+    Ok(())
+}

@@ -463,6 +463,20 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
         .as_ref()
         .and_then(|d| d.spec.as_ref())
         .and_then(|s| s.replicas);
+    // While the bucket holds records of the protocol before v2, the workers check
+    // them (unknown when NATS cannot be read: keep what the workers have).
+    let mut plan = plan;
+    plan.legacy_bucket = match &figures {
+        Ok(f) => (f.legacy_records > 0).then(|| plan.topology.bucket.clone()),
+        Err(_) => before
+            .as_ref()
+            .and_then(|d| d.spec.as_ref())
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|s| s.containers.first())
+            .and_then(|c| c.env.as_ref())
+            .and_then(|env| env.iter().find(|v| v.name == "LEGACY_STATE_BUCKET"))
+            .and_then(|v| v.value.clone()),
+    };
     let mode = replica_mode(&p);
     let lag = figures
         .as_ref()
@@ -1268,6 +1282,8 @@ fn stream_differs(live: &stream::Config, want: &stream::Config) -> Option<&'stat
 
 struct Figures {
     consumer_paused: bool,
+    /// Records in the state bucket (left by the protocol before v2).
+    legacy_records: u64,
     stream: crate::crd::StreamStatus,
     consumer: crate::crd::ConsumerStatus,
     dead_letters: i64,
@@ -1299,8 +1315,14 @@ async fn read_figures(js: &jetstream::Context, t: &Topology) -> Result<Figures, 
         .map_err(|e| format!("reading stream {}: {e}", t.dlq_stream))?
         .state
         .messages;
+    // The bucket may be absent (Observe, or not created yet): no records then.
+    let legacy_records = match js.get_stream(format!("KV_{}", t.bucket)).await {
+        Ok(mut b) => b.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    };
     Ok(Figures {
         consumer_paused: c.paused,
+        legacy_records,
         stream: crate::crd::StreamStatus {
             messages: i64_of(st.messages),
             bytes: i64_of(st.bytes),

@@ -63,6 +63,10 @@ pub struct Plan {
     pub shutdown_grace: Duration,
     /// `Some(message)` when the duplicate window is shorter than the redelivery horizon.
     pub window_warning: Option<String>,
+    /// The state bucket, while it holds records of the protocol before v2: the
+    /// workers then treat an order recorded final there as done
+    /// (`LEGACY_STATE_BUCKET`). Set by the controller from what NATS holds.
+    pub legacy_bucket: Option<String>,
 }
 
 /// A spec the operator cannot act on, with what to change.
@@ -210,6 +214,7 @@ pub fn plan(p: &OrderPipeline) -> Result<Plan, InvalidSpec> {
         nak_max_delay,
         shutdown_grace,
         window_warning,
+        legacy_bucket: None,
     })
 }
 
@@ -375,6 +380,7 @@ pub const CONTRACT_ENV: &[&str] = &[
     "INPUT_SUBJECT",
     "DLQ_STREAM",
     "PIPELINE",
+    "LEGACY_STATE_BUCKET",
     "RETRY_ATTEMPTS",
     "RETRY_INITIAL_BACKOFF",
     "RETRY_MAX_BACKOFF",
@@ -428,6 +434,9 @@ pub fn worker_env(p: &OrderPipeline, plan: &Plan, secrets: &SecretsView) -> Vec<
             s.telemetry.sampling_ratio.to_string(),
         ),
     ];
+    if let Some(b) = &plan.legacy_bucket {
+        e.push(env("LEGACY_STATE_BUCKET", b));
+    }
     if let Some(u) = &s.workers.downstream_url {
         e.push(env("DOWNSTREAM_URL", u));
         e.push(env("DOWNSTREAM_TIMEOUT", &s.workers.downstream_timeout));
@@ -737,6 +746,25 @@ spec:
         // Another NATS server: no conflict.
         let elsewhere = pipeline(&y("twin", "").replace("nats://n:4222", "nats://m:4222"), 2);
         assert_eq!(conflict(&elsewhere, &all(&elsewhere)), None);
+    }
+
+    #[test]
+    fn workers_check_the_old_bucket_only_while_it_holds_records() {
+        let p = sample();
+        let mut pl = plan(&p).unwrap();
+        let view = SecretsView::default();
+        assert!(
+            !worker_env(&p, &pl, &view)
+                .iter()
+                .any(|v| v.name == "LEGACY_STATE_BUCKET")
+        );
+        pl.legacy_bucket = Some("ORDERS_STATE".into());
+        let env = worker_env(&p, &pl, &view);
+        let v = env
+            .iter()
+            .find(|v| v.name == "LEGACY_STATE_BUCKET")
+            .unwrap();
+        assert_eq!(v.value.as_deref(), Some("ORDERS_STATE"));
     }
 
     #[test]

@@ -71,6 +71,9 @@ pub struct Audit {
     pub letters: Vec<(u64, Option<u64>)>,
     pub consumer_pending: u64,
     pub consumer_ack_pending: u64,
+    /// Inputs with no v2 outcome whose order the protocol before v2 recorded
+    /// final in its KV bucket (see [`Audit::honour_legacy_records`]).
+    pub legacy_final: HashSet<u64>,
 }
 
 async fn read_all(
@@ -250,6 +253,44 @@ impl Audit {
         Ok(a)
     }
 
+    /// Counts the inputs that have no v2 outcome but whose order the protocol
+    /// before v2 recorded final in `bucket` as having their outcome (a pipeline
+    /// upgraded from v1 keeps those records until their TTL).
+    pub async fn honour_legacy_records(
+        &mut self,
+        js: &jetstream::Context,
+        bucket: &str,
+    ) -> anyhow::Result<()> {
+        let kv = js
+            .get_key_value(bucket)
+            .await
+            .with_context(|| format!("KV bucket {bucket}"))?;
+        let without: Vec<(u64, String)> = self
+            .stored_inputs
+            .iter()
+            .filter(|i| self.outcome_of(i).is_none() && !i.order_id.is_empty())
+            .map(|i| (i.seq, i.order_id.clone()))
+            .collect();
+        for (seq, id) in without {
+            if let Some(v) = kv.get(names::legacy_state_key(&id)).await? {
+                let state = serde_json::from_slice::<serde_json::Value>(&v)
+                    .ok()
+                    .and_then(|r| r.get("state").and_then(|s| s.as_str()).map(str::to_string));
+                if state.is_some_and(|s| {
+                    matches!(s.as_str(), "processed" | "rejected" | "dead_lettered")
+                }) {
+                    self.legacy_final.insert(seq);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether an input has its outcome (v2, or a final record before v2).
+    fn has_outcome(&self, input: &StoredInput) -> bool {
+        self.outcome_of(input).is_some() || self.legacy_final.contains(&input.seq)
+    }
+
     /// The current outcome of an input: the last of its key's chain.
     pub fn outcome_of(&self, input: &StoredInput) -> Option<&StoredOutcome> {
         input
@@ -306,7 +347,7 @@ impl Audit {
         let lost: Vec<String> = self
             .stored_inputs
             .iter()
-            .filter(|i| self.outcome_of(i).is_none())
+            .filter(|i| !self.has_outcome(i))
             .map(|i| format!("seq {} id {:?}", i.seq, i.order_id))
             .collect();
         push("lost: stored inputs without an outcome", lost);
@@ -467,7 +508,7 @@ impl Audit {
         let lost = self
             .stored_inputs
             .iter()
-            .filter(|i| self.outcome_of(i).is_none())
+            .filter(|i| !self.has_outcome(i))
             .count() as u64;
         let outcomes = self.chains.len() as u64;
         Summary {

@@ -142,6 +142,12 @@ pub struct Config {
     /// `<prefix>.deadlettered.*` outcomes from the input stream).
     #[arg(long, env = "DLQ_STREAM", default_value = names::DEFAULT_DLQ_STREAM)]
     pub dlq_stream: String,
+    /// The KV bucket of the protocol before v2 (one record per order). When set,
+    /// an order recorded final there (processed, rejected, dead_lettered) is
+    /// acked as a duplicate: it had its outcome before the upgrade. The operator
+    /// sets it while the pipeline's bucket holds records.
+    #[arg(long, env = "LEGACY_STATE_BUCKET")]
+    pub legacy_state_bucket: Option<String>,
     /// The pipeline this worker serves (`namespace/name`): scopes the downstream
     /// `Idempotency-Key`. Defaults to the stream's name.
     #[arg(long, env = "PIPELINE")]

@@ -40,6 +40,8 @@ pub struct Ctx {
     /// The input stream's creation time (ns): part of position keys, so a
     /// recreated stream's inputs never share a key with the old one's.
     pub stream_created_ns: u128,
+    /// The state bucket of the protocol before v2, while it may hold records.
+    pub legacy: Option<async_nats::jetstream::kv::Store>,
     pub metrics: Metrics,
     pub downstream: Option<Downstream>,
     pub worker: String,
@@ -269,6 +271,26 @@ async fn process(ctx: &Ctx, msg: &jetstream::Message) -> Outcome {
         tracing::Span::current().record("order.id", o.order_id.as_str());
     }
     let replay = replay_headers(msg);
+    if replay.is_none()
+        && let Some(order) = &c.order
+    {
+        match recorded_before_v2(ctx, &order.order_id).await {
+            Ok(false) => {}
+            Ok(true) => {
+                tracing::info!(
+                    "the order was recorded final before the upgrade; acked as duplicate"
+                );
+                if let Err(e) = msg.ack().await {
+                    tracing::warn!(error = %e, "ack failed; the redelivery finds the record again");
+                }
+                return Outcome::Duplicate;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "giving the input back for a later delivery");
+                return nak_for_redelivery(ctx, msg, &delivery).await;
+            }
+        }
+    }
     let mut machine = Machine::new(
         c.verdict,
         ProtocolDelivery {
@@ -359,6 +381,26 @@ async fn process(ctx: &Ctx, msg: &jetstream::Message) -> Outcome {
             }
         };
         step = machine.on(event);
+    }
+}
+
+/// Whether the protocol before v2 recorded this order final in its KV bucket
+/// (an error when that cannot be read: the input is given back, not guessed).
+async fn recorded_before_v2(ctx: &Ctx, order_id: &str) -> Result<bool, String> {
+    let Some(kv) = &ctx.legacy else {
+        return Ok(false);
+    };
+    let key = names::legacy_state_key(order_id);
+    match kv.get(key.as_str()).await {
+        Ok(Some(v)) => Ok(serde_json::from_slice::<serde_json::Value>(&v)
+            .ok()
+            .and_then(|r| r.get("state").and_then(|s| s.as_str()).map(str::to_string))
+            .is_some_and(|s| matches!(s.as_str(), "processed" | "rejected" | "dead_lettered"))),
+        Ok(None) => Ok(false),
+        Err(e) => Err(format!(
+            "reading the record of the protocol before v2 in {:?}: {e}",
+            ctx.cfg.legacy_state_bucket
+        )),
     }
 }
 

@@ -122,6 +122,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                         dlq: b.dlq,
                         outcomes: outcomes.clone(),
                         stream_created_ns: b.stream_created_ns,
+                        legacy: match &cfg.legacy_state_bucket {
+                            Some(bucket) => match js.get_key_value(bucket).await {
+                                Ok(kv) => Some(kv),
+                                Err(e) => {
+                                    tracing::warn!(error = %e, bucket, "LEGACY_STATE_BUCKET cannot be opened; orders recorded before the upgrade are not checked");
+                                    None
+                                }
+                            },
+                            None => None,
+                        },
                         metrics: metrics.clone(),
                         downstream: downstream.clone(),
                         worker: worker.clone(),

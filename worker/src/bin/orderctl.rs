@@ -83,6 +83,10 @@ enum Command {
         /// the inputs stored from this stream sequence on.
         #[arg(long, default_value_t = 1)]
         latency_from_seq: u64,
+        /// After an upgrade from the protocol before v2: its KV bucket (e.g.
+        /// ORDERS_STATE), whose final records count as outcomes.
+        #[arg(long, env = "LEGACY_STATE_BUCKET")]
+        legacy_state_bucket: Option<String>,
     },
     /// Inspect and replay dead letters.
     Dlq {
@@ -225,9 +229,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             consumer,
             dlq_stream,
             latency_from_seq,
+            legacy_state_bucket,
         } => {
-            let a = order_worker::audit::Audit::collect(&js, &cli.stream, &dlq_stream, &consumer)
-                .await?;
+            let mut a =
+                order_worker::audit::Audit::collect(&js, &cli.stream, &dlq_stream, &consumer)
+                    .await?;
+            if let Some(bucket) = &legacy_state_bucket {
+                a.honour_legacy_records(&js, bucket).await?;
+            }
             let s = a.summary();
             let violations = a.violations();
             let lat = a.latencies_ms(latency_from_seq);
