@@ -10,7 +10,7 @@ CACHE ?= $(HOME)/.cache/orderpipeline
 export CARGO_TARGET_DIR ?= $(CACHE)/target
 export ORDERPIPE_CACHE ?= $(CACHE)
 
-.PHONY: demo demo-down test test-faults bench lint unit integration tools
+.PHONY: demo demo-down test test-faults bench bench-pool lint unit integration tools
 
 demo:
 	hack/demo
@@ -44,6 +44,11 @@ test-faults: tools
 # Throughput next to the raw JetStream baseline, measured in the same run.
 bench: tools
 	hack/bench
+
+# One worker's orders/s against WORKER_POOL_SIZE (1, 10, 50, 200), next to the raw
+# JetStream baseline; writes docs/benchmarks.md and docs/bench-pool.svg.
+bench-pool: tools
+	hack/bench-pool
 
 tools:
 	hack/build-tools >/dev/null
