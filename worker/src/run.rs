@@ -104,11 +104,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let sem = Arc::new(Semaphore::new(pool));
     let mut ctx: Option<Arc<Ctx>> = None;
     let mut consumer: Option<jetstream::consumer::PullConsumer> = None;
+    let mut messages: Option<jetstream::consumer::pull::Stream> = None;
     let mut max_ack_pending = pool;
 
     'outer: while !shutdown.is_cancelled() {
         // (Re)bind when needed; report why not ready meanwhile.
         if consumer.is_none() {
+            messages = None;
             match topology::bind(&js, &cfg.stream, &cfg.consumer, &cfg.dlq_stream).await {
                 Ok(b) => {
                     if b.consumer_info.config.max_ack_pending > 0 {
@@ -155,72 +157,83 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             continue;
         };
 
-        // Wait for a free slot, then pull at most as many messages as there are slots.
-        let first = tokio::select! {
+        // One long-lived pull stream per binding: it asks for the next batch when
+        // half of the current one has arrived, so the pool never waits for a pull
+        // round trip. At most `pool` orders are processed at once (a free slot is
+        // taken before the next message), and at most one batch more is buffered.
+        if messages.is_none() {
+            match c
+                .stream()
+                .max_messages_per_batch(pool.min(max_ack_pending).max(1))
+                .expires(PULL_EXPIRES)
+                .heartbeat(PULL_EXPIRES / 2)
+                .messages()
+                .await
+            {
+                Ok(m) => messages = Some(m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pull request failed; re-binding");
+                    readiness.set_not_ready(format!("pull request failed: {e}"));
+                    consumer = None;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            }
+        }
+        let Some(stream) = messages.as_mut() else {
+            continue;
+        };
+        let permit = tokio::select! {
             p = sem.clone().acquire_owned() => p?,
             _ = shutdown.cancelled() => break,
         };
-        let want = (sem.available_permits() + 1).min(max_ack_pending).max(1);
-        let mut batch = match c
-            .batch()
-            .max_messages(want)
-            .expires(PULL_EXPIRES)
-            .messages()
-            .await
-        {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(error = %e, "pull request failed; re-binding");
-                readiness.set_not_ready(format!("pull request failed: {e}"));
-                consumer = None;
-                drop(first);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = shutdown.cancelled() => break,
-                }
-            }
+        let next = tokio::select! {
+            n = stream.next() => n,
+            _ = shutdown.cancelled() => break 'outer,
         };
-        let mut permit = Some(first);
-        loop {
-            let next = tokio::select! {
-                n = tokio::time::timeout(PULL_EXPIRES + Duration::from_secs(3), batch.next()) => n,
-                _ = shutdown.cancelled() => break 'outer,
-            };
-            match next {
-                Ok(Some(Ok(msg))) => {
-                    let p = match permit.take() {
-                        Some(p) => p,
-                        None => sem.clone().acquire_owned().await?,
-                    };
-                    let (hctx, grace) = (hctx.clone(), grace_expired.clone());
-                    tasks.spawn(async move {
-                        let outcome = handler::handle(hctx, msg, grace).await;
-                        drop(p);
-                        outcome
-                    });
-                }
-                Ok(Some(Err(e))) => {
-                    // E.g. 409 Consumer Deleted. Bind again: that checks stream,
-                    // consumer and bucket and reports what is missing on /readyz;
-                    // the pause keeps a persistent error from spinning.
-                    tracing::warn!(error = %e, "pull stream error; binding to the consumer again");
-                    consumer = None;
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = shutdown.cancelled() => break 'outer,
-                    }
-                    break;
-                }
-                Ok(None) => break,
-                Err(_) => {
-                    tracing::warn!("pull request went silent (connection lost?); pulling again");
-                    break;
+        match next {
+            Some(Ok(msg)) => {
+                let (hctx, grace) = (hctx.clone(), grace_expired.clone());
+                tasks.spawn(async move {
+                    let outcome = handler::handle(hctx, msg, grace).await;
+                    drop(permit);
+                    outcome
+                });
+            }
+            Some(Err(e)) => {
+                // E.g. 409 Consumer Deleted, or missed heartbeats after a lost
+                // connection. Bind again: that checks the stream, consumer and DLQ
+                // and reports what is missing on /readyz; the pause keeps a
+                // persistent error from spinning.
+                tracing::warn!(error = %e, "pull stream error; binding to the consumer again");
+                consumer = None;
+                messages = None;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => break 'outer,
                 }
             }
+            None => messages = None,
         }
         while tasks.try_join_next().is_some() {}
     }
 
+    // Messages already buffered but not started go back at once (a NAK without
+    // delay), so another worker takes them instead of waiting for the ack wait.
+    if let Some(mut stream) = messages.take() {
+        use futures::FutureExt as _;
+        let mut returned = 0u32;
+        while let Some(Some(Ok(m))) = stream.next().now_or_never() {
+            if m.ack_with(jetstream::AckKind::Nak(None)).await.is_ok() {
+                returned += 1;
+            }
+        }
+        if returned > 0 {
+            tracing::info!(returned, "gave buffered, unstarted messages back");
+        }
+    }
     tracing::info!(in_flight = tasks.len(), grace = ?cfg.shutdown_grace, "stopping: finishing in-flight orders");
     readiness.set_not_ready("shutting down");
     let drained = tokio::time::timeout(cfg.shutdown_grace, async {
