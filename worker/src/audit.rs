@@ -207,14 +207,7 @@ impl Audit {
                     stored_at: stored_at(&m),
                 });
         }
-        // A marker is superseded when a replay's outcome names it (under the same
-        // key, or under the replay's own key when the letter had no usable id).
-        let superseded: HashSet<u64> = a
-            .chains
-            .values()
-            .flatten()
-            .filter_map(|o| o.replay_of)
-            .collect();
+        let superseded = a.superseded();
         for chain in a.chains.values() {
             let Some(last) = chain.last() else { continue };
             match last.kind {
@@ -284,6 +277,16 @@ impl Audit {
             }
         }
         Ok(())
+    }
+
+    /// The dead-letter markers a replay's outcome names: superseded (under the
+    /// same key, or under the replay's own key when the letter had no usable id).
+    fn superseded(&self) -> HashSet<u64> {
+        self.chains
+            .values()
+            .flatten()
+            .filter_map(|o| o.replay_of)
+            .collect()
     }
 
     /// Whether an input has its outcome (v2, or a final record before v2).
@@ -362,12 +365,7 @@ impl Audit {
         push("outcomes with no stored input", orphans);
         // Dead letters in the DLQ: each copies a marker that is its key's current
         // outcome; a superseded one should have been removed by its replay.
-        let superseded: HashSet<u64> = self
-            .chains
-            .values()
-            .flatten()
-            .filter_map(|o| o.replay_of)
-            .collect();
+        let superseded = self.superseded();
         let current: HashSet<u64> = self
             .chains
             .values()
