@@ -123,7 +123,8 @@ async fn hold_fault(d: Duration) {
     tokio::time::sleep(d).await;
 }
 
-/// Checks exactly-once and prints the scenario's line.
+/// Checks exactly-once and prints the scenario's line; no valid order may end
+/// dead-lettered (nothing failed for long enough).
 fn report(
     name: &str,
     audit: &Audit,
@@ -131,6 +132,22 @@ fn report(
     poison: usize,
     stub: Option<&DownstreamStub>,
     started: Instant,
+) -> anyhow::Result<()> {
+    report_with(name, audit, published, poison, stub, started, false)
+}
+
+/// `report` for a scenario whose downstream keeps failing: a valid order may end
+/// dead-lettered because its attempts ran out (its one outcome; `orderctl dlq
+/// replay` completes it), and may have been charged by a call whose answer was
+/// lost (the known limit in the README).
+fn report_with(
+    name: &str,
+    audit: &Audit,
+    published: &[&PublishReport],
+    poison: usize,
+    stub: Option<&DownstreamStub>,
+    started: Instant,
+    exhausted_ok: bool,
 ) -> anyhow::Result<()> {
     let valid: Vec<String> = published
         .iter()
@@ -158,27 +175,41 @@ fn report(
     );
     // Written to stderr directly so the line shows in `make test` output.
     let _ = std::io::stderr().write_all(line.as_bytes());
-    audit.assert_exactly_once(&valid, &invalid)?;
+    let exhausted: std::collections::HashSet<String> = audit
+        .dead_letters
+        .values()
+        .flatten()
+        .filter(|d| d.error_class() == orderpipeline_proto::ErrorClass::AttemptsExhausted)
+        .map(|d| d.order_id.clone())
+        .collect();
     anyhow::ensure!(
-        audit.dead_letter_count() == poison,
-        "dead letters {} != poison {poison}",
-        audit.dead_letter_count()
-    );
-    anyhow::ensure!(
-        s.attempts_exhausted == 0,
+        exhausted_ok || exhausted.is_empty(),
         "{} valid orders dead-lettered as attempts exhausted",
-        s.attempts_exhausted
+        exhausted.len()
+    );
+    let processed: Vec<String> = valid
+        .iter()
+        .filter(|id| !exhausted.contains(*id))
+        .cloned()
+        .collect();
+    audit.assert_exactly_once(&processed, &invalid)?;
+    anyhow::ensure!(
+        audit.dead_letter_count() == poison + exhausted.len(),
+        "dead letters {} != poison {poison} + attempts exhausted {}",
+        audit.dead_letter_count(),
+        exhausted.len()
     );
     if let Some(d) = stub {
-        for id in &valid {
+        for id in &processed {
             anyhow::ensure!(d.charged(id), "order {id} processed but never charged");
         }
         anyhow::ensure!(
-            charges == valid.len(),
-            "effective charges {charges} != processed orders {}",
-            valid.len()
+            (processed.len()..=valid.len()).contains(&charges),
+            "effective charges {charges} for {} processed orders ({} dead-lettered)",
+            processed.len(),
+            exhausted.len()
         );
-        check_downstream(audit, d)?;
+        check_downstream(audit, d, &exhausted)?;
     }
     Ok(())
 }
@@ -186,9 +217,18 @@ fn report(
 /// The downstream charged only orders whose outcome is processed, and no call
 /// arrived after the order's outcome was stored (a delivery reads the outcome
 /// before it calls).
-fn check_downstream(audit: &Audit, d: &DownstreamStub) -> anyhow::Result<()> {
-    use orderpipeline_common::names::OutcomeKind;
+fn check_downstream(
+    audit: &Audit,
+    d: &DownstreamStub,
+    exhausted: &std::collections::HashSet<String>,
+) -> anyhow::Result<()> {
+    use orderpipeline_common::names::{OutcomeKind, order_key};
+    let exhausted_keys: std::collections::HashSet<String> =
+        exhausted.iter().filter_map(|id| order_key(id)).collect();
     for key in d.charged_keys() {
+        if exhausted_keys.contains(&key) {
+            continue;
+        }
         let last = audit.chains.get(&key).and_then(|c| c.last());
         anyhow::ensure!(
             last.is_some_and(|o| o.kind == OutcomeKind::Processed),
@@ -490,13 +530,14 @@ async fn fault_5_downstream_flaps_with_503s_and_timeouts() -> anyhow::Result<()>
     drained(&js, Duration::from_secs(180)).await?;
     let audit = audit(&js).await?;
     anyhow::ensure!(stub.total_calls() > r.valid, "the flapping forced retries");
-    report(
+    report_with(
         "downstream-flapping",
         &audit,
         &[&r],
         0,
         Some(&stub),
         started,
+        true,
     )
 }
 

@@ -311,10 +311,12 @@ pub struct StreamSpec {
     #[serde(default = "default_max_bytes")]
     #[schemars(range(min = -1))]
     pub max_bytes: i64,
-    /// Window in which JetStream drops a message whose Nats-Msg-Id it has seen.
-    /// Must cover the redelivery horizon (ack wait or backoff times attempts, plus
-    /// NAK delays) so a result event re-published on a late redelivery is still
-    /// deduplicated; the operator reports it in the DuplicateWindowSufficient condition.
+    /// Window in which JetStream drops a producer's re-send of a Nats-Msg-Id it
+    /// has seen. Exactly-once outcomes do not depend on it (an order stored twice
+    /// gets its existing outcome); the DuplicateWindowSufficient condition reports
+    /// whether it covers the redelivery horizon (ack wait or backoff times
+    /// attempts, plus NAK delays), so that producer retries within that time stay
+    /// out of the stream.
     #[serde(default = "default_duplicate_window")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
     pub duplicate_window: String,

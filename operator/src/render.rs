@@ -198,7 +198,7 @@ pub fn plan(p: &OrderPipeline) -> Result<Plan, InvalidSpec> {
     );
     let window_warning = (duplicate_window < horizon).then(|| {
         format!(
-            "stream.duplicateWindow {} is shorter than the redelivery horizon {} ({} deliveries, ack wait {}, NAK delay up to {}): a result event re-published on a late redelivery could be stored twice; raise duplicateWindow to at least {}",
+            "stream.duplicateWindow {} is shorter than the redelivery horizon {} ({} deliveries, ack wait {}, NAK delay up to {}): a producer re-sending an order later than the window stores it again (the workers answer it with the order's existing outcome, so exactly-once holds); raise duplicateWindow to at least {} to keep such re-sends out of the stream",
             s.stream.duplicate_window,
             orderpipeline_common::duration::format_duration(horizon),
             max_deliveries,
