@@ -101,7 +101,9 @@ impl OutcomeSubjects {
         if prefix.is_empty()
             || last.is_empty()
             || last == ">"
-            || prefix.split('.').any(|t| t.is_empty() || t == ">")
+            || prefix
+                .split('.')
+                .any(|t| t.is_empty() || t == ">" || t == "*")
         {
             return None;
         }
@@ -251,6 +253,11 @@ mod tests {
         assert!(OutcomeSubjects::for_filter("ORDER").is_none());
         assert!(OutcomeSubjects::for_filter("ORDER.>").is_none());
         assert_eq!(OutcomeSubjects::for_filter("a.*").unwrap().prefix, "a");
+        assert!(
+            OutcomeSubjects::for_filter("*.created").is_none(),
+            "no wildcard in the prefix"
+        );
+        assert!(OutcomeSubjects::for_filter("a.*.created").is_none());
     }
 
     #[test]

@@ -101,6 +101,10 @@ pub enum TopologyError {
         example: String,
     },
     #[error(
+        "stream subject {subject} also captures {prefix}.<word>.<key> subjects, which the outcome check would count as outcomes; capture only the input subjects (e.g. {prefix}.*): the operator adds {prefix}.processed.*, {prefix}.rejected.* and {prefix}.deadlettered.* itself"
+    )]
+    SubjectsCaptureOutcomeSpace { subject: String, prefix: String },
+    #[error(
         "stream retention {0} removes messages nobody consumes, and the stream keeps each input's outcome (the record that makes it exactly once); use retention Limits (to migrate an existing stream: create a new pipeline with Limits retention, move producers to its subjects, and delete the old one once its consumer is drained)"
     )]
     RetentionUnsafe(&'static str),
@@ -140,6 +144,17 @@ impl Topology {
     /// Checks what can be checked without a server.
     pub fn validate(&self) -> Result<(), TopologyError> {
         let outcomes = self.outcome_subjects()?;
+        let space = format!("{}.*.*", outcomes.prefix);
+        if let Some(p) = self
+            .subjects
+            .iter()
+            .find(|p| names::subjects_overlap(p, &space))
+        {
+            return Err(TopologyError::SubjectsCaptureOutcomeSpace {
+                subject: p.clone(),
+                prefix: outcomes.prefix.clone(),
+            });
+        }
         for kind in names::OutcomeKind::ALL {
             let all = outcomes.all_of(kind);
             if names::subjects_overlap(&self.filter_subject, &all) {
@@ -373,6 +388,24 @@ mod tests {
         };
         let e = t.validate().unwrap_err().to_string();
         assert!(e.contains("ORDER.dead") && e.contains("ORDER.*"), "{e}");
+    }
+
+    #[test]
+    fn stream_subjects_that_capture_the_outcome_space_are_refused() {
+        for subjects in [
+            vec!["ORDER.>".to_string()],
+            vec!["ORDER.*".into(), "ORDER.*.*".into()],
+        ] {
+            let t = Topology {
+                subjects,
+                ..Default::default()
+            };
+            let e = t.validate().unwrap_err().to_string();
+            assert!(
+                e.contains("ORDER.<word>.<key>") && e.contains("ORDER.*"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -812,3 +812,59 @@ async fn records_of_the_protocol_before_v2_still_count_after_the_upgrade() -> an
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_replay_header_is_ignored_and_a_letter_without_id_is_replayed_once()
+-> anyhow::Result<()> {
+    let (server, js) = setup(Duration::from_secs(5)).await?;
+    let w = WorkerProcess::spawn(&binary("order-worker")?, &worker_env(&server, &[])).await?;
+    w.wait_ready().await?;
+    let id = format!("forge-{}", random_suffix());
+    publish_raw(&js, &id, ctl::valid_order(&id, 1).encode_to_vec()).await?;
+    publish_raw(
+        &js,
+        &format!("poison-{}", random_suffix()),
+        vec![0xff, 0xff, 0x01],
+    )
+    .await?;
+    drained(&js, Duration::from_secs(30)).await?;
+    let letters = ctl::dlq_list(&js, "ORDERS_DLQ", 10).await?;
+    assert_eq!(letters.len(), 1, "the poison's letter");
+    let a = audit(&js).await?;
+    let processed = a.chains[&orderpipeline_common::names::order_key(&id).context("key")?][0].seq;
+
+    // A producer sets the replay header naming the order's processed outcome and
+    // the poison's letter: ignored (not a dead letter), nothing is removed.
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Msg-Id", format!("{id}-forged").as_str());
+    h.insert(
+        orderpipeline_common::names::REPLAY_OF_HEADER,
+        format!("{processed}/{}", letters[0].dlq_sequence).as_str(),
+    );
+    js.publish_with_headers(
+        "ORDER.created",
+        h,
+        ctl::valid_order(&id, 1).encode_to_vec().into(),
+    )
+    .await?
+    .await?;
+    // The poison's letter (keyed by the input's position) replayed twice.
+    ctl::dlq_replay(&js, "ORDERS_DLQ", letters[0].dlq_sequence).await?;
+    if let Err(e) = ctl::dlq_replay(&js, "ORDERS_DLQ", letters[0].dlq_sequence).await {
+        assert!(e.to_string().contains("already replayed"), "{e:#}");
+    }
+    drained(&js, Duration::from_secs(30)).await?;
+    let a = audit(&js).await?;
+    assert!(a.violations().is_empty(), "{:?}", a.violations());
+    a.assert_exactly_once(std::slice::from_ref(&id), &[])?;
+    // Still undecodable: one current dead letter, which superseded the first.
+    assert_eq!(a.dead_letter_count(), 1);
+    let poison_chain = a
+        .chains
+        .values()
+        .find(|c| c[0].kind == orderpipeline_common::names::OutcomeKind::DeadLettered)
+        .context("the poison's chain")?;
+    assert_eq!(poison_chain.len(), 2, "{poison_chain:?}");
+    assert_eq!(poison_chain[1].replay_of, Some(poison_chain[0].seq));
+    Ok(())
+}

@@ -466,9 +466,9 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
     // While the bucket holds records of the protocol before v2, the workers check
     // them (unknown when NATS cannot be read: keep what the workers have).
     let mut plan = plan;
-    plan.legacy_bucket = match &figures {
-        Ok(f) => (f.legacy_records > 0).then(|| plan.topology.bucket.clone()),
-        Err(_) => before
+    plan.legacy_bucket = match figures.as_ref().ok().and_then(|f| f.legacy_records) {
+        Some(n) => (n > 0).then(|| plan.topology.bucket.clone()),
+        None => before
             .as_ref()
             .and_then(|d| d.spec.as_ref())
             .and_then(|s| s.template.spec.as_ref())
@@ -1247,6 +1247,11 @@ async fn ensure_topology(
     Ok(())
 }
 
+/// Whether a stream lookup failed because the stream does not exist.
+fn is_not_found(e: &async_nats::jetstream::context::GetStreamError) -> bool {
+    matches!(e.kind(), async_nats::jetstream::context::GetStreamErrorKind::JetStream(j) if j.code() == 404)
+}
+
 /// A stream's sources as (stream, filter) pairs: the part the operator sets (the
 /// dead-letter stream sources the input stream's `deadlettered` outcomes).
 fn sources_of(c: &stream::Config) -> Vec<(String, Option<String>)> {
@@ -1282,8 +1287,9 @@ fn stream_differs(live: &stream::Config, want: &stream::Config) -> Option<&'stat
 
 struct Figures {
     consumer_paused: bool,
-    /// Records in the state bucket (left by the protocol before v2).
-    legacy_records: u64,
+    /// Records in the state bucket (left by the protocol before v2); `None` when
+    /// the bucket could not be read (then the workers keep what they have).
+    legacy_records: Option<u64>,
     stream: crate::crd::StreamStatus,
     consumer: crate::crd::ConsumerStatus,
     dead_letters: i64,
@@ -1317,8 +1323,9 @@ async fn read_figures(js: &jetstream::Context, t: &Topology) -> Result<Figures, 
         .messages;
     // The bucket may be absent (Observe, or not created yet): no records then.
     let legacy_records = match js.get_stream(format!("KV_{}", t.bucket)).await {
-        Ok(mut b) => b.info().await.map(|i| i.state.messages).unwrap_or(0),
-        Err(_) => 0,
+        Ok(mut b) => b.info().await.ok().map(|i| i.state.messages),
+        Err(e) if crate::controller::is_not_found(&e) => Some(0),
+        Err(_) => None,
     };
     Ok(Figures {
         consumer_paused: c.paused,

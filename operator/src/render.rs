@@ -221,7 +221,7 @@ pub fn plan(p: &OrderPipeline) -> Result<Plan, InvalidSpec> {
 /// The NATS objects and subjects a pipeline uses, for the conflict check.
 struct Footprint {
     url: String,
-    objects: Vec<(&'static str, String)>,
+    objects: Vec<(&'static str, String, String)>,
     subjects: Vec<String>,
 }
 
@@ -230,10 +230,11 @@ fn footprint(p: &OrderPipeline, t: &Topology) -> Footprint {
     subjects.push(t.dlq_subject.clone());
     Footprint {
         url: p.spec.nats.url.trim().to_string(),
+        // (what, its name, the JetStream stream behind it: a bucket is `KV_<name>`)
         objects: vec![
-            ("stream", t.stream.clone()),
-            ("stream", t.dlq_stream.clone()),
-            ("KV bucket", t.bucket.clone()),
+            ("stream", t.stream.clone(), t.stream.clone()),
+            ("stream", t.dlq_stream.clone(), t.dlq_stream.clone()),
+            ("KV bucket", t.bucket.clone(), format!("KV_{}", t.bucket)),
         ],
         subjects,
     }
@@ -272,8 +273,8 @@ pub fn conflicts(
         if them.url != me.url {
             continue;
         }
-        for (kind, name) in &me.objects {
-            if them.objects.iter().any(|(_, n)| n == name) {
+        for (kind, name, js_name) in &me.objects {
+            if them.objects.iter().any(|(_, _, n)| n == js_name) {
                 let field = match *kind {
                     "KV bucket" => "spec.state.bucket",
                     _ if *name == mine.topology.stream => "spec.stream.name",
@@ -715,7 +716,7 @@ spec:
         let greedy = pipeline(
             &y(
                 "greedy",
-                ", stream: {name: ALL, subjects: ['ORDER.>']}, consumer: {filterSubject: ORDER.new}",
+                ", stream: {name: ALL, subjects: ['ORDER.created']}, consumer: {filterSubject: ORDER.created}",
             ),
             2,
         );

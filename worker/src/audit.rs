@@ -112,14 +112,11 @@ fn header_u64(m: &jetstream::Message, name: &str) -> Option<u64> {
 
 fn replay_of(m: &jetstream::Message) -> Option<u64> {
     let v = m.headers.as_ref()?.get(names::REPLAY_OF_HEADER)?.as_str();
-    v.split('/').next()?.trim().parse().ok()
+    crate::handler::parse_replay_of(v).map(|(marker, _)| marker)
 }
 
-/// The input-stream sequence a sourced dead letter was copied from
-/// (`Nats-Stream-Source: <stream> <seq> ...`).
 fn source_seq(m: &jetstream::Message) -> Option<u64> {
-    let v = m.headers.as_ref()?.get("Nats-Stream-Source")?.as_str();
-    v.split_whitespace().nth(1)?.parse().ok()
+    crate::ctl::source_sequence(m.headers.as_ref()?)
 }
 
 impl Audit {
@@ -295,7 +292,16 @@ impl Audit {
     }
 
     /// The current outcome of an input: the last of its key's chain.
+    /// A replay's outcome is under the key of the marker it names.
     pub fn outcome_of(&self, input: &StoredInput) -> Option<&StoredOutcome> {
+        if let Some(marker) = input.replay_of
+            && let Some(chain) = self
+                .chains
+                .values()
+                .find(|c| c.iter().any(|o| o.seq == marker))
+        {
+            return chain.last();
+        }
         input
             .keys
             .iter()

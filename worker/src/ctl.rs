@@ -344,7 +344,9 @@ pub struct StoredDeadLetter {
     pub letter: DeadLetter,
 }
 
-fn marker_of(headers: &HeaderMap) -> Option<u64> {
+/// The input-stream sequence a sourced dead letter was copied from
+/// (`Nats-Stream-Source: <stream> <seq> ...`).
+pub fn source_sequence(headers: &HeaderMap) -> Option<u64> {
     let v = headers.get("Nats-Stream-Source")?.as_str();
     v.split_whitespace().nth(1)?.parse().ok()
 }
@@ -374,7 +376,7 @@ pub async fn dlq_list(
                     .with_context(|| format!("dead letter {seq} is not an orders.v1.DeadLetter"))?;
                 out.push(StoredDeadLetter {
                     dlq_sequence: seq,
-                    marker: marker_of(&m.headers),
+                    marker: source_sequence(&m.headers),
                     letter,
                 });
             }
@@ -421,7 +423,7 @@ pub async fn dlq_replay(
         letter.payload.len(),
         letter.payload_size
     );
-    let marker = marker_of(&m.headers);
+    let marker = source_sequence(&m.headers);
     let mut headers = HeaderMap::new();
     let replay_of = marker.map(|mk| format!("{mk}/{dlq_sequence}"));
     if let Some(r) = &replay_of {

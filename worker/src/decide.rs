@@ -1,6 +1,7 @@
 //! The worker's decisions as pure functions: validate an order, pick a backoff,
-//! classify a downstream answer, choose what to do after a failure. The async
-//! shell in `handler` only carries these out.
+//! classify a downstream answer, size a dead letter. What a delivery does next is
+//! the protocol's state machine (`protocol.rs`); the async shell in `handler`
+//! only carries these out.
 
 use std::time::Duration;
 

@@ -270,9 +270,20 @@ async fn process(ctx: &Ctx, msg: &jetstream::Message) -> Outcome {
     if let Some(o) = &c.order {
         tracing::Span::current().record("order.id", o.order_id.as_str());
     }
-    let replay = replay_headers(msg);
+    let replay = match replay_of(ctx, msg).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "giving the input back for a later delivery");
+            return nak_for_redelivery(ctx, msg, &delivery).await;
+        }
+    };
+    // A replay's outcome goes under the key of the letter it supersedes (for a
+    // letter without a usable id that is the original input's position).
+    let key = replay
+        .as_ref()
+        .map_or_else(|| c.key.clone(), |r| r.key.clone());
     if replay.is_none()
-        && let Some(order) = &c.order
+        && let Some(order) = c.order.as_ref().filter(|o| !o.order_id.is_empty())
     {
         match recorded_before_v2(ctx, &order.order_id).await {
             Ok(false) => {}
@@ -296,7 +307,7 @@ async fn process(ctx: &Ctx, msg: &jetstream::Message) -> Outcome {
         ProtocolDelivery {
             delivered: delivery.delivered,
             max_deliveries: ctx.cfg.max_deliveries,
-            replay_of: replay.map(|r| r.marker),
+            replay_of: replay.as_ref().map(|r| r.marker),
             downstream: ctx.downstream.is_some(),
         },
     );
@@ -306,7 +317,7 @@ async fn process(ctx: &Ctx, msg: &jetstream::Message) -> Outcome {
     let mut written: Option<OutcomeKind> = None;
     loop {
         let event = match step {
-            Step::ReadOutcome => match read_outcome(ctx, &c.key).await {
+            Step::ReadOutcome => match read_outcome(ctx, &key).await {
                 Ok(last) => Event::Read(last),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read the order's outcome");
@@ -320,7 +331,7 @@ async fn process(ctx: &Ctx, msg: &jetstream::Message) -> Outcome {
                     step = machine.on(Event::Downstream(CallClass::Ok));
                     continue;
                 };
-                let (class, detail) = call_downstream(ctx, ds, order, &c.key).await;
+                let (class, detail) = call_downstream(ctx, ds, order, &key).await;
                 if class != CallClass::Ok {
                     last_error = detail;
                 }
@@ -328,7 +339,9 @@ async fn process(ctx: &Ctx, msg: &jetstream::Message) -> Outcome {
             }
             Step::Write { kind, expect, dead } => {
                 let payload = outcome_payload(ctx, msg, &delivery, &c, kind, dead, &last_error);
-                match write_outcome(ctx, &c.key, kind, expect, &delivery, replay, payload).await {
+                match write_outcome(ctx, &key, kind, expect, &delivery, replay.as_ref(), payload)
+                    .await
+                {
                     WriteResult::Written => {
                         written = Some(kind);
                         if kind == OutcomeKind::DeadLettered {
@@ -349,11 +362,12 @@ async fn process(ctx: &Ctx, msg: &jetstream::Message) -> Outcome {
                     }
                 }
             }
-            Step::RemoveLetter => match replay {
-                Some(r) => match remove_letter(ctx, r.letter).await {
+            Step::RemoveLetter => match &replay {
+                Some(r) => match remove_letter(ctx, r).await {
                     Ok(()) => Event::Removed,
                     Err(e) => {
                         tracing::warn!(error = %e, letter = r.letter, "the replayed dead letter could not be removed; orderctl shows it as replayed");
+                        last_error = e;
                         Event::RemoveFailed
                     }
                 },
@@ -406,20 +420,53 @@ async fn recorded_before_v2(ctx: &Ctx, order_id: &str) -> Result<bool, String> {
 
 /// A replayed input names the dead-letter marker it supersedes (its sequence in
 /// the input stream) and the letter's sequence in the dead-letter stream.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Replay {
     marker: u64,
     letter: u64,
+    /// The marker's key: the replay's outcome goes there.
+    key: String,
 }
 
-fn replay_headers(msg: &jetstream::Message) -> Option<Replay> {
-    let h = msg.headers.as_ref()?;
-    let value = h.get(names::REPLAY_OF_HEADER)?.as_str();
+/// The `Orderpipeline-Replay-Of: <marker>/<letter>` header, parsed.
+pub fn parse_replay_of(value: &str) -> Option<(u64, u64)> {
     let (marker, letter) = value.split_once('/')?;
-    Some(Replay {
-        marker: marker.trim().parse().ok()?,
-        letter: letter.trim().parse().ok()?,
-    })
+    Some((marker.trim().parse().ok()?, letter.trim().parse().ok()?))
+}
+
+/// The replay this input is, if any: the header must name a dead-letter marker
+/// of this pipeline (a header naming anything else, e.g. one a producer set, is
+/// ignored: the input is then an ordinary one). An error reading the marker
+/// gives the input back.
+async fn replay_of(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Replay>, String> {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
+    let Some((marker, letter)) = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(names::REPLAY_OF_HEADER))
+        .and_then(|v| parse_replay_of(v.as_str()))
+    else {
+        return Ok(None);
+    };
+    match ctx.stream.get_raw_message(marker).await {
+        Ok(m) => Ok(match ctx.outcomes.parse(&m.subject) {
+            Some((OutcomeKind::DeadLettered, key)) => Some(Replay {
+                marker,
+                letter,
+                key: key.to_string(),
+            }),
+            _ => {
+                tracing::warn!(
+                    marker,
+                    "the replay header names no dead letter of this pipeline; handled as an ordinary input"
+                );
+                None
+            }
+        }),
+        // The marker has aged out of the stream: nothing left to supersede.
+        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(format!("reading dead-letter marker {marker}: {e}")),
+    }
 }
 
 /// The sequence of the key's latest outcome, if any.
@@ -466,7 +513,7 @@ async fn write_outcome(
     kind: OutcomeKind,
     expect: u64,
     delivery: &Delivery,
-    replay: Option<Replay>,
+    replay: Option<&Replay>,
     payload: Vec<u8>,
 ) -> WriteResult {
     let subject = ctx.outcomes.subject(kind, key);
@@ -578,9 +625,30 @@ fn count_dead_letter(ctx: &Ctx, class: ErrorClass) {
         .inc();
 }
 
-/// Removes the dead letter a replay superseded; one already gone is fine.
-async fn remove_letter(ctx: &Ctx, letter: u64) -> Result<(), String> {
+/// Removes the dead letter a replay superseded: only the DLQ message that is
+/// the copy of the replay's marker (a letter already gone is fine).
+async fn remove_letter(ctx: &Ctx, r: &Replay) -> Result<(), String> {
     use async_nats::jetstream::stream::RawMessageErrorKind;
+    let letter = r.letter;
+    match ctx.dlq.get_raw_message(letter).await {
+        Ok(m) if crate::ctl::source_sequence(&m.headers) == Some(r.marker) => {}
+        Ok(_) => {
+            tracing::warn!(
+                letter,
+                marker = r.marker,
+                "DLQ message {letter} is not the copy of marker {}; left in place",
+                r.marker
+            );
+            return Ok(());
+        }
+        Err(g) if g.kind() == RawMessageErrorKind::NoMessageFound => return Ok(()),
+        Err(g) => {
+            return Err(format!(
+                "reading dead letter {letter} in {}: {g}",
+                ctx.cfg.dlq_stream
+            ));
+        }
+    }
     let Err(e) = ctx.dlq.delete_message(letter).await else {
         return Ok(());
     };

@@ -113,6 +113,25 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             messages = None;
             match topology::bind(&js, &cfg.stream, &cfg.consumer, &cfg.dlq_stream).await {
                 Ok(b) => {
+                    // The old protocol's bucket, when configured, must open: the
+                    // worker does not guess whether an order was done before v2.
+                    let legacy = match &cfg.legacy_state_bucket {
+                        Some(bucket) => match js.get_key_value(bucket).await {
+                            Ok(kv) => Some(kv),
+                            Err(e) => {
+                                let why = format!(
+                                    "LEGACY_STATE_BUCKET {bucket} cannot be opened: {e}; it holds the records of the protocol before v2 (unset it once they have expired)"
+                                );
+                                tracing::warn!("not ready: {why}");
+                                readiness.set_not_ready(why);
+                                tokio::select! {
+                                    _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
+                                    _ = shutdown.cancelled() => break,
+                                }
+                            }
+                        },
+                        None => None,
+                    };
                     if b.consumer_info.config.max_ack_pending > 0 {
                         max_ack_pending =
                             usize::try_from(b.consumer_info.config.max_ack_pending).unwrap_or(pool);
@@ -124,16 +143,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                         dlq: b.dlq,
                         outcomes: outcomes.clone(),
                         stream_created_ns: b.stream_created_ns,
-                        legacy: match &cfg.legacy_state_bucket {
-                            Some(bucket) => match js.get_key_value(bucket).await {
-                                Ok(kv) => Some(kv),
-                                Err(e) => {
-                                    tracing::warn!(error = %e, bucket, "LEGACY_STATE_BUCKET cannot be opened; orders recorded before the upgrade are not checked");
-                                    None
-                                }
-                            },
-                            None => None,
-                        },
+                        legacy,
                         metrics: metrics.clone(),
                         downstream: downstream.clone(),
                         worker: worker.clone(),
