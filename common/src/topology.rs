@@ -284,6 +284,12 @@ impl Topology {
     }
 }
 
+/// A stream's creation time in ns since the epoch: part of the position keys, so
+/// the worker and the audit must compute it alike.
+pub fn unix_ns(t: time::OffsetDateTime) -> u128 {
+    u128::try_from(t.unix_timestamp_nanos()).unwrap_or(0)
+}
+
 /// Handles to the objects a worker uses.
 pub struct Bound {
     pub consumer: consumer::PullConsumer,
@@ -341,7 +347,7 @@ pub async fn bind(
     Ok(Bound {
         consumer: c,
         consumer_info,
-        stream_created_ns: u128::try_from(created.unix_timestamp_nanos()).unwrap_or(0),
+        stream_created_ns: unix_ns(created),
         stream: s,
         dlq,
     })

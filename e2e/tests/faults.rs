@@ -67,6 +67,14 @@ fn worker_env(url: &str, extra: &[(&'static str, String)]) -> Vec<(&'static str,
     env
 }
 
+/// A private single nats-server with the pipeline's topology.
+async fn single_server() -> anyhow::Result<(NatsServer, jetstream::Context)> {
+    let server = NatsServer::start().await?;
+    let js = jetstream::new(async_nats::connect(server.url()).await?);
+    topology(&js, 1).await?;
+    Ok((server, js))
+}
+
 /// The stream's duplicate window in every scenario: shorter than each run.
 const WINDOW: Duration = Duration::from_secs(5);
 
@@ -251,9 +259,7 @@ fn check_downstream(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_1_sigkill_a_random_worker_every_few_seconds() -> anyhow::Result<()> {
     let started = Instant::now();
-    let server = NatsServer::start().await?;
-    let js = jetstream::new(async_nats::connect(server.url()).await?);
-    topology(&js, 1).await?;
+    let (server, js) = single_server().await?;
     let stub = DownstreamStub::start(StubBehaviour::default()).await?;
     let env = worker_env(&server.url(), &[("DOWNSTREAM_URL", stub.url.clone())]);
     let bin = binary("order-worker")?;
@@ -504,9 +510,7 @@ async fn fault_4_cut_workers_then_the_producer_from_nats() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_5_downstream_flaps_with_503s_and_timeouts() -> anyhow::Result<()> {
     let started = Instant::now();
-    let server = NatsServer::start().await?;
-    let js = jetstream::new(async_nats::connect(server.url()).await?);
-    topology(&js, 1).await?;
+    let (server, js) = single_server().await?;
     let stub = DownstreamStub::start(StubBehaviour {
         flap_period: Some(Duration::from_millis(700)),
         stall: Duration::from_millis(1500),
@@ -544,9 +548,7 @@ async fn fault_5_downstream_flaps_with_503s_and_timeouts() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_7_poison_interleaved_with_valid_orders() -> anyhow::Result<()> {
     let started = Instant::now();
-    let server = NatsServer::start().await?;
-    let js = jetstream::new(async_nats::connect(server.url()).await?);
-    topology(&js, 1).await?;
+    let (server, js) = single_server().await?;
     let env = worker_env(&server.url(), &[("MAX_PAYLOAD_BYTES", "8192".into())]);
     let w = WorkerProcess::spawn(&binary("order-worker")?, &env).await?;
     w.wait_ready().await?;
@@ -593,9 +595,7 @@ async fn fault_7_poison_interleaved_with_valid_orders() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_8_the_same_order_published_twice_has_one_effect() -> anyhow::Result<()> {
     let started = Instant::now();
-    let server = NatsServer::start().await?;
-    let js = jetstream::new(async_nats::connect(server.url()).await?);
-    topology(&js, 1).await?;
+    let (server, js) = single_server().await?;
     let stub = DownstreamStub::start(StubBehaviour::default()).await?;
     let w = WorkerProcess::spawn(
         &binary("order-worker")?,
@@ -849,9 +849,7 @@ async fn fault_9_a_5000_byte_order_id_among_normal_orders_disturbs_no_connection
 async fn fault_10_a_consumer_deleted_while_the_stream_holds_poison_and_rejected_inputs()
 -> anyhow::Result<()> {
     let started = Instant::now();
-    let server = NatsServer::start().await?;
-    let js = jetstream::new(async_nats::connect(server.url()).await?);
-    topology(&js, 1).await?;
+    let (server, js) = single_server().await?;
     let w = WorkerProcess::spawn(&binary("order-worker")?, &worker_env(&server.url(), &[])).await?;
     w.wait_ready().await?;
     let r = ctl::publish_orders(
@@ -900,9 +898,7 @@ async fn fault_10_a_consumer_deleted_while_the_stream_holds_poison_and_rejected_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_11_a_pause_longer_than_the_duplicate_window() -> anyhow::Result<()> {
     let started = Instant::now();
-    let server = NatsServer::start().await?;
-    let js = jetstream::new(async_nats::connect(server.url()).await?);
-    topology(&js, 1).await?;
+    let (server, js) = single_server().await?;
     let stub = DownstreamStub::start(StubBehaviour {
         delay: Duration::from_millis(200),
         ..Default::default()
@@ -964,9 +960,7 @@ async fn fault_11_a_pause_longer_than_the_duplicate_window() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_12_replays_racing_redeliveries_of_the_same_orders() -> anyhow::Result<()> {
     let started = Instant::now();
-    let server = NatsServer::start().await?;
-    let js = jetstream::new(async_nats::connect(server.url()).await?);
-    topology(&js, 1).await?;
+    let (server, js) = single_server().await?;
     let broken = DownstreamStub::start(StubBehaviour {
         fail_first: u32::MAX,
         ..Default::default()

@@ -62,8 +62,6 @@ pub struct Audit {
     pub rejected: HashMap<String, u32>,
     /// original stream sequence -> current dead letters (outcomes not superseded)
     pub dead_letters: HashMap<u64, Vec<DeadLetter>>,
-    /// input stream sequences with their order id ("" when undecodable)
-    pub inputs: Vec<(u64, String)>,
     pub stored_inputs: Vec<StoredInput>,
     /// key -> its outcomes, oldest first
     pub chains: BTreeMap<String, Vec<StoredOutcome>>,
@@ -133,7 +131,7 @@ impl Audit {
             .await
             .with_context(|| format!("stream {stream}"))?;
         let created = s.info().await?.created;
-        let created_ns = u128::try_from(created.unix_timestamp_nanos()).unwrap_or(0);
+        let created_ns = orderpipeline_common::topology::unix_ns(created);
         let c = s
             .consumer_info(consumer)
             .await
@@ -157,7 +155,6 @@ impl Audit {
                 keys.push(k);
             }
             keys.push(names::position_key(created_ns, seq));
-            a.inputs.push((seq, id.clone()));
             a.stored_inputs.push(StoredInput {
                 seq,
                 order_id: id,
@@ -262,18 +259,22 @@ impl Audit {
             .map(|i| (i.seq, i.order_id.clone()))
             .collect();
         for (seq, id) in without {
-            if let Some(v) = kv.get(names::legacy_state_key(&id)).await? {
-                let state = serde_json::from_slice::<serde_json::Value>(&v)
-                    .ok()
-                    .and_then(|r| r.get("state").and_then(|s| s.as_str()).map(str::to_string));
-                if state.is_some_and(|s| {
-                    matches!(s.as_str(), "processed" | "rejected" | "dead_lettered")
-                }) {
-                    self.legacy_final.insert(seq);
-                }
+            if let Some(v) = kv.get(names::legacy_state_key(&id)).await?
+                && crate::decide::legacy_record_is_final(&v)
+            {
+                self.legacy_final.insert(seq);
             }
         }
         Ok(())
+    }
+
+    /// How many processed-or-rejected outcomes a chain holds (more than one is a
+    /// second outcome).
+    fn finals(chain: &[StoredOutcome]) -> usize {
+        chain
+            .iter()
+            .filter(|o| o.kind != OutcomeKind::DeadLettered)
+            .count()
     }
 
     /// The dead-letter markers a replay's outcome names: superseded (under the
@@ -323,11 +324,7 @@ impl Audit {
         let mut two = Vec::new();
         let mut bad_supersede = Vec::new();
         for (key, chain) in &self.chains {
-            let finals = chain
-                .iter()
-                .filter(|o| o.kind != OutcomeKind::DeadLettered)
-                .count();
-            if finals > 1 {
+            if Self::finals(chain) > 1 {
                 two.push(format!(
                     "{key}: {:?}",
                     chain
@@ -516,24 +513,16 @@ impl Audit {
             .count() as u64;
         let outcomes = self.chains.len() as u64;
         Summary {
-            published: self.inputs.len() as u64,
+            published: self.stored_inputs.len() as u64,
             processed: self.processed.len() as u64,
             rejected: self.rejected.len() as u64,
             dead_lettered: self.dead_letter_count() as u64,
             attempts_exhausted: self.attempts_exhausted() as u64,
-            duplicates_suppressed: (self.inputs.len() as u64).saturating_sub(outcomes + lost),
+            duplicates_suppressed: (self.stored_inputs.len() as u64)
+                .saturating_sub(outcomes + lost),
             lost,
             processed_twice: self.processed.values().filter(|n| **n > 1).count() as u64,
-            two_outcomes: self
-                .chains
-                .values()
-                .filter(|c| {
-                    c.iter()
-                        .filter(|o| o.kind != OutcomeKind::DeadLettered)
-                        .count()
-                        > 1
-                })
-                .count() as u64,
+            two_outcomes: self.chains.values().filter(|c| Self::finals(c) > 1).count() as u64,
             pending: self.consumer_pending + self.consumer_ack_pending,
         }
     }

@@ -35,6 +35,15 @@ pub fn dead_letter_payload_cap(
     (payload_len > room).then_some(room)
 }
 
+/// Whether a record of the protocol before v2 (its KV bucket's JSON) says the
+/// order had its outcome: processed, rejected or dead_lettered.
+pub fn legacy_record_is_final(value: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(value)
+        .ok()
+        .and_then(|r| r.get("state").and_then(|s| s.as_str()).map(str::to_string))
+        .is_some_and(|s| matches!(s.as_str(), "processed" | "rejected" | "dead_lettered"))
+}
+
 /// Checks an order: an id of 1 to 256 bytes (any UTF-8), a customer, at least one item, quantities > 0, prices >= 0
 /// (and finite), and `total_amount` equal to the sum of the items within a cent.
 pub fn validate(order: &OrderCreated) -> Result<(), Rejection> {
@@ -177,6 +186,20 @@ mod tests {
         );
         assert_eq!(dead_letter_payload_cap(mib - 300 - 8192, 300, mib), None);
         assert_eq!(dead_letter_payload_cap(10, 300, 1000), Some(0));
+    }
+
+    #[test]
+    fn only_final_records_of_the_old_protocol_count() {
+        for (json, fin) in [
+            (r#"{"state":"processed","worker":"w"}"#, true),
+            (r#"{"state":"rejected"}"#, true),
+            (r#"{"state":"dead_lettered"}"#, true),
+            (r#"{"state":"pending"}"#, false),
+            ("not json", false),
+            (r#"{"other":1}"#, false),
+        ] {
+            assert_eq!(legacy_record_is_final(json.as_bytes()), fin, "{json}");
+        }
     }
 
     #[test]

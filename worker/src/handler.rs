@@ -93,7 +93,19 @@ pub async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message, cancel: Cancellation
         .and_then(|h| h.get(names::MSG_ID_HEADER))
         .map(|v| v.as_str().to_string())
         .unwrap_or_default();
-    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    // The JetStream metadata, parsed once from the reply subject.
+    let delivery = msg.info().map(|i| Delivery {
+        stream_seq: i.stream_sequence,
+        delivered: u64::try_from(i.delivered).unwrap_or(1),
+        published: prost_types::Timestamp {
+            seconds: i.published.unix_timestamp(),
+            nanos: i32::try_from(i.published.nanosecond()).unwrap_or(0),
+        },
+    });
+    // As i64, like the metadata: trace exporters show a u64 as a string.
+    let delivered = delivery
+        .as_ref()
+        .map_or(1, |d| i64::try_from(d.delivered).unwrap_or(i64::MAX));
     let span = tracing::info_span!(
         "process",
         otel.name = format!("process {subject}"),
@@ -111,7 +123,7 @@ pub async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message, cancel: Cancellation
         worker = ctx.worker.as_str(),
     );
     let _ = span.set_parent(trace::extract(msg.headers.as_ref()));
-    let outcome = run_with_progress(&ctx, &msg, &cancel)
+    let outcome = run_with_progress(&ctx, &msg, delivery, &cancel)
         .instrument(span.clone())
         .await;
     span.record("outcome", outcome.as_str());
@@ -133,9 +145,10 @@ pub async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message, cancel: Cancellation
 async fn run_with_progress(
     ctx: &Ctx,
     msg: &jetstream::Message,
+    delivery: Result<Delivery, async_nats::Error>,
     cancel: &CancellationToken,
 ) -> Outcome {
-    let work = process(ctx, msg);
+    let work = process(ctx, msg, delivery);
     tokio::pin!(work);
     let every = (ctx.ack_wait / 3).max(Duration::from_millis(200));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -249,16 +262,13 @@ fn classify(ctx: &Ctx, msg: &jetstream::Message, delivery: &Delivery) -> Classif
     }
 }
 
-async fn process(ctx: &Ctx, msg: &jetstream::Message) -> Outcome {
-    let delivery = match msg.info() {
-        Ok(i) => Delivery {
-            stream_seq: i.stream_sequence,
-            delivered: u64::try_from(i.delivered).unwrap_or(1),
-            published: prost_types::Timestamp {
-                seconds: i.published.unix_timestamp(),
-                nanos: i32::try_from(i.published.nanosecond()).unwrap_or(0),
-            },
-        },
+async fn process(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    delivery: Result<Delivery, async_nats::Error>,
+) -> Outcome {
+    let delivery = match delivery {
+        Ok(d) => d,
         Err(e) => {
             // Not a JetStream delivery: nothing to ack against.
             tracing::error!(error = %e, "message without JetStream metadata ignored");
@@ -327,8 +337,10 @@ async fn process(ctx: &Ctx, msg: &jetstream::Message) -> Outcome {
             },
             Step::CallDownstream => {
                 let (Some(ds), Some(order)) = (&ctx.downstream, &c.order) else {
-                    // The machine asks only when both exist; treat as success.
-                    step = machine.on(Event::Downstream(CallClass::Ok));
+                    // The machine asks only when both exist; never record a call
+                    // that was not made.
+                    last_error = "no downstream call possible for this input".into();
+                    step = machine.on(Event::Downstream(CallClass::Transient));
                     continue;
                 };
                 let (class, detail) = call_downstream(ctx, ds, order, &key).await;
@@ -406,10 +418,7 @@ async fn recorded_before_v2(ctx: &Ctx, order_id: &str) -> Result<bool, String> {
     };
     let key = names::legacy_state_key(order_id);
     match kv.get(key.as_str()).await {
-        Ok(Some(v)) => Ok(serde_json::from_slice::<serde_json::Value>(&v)
-            .ok()
-            .and_then(|r| r.get("state").and_then(|s| s.as_str()).map(str::to_string))
-            .is_some_and(|s| matches!(s.as_str(), "processed" | "rejected" | "dead_lettered"))),
+        Ok(Some(v)) => Ok(decide::legacy_record_is_final(&v)),
         Ok(None) => Ok(false),
         Err(e) => Err(format!(
             "reading the record of the protocol before v2 in {:?}: {e}",
