@@ -14,6 +14,21 @@ pub const DEFAULT_CONSUMER: &str = "order-workers";
 pub const DEFAULT_STATE_BUCKET: &str = "ORDERS_STATE";
 pub const DEFAULT_WORKER_POOL_SIZE: u32 = 10;
 
+/// The dead-letter stream a pipeline gets when `deadLetter.streamName` is unset.
+pub fn derived_dlq_stream(stream: &str) -> String {
+    format!("{stream}_DLQ")
+}
+
+/// The dead-letter subject a pipeline gets when `deadLetter.subject` is unset.
+pub fn derived_dlq_subject(filter_subject: &str) -> String {
+    format!("DLQ.{filter_subject}")
+}
+
+/// The (legacy) KV bucket a pipeline gets when `state.bucket` is unset.
+pub fn derived_state_bucket(stream: &str) -> String {
+    format!("{stream}_STATE")
+}
+
 /// The header JetStream deduplicates on.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 

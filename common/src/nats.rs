@@ -173,3 +173,44 @@ fn classify(url: &str, e: &async_nats::ConnectError) -> NatsConnectError {
         _ => NatsConnectError::Unreachable { url, detail },
     }
 }
+
+/// Whether a JetStream error (or any error in its source chain) is the server's
+/// "not found" (HTTP-like code 404: no such stream, consumer or bucket). The one
+/// place this is decided; never match error texts for it.
+pub fn is_not_found(e: &(dyn std::error::Error + 'static)) -> bool {
+    use async_nats::jetstream::context::{
+        ConsumerInfoError, ConsumerInfoErrorKind, GetStreamError, GetStreamErrorKind,
+    };
+    use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let code = if let Some(j) = err.downcast_ref::<async_nats::jetstream::Error>() {
+            Some(j.code())
+        } else if let Some(g) = err.downcast_ref::<GetStreamError>() {
+            match g.kind() {
+                GetStreamErrorKind::JetStream(j) => Some(j.code()),
+                _ => None,
+            }
+        } else if let Some(c) = err.downcast_ref::<ConsumerInfoError>() {
+            match c.kind() {
+                ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound => {
+                    Some(404)
+                }
+                ConsumerInfoErrorKind::JetStream(j) => Some(j.code()),
+                _ => None,
+            }
+        } else if let Some(c) = err.downcast_ref::<ConsumerError>() {
+            match c.kind() {
+                ConsumerErrorKind::JetStream(j) => Some(j.code()),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        if let Some(code) = code {
+            return code == 404;
+        }
+        cur = err.source();
+    }
+    false
+}

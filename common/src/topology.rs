@@ -322,7 +322,7 @@ pub async fn bind(
         .map_err(|e| api(format!("stream {stream}"), e))?
         .created;
     let c: consumer::PullConsumer = s.get_consumer(consumer).await.map_err(|e| {
-        if e.to_string().contains("not found") {
+        if crate::nats::is_not_found(&*e) {
             TopologyError::MissingConsumer {
                 stream: stream.into(),
                 consumer: consumer.into(),

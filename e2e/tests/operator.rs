@@ -1455,7 +1455,69 @@ async fn two_pipelines_on_one_nats_keep_their_orders_apart_and_a_clash_is_refuse
         s.js.get_key_value("SHOP_STATE").await.is_ok(),
         "the shop has its own bucket"
     );
+
+    // orderctl finds the shop's objects and its NATS from the resource alone.
+    let shop_ref = format!("{}/shop", s.ns.name);
+    let out = orderctl(&["--json", "--pipeline", &shop_ref, "audit"]).await?;
+    assert!(out.status.success(), "orderctl audit: {}", stderr_of(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(
+        (
+            v["summary"]["published"].as_u64(),
+            v["summary"]["processed"].as_u64()
+        ),
+        (Some(50), Some(50)),
+        "{v}"
+    );
+    let out = orderctl(&["--json", "--pipeline", &shop_ref, "dlq", "list"]).await?;
+    assert!(
+        out.status.success(),
+        "orderctl dlq list: {}",
+        stderr_of(&out)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    // A flag that names another pipeline's object, and a pipeline that does not exist.
+    let out = orderctl(&["--pipeline", &shop_ref, "--stream", "ORDERS", "status"]).await?;
+    let err = stderr_of(&out);
+    assert!(
+        !out.status.success()
+            && err.contains(&format!(
+                "--stream ORDERS does not match pipeline {shop_ref}, whose stream is SHOP"
+            )),
+        "{err}"
+    );
+    let out = orderctl(&["--pipeline", &format!("{}/nope", s.ns.name), "status"]).await?;
+    let err = stderr_of(&out);
+    assert!(
+        !out.status.success()
+            && err.contains(&format!(
+                "there is no OrderPipeline nope in namespace {}",
+                s.ns.name
+            )),
+        "{err}"
+    );
     s.ns.delete().await
+}
+
+/// Runs orderctl with the test's KUBECONFIG and none of the name variables.
+async fn orderctl(args: &[&str]) -> anyhow::Result<std::process::Output> {
+    let mut c = tokio::process::Command::new(orderpipeline_e2e::pipeline::binary("orderctl")?);
+    c.args(args);
+    for v in [
+        "NATS_URL",
+        "STREAM_NAME",
+        "CONSUMER_NAME",
+        "INPUT_SUBJECT",
+        "DLQ_STREAM",
+        "ORDERPIPELINE",
+    ] {
+        c.env_remove(v);
+    }
+    Ok(c.output().await?)
+}
+
+fn stderr_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn worker_env_var(d: &Deployment, name: &str) -> Option<String> {

@@ -868,3 +868,38 @@ async fn a_forged_replay_header_is_ignored_and_a_letter_without_id_is_replayed_o
     assert_eq!(poison_chain[1].replay_of, Some(poison_chain[0].seq));
     Ok(())
 }
+
+/// The one "not found" test (`orderpipeline_common::nats::is_not_found`) on a real
+/// server's answers: a missing stream, bucket and consumer are; others are not.
+#[tokio::test]
+async fn not_found_is_recognised_from_the_servers_code() -> anyhow::Result<()> {
+    use orderpipeline_common::nats::is_not_found;
+    let (_server, js) = setup(Duration::from_secs(5)).await?;
+    let e = js
+        .get_stream("NOPE")
+        .await
+        .err()
+        .context("no stream NOPE")?;
+    assert!(is_not_found(&e), "{e}");
+    let e = js
+        .get_key_value("NOPE")
+        .await
+        .err()
+        .context("no bucket NOPE")?;
+    assert!(is_not_found(&e), "{e}");
+    let stream = js.get_stream("ORDERS").await?;
+    let e = stream
+        .get_consumer::<jetstream::consumer::pull::Config>("nope")
+        .await
+        .err()
+        .context("no consumer nope")?;
+    assert!(is_not_found(&*e), "{e}");
+    // An invalid name is refused by the client, not "not found".
+    let e = js
+        .get_key_value("bad.name")
+        .await
+        .err()
+        .context("invalid")?;
+    assert!(!is_not_found(&e), "{e}");
+    Ok(())
+}

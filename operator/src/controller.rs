@@ -1121,7 +1121,7 @@ async fn ensure_topology(
                     .await;
                 }
             }
-            Err(e) if e.to_string().contains("not found") => {
+            Err(e) if orderpipeline_common::nats::is_not_found(&e) => {
                 js.create_stream(cfg.clone())
                     .await
                     .map_err(|e| api_err(&format!("creating stream {name}"), &e))?;
@@ -1180,7 +1180,7 @@ async fn ensure_topology(
                 .await;
             }
         }
-        Err(e) if !e.to_string().contains("not found") => {
+        Err(e) if !orderpipeline_common::nats::is_not_found(&e) => {
             return Err(api_err(&format!("reading KV bucket {}", t.bucket), &e));
         }
         Err(_) => {
@@ -1228,7 +1228,7 @@ async fn ensure_topology(
                 .await;
             }
         }
-        Err(e) if e.to_string().contains("not found") => {
+        Err(e) if orderpipeline_common::nats::is_not_found(&e) => {
             s.create_consumer(desired.clone())
                 .await
                 .map_err(|e| api_err(&format!("creating consumer {}", t.consumer), &e))?;
@@ -1497,7 +1497,7 @@ async fn stream_owned_by(
                     == Some(owner),
             ))
         }
-        Err(e) if e.to_string().contains("not found") => Ok(None),
+        Err(e) if orderpipeline_common::nats::is_not_found(&e) => Ok(None),
         Err(e) => Err(format!("reading stream {name}: {e}")),
     }
 }

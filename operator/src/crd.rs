@@ -475,21 +475,21 @@ impl OrderPipelineSpec {
         self.dead_letter
             .stream_name
             .clone()
-            .unwrap_or_else(|| format!("{}_DLQ", self.stream.name))
+            .unwrap_or_else(|| names::derived_dlq_stream(&self.stream.name))
     }
     /// The dead-letter stream's subject: `deadLetter.subject`, or `DLQ.<filter>`.
     pub fn dlq_subject(&self) -> String {
         self.dead_letter
             .subject
             .clone()
-            .unwrap_or_else(|| format!("DLQ.{}", self.consumer.filter_subject))
+            .unwrap_or_else(|| names::derived_dlq_subject(&self.consumer.filter_subject))
     }
     /// The KV bucket: `state.bucket`, or `<stream.name>_STATE`.
     pub fn state_bucket(&self) -> String {
         self.state
             .bucket
             .clone()
-            .unwrap_or_else(|| format!("{}_STATE", self.stream.name))
+            .unwrap_or_else(|| names::derived_state_bucket(&self.stream.name))
     }
 }
 

@@ -1,6 +1,6 @@
 //! The order worker: consumes `OrderCreated` from a JetStream pull consumer and
 //! gives every message exactly one outcome (processed, rejected, dead-lettered),
-//! recorded once in a KV bucket. Also the library behind `orderctl`.
+//! written once as the order's outcome message. Also the library behind `orderctl`.
 
 pub mod audit;
 pub mod config;
@@ -10,6 +10,7 @@ pub mod downstream;
 pub mod handler;
 pub mod health;
 pub mod metrics;
+pub mod pipeline_ref;
 pub mod protocol;
 pub mod run;
 pub mod trace;

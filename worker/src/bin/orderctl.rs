@@ -2,9 +2,13 @@
 
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use anyhow::Context as _;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use order_worker::config::{NatsArgs, parse_duration};
 use order_worker::ctl::{self, Names, PublishOptions};
+use order_worker::pipeline_ref;
 use orderpipeline_common::names;
 use orderpipeline_proto::ErrorClass;
 
@@ -23,6 +27,21 @@ struct Cli {
     /// Print results as JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// The pipeline to work on, `[NAMESPACE/]NAME` of an OrderPipeline (read
+    /// through KUBECONFIG): its stream, consumer, input subject and dead-letter
+    /// stream, and its NATS URL unless --nats-url/NATS_URL is given. It wins over
+    /// STREAM_NAME, CONSUMER_NAME, INPUT_SUBJECT and DLQ_STREAM; a flag that
+    /// names something else than the pipeline has is an error.
+    #[arg(
+        long,
+        env = "ORDERPIPELINE",
+        global = true,
+        value_name = "[NAMESPACE/]NAME"
+    )]
+    pipeline: Option<String>,
+    /// Set by --pipeline: honour the legacy bucket only if it still exists.
+    #[arg(skip)]
+    legacy_if_present: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -126,10 +145,17 @@ fn class_name(c: ErrorClass) -> &'static str {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let _ = rustls::crypto::ring::default_provider().install_default();
     let telemetry = orderpipeline_common::telemetry::init("orderctl", "warn").ok();
-    let result = run(cli).await;
+    let result = match resolve_pipeline(cli, &matches).await {
+        Ok(cli) => run(cli).await,
+        Err(e) => Err(e),
+    };
     if let Some(t) = telemetry {
         let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
     }
@@ -140,6 +166,94 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// How a flag got its value, looking into the subcommands too.
+fn source_of(m: &ArgMatches, id: &str) -> Option<ValueSource> {
+    let own = m
+        .try_get_raw(id)
+        .ok()
+        .flatten()
+        .and_then(|_| m.value_source(id));
+    match m.subcommand() {
+        Some((_, sub)) => source_of(sub, id).or(own),
+        None => own,
+    }
+}
+
+/// With `--pipeline`, fills the names in from the resource; a name given on the
+/// command line that differs from the pipeline's is an error naming both.
+async fn resolve_pipeline(mut cli: Cli, m: &ArgMatches) -> anyhow::Result<Cli> {
+    let Some(reference) = cli.pipeline.clone() else {
+        return Ok(cli);
+    };
+    let p = pipeline_ref::fetch(&reference).await?;
+    let on_command_line = |id: &str| source_of(m, id) == Some(ValueSource::CommandLine);
+    let set = |field: &mut String, id: &str, want: &str| -> anyhow::Result<()> {
+        let flag = format!("--{}", id.replace('_', "-"));
+        let what = match id {
+            "dlq_stream" => "dead-letter stream",
+            "input_subject" => "input subject (its consumer's filter)",
+            other => other,
+        };
+        if on_command_line(id) && field != want {
+            anyhow::bail!(
+                "{flag} {field} does not match pipeline {}/{}, whose {what} is {want}; drop {flag} or --pipeline",
+                p.namespace,
+                p.name,
+            );
+        }
+        *field = want.to_string();
+        Ok(())
+    };
+    set(&mut cli.stream, "stream", &p.stream)?;
+    if !matches!(
+        source_of(m, "nats_url"),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    ) {
+        cli.nats.nats_url = p.nats_url.clone();
+    }
+    match &mut cli.command {
+        Command::Publish { subject, .. } => {
+            if !on_command_line("subject") {
+                if p.input_subject.contains(['*', '>']) {
+                    anyhow::bail!(
+                        "pipeline {}/{} consumes {}, a wildcard: give the subject to publish on with --subject",
+                        p.namespace,
+                        p.name,
+                        p.input_subject
+                    );
+                }
+                *subject = p.input_subject.clone();
+            }
+        }
+        Command::Status {
+            consumer,
+            input_subject,
+            dlq_stream,
+        } => {
+            set(consumer, "consumer", &p.consumer)?;
+            set(input_subject, "input_subject", &p.input_subject)?;
+            set(dlq_stream, "dlq_stream", &p.dlq_stream)?;
+        }
+        Command::Audit {
+            consumer,
+            dlq_stream,
+            legacy_state_bucket,
+            ..
+        } => {
+            set(consumer, "consumer", &p.consumer)?;
+            set(dlq_stream, "dlq_stream", &p.dlq_stream)?;
+            if legacy_state_bucket.is_none() {
+                *legacy_state_bucket = Some(p.state_bucket.clone());
+                cli.legacy_if_present = true;
+            }
+        }
+        Command::Dlq { dlq_stream, .. } => {
+            set(dlq_stream, "dlq_stream", &p.dlq_stream)?;
+        }
+    }
+    Ok(cli)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -235,7 +349,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 order_worker::audit::Audit::collect(&js, &cli.stream, &dlq_stream, &consumer)
                     .await?;
             if let Some(bucket) = &legacy_state_bucket {
-                a.honour_legacy_records(&js, bucket).await?;
+                let exists = match js.get_key_value(bucket.as_str()).await {
+                    Ok(_) => true,
+                    Err(e)
+                        if cli.legacy_if_present
+                            && orderpipeline_common::nats::is_not_found(&e) =>
+                    {
+                        false
+                    }
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("cannot open the legacy state bucket {bucket}")
+                        });
+                    }
+                };
+                if exists {
+                    a.honour_legacy_records(&js, bucket).await?;
+                }
             }
             let s = a.summary();
             let violations = a.violations();
