@@ -65,10 +65,13 @@ pub async fn kube_client() -> anyhow::Result<Client> {
         .context("cannot build a Kubernetes client from KUBECONFIG")
 }
 
-/// A namespace with a random name, deleted when the test calls [`TestNamespace::delete`].
+/// A namespace with a random name: [`TestNamespace::delete`] deletes it and says
+/// whether that worked; dropped without it (a test that failed or panicked half
+/// way) it is deleted all the same, so failed runs leave nothing behind.
 pub struct TestNamespace {
     pub name: String,
     client: Client,
+    deleted: bool,
 }
 
 impl TestNamespace {
@@ -85,15 +88,54 @@ impl TestNamespace {
         Ok(Self {
             name,
             client: client.clone(),
+            deleted: false,
         })
     }
 
-    pub async fn delete(self) -> anyhow::Result<()> {
-        Api::<Namespace>::all(self.client)
-            .delete(&self.name, &DeleteParams::background())
-            .await
-            .with_context(|| format!("deleting namespace {}", self.name))?;
-        Ok(())
+    pub async fn delete(mut self) -> anyhow::Result<()> {
+        self.deleted = true;
+        delete_namespace(self.client.clone(), &self.name).await
+    }
+}
+
+async fn delete_namespace(client: Client, name: &str) -> anyhow::Result<()> {
+    match Api::<Namespace>::all(client)
+        .delete(name, &DeleteParams::background())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("deleting namespace {name}")),
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        if self.deleted {
+            return;
+        }
+        // Drop cannot await, and the test's runtime may be unwinding: a thread
+        // with its own runtime and its own client (a client is bound to the
+        // runtime that made it).
+        let name = self.name.clone();
+        let done = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let client = Client::try_default().await?;
+                delete_namespace(client, &name).await
+            })
+        })
+        .join();
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("cleanup: namespace {}: {e:#}", self.name),
+            Err(_) => eprintln!(
+                "cleanup: namespace {}: the cleanup thread panicked",
+                self.name
+            ),
+        }
     }
 }
 

@@ -333,3 +333,34 @@ async fn kwok_nodes_are_ready() -> anyhow::Result<()> {
     assert_eq!(version.minor, "36", "server version {version:?}");
     Ok(())
 }
+
+/// A test that fails half way (its namespace dropped without `delete`) still
+/// leaves nothing behind: the guard deletes the namespace.
+#[tokio::test]
+async fn a_test_namespace_dropped_without_delete_is_deleted_all_the_same() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Namespace;
+    let client = kube_client().await?;
+    let ns = TestNamespace::create(&client, "env-guard").await?;
+    let name = ns.name.clone();
+    // As a panicking test would: the guard goes out of scope on the way out.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let _guard = ns;
+        panic!("a failing test");
+    }));
+    let namespaces: Api<Namespace> = Api::all(client);
+    wait_for(
+        &format!("namespace {name} deleted or terminating"),
+        Duration::from_secs(30),
+        || {
+            let namespaces = namespaces.clone();
+            let name = name.clone();
+            async move {
+                Ok(match namespaces.get_opt(&name).await? {
+                    None => Some(()),
+                    Some(n) => n.metadata.deletion_timestamp.map(|_| ()),
+                })
+            }
+        },
+    )
+    .await
+}

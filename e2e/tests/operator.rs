@@ -1568,3 +1568,84 @@ async fn workers_check_the_records_of_the_protocol_before_v2_while_there_are_any
     .await?;
     s.ns.delete().await
 }
+
+/// The Deployment an operator from before v2 left behind (its template has no
+/// protocol annotation) is replaced by a `Recreate` rollout, so that old and new
+/// workers never share the consumer; afterwards rollouts are rolling again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_of_the_old_protocol_are_replaced_by_a_recreate_rollout() -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    use kube::runtime::{WatchStreamExt as _, watcher};
+    let s = setup_ready("op-recreate").await?;
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns.name);
+    let strategy_of = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.strategy.as_ref())
+            .and_then(|s| s.type_.clone())
+            .unwrap_or_default()
+    };
+    let protocol_of = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get("orderpipeline.dev/outcome-protocol").cloned())
+    };
+    let d = deployments.get("orders-workers").await?;
+    assert_eq!(
+        (strategy_of(&d).as_str(), protocol_of(&d).as_deref()),
+        ("RollingUpdate", Some("2"))
+    );
+    // Every version of the Deployment, as the API server hands them out.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, Option<String>)>::new()));
+    let watch = {
+        let seen = seen.clone();
+        let cfg = watcher::Config::default().fields("metadata.name=orders-workers");
+        let stream = watcher(deployments.clone(), cfg).applied_objects();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(Ok(d)) = stream.next().await {
+                let entry = (strategy_of(&d), protocol_of(&d));
+                seen.lock().unwrap().push(entry);
+            }
+        })
+    };
+    // The template as the operator before v2 rendered it: no protocol annotation.
+    deployments
+        .patch(
+            "orders-workers",
+            &PatchParams::default(),
+            &Patch::<()>::Json(serde_json::from_value(serde_json::json!([
+                {"op": "remove",
+                 "path": "/spec/template/metadata/annotations/orderpipeline.dev~1outcome-protocol"}
+            ]))?),
+        )
+        .await?;
+    let result = wait_for(
+        "a Recreate rollout to v2, then rolling updates again",
+        Duration::from_secs(60),
+        || async {
+            let seen = seen.lock().unwrap().clone();
+            let recreate = seen
+                .iter()
+                .position(|(st, pr)| st == "Recreate" && pr.as_deref() == Some("2"));
+            Ok(recreate.and_then(|i| {
+                seen[i..]
+                    .iter()
+                    .any(|(st, pr)| st == "RollingUpdate" && pr.as_deref() == Some("2"))
+                    .then_some(())
+            }))
+        },
+    )
+    .await;
+    watch.abort();
+    result.with_context(|| {
+        format!(
+            "versions seen: {:?}\noperator log:\n{}",
+            seen.lock().unwrap(),
+            s.operator.log_text()
+        )
+    })?;
+    s.ns.delete().await
+}

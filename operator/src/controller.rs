@@ -477,6 +477,7 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
             .and_then(|env| env.iter().find(|v| v.name == "LEGACY_STATE_BUCKET"))
             .and_then(|v| v.value.clone()),
     };
+    plan.replaces_old_protocol = before.as_ref().is_some_and(render::replaces_old_protocol);
     let mode = replica_mode(&p);
     let lag = figures
         .as_ref()
@@ -537,6 +538,15 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
     } else {
         if replicas.is_none() {
             release_replicas(&deployments, &name, before.as_ref(), resume_at).await?;
+        }
+        if let Some(patch) = before
+            .as_ref()
+            .and_then(|live| render::strategy_patch(live, plan.replaces_old_protocol))
+        {
+            deployments
+                .patch(&name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch))
+                .await
+                .map_err(Error::Kube)?;
         }
         let desired = render::deployment(&p, &plan, &secrets, &ctx.default_image, replicas);
         match deployments
@@ -1248,10 +1258,6 @@ async fn ensure_topology(
 }
 
 /// Whether a stream lookup failed because the stream does not exist.
-fn is_not_found(e: &async_nats::jetstream::context::GetStreamError) -> bool {
-    matches!(e.kind(), async_nats::jetstream::context::GetStreamErrorKind::JetStream(j) if j.code() == 404)
-}
-
 /// A stream's sources as (stream, filter) pairs: the part the operator sets (the
 /// dead-letter stream sources the input stream's `deadlettered` outcomes).
 fn sources_of(c: &stream::Config) -> Vec<(String, Option<String>)> {
@@ -1324,7 +1330,7 @@ async fn read_figures(js: &jetstream::Context, t: &Topology) -> Result<Figures, 
     // The bucket may be absent (Observe, or not created yet): no records then.
     let legacy_records = match js.get_stream(format!("KV_{}", t.bucket)).await {
         Ok(mut b) => b.info().await.ok().map(|i| i.state.messages),
-        Err(e) if crate::controller::is_not_found(&e) => Some(0),
+        Err(e) if orderpipeline_common::nats::is_not_found(&e) => Some(0),
         Err(_) => None,
     };
     Ok(Figures {

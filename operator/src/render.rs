@@ -23,6 +23,10 @@ use crate::crd::{OrderPipeline, Retention, Storage};
 pub const PIPELINE_LABEL: &str = "orderpipeline.dev/pipeline";
 pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 pub const CHECKSUM_ANNOTATION: &str = "orderpipeline.dev/secrets-checksum";
+/// On the workers' pod template: the outcome protocol its workers speak. A
+/// Deployment whose template does not say `2` runs workers from before v2.
+pub const PROTOCOL_ANNOTATION: &str = "orderpipeline.dev/outcome-protocol";
+pub const PROTOCOL_VERSION: &str = "2";
 pub const WORKER_HTTP_PORT: i32 = 8080;
 const CREDS_MOUNT: &str = "/etc/orderpipeline/nats-credentials";
 const TLS_MOUNT: &str = "/etc/orderpipeline/nats-tls";
@@ -67,6 +71,10 @@ pub struct Plan {
     /// workers then treat an order recorded final there as done
     /// (`LEGACY_STATE_BUCKET`). Set by the controller from what NATS holds.
     pub legacy_bucket: Option<String>,
+    /// The live Deployment runs workers of the protocol before v2: this rollout
+    /// is `Recreate`, so that old and new workers never share the consumer (an
+    /// old worker does not see v2's outcomes). Set by the controller.
+    pub replaces_old_protocol: bool,
 }
 
 /// A spec the operator cannot act on, with what to change.
@@ -215,6 +223,7 @@ pub fn plan(p: &OrderPipeline) -> Result<Plan, InvalidSpec> {
         shutdown_grace,
         window_warning,
         legacy_bucket: None,
+        replaces_old_protocol: false,
     })
 }
 
@@ -486,6 +495,55 @@ fn probe(path: &str) -> Probe {
 }
 
 /// The worker Deployment. `replicas` is `None` when someone else owns the field.
+/// Whether the rollout onto `live` must be `Recreate`: its pods run workers of
+/// the protocol before v2 (no protocol annotation on the template), or such a
+/// `Recreate` rollout is still going on (switching to a rolling update half way
+/// would start new workers beside old ones).
+pub fn replaces_old_protocol(live: &Deployment) -> bool {
+    let Some(spec) = live.spec.as_ref() else {
+        return false;
+    };
+    let speaks_v2 = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(PROTOCOL_ANNOTATION))
+        .is_some_and(|v| v == PROTOCOL_VERSION);
+    let recreating = spec
+        .strategy
+        .as_ref()
+        .is_some_and(|s| s.type_.as_deref() == Some("Recreate"));
+    let status = live.status.clone().unwrap_or_default();
+    let rolled_out = status.observed_generation >= live.metadata.generation
+        && status.replicas.unwrap_or(0) == status.updated_replicas.unwrap_or(0);
+    !speaks_v2 || (recreating && !rolled_out)
+}
+
+/// The merge patch that gives `live` the rollout strategy the plan needs, if it
+/// has another: `Recreate` (its `rollingUpdate` defaults removed, which the API
+/// server requires and an apply cannot do) while old workers are replaced, the
+/// default rolling update otherwise. Sent before the Deployment is applied, so
+/// that a template change rolls out with it. The strategy is left out of the
+/// applied Deployment for the same reason.
+pub fn strategy_patch(live: &Deployment, recreate: bool) -> Option<serde_json::Value> {
+    let current = live
+        .spec
+        .as_ref()
+        .and_then(|s| s.strategy.as_ref())
+        .and_then(|s| s.type_.as_deref())
+        .unwrap_or("RollingUpdate");
+    match (recreate, current) {
+        (true, "Recreate") | (false, "RollingUpdate") => None,
+        (true, _) => Some(serde_json::json!({
+            "spec": {"strategy": {"type": "Recreate", "rollingUpdate": null}}
+        })),
+        (false, _) => Some(serde_json::json!({
+            "spec": {"strategy": {"type": "RollingUpdate"}}
+        })),
+    }
+}
+
 pub fn deployment(
     p: &OrderPipeline,
     plan: &Plan,
@@ -507,7 +565,10 @@ pub fn deployment(
         );
         l
     };
-    let mut annotations = BTreeMap::new();
+    let mut annotations = BTreeMap::from([(
+        PROTOCOL_ANNOTATION.to_string(),
+        PROTOCOL_VERSION.to_string(),
+    )]);
     if let Some(c) = &secrets.checksum {
         annotations.insert(CHECKSUM_ANNOTATION.to_string(), c.clone());
     }
@@ -591,7 +652,7 @@ pub fn deployment(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
-                    annotations: (!annotations.is_empty()).then_some(annotations),
+                    annotations: Some(annotations),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
@@ -766,6 +827,92 @@ spec:
             .find(|v| v.name == "LEGACY_STATE_BUCKET")
             .unwrap();
         assert_eq!(v.value.as_deref(), Some("ORDERS_STATE"));
+    }
+
+    #[test]
+    fn replacing_workers_of_the_old_protocol_is_a_recreate_rollout() {
+        let p = sample();
+        let pl = plan(&p).unwrap();
+        let d = deployment(&p, &pl, &SecretsView::default(), "img", Some(1));
+        let spec = d.spec.as_ref().unwrap();
+        assert_eq!(spec.strategy, None, "the strategy is patched, not applied");
+        let annotations = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref();
+        assert_eq!(
+            annotations
+                .unwrap()
+                .get(PROTOCOL_ANNOTATION)
+                .map(String::as_str),
+            Some(PROTOCOL_VERSION)
+        );
+        // As the API server returns a Deployment: the rolling-update defaults filled in.
+        let rolling: Deployment = serde_yaml::from_str(
+            "metadata: {name: orders-workers}
+spec:
+  strategy: {type: RollingUpdate, rollingUpdate: {maxSurge: 25%, maxUnavailable: 25%}}
+  selector: {matchLabels: {app: w}}
+  template: {metadata: {labels: {app: w}}}",
+        )
+        .unwrap();
+        assert_eq!(strategy_patch(&rolling, false), None);
+        assert_eq!(
+            strategy_patch(&rolling, true),
+            Some(serde_json::json!({
+                "spec": {"strategy": {"type": "Recreate", "rollingUpdate": null}}
+            }))
+        );
+        let mut recreate = rolling.clone();
+        recreate.spec.as_mut().unwrap().strategy =
+            serde_yaml::from_str("{type: Recreate}").unwrap();
+        assert_eq!(strategy_patch(&recreate, true), None);
+        assert_eq!(
+            strategy_patch(&recreate, false),
+            Some(serde_json::json!({"spec": {"strategy": {"type": "RollingUpdate"}}}))
+        );
+    }
+
+    #[test]
+    fn the_recreate_lasts_until_the_new_workers_have_replaced_the_old() {
+        // Live Deployments as the API server returns them.
+        let live = |yaml: &str| -> Deployment { serde_yaml::from_str(yaml).unwrap() };
+        let old = live(
+            "metadata: {name: orders-workers, generation: 3}
+spec:
+  selector: {matchLabels: {app: w}}
+  template: {metadata: {labels: {app: w}}}
+status: {observedGeneration: 3, replicas: 2, updatedReplicas: 2}",
+        );
+        assert!(
+            replaces_old_protocol(&old),
+            "a template without the protocol annotation"
+        );
+        let recreating = live(
+            "metadata: {name: orders-workers, generation: 4}
+spec:
+  strategy: {type: Recreate}
+  selector: {matchLabels: {app: w}}
+  template: {metadata: {labels: {app: w}, annotations: {orderpipeline.dev/outcome-protocol: '2'}}}
+status: {observedGeneration: 4, replicas: 2, updatedReplicas: 0}",
+        );
+        assert!(replaces_old_protocol(&recreating), "old pods still there");
+        let mut unobserved = recreating.clone();
+        unobserved.status.as_mut().unwrap().updated_replicas = Some(2);
+        unobserved.status.as_mut().unwrap().observed_generation = Some(3);
+        assert!(
+            replaces_old_protocol(&unobserved),
+            "the controller has not seen it yet"
+        );
+        let mut done = unobserved.clone();
+        done.status.as_mut().unwrap().observed_generation = Some(4);
+        assert!(
+            !replaces_old_protocol(&done),
+            "rolled out: rolling updates again"
+        );
     }
 
     #[test]
