@@ -178,6 +178,17 @@ impl OperatorProcess {
         Ok(status.code())
     }
 
+    /// SIGTERM, without waiting for the exit.
+    pub async fn terminate(&self) -> anyhow::Result<()> {
+        if let Some(pid) = self.child.as_ref().and_then(tokio::process::Child::id) {
+            tokio::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await?;
+        }
+        Ok(())
+    }
+
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(mut c) = self.child.take() {
             if let Some(pid) = c.id() {

@@ -569,10 +569,37 @@ async fn nats_going_away_turns_ready_false_and_back() -> anyhow::Result<()> {
             "{type_} does not keep a stale True"
         );
     }
+    // A spec change made during the outage is recorded as observed (tools read
+    // observedGeneration) but not applied: once NATS is back, applying it is an
+    // update the user asked for, not drift.
+    s.api
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"stream": {"maxAge": "2h"}}})),
+        )
+        .await?;
+    wait_for(
+        "the change observed while NATS is away",
+        Duration::from_secs(30),
+        || async {
+            let p = s.api.get("orders").await?;
+            let st = p.status.unwrap_or_default();
+            Ok((st.observed_generation == p.metadata.generation).then_some(()))
+        },
+    )
+    .await?;
     s.nats.restart().await?;
     wait_ready(&s, "orders", "True", Some("PipelineReady"))
         .await
         .context("Ready again without restarting anything")?;
+    wait_max_age(&s.js, "ORDERS", Duration::from_secs(7200)).await?;
+    wait_events(&s.ns.name, &["StreamUpdated"]).await?;
+    let events = event_reasons(&s.ns.name).await?;
+    assert!(
+        !events.contains("DriftCorrected"),
+        "the user's own change reported as drift:\n{events}"
+    );
     s.ns.delete().await
 }
 
@@ -1647,5 +1674,76 @@ async fn workers_of_the_old_protocol_are_replaced_by_a_recreate_rollout() -> any
             s.operator.log_text()
         )
     })?;
+    s.ns.delete().await
+}
+
+/// On SIGTERM the Lease is handed back only once the in-flight reconciles have
+/// ended: a reconcile stuck connecting to a NATS that never answers (it gives up
+/// after its 5 s connection timeout) still holds its connection when SIGTERM
+/// arrives, and the Lease must stay this replica's until that connection is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sigterm_the_lease_is_handed_back_after_the_running_reconciles() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let s = setup("op-drain").await?;
+    wait_for(
+        "the replica to hold the Lease",
+        Duration::from_secs(20),
+        || async { Ok(lease_holder(&s).await?.is_some().then_some(())) },
+    )
+    .await?;
+    // A "NATS" that accepts connections and never says anything.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = silent.local_addr()?.port();
+    let (accepted, open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let server = {
+        let (accepted, open) = (accepted.clone(), open.clone());
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = silent.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                open.fetch_add(1, Ordering::SeqCst);
+                let open = open.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = tokio::io::AsyncReadExt::read(&mut conn, &mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        })
+    };
+    let mut stuck = sample(&format!("nats://127.0.0.1:{port}"))?;
+    stuck.metadata.name = Some("stuck".into());
+    stuck.spec.stream.name = "STUCK".into();
+    stuck.spec.stream.subjects = vec!["STUCK.*".into()];
+    stuck.spec.consumer.filter_subject = "STUCK.created".into();
+    stuck.spec.dead_letter.stream_name = None;
+    stuck.spec.dead_letter.subject = None;
+    stuck.spec.state.bucket = None;
+    s.api.create(&PostParams::default(), &stuck).await?;
+    wait_for(
+        "a reconcile connecting to the silent NATS",
+        Duration::from_secs(20),
+        || async { Ok((accepted.load(Ordering::SeqCst) > 0).then_some(())) },
+    )
+    .await?;
+    s.operator.terminate().await?;
+    // When the Lease is handed back, no reconcile may hold its connection any more.
+    let open_at_release = wait_for("the Lease handed back", Duration::from_secs(30), || async {
+        Ok(lease_holder(&s)
+            .await?
+            .is_none()
+            .then(|| open.load(Ordering::SeqCst)))
+    })
+    .await
+    .with_context(|| format!("operator log:\n{}", s.operator.log_text()))?;
+    server.abort();
+    assert_eq!(
+        open_at_release, 0,
+        "the Lease was handed back while a reconcile was still connecting to NATS"
+    );
     s.ns.delete().await
 }

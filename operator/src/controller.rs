@@ -442,7 +442,9 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
     // Between reconciles of an unchanged spec, any difference is drift.
     // (`status.stream` is set once the stream has been seen, and kept when a
     // later read fails, so a failed read in between does not hide drift.)
-    let drift = old.observed_generation == generation && old.stream.is_some();
+    // Judged against the last generation applied in full: a blocked reconcile
+    // records observedGeneration too, and applying its spec later is no drift.
+    let drift = old.applied_generation == generation && old.stream.is_some();
     if !observe && let Err(b) = ensure_topology(&p, &ctx, &js, &plan.topology, drift).await {
         if b.reason == reasons::NATS_UNREACHABLE || b.reason == reasons::JETSTREAM_ERROR {
             ctx.forget_nats(&key).await;
@@ -626,6 +628,7 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
 
     let mut status = old.clone();
     status.observed_generation = generation;
+    status.applied_generation = generation;
     status.replica_mode = Some(mode);
     status.replicas_before_pause = replicas_before_pause;
     status.desired_replicas = replicas.or(applied_replicas);

@@ -716,9 +716,15 @@ pub struct WorkersStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderPipelineStatus {
-    /// The spec generation this status describes.
+    /// The spec generation this status describes (also when it could not be
+    /// applied: see the conditions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The last spec generation applied in full (JetStream objects and the
+    /// worker Deployment). A difference found while it equals the current
+    /// generation was made outside the operator: drift.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_generation: Option<i64>,
     /// Ready (aggregate), StreamReady, ConsumerReady, WorkersAvailable,
     /// DuplicateWindowSufficient.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -1,8 +1,9 @@
 //! Leader election with a coordination.k8s.io Lease: only the holder reconciles.
 //! A replica waits until the Lease is free or expired, takes it with an
 //! optimistic-concurrency update, renews it, and reports loss (the process then
-//! exits, and Kubernetes restarts it as a standby). On shutdown it releases the
-//! Lease so a standby takes over at once.
+//! exits, and Kubernetes restarts it as a standby). On shutdown it hands the
+//! Lease back once the last running reconcile has ended (never while one still
+//! writes), so a standby takes over at once.
 
 use std::time::Duration;
 
@@ -158,13 +159,13 @@ pub async fn acquire(client: &Client, cfg: &LeaseConfig, shutdown: &Cancellation
     }
 }
 
-/// Renews the Lease until `shutdown` fires (then releases it) or the Lease is
-/// lost: taken by another replica, or not renewed within the renew deadline
-/// (then cancels `lost`).
+/// Renews the Lease until `release` fires (then hands it back; fire it only
+/// once no reconcile runs) or the Lease is lost: taken by another replica, or
+/// not renewed within the renew deadline (then cancels `lost`).
 pub async fn hold(
     client: Client,
     cfg: LeaseConfig,
-    shutdown: CancellationToken,
+    release: CancellationToken,
     lost: CancellationToken,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
@@ -178,8 +179,8 @@ pub async fn hold(
                 lost.cancel();
                 return;
             }
-            _ = shutdown.cancelled() => {
-                release(&api, &cfg).await;
+            _ = release.cancelled() => {
+                hand_back(&api, &cfg).await;
                 return;
             }
         }
@@ -197,7 +198,7 @@ pub async fn hold(
     }
 }
 
-async fn release(api: &Api<Lease>, cfg: &LeaseConfig) {
+async fn hand_back(api: &Api<Lease>, cfg: &LeaseConfig) {
     if let Ok(Some(mut lease)) = api.get_opt(&cfg.name).await
         && lease
             .spec

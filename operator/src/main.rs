@@ -163,6 +163,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     tracing::info!(namespace = ?args.namespace, addr = %args.http_addr, "order-operator starting");
     let lost = CancellationToken::new();
+    let release = CancellationToken::new();
     let mut holder = None;
     if args.leader_elect {
         let lease = order_operator::leader::LeaseConfig {
@@ -182,10 +183,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let _ = http.await;
             return Ok(());
         }
+        // Its own token: the Lease is handed back only once no reconcile runs
+        // (a SIGTERM cancels `shutdown` while reconciles are still finishing).
         holder = Some(tokio::spawn(order_operator::leader::hold(
             client.clone(),
             lease,
-            shutdown.clone(),
+            release.clone(),
             lost.clone(),
         )));
     }
@@ -199,6 +202,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = lost.cancelled() => {}
     }
     shutdown.cancel();
+    release.cancel();
     if let Some(h) = holder {
         let _ = h.await;
     }
