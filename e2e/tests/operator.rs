@@ -1747,3 +1747,50 @@ async fn on_sigterm_the_lease_is_handed_back_after_the_running_reconciles() -> a
     );
     s.ns.delete().await
 }
+
+async fn reconciles_run(s: &Setup) -> anyhow::Result<u64> {
+    let url = format!("http://127.0.0.1:{}/metrics", s.operator.http_port);
+    let text = orderpipeline_e2e::pipeline::http_get(&url)
+        .await
+        .context("operator /metrics")?
+        .1;
+    text.lines()
+        .find_map(|l| l.strip_prefix("orderoperator_reconciles_total "))
+        .context("orderoperator_reconciles_total in /metrics")?
+        .trim()
+        .parse()
+        .context("reconciles_total")
+}
+
+/// With `consumer.backoff` the server replaces the ack wait by the first step:
+/// that is no reason to update the consumer (and report it) on every resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_with_backoff_is_left_alone_between_spec_changes() -> anyhow::Result<()> {
+    let s = setup("op-backoff").await?;
+    let mut p = sample(&s.nats.url())?;
+    p.spec.consumer.backoff = vec!["1s".into(), "5s".into(), "20s".into()];
+    s.api.create(&PostParams::default(), &p).await?;
+    wait_ready(&s, "orders", "True", None).await?;
+    let info =
+        s.js.get_stream("ORDERS")
+            .await?
+            .consumer_info("order-workers")
+            .await?;
+    assert_eq!(
+        info.config.ack_wait,
+        Duration::from_secs(1),
+        "the server's rule"
+    );
+    // Three more resyncs (2 s each here).
+    let before = reconciles_run(&s).await?;
+    wait_for("three more reconciles", Duration::from_secs(30), || async {
+        Ok((reconciles_run(&s).await? >= before + 3).then_some(()))
+    })
+    .await?;
+    let events = event_reasons(&s.ns.name).await?;
+    assert!(
+        !events.contains("ConsumerUpdated") && !events.contains("DriftCorrected"),
+        "the consumer was rewritten without a change:\n{events}"
+    );
+    s.ns.delete().await
+}

@@ -24,6 +24,7 @@ use crate::conditions::{self, reasons, types};
 use crate::crd::{
     DeletionPolicy, ManagementPolicy, OrderPipeline, OrderPipelineStatus, ReplicaMode,
 };
+use crate::drift;
 use crate::events::{Event, EventType, Recorder};
 use crate::metrics::Metrics;
 use crate::render::{self, Credentials, SecretsView};
@@ -1122,7 +1123,7 @@ async fn ensure_topology(
                         format!("adopted existing stream {name} (managementPolicy Adopt)"),
                     )
                     .await;
-                } else if let Some(field) = stream_differs(&live, &cfg) {
+                } else if let Some(field) = drift::stream_differs(&live, &cfg) {
                     js.update_stream(cfg.clone())
                         .await
                         .map_err(|e| api_err(&format!("updating stream {name}"), &e))?;
@@ -1174,14 +1175,7 @@ async fn ensure_topology(
                 .config
                 .clone();
             let want = t.kv_config();
-            let field = if live.max_age != want.max_age {
-                Some("ttl")
-            } else if live.num_replicas != want.num_replicas {
-                Some("replicas")
-            } else {
-                None
-            };
-            if let Some(field) = field {
+            if let Some(field) = drift::bucket_differs(&live, &want) {
                 js.update_key_value(want)
                     .await
                     .map_err(|e| api_err(&format!("updating KV bucket {}", t.bucket), &e))?;
@@ -1220,13 +1214,7 @@ async fn ensure_topology(
         .map_err(|e| api_err(&format!("reading stream {}", t.stream), &e))?;
     match s.consumer_info(&t.consumer).await {
         Ok(info) => {
-            let live = &info.config;
-            if live.ack_wait != desired.ack_wait
-                || live.max_ack_pending != desired.max_ack_pending
-                || live.filter_subject != desired.filter_subject
-                || live.backoff != desired.backoff
-                || live.max_deliver != desired.max_deliver
-            {
+            if let Some(field) = drift::consumer_differs(&info.config, &desired) {
                 s.create_consumer(desired.clone())
                     .await
                     .map_err(|e| api_err(&format!("updating consumer {}", t.consumer), &e))?;
@@ -1234,7 +1222,7 @@ async fn ensure_topology(
                     "ConsumerUpdated",
                     "Update",
                     format!(
-                        "updated consumer {} (max ack pending {}, ack wait {:?})",
+                        "updated consumer {} ({field} changed; max ack pending {}, ack wait {:?})",
                         t.consumer, desired.max_ack_pending, desired.ack_wait
                     ),
                 )
@@ -1258,40 +1246,6 @@ async fn ensure_topology(
         Err(e) => return Err(api_err(&format!("reading consumer {}", t.consumer), &e)),
     }
     Ok(())
-}
-
-/// Whether a stream lookup failed because the stream does not exist.
-/// A stream's sources as (stream, filter) pairs: the part the operator sets (the
-/// dead-letter stream sources the input stream's `deadlettered` outcomes).
-fn sources_of(c: &stream::Config) -> Vec<(String, Option<String>)> {
-    c.sources
-        .iter()
-        .flatten()
-        .map(|s| {
-            (
-                s.name.clone(),
-                s.filter_subject.clone().filter(|f| !f.is_empty()),
-            )
-        })
-        .collect()
-}
-
-/// The first field NATS can change in place that differs from the spec.
-fn stream_differs(live: &stream::Config, want: &stream::Config) -> Option<&'static str> {
-    [
-        (live.subjects != want.subjects, "subjects"),
-        (live.max_age != want.max_age, "max age"),
-        (live.max_bytes != want.max_bytes, "max bytes"),
-        (
-            live.duplicate_window != want.duplicate_window,
-            "duplicate window",
-        ),
-        (live.num_replicas != want.num_replicas, "replicas"),
-        (live.retention != want.retention, "retention"),
-        (sources_of(live) != sources_of(want), "sources"),
-    ]
-    .into_iter()
-    .find_map(|(differs, field)| differs.then_some(field))
 }
 
 struct Figures {

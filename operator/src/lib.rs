@@ -4,6 +4,7 @@
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod drift;
 pub mod events;
 pub mod leader;
 pub mod metrics;

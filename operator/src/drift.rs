@@ -1,0 +1,222 @@
+//! What differs between a JetStream object as the server reports it and as the
+//! spec wants it, field by field: the operator updates only then, and reports the
+//! field. Pure; table-tested against configs a real nats-server returned
+//! (`operator/fixtures/`).
+
+use async_nats::jetstream::{consumer, kv, stream};
+
+/// A stream's sources as (stream, filter) pairs: the part the operator sets (the
+/// dead-letter stream sources the input stream's `deadlettered` outcomes).
+fn sources_of(c: &stream::Config) -> Vec<(String, Option<String>)> {
+    c.sources
+        .iter()
+        .flatten()
+        .map(|s| {
+            (
+                s.name.clone(),
+                s.filter_subject.clone().filter(|f| !f.is_empty()),
+            )
+        })
+        .collect()
+}
+
+fn first(checks: &[(bool, &'static str)]) -> Option<&'static str> {
+    checks
+        .iter()
+        .find_map(|&(differs, field)| differs.then_some(field))
+}
+
+/// The first stream field NATS can change in place that differs from the spec.
+pub fn stream_differs(live: &stream::Config, want: &stream::Config) -> Option<&'static str> {
+    first(&[
+        (live.subjects != want.subjects, "subjects"),
+        (live.max_age != want.max_age, "max age"),
+        (live.max_bytes != want.max_bytes, "max bytes"),
+        (
+            live.duplicate_window != want.duplicate_window,
+            "duplicate window",
+        ),
+        (live.num_replicas != want.num_replicas, "replicas"),
+        (live.retention != want.retention, "retention"),
+        (sources_of(live) != sources_of(want), "sources"),
+    ])
+}
+
+/// The first consumer field the operator sets that differs. With a backoff the
+/// server replaces the ack wait by the backoff's first step, so that is the ack
+/// wait to expect (comparing with the spec's would update the consumer on every
+/// reconcile).
+pub fn consumer_differs(
+    live: &consumer::Config,
+    want: &consumer::pull::Config,
+) -> Option<&'static str> {
+    let ack_wait = want.backoff.first().copied().unwrap_or(want.ack_wait);
+    first(&[
+        (live.filter_subject != want.filter_subject, "filter subject"),
+        (live.ack_wait != ack_wait, "ack wait"),
+        (live.backoff != want.backoff, "backoff"),
+        (
+            live.max_ack_pending != want.max_ack_pending,
+            "max ack pending",
+        ),
+        (live.max_deliver != want.max_deliver, "max deliver"),
+    ])
+}
+
+/// The first bucket setting that differs (`live` is the bucket's stream).
+pub fn bucket_differs(live: &stream::Config, want: &kv::Config) -> Option<&'static str> {
+    first(&[
+        (live.max_age != want.max_age, "ttl"),
+        (live.num_replicas != want.num_replicas, "replicas"),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// `nats consumer info --json` of a consumer created with ack wait 30 s and
+    /// backoff 5 s, 30 s, 120 s (nats-server 2.12): the server says ack wait 5 s.
+    fn live_consumer() -> consumer::Config {
+        serde_json::from_str(include_str!("../fixtures/consumer-with-backoff.json")).unwrap()
+    }
+
+    fn live_stream() -> stream::Config {
+        serde_json::from_str(include_str!("../fixtures/stream.json")).unwrap()
+    }
+
+    fn wanted_consumer() -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some("order-workers".into()),
+            filter_subject: "ORDER.created".into(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: -1,
+            max_ack_pending: 1000,
+            backoff: [5, 30, 120].map(Duration::from_secs).to_vec(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn consumer_fields_are_compared_as_the_server_reports_them() {
+        let live = live_consumer();
+        assert_eq!(
+            live.ack_wait,
+            Duration::from_secs(5),
+            "the fixture's premise"
+        );
+        type Change = fn(&mut consumer::pull::Config);
+        let table: [(&str, Change, Option<&str>); 6] = [
+            ("as applied, backoff replacing the ack wait", |_| {}, None),
+            (
+                "another filter",
+                |w| w.filter_subject = "ORDER.x".into(),
+                Some("filter subject"),
+            ),
+            (
+                "another backoff",
+                |w| w.backoff[2] = Duration::from_secs(60),
+                Some("backoff"),
+            ),
+            (
+                "a new first backoff step",
+                |w| w.backoff[0] = Duration::from_secs(1),
+                Some("ack wait"),
+            ),
+            (
+                "no backoff any more",
+                |w| w.backoff.clear(),
+                Some("ack wait"),
+            ),
+            (
+                "another max ack pending",
+                |w| w.max_ack_pending = 10,
+                Some("max ack pending"),
+            ),
+        ];
+        for (case, change, want) in table {
+            let mut w = wanted_consumer();
+            change(&mut w);
+            assert_eq!(consumer_differs(&live, &w), want, "{case}");
+        }
+        // Without a backoff the spec's ack wait is compared as it is.
+        let mut plain_live = live.clone();
+        plain_live.backoff.clear();
+        plain_live.ack_wait = Duration::from_secs(30);
+        let mut plain = wanted_consumer();
+        plain.backoff.clear();
+        assert_eq!(consumer_differs(&plain_live, &plain), None);
+        plain.ack_wait = Duration::from_secs(60);
+        assert_eq!(consumer_differs(&plain_live, &plain), Some("ack wait"));
+    }
+
+    #[test]
+    fn stream_fields_nats_changes_in_place_are_compared() {
+        let live = live_stream();
+        type Change = fn(&mut stream::Config);
+        let table: [(&str, Change, Option<&str>); 6] = [
+            ("as applied", |_| {}, None),
+            (
+                "max age",
+                |w| w.max_age = Duration::from_secs(3600),
+                Some("max age"),
+            ),
+            (
+                "subjects",
+                |w| w.subjects.push("ORDER.*.*".into()),
+                Some("subjects"),
+            ),
+            (
+                "duplicate window",
+                |w| w.duplicate_window = Duration::from_secs(5),
+                Some("duplicate window"),
+            ),
+            ("replicas", |w| w.num_replicas = 3, Some("replicas")),
+            (
+                "sources",
+                |w| {
+                    w.sources = Some(vec![stream::Source {
+                        name: "ORDERS".into(),
+                        filter_subject: Some("ORDER.deadlettered.*".into()),
+                        ..Default::default()
+                    }])
+                },
+                Some("sources"),
+            ),
+        ];
+        for (case, change, want) in table {
+            let mut w = live.clone();
+            change(&mut w);
+            assert_eq!(stream_differs(&live, &w), want, "{case}");
+        }
+    }
+
+    #[test]
+    fn bucket_ttl_and_replicas_are_compared() {
+        let live = stream::Config {
+            max_age: Duration::from_secs(86_400),
+            num_replicas: 1,
+            ..live_stream()
+        };
+        let want = kv::Config {
+            bucket: "ORDERS_STATE".into(),
+            max_age: Duration::from_secs(86_400),
+            num_replicas: 1,
+            ..Default::default()
+        };
+        assert_eq!(bucket_differs(&live, &want), None);
+        let longer = kv::Config {
+            max_age: Duration::from_secs(172_800),
+            ..want.clone()
+        };
+        assert_eq!(bucket_differs(&live, &longer), Some("ttl"));
+        let r3 = kv::Config {
+            num_replicas: 3,
+            ..want
+        };
+        assert_eq!(bucket_differs(&live, &r3), Some("replicas"));
+    }
+}
