@@ -680,6 +680,7 @@ async fn wait_replicas(s: &Setup, want: i32, within: Duration) -> anyhow::Result
     .with_context(|| format!("operator log:\n{}", s.operator.log_text()))
 }
 
+/// The namespace's Events, one `type reason: note` line each.
 async fn event_reasons(ns: &str) -> anyhow::Result<String> {
     let out = tokio::process::Command::new("kubectl")
         .args([
@@ -688,7 +689,7 @@ async fn event_reasons(ns: &str) -> anyhow::Result<String> {
             "get",
             "events",
             "-o",
-            "jsonpath={range .items[*]}{.reason}: {.note}{.message}{\"\\n\"}{end}",
+            "jsonpath={range .items[*]}{.type} {.reason}: {.note}{.message}{\"\\n\"}{end}",
         ])
         .output()
         .await?;
@@ -696,7 +697,7 @@ async fn event_reasons(ns: &str) -> anyhow::Result<String> {
 }
 
 /// Waits until the namespace's Events include every one of `texts`
-/// (`reason: note` lines, see [`event_reasons`]).
+/// (`type reason: note` lines, see [`event_reasons`]).
 async fn wait_events(ns: &str, texts: &[&str]) -> anyhow::Result<()> {
     wait_for(
         &format!("Events {texts:?}"),
@@ -768,7 +769,7 @@ async fn a_backlog_scales_the_workers_up_and_back_down_after_the_window() -> any
     // The first decision may come while the backlog is still being published,
     // e.g. "lag 16157 > 1 x 2000, scaling 1 -> 9", then "... scaling 9 -> 10".
     assert!(
-        events.lines().any(|l| l.starts_with("Scaled: lag ")
+        events.lines().any(|l| l.starts_with("Normal Scaled: lag ")
             && l.contains(" x 2000, scaling ")
             && l.ends_with("-> 10")),
         "{events}"
@@ -1003,9 +1004,15 @@ async fn a_stream_removed_behind_the_operators_back_is_recreated_and_storage_dri
         &[
             "DriftCorrected: recreated stream ORDERS:",
             "DriftCorrected: recreated stream ORDERS_DLQ:",
+            "DriftCorrected: recreated consumer order-workers:",
         ],
     )
     .await?;
+    // Whatever was changed or deleted, drift is a Warning.
+    let events = event_reasons(&s.ns.name).await?;
+    for l in events.lines().filter(|l| l.contains("DriftCorrected")) {
+        assert!(l.starts_with("Warning "), "{l}");
+    }
     wait_ready(&s, "orders", "True", None).await?;
 
     // Hand-recreated with other storage: NATS cannot change it in place.

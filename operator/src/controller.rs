@@ -893,8 +893,10 @@ async fn ensure_paused(
             EventType::Normal,
             "Paused",
             "Pause",
+            // The workers' scale to zero has its own Event, once the
+            // Deployment has been patched.
             format!(
-                "paused consumer {} and scaled the workers to zero",
+                "paused consumer {}; the stream keeps accepting orders",
                 t.consumer
             ),
         )
@@ -1006,21 +1008,33 @@ async fn ensure_topology(
     t: &Topology,
     drift: bool,
 ) -> Result<(), Blocked> {
-    // Drift (a change made behind the operator's back) is reported as such.
-    // The Event for a change: `reason`, or DriftCorrected.
+    // Drift (a change made behind the operator's back) is reported as such, as
+    // a Warning whatever the object: the Event for a change is `reason`
+    // (Normal), or DriftCorrected (Warning).
     let report = move |reason: &str, action: &'static str, message: String| {
-        let (reason, message) = if drift {
+        let (type_, reason, message) = if drift {
             (
+                EventType::Warning,
                 reasons::DRIFT_CORRECTED.to_string(),
                 format!("{message} (it had been changed outside the operator)"),
             )
         } else {
-            (reason.to_string(), message)
+            (EventType::Normal, reason.to_string(), message)
         };
-        async move {
-            ctx.event(p, EventType::Normal, &reason, action, message)
-                .await
-        }
+        async move { ctx.event(p, type_, &reason, action, message).await }
+    };
+    // The same for a creation: under drift the object had been deleted.
+    let created = move |reason: &str, object: String, message: String| {
+        let (type_, reason, message) = if drift {
+            (
+                EventType::Warning,
+                reasons::DRIFT_CORRECTED.to_string(),
+                format!("recreated {object}: it had been deleted outside the operator"),
+            )
+        } else {
+            (EventType::Normal, reason.to_string(), message)
+        };
+        async move { ctx.event(p, type_, &reason, "Create", message).await }
     };
     let api_err = |what: &str, e: &dyn std::fmt::Display| {
         let s = e.to_string();
@@ -1139,27 +1153,12 @@ async fn ensure_topology(
                 js.create_stream(cfg.clone())
                     .await
                     .map_err(|e| api_err(&format!("creating stream {name}"), &e))?;
-                if drift {
-                    ctx.event(
-                        p,
-                        EventType::Warning,
-                        reasons::DRIFT_CORRECTED,
-                        "Create",
-                        format!(
-                            "recreated stream {name}: it had been deleted outside the operator"
-                        ),
-                    )
-                    .await;
-                } else {
-                    ctx.event(
-                        p,
-                        EventType::Normal,
-                        &format!("{what}Created"),
-                        "Create",
-                        format!("created stream {name} on {:?}", cfg.subjects),
-                    )
-                    .await;
-                }
+                created(
+                    &format!("{what}Created"),
+                    format!("stream {name}"),
+                    format!("created stream {name} on {:?}", cfg.subjects),
+                )
+                .await;
             }
             Err(e) => return Err(api_err(&format!("reading stream {name}"), &e)),
         }
@@ -1194,9 +1193,9 @@ async fn ensure_topology(
             js.create_or_update_key_value(t.kv_config())
                 .await
                 .map_err(|e| api_err(&format!("creating KV bucket {}", t.bucket), &e))?;
-            report(
+            created(
                 "BucketCreated",
-                "Create",
+                format!("KV bucket {}", t.bucket),
                 format!("created KV bucket {}", t.bucket),
             )
             .await;
@@ -1233,9 +1232,9 @@ async fn ensure_topology(
             s.create_consumer(desired.clone())
                 .await
                 .map_err(|e| api_err(&format!("creating consumer {}", t.consumer), &e))?;
-            report(
+            created(
                 "ConsumerCreated",
-                "Create",
+                format!("consumer {}", t.consumer),
                 format!(
                     "created durable consumer {} filtering {}",
                     t.consumer, t.filter_subject
