@@ -11,6 +11,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
@@ -1478,7 +1479,7 @@ fn reconcile_trigger(p: &OrderPipeline) -> Option<u64> {
 
 /// Maps a Secret to the pipelines in its namespace that reference it.
 fn pipelines_using(
-    secret: &Secret,
+    secret: &PartialObjectMeta<Secret>,
     store: &kube::runtime::reflector::Store<OrderPipeline>,
 ) -> Vec<ObjectRef<OrderPipeline>> {
     let ns = secret.namespace();
@@ -1510,19 +1511,23 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
-    let (pipelines, deployments, secrets): (Api<OrderPipeline>, Api<Deployment>, Api<Secret>) =
-        match &namespace {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-            None => (
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-            ),
-        };
+    // Secrets through a metadata-only Api: see the watch below.
+    let (pipelines, deployments, secrets): (
+        Api<OrderPipeline>,
+        Api<Deployment>,
+        Api<PartialObjectMeta<Secret>>,
+    ) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
     // Only changes that need a reconcile trigger one: not the operator's own
     // status writes (under traffic every write changes the figures, which would
     // reconcile back to back instead of on the jittered resync).
@@ -1540,6 +1545,9 @@ pub async fn run(
             deployments,
             watcher::Config::default().labels("app.kubernetes.io/managed-by=order-operator"),
         )
+        // Secrets: metadata only (a changed Secret gets a new resourceVersion,
+        // which is all a trigger needs), so no Secret's data is ever cached;
+        // reconcile GETs the few a pipeline references.
         .watches(secrets, watcher::Config::default(), move |s| {
             pipelines_using(&s, &store)
         })
