@@ -888,6 +888,10 @@ async fn manual_mode_follows_kubectl_scale_and_external_mode_leaves_replicas_alo
         Some(5),
         "External mode leaves the replicas alone"
     );
+    // One meaning per field: the operator decided nothing; the Deployment asks for 5.
+    let st = s.api.get("orders").await?.status.unwrap_or_default();
+    assert_eq!(st.desired_replicas, None, "{st:?}");
+    assert_eq!(st.workers.as_ref().map(|w| w.desired), Some(5), "{st:?}");
 
     // Pause wins over External; unpausing gives the external scaler back the
     // replicas from before the pause (an HPA does not scale up from zero).

@@ -633,7 +633,9 @@ async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error
     status.applied_generation = generation;
     status.replica_mode = Some(mode);
     status.replicas_before_pause = replicas_before_pause;
-    status.desired_replicas = replicas.or(applied_replicas);
+    // The operator's own decision; absent when it decides nothing (External
+    // mode). What the Deployment asks for is `workers.desired`.
+    status.desired_replicas = replicas;
     (status.last_busy_time, status.idle_since) = scaling_clock;
     if scaled {
         status.last_scale_time = Some(Time(now));

@@ -700,11 +700,12 @@ pub struct ConsumerStatus {
     pub redelivered: i64,
 }
 
-/// Worker figures.
+/// Worker figures, all read from the worker Deployment.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkersStatus {
-    /// Pods the Deployment wants.
+    /// Pods the Deployment asks for (its spec.replicas), whoever set it (see
+    /// replicaMode).
     pub desired: i32,
     /// Pods ready.
     pub ready: i32,
@@ -744,10 +745,11 @@ pub struct OrderPipelineStatus {
     /// Worker pod figures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<WorkersStatus>,
-    /// "ready/desired", for the Workers column.
+    /// workers.ready "/" workers.desired, as one string for the Workers column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers_ready: Option<String>,
-    /// Current worker pods (the scale subresource's status replicas).
+    /// Worker pods that exist now (the Deployment's status.replicas; the scale
+    /// subresource's status replicas).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<i32>,
     /// Label selector of the worker pods (for the scale subresource and HPAs).
@@ -756,7 +758,9 @@ pub struct OrderPipelineStatus {
     /// The replica mode in force (Manual, Operator, External).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica_mode: Option<ReplicaMode>,
-    /// Replicas the operator wants (Operator mode: the scaler's decision).
+    /// The replicas the operator decided: spec.workers.replicas in Manual mode,
+    /// the lag scaler's decision in Operator mode, 0 while paused. Absent in
+    /// External mode, where the operator decides nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_replicas: Option<i32>,
     /// When the operator last changed the replicas.
