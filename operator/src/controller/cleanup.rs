@@ -1,0 +1,172 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self};
+use kube::ResourceExt as _;
+use kube::runtime::controller::Action;
+use orderpipeline_common::topology::OWNER_METADATA_KEY;
+
+use crate::crd::{DeletionPolicy, ManagementPolicy, OrderPipeline};
+use crate::events::EventType;
+
+use super::*;
+
+/// Deletion: `Retain` keeps the JetStream objects; `Delete` removes them. If NATS
+/// stays unreachable for CLEANUP_GIVE_UP after the deletion was requested (or
+/// the pipeline carries `orderpipeline.dev/skip-cleanup: "true"`), the finalizer
+/// gives up so the pipeline can still be deleted, and says so in an Event.
+pub(crate) async fn cleanup(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let key = key_of(&p);
+    let observe = p.spec.management_policy == ManagementPolicy::Observe;
+    if p.spec.stream.deletion_policy == DeletionPolicy::Retain || observe {
+        let why = if observe {
+            "managementPolicy Observe"
+        } else {
+            "deletionPolicy Retain"
+        };
+        ctx.forget_nats(&key).await;
+        ctx.event(
+            &p,
+            EventType::Normal,
+            "Retained",
+            "Delete",
+            format!(
+                "{why}: kept stream {}, {} and bucket {}",
+                p.spec.stream.name,
+                p.spec.dlq_stream(),
+                p.spec.state_bucket()
+            ),
+        )
+        .await;
+        ctx.metrics.forget(&key);
+        return Ok(Action::await_change());
+    }
+    let skip = p
+        .annotations()
+        .get(SKIP_CLEANUP_ANNOTATION)
+        .is_some_and(|v| v == "true");
+    let waited = p
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| {
+            k8s_openapi::jiff::Timestamp::now()
+                .duration_since(t.0)
+                .unsigned_abs()
+        })
+        .unwrap_or_default();
+    let outcome = if skip {
+        Err("skip-cleanup annotation set".to_string())
+    } else {
+        delete_topology(&p, &ctx).await
+    };
+    match outcome {
+        Ok(kept) => {
+            ctx.forget_nats(&key).await;
+            ctx.metrics.forget(&key);
+            let note = if kept.is_empty() {
+                format!(
+                    "deleted consumer {}, streams {} and {}, bucket {}",
+                    p.spec.consumer.name,
+                    p.spec.stream.name,
+                    p.spec.dlq_stream(),
+                    p.spec.state_bucket()
+                )
+            } else {
+                format!(
+                    "deleted what this pipeline owned; kept {} (not created by this pipeline)",
+                    kept.join(", ")
+                )
+            };
+            ctx.event(&p, EventType::Normal, "Deleted", "Delete", note)
+                .await;
+            Ok(Action::await_change())
+        }
+        Err(e) if skip || waited >= CLEANUP_GIVE_UP => {
+            ctx.forget_nats(&key).await;
+            ctx.metrics.forget(&key);
+            ctx.event(&p, EventType::Warning, "CleanupAbandoned", "Delete", format!("gave up deleting the JetStream objects ({e}); delete them by hand: nats stream rm {}; nats stream rm {}; nats kv del {}", p.spec.stream.name, p.spec.dlq_stream(), p.spec.state_bucket())).await;
+            Ok(Action::await_change())
+        }
+        Err(e) => {
+            ctx.event(&p, EventType::Warning, "CleanupFailed", "Delete", format!("cannot delete the JetStream objects yet ({e}); retrying, giving up after {}s (or set annotation {SKIP_CLEANUP_ANNOTATION}=true)", CLEANUP_GIVE_UP.as_secs())).await;
+            Err(Error::Nats(e))
+        }
+    }
+}
+
+/// Deletes the pipeline's streams and KV bucket, but only what it owns: a stream
+/// whose owner metadata names another pipeline (or none: it was never created
+/// or adopted by this one) is kept, and so is the bucket unless the input stream
+/// is this pipeline's. Returns what was kept.
+pub(crate) async fn delete_topology(
+    p: &OrderPipeline,
+    ctx: &Context,
+) -> Result<Vec<String>, String> {
+    let key = key_of(p);
+    let (mut auth, _view, files) = read_secrets(p, &ctx.client).await.map_err(|b| b.message)?;
+    write_tls_files(&key, &files, &mut auth).map_err(|b| b.message)?;
+    let auth_hash = format!("{}|cleanup", p.spec.nats.url);
+    let client = ctx
+        .nats(&key, &p.spec.nats.url, &auth, &auth_hash)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut js = jetstream::new(client);
+    js.set_timeout(Duration::from_secs(5));
+    let ignore_missing = |r: Result<(), String>| match r {
+        Err(e) if e.contains("not found") => Ok(()),
+        other => other,
+    };
+    let input = stream_owned_by(&js, &p.spec.stream.name, &key).await?;
+    let dlq = stream_owned_by(&js, &p.spec.dlq_stream(), &key).await?;
+    let mut kept = Vec::new();
+    if input == Some(true) {
+        ignore_missing(
+            js.delete_key_value(&p.spec.state_bucket())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        )?;
+    } else {
+        kept.push(format!("bucket {}", p.spec.state_bucket()));
+    }
+    for (name, owned) in [(&p.spec.stream.name, input), (&p.spec.dlq_stream(), dlq)] {
+        match owned {
+            Some(true) => ignore_missing(
+                js.delete_stream(name)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            )?,
+            Some(false) => kept.push(format!("stream {name}")),
+            None => {}
+        }
+    }
+    Ok(kept)
+}
+
+/// Whether stream `name` belongs to pipeline `owner` (its owner metadata):
+/// `None` when it does not exist.
+pub(crate) async fn stream_owned_by(
+    js: &jetstream::Context,
+    name: &str,
+    owner: &str,
+) -> Result<Option<bool>, String> {
+    match js.get_stream(name).await {
+        Ok(mut s) => {
+            let info = s
+                .info()
+                .await
+                .map_err(|e| format!("reading stream {name}: {e}"))?;
+            Ok(Some(
+                info.config
+                    .metadata
+                    .get(OWNER_METADATA_KEY)
+                    .map(String::as_str)
+                    == Some(owner),
+            ))
+        }
+        Err(e) if orderpipeline_common::nats::is_not_found(&e) => Ok(None),
+        Err(e) => Err(format!("reading stream {name}: {e}")),
+    }
+}

@@ -1,0 +1,115 @@
+use std::collections::HashMap;
+use std::time::Duration;
+
+use kube::{Client, Resource};
+use orderpipeline_common::nats::{NatsAuth, NatsConnectError};
+use tokio::sync::Mutex;
+
+use crate::crd::OrderPipeline;
+use crate::events::{Event, EventType, Recorder};
+use crate::metrics::Metrics;
+
+use super::*;
+
+/// Shared state of the controller.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    pub default_image: String,
+    pub resync: Duration,
+    /// NATS connections keyed by `namespace/name`, with the hash of the auth they used.
+    pub(crate) nats: Mutex<HashMap<String, (String, async_nats::Client)>>,
+    /// Every pipeline the controller watches (its reflector store), for the
+    /// check that two pipelines never share NATS objects or subjects.
+    pub(crate) pipelines: std::sync::OnceLock<kube::runtime::reflector::Store<OrderPipeline>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        metrics: Metrics,
+        default_image: String,
+        resync: Duration,
+        pod: String,
+    ) -> Self {
+        let recorder = Recorder::new(client.clone(), MANAGER, pod);
+        Self {
+            client,
+            recorder,
+            metrics,
+            default_image,
+            resync,
+            nats: Mutex::new(HashMap::new()),
+            pipelines: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub(crate) async fn event(
+        &self,
+        p: &OrderPipeline,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        self.event_about(p, type_, reason, action, note, None).await;
+    }
+
+    /// An Event with a related object (e.g. the Deployment a scale changed).
+    pub(crate) async fn event_about(
+        &self,
+        p: &OrderPipeline,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+        related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+    ) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: related,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &p.object_ref(&())).await {
+            tracing::warn!(error = %e, "could not publish event");
+        }
+    }
+
+    /// The pipeline's own NATS connection; reconnects when its auth changed.
+    pub(crate) async fn nats(
+        &self,
+        key: &str,
+        url: &str,
+        auth: &NatsAuth,
+        auth_hash: &str,
+    ) -> Result<async_nats::Client, NatsConnectError> {
+        {
+            let mut cache = self.nats.lock().await;
+            if let Some((hash, c)) = cache.get(key)
+                && hash == auth_hash
+            {
+                return Ok(c.clone());
+            }
+            if cache.remove(key).is_some() {
+                tracing::info!(pipeline = key, "NATS settings changed; reconnecting");
+            }
+        }
+        // Connect without holding the lock, so one pipeline's unreachable NATS
+        // does not stall the others' reconciles (the controller never runs two
+        // reconciles of the same pipeline at once).
+        let c = orderpipeline_common::nats::connect(url, auth, &format!("order-operator {key}"))
+            .await?;
+        self.nats
+            .lock()
+            .await
+            .insert(key.to_string(), (auth_hash.to_string(), c.clone()));
+        Ok(c)
+    }
+
+    pub(crate) async fn forget_nats(&self, key: &str) {
+        self.nats.lock().await.remove(key);
+    }
+}

@@ -1,0 +1,270 @@
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use kube::{Client, ResourceExt as _};
+use orderpipeline_common::nats::NatsAuth;
+use orderpipeline_common::topology::Topology;
+
+use crate::conditions::reasons;
+use crate::crd::OrderPipeline;
+use crate::render::{Credentials, SecretsView};
+
+use super::*;
+
+/// Reads the referenced Secrets: the auth for the operator's connection, what to
+/// project into the pods, and a checksum that rolls the pods when they change.
+pub(crate) async fn read_secrets(
+    p: &OrderPipeline,
+    client: &Client,
+) -> Result<(NatsAuth, SecretsView, Vec<(String, String)>), Blocked> {
+    let ns = p.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let mut auth = NatsAuth::default();
+    let mut view = SecretsView::default();
+    let mut files = Vec::new();
+    let mut hasher = sha_lite::Hasher::default();
+    let get = |name: String| {
+        let secrets = secrets.clone();
+        let ns = ns.clone();
+        async move {
+            match secrets.get_opt(&name).await {
+                Ok(Some(s)) => Ok(s),
+                Ok(None) => Err(blocked(
+                    reasons::SECRET_MISSING,
+                    format!(
+                        "Secret {ns}/{name} referenced by the pipeline does not exist; create it or fix the reference"
+                    ),
+                    Duration::from_secs(15),
+                )),
+                Err(e) => Err(blocked(
+                    reasons::KUBERNETES_ERROR,
+                    format!("reading Secret {name}: {e}"),
+                    Duration::from_secs(15),
+                )),
+            }
+        }
+    };
+    let text = |s: &Secret, key: &str| -> Option<String> {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|b| String::from_utf8_lossy(&b.0).to_string())
+            .or_else(|| s.string_data.as_ref().and_then(|d| d.get(key).cloned()))
+    };
+    if let Some(r) = &p.spec.nats.credentials_secret_ref {
+        let s = get(r.name.clone()).await?;
+        hasher.update_secret(&s);
+        let kind = if text(&s, "user").is_some() || text(&s, "password").is_some() {
+            auth.user = text(&s, "user");
+            auth.password = text(&s, "password");
+            if auth.user.is_none() || auth.password.is_none() {
+                return Err(blocked(
+                    reasons::SECRET_INVALID,
+                    format!(
+                        "Secret {} has only one of the keys user and password; set both",
+                        r.name
+                    ),
+                    Duration::from_secs(30),
+                ));
+            }
+            Credentials::UserPassword
+        } else if let Some(t) = text(&s, "token") {
+            auth.token = Some(t);
+            Credentials::Token
+        } else if let Some(c) = text(&s, "creds") {
+            auth.creds = Some(c);
+            Credentials::CredsFile
+        } else if let Some(n) = text(&s, "nkey") {
+            auth.nkey_seed = Some(n);
+            Credentials::NkeySeed
+        } else {
+            return Err(blocked(
+                reasons::SECRET_INVALID,
+                format!(
+                    "Secret {} has none of the keys user+password, token, creds or nkey; add one",
+                    r.name
+                ),
+                Duration::from_secs(30),
+            ));
+        };
+        view.credentials = Some((r.name.clone(), kind));
+    }
+    if let Some(r) = &p.spec.nats.tls_secret_ref {
+        let s = get(r.name.clone()).await?;
+        hasher.update_secret(&s);
+        let Some(ca) = text(&s, "ca.crt") else {
+            return Err(blocked(
+                reasons::SECRET_INVALID,
+                format!(
+                    "TLS Secret {} has no ca.crt; add the CA that signed the NATS server's certificate",
+                    r.name
+                ),
+                Duration::from_secs(30),
+            ));
+        };
+        files.push(("ca.crt".to_string(), ca));
+        let client_cert = match (text(&s, "tls.crt"), text(&s, "tls.key")) {
+            (Some(c), Some(k)) => {
+                files.push(("tls.crt".into(), c));
+                files.push(("tls.key".into(), k));
+                true
+            }
+            (None, None) => false,
+            _ => {
+                return Err(blocked(
+                    reasons::SECRET_INVALID,
+                    format!(
+                        "TLS Secret {} has only one of tls.crt and tls.key; set both",
+                        r.name
+                    ),
+                    Duration::from_secs(30),
+                ));
+            }
+        };
+        view.tls = Some((r.name.clone(), client_cert));
+    }
+    if view.credentials.is_some() || view.tls.is_some() {
+        view.checksum = Some(hasher.finish_hex());
+    }
+    Ok((auth, view, files))
+}
+
+/// Writes TLS material where the NATS client can read it (a private directory).
+pub(crate) fn write_tls_files(
+    key: &str,
+    files: &[(String, String)],
+    auth: &mut NatsAuth,
+) -> Result<(), Blocked> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let dir = std::env::temp_dir()
+        .join("order-operator")
+        .join(key.replace('/', "_"));
+    let io = |e: std::io::Error| {
+        blocked(
+            reasons::KUBERNETES_ERROR,
+            format!("writing TLS files: {e}"),
+            Duration::from_secs(30),
+        )
+    };
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    for (name, content) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, content).map_err(io)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        }
+        match name.as_str() {
+            "ca.crt" => auth.tls_ca = Some(path),
+            "tls.crt" => auth.tls_cert = Some(path),
+            "tls.key" => auth.tls_key = Some(path),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+pub(crate) struct Figures {
+    pub(crate) consumer_paused: bool,
+    /// Records in the state bucket (left by the protocol before v2); `None` when
+    /// the bucket could not be read (then the workers keep what they have).
+    pub(crate) legacy_records: Option<u64>,
+    pub(crate) stream: crate::crd::StreamStatus,
+    pub(crate) consumer: crate::crd::ConsumerStatus,
+    pub(crate) dead_letters: i64,
+}
+
+pub(crate) async fn read_figures(js: &jetstream::Context, t: &Topology) -> Result<Figures, String> {
+    let i64_of = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let mut s = js
+        .get_stream(&t.stream)
+        .await
+        .map_err(|e| format!("reading stream {}: {e}", t.stream))?;
+    let st = s
+        .info()
+        .await
+        .map_err(|e| format!("reading stream {}: {e}", t.stream))?
+        .state
+        .clone();
+    let c = s
+        .consumer_info(&t.consumer)
+        .await
+        .map_err(|e| format!("reading consumer {}: {e}", t.consumer))?;
+    let mut d = js
+        .get_stream(&t.dlq_stream)
+        .await
+        .map_err(|e| format!("reading stream {}: {e}", t.dlq_stream))?;
+    let dead = d
+        .info()
+        .await
+        .map_err(|e| format!("reading stream {}: {e}", t.dlq_stream))?
+        .state
+        .messages;
+    // The bucket may be absent (Observe, or not created yet): no records then.
+    let legacy_records = match js.get_stream(format!("KV_{}", t.bucket)).await {
+        Ok(mut b) => b.info().await.ok().map(|i| i.state.messages),
+        Err(e) if orderpipeline_common::nats::is_not_found(&e) => Some(0),
+        Err(_) => None,
+    };
+    Ok(Figures {
+        consumer_paused: c.paused,
+        legacy_records,
+        stream: crate::crd::StreamStatus {
+            messages: i64_of(st.messages),
+            bytes: i64_of(st.bytes),
+            first_sequence: i64_of(st.first_sequence),
+            last_sequence: i64_of(st.last_sequence),
+        },
+        consumer: crate::crd::ConsumerStatus {
+            pending: i64_of(c.num_pending),
+            ack_pending: i64::try_from(c.num_ack_pending).unwrap_or(i64::MAX),
+            redelivered: i64::try_from(c.num_redelivered).unwrap_or(i64::MAX),
+        },
+        dead_letters: i64_of(dead),
+    })
+}
+
+/// A small, dependency-free FNV-1a based digest for the Secrets checksum (not a
+/// security measure: it only detects change).
+pub(crate) mod sha_lite {
+    use k8s_openapi::api::core::v1::Secret;
+
+    pub struct Hasher(u64, u64);
+
+    impl Default for Hasher {
+        fn default() -> Self {
+            Self(0xcbf2_9ce4_8422_2325, 0x8422_2325_cbf2_9ce4)
+        }
+    }
+
+    impl Hasher {
+        fn bytes(&mut self, b: &[u8]) {
+            for x in b {
+                self.0 = (self.0 ^ u64::from(*x)).wrapping_mul(0x0100_0000_01b3);
+                self.1 = (self.1 ^ u64::from(*x))
+                    .wrapping_mul(0x0000_0100_0000_01b3)
+                    .rotate_left(5);
+            }
+        }
+        pub fn update_secret(&mut self, s: &Secret) {
+            self.bytes(s.metadata.name.as_deref().unwrap_or("").as_bytes());
+            let data: super::BTreeMap<&String, &Vec<u8>> =
+                s.data.iter().flatten().map(|(k, v)| (k, &v.0)).collect();
+            for (k, v) in data {
+                self.bytes(k.as_bytes());
+                self.bytes(&[0]);
+                self.bytes(v);
+                self.bytes(&[0xff]);
+            }
+        }
+        pub fn finish_hex(&self) -> String {
+            format!("{:016x}{:016x}", self.0, self.1)
+        }
+    }
+}
