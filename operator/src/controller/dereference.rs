@@ -1,5 +1,4 @@
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use async_nats::jetstream::{self};
 use k8s_openapi::api::core::v1::Secret;
@@ -8,7 +7,6 @@ use kube::{Client, ResourceExt as _};
 use orderpipeline_common::nats::NatsAuth;
 use orderpipeline_common::topology::Topology;
 
-use crate::conditions::reasons;
 use crate::crd::OrderPipeline;
 use crate::render::{Credentials, SecretsView};
 
@@ -19,7 +17,7 @@ use super::*;
 pub(crate) async fn read_secrets(
     p: &OrderPipeline,
     client: &Client,
-) -> Result<(NatsAuth, SecretsView, Vec<(String, String)>), Blocked> {
+) -> Result<(NatsAuth, SecretsView, Vec<(String, String)>), NotReady> {
     let ns = p.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let mut auth = NatsAuth::default();
@@ -32,17 +30,15 @@ pub(crate) async fn read_secrets(
         async move {
             match secrets.get_opt(&name).await {
                 Ok(Some(s)) => Ok(s),
-                Ok(None) => Err(blocked(
-                    reasons::SECRET_MISSING,
+                Ok(None) => Err(NotReady::new(
+                    Cause::SecretMissing,
                     format!(
                         "Secret {ns}/{name} referenced by the pipeline does not exist; create it or fix the reference"
                     ),
-                    Duration::from_secs(15),
                 )),
-                Err(e) => Err(blocked(
-                    reasons::KUBERNETES_ERROR,
+                Err(e) => Err(NotReady::new(
+                    Cause::KubernetesError,
                     format!("reading Secret {name}: {e}"),
-                    Duration::from_secs(15),
                 )),
             }
         }
@@ -61,13 +57,12 @@ pub(crate) async fn read_secrets(
             auth.user = text(&s, "user");
             auth.password = text(&s, "password");
             if auth.user.is_none() || auth.password.is_none() {
-                return Err(blocked(
-                    reasons::SECRET_INVALID,
+                return Err(NotReady::new(
+                    Cause::SecretInvalid,
                     format!(
                         "Secret {} has only one of the keys user and password; set both",
                         r.name
                     ),
-                    Duration::from_secs(30),
                 ));
             }
             Credentials::UserPassword
@@ -81,13 +76,12 @@ pub(crate) async fn read_secrets(
             auth.nkey_seed = Some(n);
             Credentials::NkeySeed
         } else {
-            return Err(blocked(
-                reasons::SECRET_INVALID,
+            return Err(NotReady::new(
+                Cause::SecretInvalid,
                 format!(
                     "Secret {} has none of the keys user+password, token, creds or nkey; add one",
                     r.name
                 ),
-                Duration::from_secs(30),
             ));
         };
         view.credentials = Some((r.name.clone(), kind));
@@ -96,13 +90,12 @@ pub(crate) async fn read_secrets(
         let s = get(r.name.clone()).await?;
         hasher.update_secret(&s);
         let Some(ca) = text(&s, "ca.crt") else {
-            return Err(blocked(
-                reasons::SECRET_INVALID,
+            return Err(NotReady::new(
+                Cause::SecretInvalid,
                 format!(
                     "TLS Secret {} has no ca.crt; add the CA that signed the NATS server's certificate",
                     r.name
                 ),
-                Duration::from_secs(30),
             ));
         };
         files.push(("ca.crt".to_string(), ca));
@@ -114,13 +107,12 @@ pub(crate) async fn read_secrets(
             }
             (None, None) => false,
             _ => {
-                return Err(blocked(
-                    reasons::SECRET_INVALID,
+                return Err(NotReady::new(
+                    Cause::SecretInvalid,
                     format!(
                         "TLS Secret {} has only one of tls.crt and tls.key; set both",
                         r.name
                     ),
-                    Duration::from_secs(30),
                 ));
             }
         };
@@ -137,7 +129,7 @@ pub(crate) fn write_tls_files(
     key: &str,
     files: &[(String, String)],
     auth: &mut NatsAuth,
-) -> Result<(), Blocked> {
+) -> Result<(), NotReady> {
     if files.is_empty() {
         return Ok(());
     }
@@ -145,11 +137,7 @@ pub(crate) fn write_tls_files(
         .join("order-operator")
         .join(key.replace('/', "_"));
     let io = |e: std::io::Error| {
-        blocked(
-            reasons::KUBERNETES_ERROR,
-            format!("writing TLS files: {e}"),
-            Duration::from_secs(30),
-        )
+        NotReady::new(Cause::KubernetesError, format!("writing TLS files: {e}"))
     };
     std::fs::create_dir_all(&dir).map_err(io)?;
     for (name, content) in files {

@@ -20,7 +20,6 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt as _};
-use orderpipeline_common::nats::NatsConnectError;
 
 use crate::conditions::{self, reasons, types};
 use crate::crd::{ManagementPolicy, OrderPipeline, ReplicaMode};
@@ -105,13 +104,7 @@ pub(crate) async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Ac
         Ok(plan) => plan,
         Err(e) => {
             let msg = format!("{e}; fix the spec");
-            return finish_blocked(
-                &p,
-                &ctx,
-                &old,
-                blocked(reasons::INVALID_SPEC, msg, Duration::from_secs(300)),
-            )
-            .await;
+            return finish_blocked(&p, &ctx, &old, NotReady::new(Cause::InvalidSpec, msg)).await;
         }
     };
     let (mut auth, secrets, files) = match read_secrets(&p, &ctx.client).await {
@@ -125,29 +118,17 @@ pub(crate) async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Ac
     let client = match ctx.nats(&key, &p.spec.nats.url, &auth, &auth_hash).await {
         Ok(c) => c,
         Err(e) => {
-            let reason = match e {
-                NatsConnectError::Authentication { .. } => reasons::NATS_AUTH_FAILED,
-                NatsConnectError::Tls { .. } => reasons::NATS_TLS_FAILED,
-                NatsConnectError::Options(_) => reasons::SECRET_INVALID,
-                NatsConnectError::Unreachable { .. } => reasons::NATS_UNREACHABLE,
-            };
-            return finish_blocked(
-                &p,
-                &ctx,
-                &old,
-                blocked(reason, e.to_string(), Duration::from_secs(10)),
-            )
-            .await;
+            let b = NotReady::new(Cause::of_connect(&e), e.to_string());
+            return finish_blocked(&p, &ctx, &old, b).await;
         }
     };
     if client.connection_state() != async_nats::connection::State::Connected {
-        let b = blocked(
-            reasons::NATS_UNREACHABLE,
+        let b = NotReady::new(
+            Cause::NatsUnreachable,
             format!(
                 "lost the connection to NATS at {}; reconnecting (check that nats-server runs there)",
                 p.spec.nats.url
             ),
-            Duration::from_secs(5),
         );
         return finish_blocked(&p, &ctx, &old, b).await;
     }
@@ -164,7 +145,7 @@ pub(crate) async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Ac
     // records observedGeneration too, and applying its spec later is no drift.
     let drift = old.applied_generation == generation && old.stream.is_some();
     if !observe && let Err(b) = ensure_topology(&p, &ctx, &js, &plan.topology, drift).await {
-        if b.reason == reasons::NATS_UNREACHABLE || b.reason == reasons::JETSTREAM_ERROR {
+        if b.cause.drops_connection() {
             ctx.forget_nats(&key).await;
         }
         return finish_blocked(&p, &ctx, &old, b).await;
@@ -281,13 +262,12 @@ pub(crate) async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Ac
             // Refused as invalid (e.g. a bad resources or affinity value): the
             // spec must change, so say so instead of retrying quietly.
             Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => {
-                let b = blocked(
-                    reasons::DEPLOYMENT_INVALID,
+                let b = NotReady::new(
+                    Cause::DeploymentInvalid,
                     format!(
                         "the API server refused the worker Deployment {name}: {}; fix spec.workers",
                         s.message
                     ),
-                    Duration::from_secs(60),
                 );
                 return finish_blocked(&p, &ctx, &old, b).await;
             }
@@ -518,7 +498,7 @@ pub(crate) async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Ac
         status.dead_letters.unwrap_or(0),
         i64::from(ds.replicas.unwrap_or(0)),
     );
-    write_status(&p, &ctx, &status).await?;
+    write_status(&p, &ctx, &old, &status).await?;
     let next = if ready {
         ctx.resync
     } else {

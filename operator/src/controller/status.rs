@@ -2,7 +2,7 @@ use kube::ResourceExt as _;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 
-use crate::conditions::{self, reasons, types};
+use crate::conditions::{self, types};
 use crate::crd::{OrderPipeline, OrderPipelineStatus};
 use crate::events::EventType;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -20,60 +20,70 @@ pub(crate) fn topology_not_ready(
         .map(|type_| conditions::condition(type_, false, reason, message, generation))
 }
 
-/// Ends a reconcile that cannot go on: Ready=False with the reason, an Event, a requeue.
+/// Ends a reconcile that cannot go on: Ready=False with the reason, an Event
+/// when the reason or message is new, a requeue.
 pub(crate) async fn finish_blocked(
     p: &OrderPipeline,
     ctx: &Context,
     old: &OrderPipelineStatus,
-    b: Blocked,
+    b: NotReady,
 ) -> Result<Action, Error> {
-    let generation = p.metadata.generation;
+    let reason = b.cause.reason();
     let was = old.conditions.iter().find(|c| c.type_ == types::READY);
-    if was.is_none_or(|c| c.reason != b.reason || c.message != b.message) {
+    if was.is_none_or(|c| c.reason != reason || c.message != b.message) {
         ctx.event(
             p,
             EventType::Warning,
-            b.reason,
+            reason,
             "Reconcile",
             b.message.clone(),
         )
         .await;
     }
-    tracing::warn!(pipeline = %key_of(p), reason = b.reason, message = %b.message, "pipeline not ready");
+    tracing::warn!(pipeline = %key_of(p), reason, message = %b.message, "pipeline not ready");
     ctx.metrics
         .not_ready
-        .get_or_create(&crate::metrics::ReasonLabels { reason: b.reason })
+        .get_or_create(&crate::metrics::ReasonLabels { reason })
         .inc();
-    let mut status = old.clone();
-    status.observed_generation = generation;
+    write_status(p, ctx, old, &blocked_status(p.metadata.generation, old, &b)).await?;
+    Ok(Action::requeue(jittered(b.cause.retry())))
+}
+
+/// The status of a blocked reconcile: the generation observed (not applied),
+/// Ready False, and StreamReady/ConsumerReady too when the cause hides them.
+pub(crate) fn blocked_status(
+    generation: Option<i64>,
+    old: &OrderPipelineStatus,
+    b: &NotReady,
+) -> OrderPipelineStatus {
+    let reason = b.cause.reason();
     let mut conds = vec![conditions::condition(
         types::READY,
         false,
-        b.reason,
+        reason,
         b.message.clone(),
         generation,
     )];
-    if matches!(
-        b.reason,
-        reasons::NATS_UNREACHABLE
-            | reasons::NATS_AUTH_FAILED
-            | reasons::NATS_TLS_FAILED
-            | reasons::STREAM_CONFLICT
-            | reasons::STREAM_INCOMPATIBLE
-            | reasons::JETSTREAM_ERROR
-    ) {
-        conds.extend(topology_not_ready(b.reason, &b.message, generation));
+    if b.cause.takes_down_topology() {
+        conds.extend(topology_not_ready(reason, &b.message, generation));
     }
-    status.conditions = conditions::merge(&old.conditions, conds);
-    write_status(p, ctx, &status).await?;
-    Ok(Action::requeue(jittered(b.retry)))
+    OrderPipelineStatus {
+        observed_generation: generation,
+        conditions: conditions::merge(&old.conditions, conds),
+        ..old.clone()
+    }
 }
 
 pub(crate) async fn write_status(
     p: &OrderPipeline,
     ctx: &Context,
+    old: &OrderPipelineStatus,
     status: &OrderPipelineStatus,
 ) -> Result<(), Error> {
+    // One server-side apply of the whole status, none when nothing changed.
+    if status == old {
+        return Ok(());
+    }
     let api: Api<OrderPipeline> =
         Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
     let patch = serde_json::json!({

@@ -1,5 +1,3 @@
-use std::time::Duration;
-
 use async_nats::jetstream::{self, stream};
 use orderpipeline_common::topology::{OWNER_METADATA_KEY, Topology};
 
@@ -17,25 +15,23 @@ pub(crate) async fn ensure_paused(
     js: &jetstream::Context,
     t: &Topology,
     figures: &Result<Figures, String>,
-) -> Result<(), Blocked> {
+) -> Result<(), NotReady> {
     let Ok(f) = figures else { return Ok(()) };
     if f.consumer_paused == p.spec.paused {
         return Ok(());
     }
     let s = js.get_stream(&t.stream).await.map_err(|e| {
-        blocked(
-            reasons::JETSTREAM_ERROR,
+        NotReady::new(
+            Cause::JetStreamError,
             format!("reading stream {}: {e}", t.stream),
-            Duration::from_secs(10),
         )
     })?;
     if p.spec.paused {
         let until = time::OffsetDateTime::now_utc() + time::Duration::days(365 * 100);
         s.pause_consumer(&t.consumer, until).await.map_err(|e| {
-            blocked(
-                reasons::JETSTREAM_ERROR,
+            NotReady::new(
+                Cause::JetStreamError,
                 format!("pausing consumer {}: {e}", t.consumer),
-                Duration::from_secs(10),
             )
         })?;
         ctx.event(
@@ -53,10 +49,9 @@ pub(crate) async fn ensure_paused(
         .await;
     } else {
         s.resume_consumer(&t.consumer).await.map_err(|e| {
-            blocked(
-                reasons::JETSTREAM_ERROR,
+            NotReady::new(
+                Cause::JetStreamError,
                 format!("resuming consumer {}: {e}", t.consumer),
-                Duration::from_secs(10),
             )
         })?;
         ctx.event(
@@ -79,7 +74,7 @@ pub(crate) async fn ensure_topology(
     js: &jetstream::Context,
     t: &Topology,
     drift: bool,
-) -> Result<(), Blocked> {
+) -> Result<(), NotReady> {
     // Drift (a change made behind the operator's back) is reported as such, as
     // a Warning whatever the object: the Event for a change is `reason`
     // (Normal), or DriftCorrected (Warning).
@@ -111,20 +106,15 @@ pub(crate) async fn ensure_topology(
     let api_err = |what: &str, e: &dyn std::fmt::Display| {
         let s = e.to_string();
         if s.contains("timed out") || s.contains("no responders") || s.contains("disconnected") {
-            blocked(
-                reasons::NATS_UNREACHABLE,
+            NotReady::new(
+                Cause::NatsUnreachable,
                 format!(
                     "{what}: NATS did not answer ({s}); check that nats-server (with JetStream) runs at {}",
                     p.spec.nats.url
                 ),
-                Duration::from_secs(5),
             )
         } else {
-            blocked(
-                reasons::JETSTREAM_ERROR,
-                format!("{what}: {s}"),
-                Duration::from_secs(15),
-            )
+            NotReady::new(Cause::JetStreamError, format!("{what}: {s}"))
         }
     };
     for (cfg, what) in [
@@ -151,11 +141,7 @@ pub(crate) async fn ensure_topology(
                             "stream {name} exists and was not created by an OrderPipeline; delete it (nats stream rm {name}) or choose another name"
                         ),
                     };
-                    return Err(blocked(
-                        reasons::STREAM_CONFLICT,
-                        msg,
-                        Duration::from_secs(30),
-                    ));
+                    return Err(NotReady::new(Cause::StreamConflict, msg));
                 }
                 let wq = stream::RetentionPolicy::WorkQueue;
                 let immutable = if live.storage != cfg.storage {
@@ -173,12 +159,11 @@ pub(crate) async fn ensure_topology(
                 };
                 if let Some(why) = immutable {
                     if !p.spec.stream.recreate_on_immutable_change {
-                        return Err(blocked(
-                            reasons::STREAM_INCOMPATIBLE,
+                        return Err(NotReady::new(
+                            Cause::StreamIncompatible,
                             format!(
                                 "{why}: set spec.stream.recreateOnImmutableChange: true to delete and recreate it (its messages are lost), or recreate it by hand"
                             ),
-                            Duration::from_secs(60),
                         ));
                     }
                     js.delete_stream(&name)
