@@ -63,6 +63,13 @@ pub fn condition(
 /// Merges `new` into `existing`: a condition whose status did not change keeps its
 /// `lastTransitionTime`; others are replaced or added. Order follows `new`, then
 /// conditions only in `existing` (kept as they are).
+/// Whether the condition `type_` is there and True.
+pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == "True")
+}
+
 pub fn merge(existing: &[Condition], new: Vec<Condition>) -> Vec<Condition> {
     let mut out: Vec<Condition> = new
         .into_iter()

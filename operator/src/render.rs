@@ -67,6 +67,9 @@ pub struct Plan {
     pub shutdown_grace: Duration,
     /// `Some(message)` when the duplicate window is shorter than the redelivery horizon.
     pub window_warning: Option<String>,
+    /// The lag scaler's scale-down stabilization window and cooldown.
+    pub stabilization_window: Duration,
+    pub cooldown: Duration,
     /// The state bucket, while it holds records of the protocol before v2: the
     /// workers then treat an order recorded final there as done
     /// (`LEGACY_STATE_BUCKET`). Set by the controller from what NATS holds.
@@ -113,6 +116,11 @@ pub fn plan(p: &OrderPipeline) -> Result<Plan, InvalidSpec> {
         &s.workers.retry.nak_initial_delay,
     )?;
     let nak_max_delay = dur("workers.retry.nakMaxDelay", &s.workers.retry.nak_max_delay)?;
+    let stabilization_window = dur(
+        "workers.scaling.stabilizationWindow",
+        &s.workers.scaling.stabilization_window,
+    )?;
+    let cooldown = dur("workers.scaling.cooldown", &s.workers.scaling.cooldown)?;
     if initial > max_backoff {
         return Err(InvalidSpec(format!(
             "spec.workers.retry.initialBackoff ({}) is longer than maxBackoff ({}); make it the shorter one",
@@ -222,6 +230,8 @@ pub fn plan(p: &OrderPipeline) -> Result<Plan, InvalidSpec> {
         nak_max_delay,
         shutdown_grace,
         window_warning,
+        stabilization_window,
+        cooldown,
         legacy_bucket: None,
         replaces_old_protocol: false,
     })

@@ -109,6 +109,11 @@ impl Context {
         Ok(c)
     }
 
+    /// Every pipeline the controller knows (for the conflict check).
+    pub(crate) fn other_pipelines(&self) -> Vec<Arc<OrderPipeline>> {
+        self.pipelines.get().map(|s| s.state()).unwrap_or_default()
+    }
+
     pub(crate) async fn forget_nats(&self, key: &str) {
         self.nats.lock().await.remove(key);
     }

@@ -7,10 +7,68 @@ use kube::{Client, ResourceExt as _};
 use orderpipeline_common::nats::NatsAuth;
 use orderpipeline_common::topology::Topology;
 
-use crate::crd::OrderPipeline;
-use crate::render::{Credentials, SecretsView};
+use k8s_openapi::api::apps::v1::Deployment;
+
+use crate::crd::{OrderPipeline, OrderPipelineStatus};
+use crate::render::{self, Credentials, SecretsView};
 
 use super::*;
+
+/// The status from the API server, not the watch cache: a reconcile triggered
+/// right after our own status write may see the cache without it, and the
+/// scaler's clocks and lastScaleTime must not be lost.
+pub(crate) async fn fresh_status(p: &OrderPipeline, ctx: &Context) -> OrderPipelineStatus {
+    let api: Api<OrderPipeline> =
+        Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
+    match api.get_status(&p.name_any()).await {
+        Ok(fresh) => fresh.status.unwrap_or_default(),
+        Err(_) => p.status.clone().unwrap_or_default(),
+    }
+}
+
+/// What the pipeline's references resolve to: its Secrets (as the pods see
+/// them) and a JetStream context on its NATS.
+pub(crate) struct World {
+    pub(crate) secrets: SecretsView,
+    pub(crate) js: jetstream::Context,
+}
+
+/// Reads the Secrets and connects to NATS with them (a cached connection while
+/// the URL and the Secrets are unchanged).
+pub(crate) async fn world(p: &OrderPipeline, ctx: &Context) -> Result<World, NotReady> {
+    let key = key_of(p);
+    let (mut auth, secrets, files) = read_secrets(p, &ctx.client).await?;
+    write_tls_files(&key, &files, &mut auth)?;
+    let auth_hash = format!("{}|{:?}", p.spec.nats.url, secrets.checksum);
+    let client = ctx
+        .nats(&key, &p.spec.nats.url, &auth, &auth_hash)
+        .await
+        .map_err(|e| NotReady::new(Cause::of_connect(&e), e.to_string()))?;
+    if client.connection_state() != async_nats::connection::State::Connected {
+        return Err(NotReady::new(
+            Cause::NatsUnreachable,
+            format!(
+                "lost the connection to NATS at {}; reconnecting (check that nats-server runs there)",
+                p.spec.nats.url
+            ),
+        ));
+    }
+    let mut js = jetstream::new(client);
+    js.set_timeout(retry::JETSTREAM_REQUEST);
+    Ok(World { secrets, js })
+}
+
+/// The worker Deployment as it is now, if there is one.
+pub(crate) async fn live_deployment(
+    p: &OrderPipeline,
+    ctx: &Context,
+) -> Result<Option<Deployment>, Error> {
+    let api: Api<Deployment> =
+        Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
+    api.get_opt(&render::deployment_name(p))
+        .await
+        .map_err(Error::Kube)
+}
 
 /// Reads the referenced Secrets: the auth for the operator's connection, what to
 /// project into the pods, and a checksum that rolls the pods when they change.

@@ -25,6 +25,45 @@ impl Error {
     }
 }
 
+/// The requeue delays that are not a [`Cause`]'s.
+pub(crate) mod retry {
+    use std::time::Duration;
+
+    /// A reconcile that failed unexpectedly (`error_policy`).
+    pub(crate) const FAILED: Duration = Duration::from_secs(10);
+    /// A pipeline that went through but is not Ready yet (e.g. workers starting):
+    /// looked at again this soon, or at the resync interval if that is shorter.
+    pub(crate) const NOT_READY_RESYNC: Duration = Duration::from_secs(5);
+    /// How long a JetStream API request may take.
+    pub(crate) const JETSTREAM_REQUEST: Duration = Duration::from_secs(5);
+}
+
+/// How a reconcile step ends the reconcile early: the pipeline is not ready
+/// (a condition, an Event, a requeue), or an unexpected failure (`error_policy`).
+#[derive(Debug)]
+pub(crate) enum Stop {
+    NotReady(NotReady),
+    Failed(Error),
+}
+
+impl From<NotReady> for Stop {
+    fn from(b: NotReady) -> Self {
+        Stop::NotReady(b)
+    }
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Self {
+        Stop::Failed(e)
+    }
+}
+
+impl From<kube::Error> for Stop {
+    fn from(e: kube::Error) -> Self {
+        Stop::Failed(Error::Kube(e))
+    }
+}
+
 /// Why a reconcile cannot go on. Each cause knows its condition reason, how
 /// soon to try again, and which conditions it takes down with Ready.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,7 +1,92 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams};
 
+use kube::{Resource as _, ResourceExt as _};
+
+use crate::crd::OrderPipeline;
+use crate::events::EventType;
+use crate::render::{self, Plan, SecretsView};
+
+use super::super::plan::Replicas;
 use super::super::*;
+
+/// Applies the worker Deployment: hands the replicas over first when the
+/// operator stops setting them, switches the rollout strategy when the plan
+/// needs another, then one server-side apply; Events for a creation or a
+/// template change. The API server refusing it is the spec's fault: NotReady.
+pub(crate) async fn apply_deployment(
+    p: &OrderPipeline,
+    ctx: &Context,
+    plan: &Plan,
+    secrets: &SecretsView,
+    replicas: &Replicas,
+    live: Option<&Deployment>,
+) -> Result<Deployment, Stop> {
+    let api: Api<Deployment> =
+        Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
+    let name = render::deployment_name(p);
+    if replicas.apply.is_none() {
+        release_replicas(&api, &name, live, replicas.resume_at).await?;
+    }
+    if let Some(patch) = live.and_then(|l| render::strategy_patch(l, plan.replaces_old_protocol)) {
+        api.patch(&name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch))
+            .await?;
+    }
+    let desired = render::deployment(p, plan, secrets, &ctx.default_image, replicas.apply);
+    let after = match api
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&desired),
+        )
+        .await
+    {
+        Ok(d) => d,
+        // Refused as invalid (e.g. a bad resources or affinity value): the
+        // spec must change, so say so instead of retrying quietly.
+        Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => {
+            return Err(NotReady::new(
+                Cause::DeploymentInvalid,
+                format!(
+                    "the API server refused the worker Deployment {name}: {}; fix spec.workers",
+                    s.message
+                ),
+            )
+            .into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let template = |d: &Deployment| d.spec.as_ref().map(|s| s.template.clone());
+    match live {
+        None => {
+            let n = after.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+            let note = format!("created Deployment {name} with {n} replica(s)");
+            ctx.event(p, EventType::Normal, "DeploymentCreated", "Create", note)
+                .await;
+        }
+        Some(b) if template(b) != template(&after) => {
+            let note = format!("updated Deployment {name}");
+            ctx.event(p, EventType::Normal, "DeploymentUpdated", "Update", note)
+                .await;
+        }
+        Some(_) => {}
+    }
+    Ok(after)
+}
+
+/// The Scaled Event, related to the Deployment at its new resourceVersion (so
+/// that each scale is its own Event).
+pub(crate) async fn report_scaled(
+    p: &OrderPipeline,
+    ctx: &Context,
+    after: &Deployment,
+    why: String,
+) {
+    let mut related = after.object_ref(&());
+    related.resource_version = after.metadata.resource_version.clone();
+    ctx.event_about(p, EventType::Normal, "Scaled", "Scale", why, Some(related))
+        .await;
+}
 
 /// Before applying without `spec.replicas` (External mode): if our field manager
 /// still owns the field, hand it to a separate manager at its live value (right
