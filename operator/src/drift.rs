@@ -4,6 +4,7 @@
 //! (`operator/fixtures/`).
 
 use async_nats::jetstream::{consumer, kv, stream};
+use orderpipeline_common::topology::OWNER_METADATA_KEY;
 
 /// A stream's sources as (stream, filter) pairs: the part the operator sets (the
 /// dead-letter stream sources the input stream's `deadlettered` outcomes).
@@ -69,6 +70,51 @@ pub fn bucket_differs(live: &stream::Config, want: &kv::Config) -> Option<&'stat
         (live.max_age != want.max_age, "ttl"),
         (live.num_replicas != want.num_replicas, "replicas"),
     ])
+}
+
+/// Whether this pipeline may manage the stream `name` as it is: its own (by
+/// the owner metadata), or unowned under the Adopt policy (`Ok(true)`: adopt
+/// it). Another pipeline's, or an unowned stream otherwise, is refused with
+/// what to do.
+pub fn ownership(
+    name: &str,
+    live: &stream::Config,
+    owner: Option<&str>,
+    adopt_allowed: bool,
+) -> Result<bool, String> {
+    let live_owner = live.metadata.get(OWNER_METADATA_KEY).map(String::as_str);
+    if live_owner == owner {
+        return Ok(false);
+    }
+    match live_owner {
+        None if adopt_allowed => Ok(true),
+        Some(o) => Err(format!(
+            "stream {name} already belongs to pipeline {o}; give this pipeline other stream names (spec.stream.name / spec.deadLetter.streamName)"
+        )),
+        None => Err(format!(
+            "stream {name} exists and was not created by an OrderPipeline; delete it (nats stream rm {name}) or choose another name"
+        )),
+    }
+}
+
+/// What NATS cannot change in place: the storage, and retention to or from
+/// WorkQueue. `Some(why)` when the spec asks for such a change.
+pub fn immutable_change(live: &stream::Config, want: &stream::Config) -> Option<String> {
+    let name = &want.name;
+    let wq = stream::RetentionPolicy::WorkQueue;
+    if live.storage != want.storage {
+        Some(format!(
+            "stream {name} has {:?} storage but the spec asks for {:?}; NATS cannot change storage in place",
+            live.storage, want.storage
+        ))
+    } else if (live.retention == wq) != (want.retention == wq) {
+        Some(format!(
+            "stream {name} has {:?} retention but the spec asks for {:?}; NATS cannot change to or from WorkQueue in place",
+            live.retention, want.retention
+        ))
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -192,6 +238,55 @@ mod tests {
             change(&mut w);
             assert_eq!(stream_differs(&live, &w), want, "{case}");
         }
+    }
+
+    #[test]
+    fn a_stream_is_managed_only_by_its_owner_or_adopted_when_allowed() {
+        let mut live = live_stream();
+        assert_eq!(ownership("ORDERS", &live, Some("demo/orders"), false), Err(
+            "stream ORDERS exists and was not created by an OrderPipeline; delete it (nats stream rm ORDERS) or choose another name".into()
+        ));
+        assert_eq!(
+            ownership("ORDERS", &live, Some("demo/orders"), true),
+            Ok(true)
+        );
+        live.metadata
+            .insert(OWNER_METADATA_KEY.into(), "demo/orders".into());
+        assert_eq!(
+            ownership("ORDERS", &live, Some("demo/orders"), false),
+            Ok(false)
+        );
+        let e = ownership("ORDERS", &live, Some("shop/shop"), true).unwrap_err();
+        assert!(e.contains("already belongs to pipeline demo/orders"), "{e}");
+    }
+
+    #[test]
+    fn storage_and_workqueue_retention_cannot_change_in_place() {
+        let live = live_stream();
+        assert_eq!(immutable_change(&live, &live), None);
+        let memory = stream::Config {
+            storage: stream::StorageType::Memory,
+            ..live.clone()
+        };
+        assert!(
+            immutable_change(&live, &memory)
+                .unwrap()
+                .contains("cannot change storage")
+        );
+        let wq = stream::Config {
+            retention: stream::RetentionPolicy::WorkQueue,
+            ..live.clone()
+        };
+        assert!(immutable_change(&live, &wq).unwrap().contains("WorkQueue"));
+        let interest = stream::Config {
+            retention: stream::RetentionPolicy::Interest,
+            ..live.clone()
+        };
+        assert_eq!(
+            immutable_change(&live, &interest),
+            None,
+            "NATS changes this in place"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The OrderPipeline operator: CRD types, the pure builders (topology, Deployment,
 //! conditions), the reconciler and its runtime wiring.
 
+pub mod app;
 pub mod conditions;
 pub mod controller;
 pub mod crd;

@@ -89,48 +89,68 @@ fn dur(field: &str, value: &str) -> Result<Duration, InvalidSpec> {
     parse_duration(value).map_err(|e| InvalidSpec(format!("spec.{field}: {e}")))
 }
 
-/// Parses and checks the spec (what CEL could not), and builds the topology.
-pub fn plan(p: &OrderPipeline) -> Result<Plan, InvalidSpec> {
-    let s = &p.spec;
-    let ack_wait = dur("consumer.ackWait", &s.consumer.ack_wait)?;
-    let backoff = s
-        .consumer
-        .backoff
-        .iter()
-        .enumerate()
-        .map(|(i, b)| dur(&format!("consumer.backoff[{i}]"), b))
-        .collect::<Result<Vec<_>, _>>()?;
-    let max_age = dur("stream.maxAge", &s.stream.max_age)?;
-    let duplicate_window = dur("stream.duplicateWindow", &s.stream.duplicate_window)?;
-    let dlq_max_age = dur("deadLetter.maxAge", &s.dead_letter.max_age)?;
-    let bucket_ttl = dur("state.ttl", &s.state.ttl)?;
-    let shutdown_grace = dur("workers.shutdownGrace", &s.workers.shutdown_grace)?;
-    dur("workers.downstreamTimeout", &s.workers.downstream_timeout)?;
-    let initial = dur(
-        "workers.retry.initialBackoff",
-        &s.workers.retry.initial_backoff,
-    )?;
-    let max_backoff = dur("workers.retry.maxBackoff", &s.workers.retry.max_backoff)?;
-    let nak_initial = dur(
-        "workers.retry.nakInitialDelay",
-        &s.workers.retry.nak_initial_delay,
-    )?;
-    let nak_max_delay = dur("workers.retry.nakMaxDelay", &s.workers.retry.nak_max_delay)?;
-    let stabilization_window = dur(
-        "workers.scaling.stabilizationWindow",
-        &s.workers.scaling.stabilization_window,
-    )?;
-    let cooldown = dur("workers.scaling.cooldown", &s.workers.scaling.cooldown)?;
-    if initial > max_backoff {
+/// Every duration of the spec, parsed once (a bad one names its field).
+struct Durations {
+    ack_wait: Duration,
+    backoff: Vec<Duration>,
+    max_age: Duration,
+    duplicate_window: Duration,
+    dlq_max_age: Duration,
+    bucket_ttl: Duration,
+    shutdown_grace: Duration,
+    downstream_timeout: Duration,
+    retry_initial: Duration,
+    retry_max: Duration,
+    nak_initial: Duration,
+    nak_max: Duration,
+    stabilization_window: Duration,
+    cooldown: Duration,
+}
+
+impl Durations {
+    fn parse(s: &crate::crd::OrderPipelineSpec) -> Result<Self, InvalidSpec> {
+        let (r, sc) = (&s.workers.retry, &s.workers.scaling);
+        Ok(Self {
+            ack_wait: dur("consumer.ackWait", &s.consumer.ack_wait)?,
+            backoff: s
+                .consumer
+                .backoff
+                .iter()
+                .enumerate()
+                .map(|(i, b)| dur(&format!("consumer.backoff[{i}]"), b))
+                .collect::<Result<Vec<_>, _>>()?,
+            max_age: dur("stream.maxAge", &s.stream.max_age)?,
+            duplicate_window: dur("stream.duplicateWindow", &s.stream.duplicate_window)?,
+            dlq_max_age: dur("deadLetter.maxAge", &s.dead_letter.max_age)?,
+            bucket_ttl: dur("state.ttl", &s.state.ttl)?,
+            shutdown_grace: dur("workers.shutdownGrace", &s.workers.shutdown_grace)?,
+            downstream_timeout: dur("workers.downstreamTimeout", &s.workers.downstream_timeout)?,
+            retry_initial: dur("workers.retry.initialBackoff", &r.initial_backoff)?,
+            retry_max: dur("workers.retry.maxBackoff", &r.max_backoff)?,
+            nak_initial: dur("workers.retry.nakInitialDelay", &r.nak_initial_delay)?,
+            nak_max: dur("workers.retry.nakMaxDelay", &r.nak_max_delay)?,
+            stabilization_window: dur(
+                "workers.scaling.stabilizationWindow",
+                &sc.stabilization_window,
+            )?,
+            cooldown: dur("workers.scaling.cooldown", &sc.cooldown)?,
+        })
+    }
+}
+
+/// What CEL cannot check: pairs of fields, and the filter inside the subjects.
+fn check(s: &crate::crd::OrderPipelineSpec, d: &Durations) -> Result<(), InvalidSpec> {
+    let r = &s.workers.retry;
+    if d.retry_initial > d.retry_max {
         return Err(InvalidSpec(format!(
             "spec.workers.retry.initialBackoff ({}) is longer than maxBackoff ({}); make it the shorter one",
-            s.workers.retry.initial_backoff, s.workers.retry.max_backoff
+            r.initial_backoff, r.max_backoff
         )));
     }
-    if nak_initial > nak_max_delay {
+    if d.nak_initial > d.nak_max {
         return Err(InvalidSpec(format!(
             "spec.workers.retry.nakInitialDelay ({}) is longer than nakMaxDelay ({}); make it the shorter one",
-            s.workers.retry.nak_initial_delay, s.workers.retry.nak_max_delay
+            r.nak_initial_delay, r.nak_max_delay
         )));
     }
     if let (Some(min), Some(max)) = (s.workers.min_replicas, s.workers.max_replicas)
@@ -140,15 +160,16 @@ pub fn plan(p: &OrderPipeline) -> Result<Plan, InvalidSpec> {
             "spec.workers.minReplicas ({min}) exceeds maxReplicas ({max})"
         )));
     }
+    let filter = &s.consumer.filter_subject;
     if !s
         .stream
         .subjects
         .iter()
-        .any(|p| orderpipeline_common::names::subject_matches(p, &s.consumer.filter_subject))
+        .any(|p| orderpipeline_common::names::subject_matches(p, filter))
     {
         return Err(InvalidSpec(format!(
-            "spec.consumer.filterSubject {} is not captured by spec.stream.subjects {:?}; add it to the stream's subjects",
-            s.consumer.filter_subject, s.stream.subjects
+            "spec.consumer.filterSubject {filter} is not captured by spec.stream.subjects {:?}; add it to the stream's subjects",
+            s.stream.subjects
         )));
     }
     for (i, v) in s.workers.env.iter().enumerate() {
@@ -159,6 +180,12 @@ pub fn plan(p: &OrderPipeline) -> Result<Plan, InvalidSpec> {
             )));
         }
     }
+    Ok(())
+}
+
+/// The pipeline's JetStream objects, checked by the topology's own rules.
+fn topology(p: &OrderPipeline, d: &Durations) -> Result<Topology, InvalidSpec> {
+    let s = &p.spec;
     let max_workers = s.workers.max_replicas.unwrap_or(s.workers.replicas).max(1);
     let max_ack_pending = s
         .consumer
@@ -169,69 +196,79 @@ pub fn plan(p: &OrderPipeline) -> Result<Plan, InvalidSpec> {
         p.meta().namespace.clone().unwrap_or_default(),
         p.meta().name.clone().unwrap_or_default()
     );
+    use async_nats::jetstream::stream::{RetentionPolicy, StorageType};
     let topology = Topology {
         stream: s.stream.name.clone(),
         subjects: s.stream.subjects.clone(),
         retention: match s.stream.retention {
-            Retention::Limits => async_nats::jetstream::stream::RetentionPolicy::Limits,
-            Retention::Interest => async_nats::jetstream::stream::RetentionPolicy::Interest,
-            Retention::WorkQueue => async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+            Retention::Limits => RetentionPolicy::Limits,
+            Retention::Interest => RetentionPolicy::Interest,
+            Retention::WorkQueue => RetentionPolicy::WorkQueue,
         },
         storage: match s.stream.storage {
-            Storage::File => async_nats::jetstream::stream::StorageType::File,
-            Storage::Memory => async_nats::jetstream::stream::StorageType::Memory,
+            Storage::File => StorageType::File,
+            Storage::Memory => StorageType::Memory,
         },
         replicas: usize::try_from(s.stream.replicas).unwrap_or(1),
-        max_age,
+        max_age: d.max_age,
         max_bytes: s.stream.max_bytes,
-        duplicate_window,
+        duplicate_window: d.duplicate_window,
         dlq_stream: s.dlq_stream(),
         dlq_subject: s.dlq_subject(),
-        dlq_max_age,
+        dlq_max_age: d.dlq_max_age,
         bucket: s.state_bucket(),
-        bucket_ttl,
+        bucket_ttl: d.bucket_ttl,
         consumer: s.consumer.name.clone(),
         filter_subject: s.consumer.filter_subject.clone(),
-        ack_wait,
+        ack_wait: d.ack_wait,
         max_ack_pending,
-        backoff: backoff.clone(),
+        backoff: d.backoff.clone(),
         owner: Some(owner),
     };
     topology
         .validate()
         .map_err(|e| InvalidSpec(e.to_string()))?;
+    Ok(topology)
+}
+
+/// `Some(message)` when the duplicate window is shorter than the redelivery
+/// horizon: how long after its first delivery an order can still be redelivered.
+fn window_warning(s: &crate::crd::OrderPipelineSpec, d: &Durations) -> Option<String> {
     let max_deliveries = u32::try_from(s.consumer.max_attempts).unwrap_or(1);
     // Time one delivery may take inside the worker: its retries plus the downstream timeouts.
     let attempts = u32::try_from(s.workers.retry.attempts_per_delivery).unwrap_or(1);
-    let per_delivery =
-        (max_backoff + dur("workers.downstreamTimeout", &s.workers.downstream_timeout)?) * attempts;
+    let per_delivery = (d.retry_max + d.downstream_timeout) * attempts;
     let horizon = redelivery_horizon(
-        ack_wait,
-        &backoff,
+        d.ack_wait,
+        &d.backoff,
         max_deliveries,
-        nak_max_delay,
+        d.nak_max,
         per_delivery,
     );
-    let window_warning = (duplicate_window < horizon).then(|| {
+    (d.duplicate_window < horizon).then(|| {
+        let h = orderpipeline_common::duration::format_duration(horizon);
         format!(
-            "stream.duplicateWindow {} is shorter than the redelivery horizon {} ({} deliveries, ack wait {}, NAK delay up to {}): a producer re-sending an order later than the window stores it again (the workers answer it with the order's existing outcome, so exactly-once holds); raise duplicateWindow to at least {} to keep such re-sends out of the stream",
-            s.stream.duplicate_window,
-            orderpipeline_common::duration::format_duration(horizon),
-            max_deliveries,
-            s.consumer.ack_wait,
-            s.workers.retry.nak_max_delay,
-            orderpipeline_common::duration::format_duration(horizon),
+            "stream.duplicateWindow {} is shorter than the redelivery horizon {h} ({} deliveries, ack wait {}, NAK delay up to {}): a producer re-sending an order later than the window stores it again (the workers answer it with the order's existing outcome, so exactly-once holds); raise duplicateWindow to at least {h} to keep such re-sends out of the stream",
+            s.stream.duplicate_window, max_deliveries, s.consumer.ack_wait, s.workers.retry.nak_max_delay,
         )
-    });
+    })
+}
+
+/// Parses and checks the spec (what CEL could not), and builds the topology.
+pub fn plan(p: &OrderPipeline) -> Result<Plan, InvalidSpec> {
+    let s = &p.spec;
+    let d = Durations::parse(s)?;
+    check(s, &d)?;
+    let topology = topology(p, &d)?;
     Ok(Plan {
         topology,
-        ack_wait,
-        max_deliveries,
-        nak_max_delay,
-        shutdown_grace,
-        window_warning,
-        stabilization_window,
-        cooldown,
+        ack_wait: d.ack_wait,
+        max_deliveries: u32::try_from(s.consumer.max_attempts).unwrap_or(1),
+        nak_max_delay: d.nak_max,
+        shutdown_grace: d.shutdown_grace,
+        window_warning: window_warning(s, &d),
+        stabilization_window: d.stabilization_window,
+        cooldown: d.cooldown,
         legacy_bucket: None,
         replaces_old_protocol: false,
     })
@@ -562,19 +599,16 @@ pub fn deployment(
     replicas: Option<i32>,
 ) -> Deployment {
     let s = &p.spec;
-    let labels = {
-        let mut l = selector_labels(p);
-        l.insert("app.kubernetes.io/name".into(), "order-worker".into());
-        l.insert(
-            "app.kubernetes.io/instance".into(),
-            p.meta().name.clone().unwrap_or_default(),
-        );
-        l.insert(
-            "app.kubernetes.io/managed-by".into(),
-            "order-operator".into(),
-        );
-        l
-    };
+    let mut labels = selector_labels(p);
+    labels.insert("app.kubernetes.io/name".into(), "order-worker".into());
+    labels.insert(
+        "app.kubernetes.io/instance".into(),
+        p.meta().name.clone().unwrap_or_default(),
+    );
+    labels.insert(
+        "app.kubernetes.io/managed-by".into(),
+        "order-operator".into(),
+    );
     let mut annotations = BTreeMap::from([(
         PROTOCOL_ANNOTATION.to_string(),
         PROTOCOL_VERSION.to_string(),
@@ -582,7 +616,45 @@ pub fn deployment(
     if let Some(c) = &secrets.checksum {
         annotations.insert(CHECKSUM_ANNOTATION.to_string(), c.clone());
     }
-    // Secrets whose contents the worker reads as files: read-only mounts.
+    let (volumes, mounts) = secret_volumes(secrets);
+    let grace = i64::try_from(plan.shutdown_grace.as_secs()).unwrap_or(25) + 5;
+    let image = s
+        .workers
+        .image
+        .clone()
+        .unwrap_or_else(|| default_image.to_string());
+    let container = worker_container(image, worker_env(p, plan, secrets), mounts, s);
+    Deployment {
+        metadata: ObjectMeta {
+            name: Some(deployment_name(p)),
+            namespace: p.meta().namespace.clone(),
+            labels: Some(labels.clone()),
+            owner_references: p.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        spec: Some(DeploymentSpec {
+            replicas,
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(p)),
+                match_expressions: None,
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    annotations: Some(annotations),
+                    ..Default::default()
+                }),
+                spec: Some(pod_spec(container, grace, volumes, s)),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The Secrets whose contents the worker reads as files: read-only volumes and
+/// their mounts.
+fn secret_volumes(secrets: &SecretsView) -> (Vec<Volume>, Vec<VolumeMount>) {
     let mut file_secrets: Vec<(&str, &str, &str)> = Vec::new();
     if let Some((secret, kind)) = &secrets.credentials
         && matches!(kind, Credentials::CredsFile | Credentials::NkeySeed)
@@ -592,7 +664,7 @@ pub fn deployment(
     if let Some((secret, _)) = &secrets.tls {
         file_secrets.push(("nats-tls", secret, TLS_MOUNT));
     }
-    let volumes: Vec<Volume> = file_secrets
+    let volumes = file_secrets
         .iter()
         .map(|(name, secret, _)| Volume {
             name: (*name).into(),
@@ -604,7 +676,7 @@ pub fn deployment(
             ..Default::default()
         })
         .collect();
-    let mounts: Vec<VolumeMount> = file_secrets
+    let mounts = file_secrets
         .iter()
         .map(|(name, _, path)| VolumeMount {
             name: (*name).into(),
@@ -613,16 +685,20 @@ pub fn deployment(
             ..Default::default()
         })
         .collect();
-    let grace = i64::try_from(plan.shutdown_grace.as_secs()).unwrap_or(25) + 5;
-    let container = Container {
+    (volumes, mounts)
+}
+
+/// The worker container: probes, the restricted security context.
+fn worker_container(
+    image: String,
+    env: Vec<EnvVar>,
+    mounts: Vec<VolumeMount>,
+    s: &crate::crd::OrderPipelineSpec,
+) -> Container {
+    Container {
         name: "worker".into(),
-        image: Some(
-            s.workers
-                .image
-                .clone()
-                .unwrap_or_else(|| default_image.to_string()),
-        ),
-        env: Some(worker_env(p, plan, secrets)),
+        image: Some(image),
+        env: Some(env),
         ports: Some(vec![ContainerPort {
             name: Some("http".into()),
             container_port: WORKER_HTTP_PORT,
@@ -644,53 +720,37 @@ pub fn deployment(
         }),
         volume_mounts: (!mounts.is_empty()).then_some(mounts),
         ..Default::default()
-    };
-    Deployment {
-        metadata: ObjectMeta {
-            name: Some(deployment_name(p)),
-            namespace: p.meta().namespace.clone(),
-            labels: Some(labels.clone()),
-            owner_references: p.controller_owner_ref(&()).map(|o| vec![o]),
-            ..Default::default()
-        },
-        spec: Some(DeploymentSpec {
-            replicas,
-            selector: LabelSelector {
-                match_labels: Some(selector_labels(p)),
-                match_expressions: None,
-            },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    annotations: Some(annotations),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    termination_grace_period_seconds: Some(grace),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(65532),
-                        run_as_group: Some(65532),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            localhost_profile: None,
-                        }),
-                        ..Default::default()
-                    }),
-                    node_selector: (!s.workers.node_selector.is_empty())
-                        .then(|| s.workers.node_selector.clone()),
-                    tolerations: (!s.workers.tolerations.is_empty())
-                        .then(|| s.workers.tolerations.clone()),
-                    affinity: s.workers.affinity.clone(),
-                    volumes: (!volumes.is_empty()).then_some(volumes),
-                    automount_service_account_token: Some(false),
-                    ..Default::default()
-                }),
-            },
+    }
+}
+
+/// The pod: non-root with the default seccomp profile, no API token, the
+/// placement the spec asks for.
+fn pod_spec(
+    container: Container,
+    grace: i64,
+    volumes: Vec<Volume>,
+    s: &crate::crd::OrderPipelineSpec,
+) -> PodSpec {
+    PodSpec {
+        containers: vec![container],
+        termination_grace_period_seconds: Some(grace),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            run_as_group: Some(65532),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
+            }),
             ..Default::default()
         }),
-        status: None,
+        node_selector: (!s.workers.node_selector.is_empty())
+            .then(|| s.workers.node_selector.clone()),
+        tolerations: (!s.workers.tolerations.is_empty()).then(|| s.workers.tolerations.clone()),
+        affinity: s.workers.affinity.clone(),
+        volumes: (!volumes.is_empty()).then_some(volumes),
+        automount_service_account_token: Some(false),
+        ..Default::default()
     }
 }
 

@@ -77,109 +77,109 @@ pub(crate) async fn read_secrets(
     client: &Client,
 ) -> Result<(NatsAuth, SecretsView, Vec<(String, String)>), NotReady> {
     let ns = p.namespace().unwrap_or_default();
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let mut auth = NatsAuth::default();
     let mut view = SecretsView::default();
     let mut files = Vec::new();
     let mut hasher = sha_lite::Hasher::default();
-    let get = |name: String| {
-        let secrets = secrets.clone();
-        let ns = ns.clone();
-        async move {
-            match secrets.get_opt(&name).await {
-                Ok(Some(s)) => Ok(s),
-                Ok(None) => Err(NotReady::new(
-                    Cause::SecretMissing,
-                    format!(
-                        "Secret {ns}/{name} referenced by the pipeline does not exist; create it or fix the reference"
-                    ),
-                )),
-                Err(e) => Err(NotReady::new(
-                    Cause::KubernetesError,
-                    format!("reading Secret {name}: {e}"),
-                )),
-            }
-        }
-    };
-    let text = |s: &Secret, key: &str| -> Option<String> {
-        s.data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .map(|b| String::from_utf8_lossy(&b.0).to_string())
-            .or_else(|| s.string_data.as_ref().and_then(|d| d.get(key).cloned()))
-    };
     if let Some(r) = &p.spec.nats.credentials_secret_ref {
-        let s = get(r.name.clone()).await?;
+        let s = get_secret(&api, &ns, &r.name).await?;
         hasher.update_secret(&s);
-        let kind = if text(&s, "user").is_some() || text(&s, "password").is_some() {
-            auth.user = text(&s, "user");
-            auth.password = text(&s, "password");
-            if auth.user.is_none() || auth.password.is_none() {
-                return Err(NotReady::new(
-                    Cause::SecretInvalid,
-                    format!(
-                        "Secret {} has only one of the keys user and password; set both",
-                        r.name
-                    ),
-                ));
-            }
-            Credentials::UserPassword
-        } else if let Some(t) = text(&s, "token") {
-            auth.token = Some(t);
-            Credentials::Token
-        } else if let Some(c) = text(&s, "creds") {
-            auth.creds = Some(c);
-            Credentials::CredsFile
-        } else if let Some(n) = text(&s, "nkey") {
-            auth.nkey_seed = Some(n);
-            Credentials::NkeySeed
-        } else {
-            return Err(NotReady::new(
-                Cause::SecretInvalid,
-                format!(
-                    "Secret {} has none of the keys user+password, token, creds or nkey; add one",
-                    r.name
-                ),
-            ));
-        };
-        view.credentials = Some((r.name.clone(), kind));
+        view.credentials = Some((r.name.clone(), credentials_of(&r.name, &s, &mut auth)?));
     }
     if let Some(r) = &p.spec.nats.tls_secret_ref {
-        let s = get(r.name.clone()).await?;
+        let s = get_secret(&api, &ns, &r.name).await?;
         hasher.update_secret(&s);
-        let Some(ca) = text(&s, "ca.crt") else {
-            return Err(NotReady::new(
-                Cause::SecretInvalid,
-                format!(
-                    "TLS Secret {} has no ca.crt; add the CA that signed the NATS server's certificate",
-                    r.name
-                ),
-            ));
-        };
-        files.push(("ca.crt".to_string(), ca));
-        let client_cert = match (text(&s, "tls.crt"), text(&s, "tls.key")) {
-            (Some(c), Some(k)) => {
-                files.push(("tls.crt".into(), c));
-                files.push(("tls.key".into(), k));
-                true
-            }
-            (None, None) => false,
-            _ => {
-                return Err(NotReady::new(
-                    Cause::SecretInvalid,
-                    format!(
-                        "TLS Secret {} has only one of tls.crt and tls.key; set both",
-                        r.name
-                    ),
-                ));
-            }
-        };
+        let (tls_files, client_cert) = tls_of(&r.name, &s)?;
+        files = tls_files;
         view.tls = Some((r.name.clone(), client_cert));
     }
     if view.credentials.is_some() || view.tls.is_some() {
         view.checksum = Some(hasher.finish_hex());
     }
     Ok((auth, view, files))
+}
+
+async fn get_secret(api: &Api<Secret>, ns: &str, name: &str) -> Result<Secret, NotReady> {
+    match api.get_opt(name).await {
+        Ok(Some(s)) => Ok(s),
+        Ok(None) => Err(NotReady::new(
+            Cause::SecretMissing,
+            format!(
+                "Secret {ns}/{name} referenced by the pipeline does not exist; create it or fix the reference"
+            ),
+        )),
+        Err(e) => Err(NotReady::new(
+            Cause::KubernetesError,
+            format!("reading Secret {name}: {e}"),
+        )),
+    }
+}
+
+fn secret_text(s: &Secret, key: &str) -> Option<String> {
+    s.data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| String::from_utf8_lossy(&b.0).to_string())
+        .or_else(|| s.string_data.as_ref().and_then(|d| d.get(key).cloned()))
+}
+
+/// Which credentials the Secret `name` holds (one kind), written into `auth`.
+fn credentials_of(name: &str, s: &Secret, auth: &mut NatsAuth) -> Result<Credentials, NotReady> {
+    let text = |key| secret_text(s, key);
+    if text("user").is_some() || text("password").is_some() {
+        auth.user = text("user");
+        auth.password = text("password");
+        if auth.user.is_none() || auth.password.is_none() {
+            return Err(NotReady::new(
+                Cause::SecretInvalid,
+                format!("Secret {name} has only one of the keys user and password; set both"),
+            ));
+        }
+        Ok(Credentials::UserPassword)
+    } else if let Some(t) = text("token") {
+        auth.token = Some(t);
+        Ok(Credentials::Token)
+    } else if let Some(c) = text("creds") {
+        auth.creds = Some(c);
+        Ok(Credentials::CredsFile)
+    } else if let Some(n) = text("nkey") {
+        auth.nkey_seed = Some(n);
+        Ok(Credentials::NkeySeed)
+    } else {
+        Err(NotReady::new(
+            Cause::SecretInvalid,
+            format!(
+                "Secret {name} has none of the keys user+password, token, creds or nkey; add one"
+            ),
+        ))
+    }
+}
+
+/// The TLS files the Secret `name` holds (the CA, and a client certificate
+/// and key, both or neither), and whether it has the client pair.
+fn tls_of(name: &str, s: &Secret) -> Result<(Vec<(String, String)>, bool), NotReady> {
+    let Some(ca) = secret_text(s, "ca.crt") else {
+        return Err(NotReady::new(
+            Cause::SecretInvalid,
+            format!(
+                "TLS Secret {name} has no ca.crt; add the CA that signed the NATS server's certificate"
+            ),
+        ));
+    };
+    let mut files = vec![("ca.crt".to_string(), ca)];
+    match (secret_text(s, "tls.crt"), secret_text(s, "tls.key")) {
+        (Some(c), Some(k)) => {
+            files.push(("tls.crt".into(), c));
+            files.push(("tls.key".into(), k));
+            Ok((files, true))
+        }
+        (None, None) => Ok((files, false)),
+        _ => Err(NotReady::new(
+            Cause::SecretInvalid,
+            format!("TLS Secret {name} has only one of tls.crt and tls.key; set both"),
+        )),
+    }
 }
 
 /// Writes TLS material where the NATS client can read it (a private directory).
@@ -312,5 +312,72 @@ pub(crate) mod sha_lite {
         pub fn finish_hex(&self) -> String {
             format!("{:016x}{:016x}", self.0, self.1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(yaml: &str) -> Secret {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn a_credentials_secret_holds_one_kind_or_says_what_is_missing() {
+        let table = [
+            (
+                "{stringData: {user: u, password: p}}",
+                Ok(Credentials::UserPassword),
+            ),
+            ("{stringData: {token: t}}", Ok(Credentials::Token)),
+            ("{stringData: {creds: c}}", Ok(Credentials::CredsFile)),
+            ("{data: {nkey: U1VBQQ==}}", Ok(Credentials::NkeySeed)),
+            (
+                "{stringData: {user: u}}",
+                Err("only one of the keys user and password"),
+            ),
+            (
+                "{stringData: {other: x}}",
+                Err("none of the keys user+password, token, creds or nkey"),
+            ),
+        ];
+        for (yaml, want) in table {
+            let mut auth = NatsAuth::default();
+            let s = secret(yaml);
+            let got = credentials_of("nats-auth", &s, &mut auth);
+            match (got, want) {
+                (Ok(k), Ok(w)) => assert_eq!(k, w, "{yaml}"),
+                (Err(e), Err(w)) => {
+                    assert_eq!(e.cause, Cause::SecretInvalid, "{yaml}");
+                    assert!(
+                        e.message.contains(w) && e.message.contains("nats-auth"),
+                        "{yaml}: {}",
+                        e.message
+                    );
+                }
+                (got, _) => panic!("{yaml}: {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_tls_secret_needs_the_ca_and_both_or_neither_client_files() {
+        let (files, client) = tls_of("tls", &secret("{stringData: {ca.crt: CA}}")).unwrap();
+        assert_eq!((files.len(), client), (1, false));
+        let (files, client) = tls_of(
+            "tls",
+            &secret("{stringData: {ca.crt: CA, tls.crt: C, tls.key: K}}"),
+        )
+        .unwrap();
+        assert_eq!((files.len(), client), (3, true));
+        let e = tls_of("tls", &secret("{stringData: {tls.crt: C, tls.key: K}}")).unwrap_err();
+        assert!(e.message.contains("has no ca.crt"), "{}", e.message);
+        let e = tls_of("tls", &secret("{stringData: {ca.crt: CA, tls.crt: C}}")).unwrap_err();
+        assert!(
+            e.message.contains("only one of tls.crt and tls.key"),
+            "{}",
+            e.message
+        );
     }
 }

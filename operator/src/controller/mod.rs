@@ -14,10 +14,10 @@ mod watch;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kube::ResourceExt as _;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::ResourceExt as _;
 
 use crate::conditions::{self, types};
 use crate::crd::{ManagementPolicy, OrderPipeline, OrderPipelineStatus};

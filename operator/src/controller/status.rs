@@ -163,49 +163,36 @@ pub(crate) fn build(old: &OrderPipelineStatus, o: &Observed) -> OrderPipelineSta
             false
         }
     };
-    let ds = o.deployment.status.clone().unwrap_or_default();
-    let desired = o
-        .deployment
-        .spec
-        .as_ref()
-        .and_then(|s| s.replicas)
-        .unwrap_or(0);
-    let (ready_pods, available) = (
-        ds.ready_replicas.unwrap_or(0),
-        ds.available_replicas.unwrap_or(0),
+    let (workers, workers_condition) = workers(o.deployment, generation);
+    status.workers_ready = Some(format!("{}/{}", workers.ready, workers.desired));
+    status.replicas = Some(
+        o.deployment
+            .status
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(0),
     );
-    status.workers = Some(crate::crd::WorkersStatus {
-        desired,
-        ready: ready_pods,
-        available,
-    });
-    status.workers_ready = Some(format!("{ready_pods}/{desired}"));
-    status.replicas = Some(ds.replicas.unwrap_or(0));
     status.selector = Some(o.selector.clone());
     status.secrets_checksum = o.secrets_checksum.clone();
-    let workers_ok = available >= desired;
-    conds.push(conditions::condition(
-        types::WORKERS_AVAILABLE,
-        workers_ok,
-        if workers_ok {
-            reasons::WORKERS_AVAILABLE
-        } else {
-            reasons::WORKERS_UNAVAILABLE
-        },
-        format!("{available} of {desired} worker pod(s) available"),
-        generation,
-    ));
+    let workers_ok = workers_condition.status == "True";
+    conds.push(workers_condition);
     conds.push(window_condition(o.plan, generation));
     let ready = figures_ok && workers_ok;
     let (reason, message) = if ready {
         (
             reasons::READY,
-            format!("stream, consumer and {available} worker pod(s) ready"),
+            format!(
+                "stream, consumer and {} worker pod(s) ready",
+                workers.available
+            ),
         )
     } else if !workers_ok {
         (
             reasons::WORKERS_UNAVAILABLE,
-            format!("waiting for workers: {available} of {desired} available"),
+            format!(
+                "waiting for workers: {} of {} available",
+                workers.available, workers.desired
+            ),
         )
     } else {
         (
@@ -217,8 +204,34 @@ pub(crate) fn build(old: &OrderPipelineStatus, o: &Observed) -> OrderPipelineSta
         0,
         conditions::condition(types::READY, ready, reason, message, generation),
     );
+    status.workers = Some(workers);
     status.conditions = conditions::merge(&old.conditions, conds);
     status
+}
+
+/// The worker figures, all from the Deployment, and WorkersAvailable.
+fn workers(d: &Deployment, generation: Option<i64>) -> (crate::crd::WorkersStatus, Condition) {
+    let ds = d.status.clone().unwrap_or_default();
+    let desired = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+    let available = ds.available_replicas.unwrap_or(0);
+    let ok = available >= desired;
+    let condition = conditions::condition(
+        types::WORKERS_AVAILABLE,
+        ok,
+        if ok {
+            reasons::WORKERS_AVAILABLE
+        } else {
+            reasons::WORKERS_UNAVAILABLE
+        },
+        format!("{available} of {desired} worker pod(s) available"),
+        generation,
+    );
+    let w = crate::crd::WorkersStatus {
+        desired,
+        ready: ds.ready_replicas.unwrap_or(0),
+        available,
+    };
+    (w, condition)
 }
 
 fn paused_condition(paused: bool, generation: Option<i64>) -> Condition {
@@ -356,4 +369,187 @@ pub(crate) fn notes(
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{ConsumerStatus, StreamStatus};
+
+    fn sample() -> OrderPipeline {
+        let mut p: OrderPipeline = serde_yaml::from_str(include_str!(
+            "../../../manifests/samples/orderpipeline.yaml"
+        ))
+        .unwrap();
+        p.metadata.namespace = Some("demo".into());
+        p.metadata.generation = Some(4);
+        p
+    }
+
+    /// The worker Deployment as the API server returns it.
+    fn deployment(desired: i32, available: i32) -> Deployment {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: orders-workers}}
+spec:
+  replicas: {desired}
+  selector: {{matchLabels: {{app: w}}}}
+  template: {{metadata: {{labels: {{app: w}}}}}}
+status: {{replicas: {desired}, readyReplicas: {available}, availableReplicas: {available}}}"
+        ))
+        .unwrap()
+    }
+
+    fn figures(dead_letters: i64) -> Result<Figures, String> {
+        Ok(Figures {
+            consumer_paused: false,
+            legacy_records: Some(0),
+            stream: StreamStatus {
+                messages: 10,
+                ..Default::default()
+            },
+            consumer: ConsumerStatus {
+                pending: 3,
+                ack_pending: 2,
+                redelivered: 0,
+            },
+            dead_letters,
+        })
+    }
+
+    fn manual(apply: Option<i32>) -> Replicas {
+        Replicas {
+            mode: if apply.is_some() {
+                ReplicaMode::Manual
+            } else {
+                ReplicaMode::External
+            },
+            apply,
+            before_pause: None,
+            resume_at: None,
+            note: None,
+            clock: (None, None),
+        }
+    }
+
+    fn condition<'a>(s: &'a OrderPipelineStatus, type_: &str) -> (&'a str, &'a str) {
+        let c = s.conditions.iter().find(|c| c.type_ == type_).unwrap();
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    fn built(
+        plan: &Plan,
+        r: &Replicas,
+        f: &Result<Figures, String>,
+        d: &Deployment,
+    ) -> OrderPipelineStatus {
+        let p = sample();
+        build(
+            &OrderPipelineStatus::default(),
+            &Observed {
+                generation: p.metadata.generation,
+                paused: false,
+                plan,
+                replicas: r,
+                figures: f,
+                deployment: d,
+                selector: "app=w".into(),
+                secrets_checksum: None,
+                scaled_at: None,
+            },
+        )
+    }
+
+    #[test]
+    fn ready_needs_the_figures_and_every_worker() {
+        let plan = crate::render::plan(&sample()).unwrap();
+        let s = built(&plan, &manual(Some(2)), &figures(0), &deployment(2, 2));
+        assert_eq!(condition(&s, types::READY), ("True", reasons::READY));
+        assert_eq!(condition(&s, types::STREAM_READY).0, "True");
+        assert_eq!(
+            (s.lag, s.observed_generation, s.applied_generation),
+            (Some(5), Some(4), Some(4))
+        );
+        assert_eq!(s.workers_ready.as_deref(), Some("2/2"));
+        assert_eq!(s.desired_replicas, Some(2));
+
+        let s = built(&plan, &manual(Some(3)), &figures(0), &deployment(3, 1));
+        assert_eq!(
+            condition(&s, types::READY),
+            ("False", reasons::WORKERS_UNAVAILABLE)
+        );
+        assert_eq!(condition(&s, types::WORKERS_AVAILABLE).0, "False");
+
+        let s = built(
+            &plan,
+            &manual(Some(2)),
+            &Err("reading stream ORDERS: timed out".into()),
+            &deployment(2, 2),
+        );
+        assert_eq!(
+            condition(&s, types::READY),
+            ("False", reasons::JETSTREAM_ERROR)
+        );
+        assert_eq!(
+            condition(&s, types::STREAM_READY),
+            ("False", reasons::JETSTREAM_ERROR)
+        );
+        assert_eq!(condition(&s, types::CONSUMER_READY).0, "False");
+
+        // External: the operator decided nothing; the Deployment asks for 7.
+        let s = built(&plan, &manual(None), &figures(0), &deployment(7, 7));
+        assert_eq!(s.desired_replicas, None);
+        assert_eq!(s.workers.as_ref().map(|w| w.desired), Some(7));
+        assert_eq!(condition(&s, types::SCALING).1, reasons::EXTERNAL);
+    }
+
+    #[test]
+    fn a_blocked_reconcile_observes_the_generation_but_applies_nothing() {
+        let plan = crate::render::plan(&sample()).unwrap();
+        let ok = built(&plan, &manual(Some(2)), &figures(0), &deployment(2, 2));
+        let b = NotReady::new(
+            Cause::NatsUnreachable,
+            "NATS at nats://x:4222 is unreachable",
+        );
+        let s = blocked_status(Some(5), &ok, &b);
+        assert_eq!(
+            (s.observed_generation, s.applied_generation),
+            (Some(5), Some(4))
+        );
+        assert_eq!(
+            condition(&s, types::READY),
+            ("False", reasons::NATS_UNREACHABLE)
+        );
+        assert_eq!(
+            condition(&s, types::STREAM_READY),
+            ("False", reasons::NATS_UNREACHABLE)
+        );
+        assert_eq!(s.lag, ok.lag, "the last figures stay");
+        let b = NotReady::new(Cause::SecretMissing, "Secret demo/x does not exist");
+        let s = blocked_status(Some(5), &ok, &b);
+        assert_eq!(
+            condition(&s, types::STREAM_READY),
+            ("True", reasons::STREAM_READY)
+        );
+    }
+
+    #[test]
+    fn events_for_a_window_turning_short_and_dead_letters_growing() {
+        let mut p = sample();
+        p.spec.stream.duplicate_window = "1s".into();
+        let short = crate::render::plan(&p).unwrap();
+        let fine = crate::render::plan(&sample()).unwrap();
+        let before = built(&fine, &manual(Some(2)), &figures(1), &deployment(2, 2));
+        let after = built(&short, &manual(Some(2)), &figures(4), &deployment(2, 2));
+        let n = notes(&before, &after, "ORDERS_DLQ");
+        let reasons: Vec<_> = n.iter().map(|n| n.reason).collect();
+        assert_eq!(reasons, [reasons::WINDOW_TOO_SHORT, "DeadLettersGrew"]);
+        assert!(
+            n[1].message
+                .starts_with("3 new dead letter(s) in ORDERS_DLQ (total 4)")
+        );
+        assert!(
+            notes(&after, &after, "ORDERS_DLQ").is_empty(),
+            "once, not on every reconcile"
+        );
+    }
 }

@@ -1,5 +1,5 @@
 use async_nats::jetstream::{self, stream};
-use orderpipeline_common::topology::{OWNER_METADATA_KEY, Topology};
+use orderpipeline_common::topology::Topology;
 
 use crate::conditions::reasons;
 use crate::crd::{ManagementPolicy, OrderPipeline};
@@ -27,13 +27,14 @@ pub(crate) async fn ensure_paused(
         )
     })?;
     if p.spec.paused {
-        let until = time::OffsetDateTime::now_utc() + time::Duration::days(365 * 100);
-        s.pause_consumer(&t.consumer, until).await.map_err(|e| {
-            NotReady::new(
-                Cause::JetStreamError,
-                format!("pausing consumer {}: {e}", t.consumer),
-            )
-        })?;
+        s.pause_consumer(&t.consumer, pause_forever())
+            .await
+            .map_err(|e| {
+                NotReady::new(
+                    Cause::JetStreamError,
+                    format!("pausing consumer {}: {e}", t.consumer),
+                )
+            })?;
         ctx.event(
             p,
             EventType::Normal,
@@ -75,231 +76,240 @@ pub(crate) async fn ensure_topology(
     t: &Topology,
     drift: bool,
 ) -> Result<(), NotReady> {
-    // Drift (a change made behind the operator's back) is reported as such, as
-    // a Warning whatever the object: the Event for a change is `reason`
-    // (Normal), or DriftCorrected (Warning).
-    let report = move |reason: &str, action: &'static str, message: String| {
-        let (type_, reason, message) = if drift {
-            (
-                EventType::Warning,
-                reasons::DRIFT_CORRECTED.to_string(),
-                format!("{message} (it had been changed outside the operator)"),
-            )
+    let r = Reporter { p, ctx, drift };
+    ensure_stream(&r, js, t, t.stream_config(), "Stream").await?;
+    ensure_stream(&r, js, t, t.dlq_stream_config(), "DeadLetterStream").await?;
+    ensure_bucket(&r, js, t).await?;
+    ensure_consumer(&r, js, t).await
+}
+
+/// How this reconcile reports what it changes. Drift (a change made behind the
+/// operator's back) is reported as such, as a Warning whatever the object: the
+/// Event for a change is `reason` (Normal), or DriftCorrected (Warning).
+struct Reporter<'a> {
+    p: &'a OrderPipeline,
+    ctx: &'a Context,
+    drift: bool,
+}
+
+impl Reporter<'_> {
+    async fn changed(&self, reason: &str, action: &str, message: String) {
+        if self.drift {
+            let note = format!("{message} (it had been changed outside the operator)");
+            self.warn(action, note).await;
         } else {
-            (EventType::Normal, reason.to_string(), message)
-        };
-        async move { ctx.event(p, type_, &reason, action, message).await }
-    };
-    // The same for a creation: under drift the object had been deleted.
-    let created = move |reason: &str, object: String, message: String| {
-        let (type_, reason, message) = if drift {
-            (
-                EventType::Warning,
-                reasons::DRIFT_CORRECTED.to_string(),
-                format!("recreated {object}: it had been deleted outside the operator"),
-            )
+            self.ctx
+                .event(self.p, EventType::Normal, reason, action, message)
+                .await;
+        }
+    }
+
+    /// The same for a creation: under drift the object had been deleted.
+    async fn created(&self, reason: &str, object: String, message: String) {
+        if self.drift {
+            let note = format!("recreated {object}: it had been deleted outside the operator");
+            self.warn("Create", note).await;
         } else {
-            (EventType::Normal, reason.to_string(), message)
-        };
-        async move { ctx.event(p, type_, &reason, "Create", message).await }
-    };
-    let api_err = |what: &str, e: &dyn std::fmt::Display| {
+            self.ctx
+                .event(self.p, EventType::Normal, reason, "Create", message)
+                .await;
+        }
+    }
+
+    async fn warn(&self, action: &str, note: String) {
+        let reason = reasons::DRIFT_CORRECTED;
+        self.ctx
+            .event(self.p, EventType::Warning, reason, action, note)
+            .await;
+    }
+
+    /// A failed JetStream request: NATS not answering, or an API error.
+    fn api_err(&self, what: &str, e: &dyn std::fmt::Display) -> NotReady {
         let s = e.to_string();
         if s.contains("timed out") || s.contains("no responders") || s.contains("disconnected") {
             NotReady::new(
                 Cause::NatsUnreachable,
                 format!(
                     "{what}: NATS did not answer ({s}); check that nats-server (with JetStream) runs at {}",
-                    p.spec.nats.url
+                    self.p.spec.nats.url
                 ),
             )
         } else {
             NotReady::new(Cause::JetStreamError, format!("{what}: {s}"))
         }
-    };
-    for (cfg, what) in [
-        (t.stream_config(), "Stream"),
-        (t.dlq_stream_config(), "DeadLetterStream"),
-    ] {
-        let name = cfg.name.clone();
-        match js.get_stream(&name).await {
-            Ok(mut s) => {
-                let live = s
-                    .info()
-                    .await
-                    .map_err(|e| api_err(&format!("reading stream {name}"), &e))?
-                    .config
-                    .clone();
-                let owner = live.metadata.get(OWNER_METADATA_KEY).cloned();
-                let adopt = owner.is_none() && p.spec.management_policy == ManagementPolicy::Adopt;
-                if owner.as_deref() != t.owner.as_deref() && !adopt {
-                    let msg = match owner {
-                        Some(o) => format!(
-                            "stream {name} already belongs to pipeline {o}; give this pipeline other stream names (spec.stream.name / spec.deadLetter.streamName)"
-                        ),
-                        None => format!(
-                            "stream {name} exists and was not created by an OrderPipeline; delete it (nats stream rm {name}) or choose another name"
-                        ),
-                    };
-                    return Err(NotReady::new(Cause::StreamConflict, msg));
-                }
-                let wq = stream::RetentionPolicy::WorkQueue;
-                let immutable = if live.storage != cfg.storage {
-                    Some(format!(
-                        "stream {name} has {:?} storage but the spec asks for {:?}; NATS cannot change storage in place",
-                        live.storage, cfg.storage
-                    ))
-                } else if (live.retention == wq) != (cfg.retention == wq) {
-                    Some(format!(
-                        "stream {name} has {:?} retention but the spec asks for {:?}; NATS cannot change to or from WorkQueue in place",
-                        live.retention, cfg.retention
-                    ))
-                } else {
-                    None
-                };
-                if let Some(why) = immutable {
-                    if !p.spec.stream.recreate_on_immutable_change {
-                        return Err(NotReady::new(
-                            Cause::StreamIncompatible,
-                            format!(
-                                "{why}: set spec.stream.recreateOnImmutableChange: true to delete and recreate it (its messages are lost), or recreate it by hand"
-                            ),
-                        ));
-                    }
-                    js.delete_stream(&name)
-                        .await
-                        .map_err(|e| api_err(&format!("deleting stream {name}"), &e))?;
-                    js.create_stream(cfg.clone())
-                        .await
-                        .map_err(|e| api_err(&format!("recreating stream {name}"), &e))?;
-                    ctx.event(
-                        p,
-                        EventType::Warning,
-                        "StreamRecreated",
-                        "Recreate",
-                        format!("{why}; recreated it (spec.stream.recreateOnImmutableChange)"),
-                    )
-                    .await;
-                    continue;
-                }
-                if adopt {
-                    js.update_stream(cfg.clone())
-                        .await
-                        .map_err(|e| api_err(&format!("adopting stream {name}"), &e))?;
-                    ctx.event(
-                        p,
-                        EventType::Normal,
-                        "Adopted",
-                        "Adopt",
-                        format!("adopted existing stream {name} (managementPolicy Adopt)"),
-                    )
-                    .await;
-                } else if let Some(field) = drift::stream_differs(&live, &cfg) {
-                    js.update_stream(cfg.clone())
-                        .await
-                        .map_err(|e| api_err(&format!("updating stream {name}"), &e))?;
-                    report(
-                        &format!("{what}Updated"),
-                        "Update",
-                        format!("updated stream {name} ({field} changed)"),
-                    )
-                    .await;
-                }
-            }
-            Err(e) if orderpipeline_common::nats::is_not_found(&e) => {
-                js.create_stream(cfg.clone())
-                    .await
-                    .map_err(|e| api_err(&format!("creating stream {name}"), &e))?;
-                created(
-                    &format!("{what}Created"),
-                    format!("stream {name}"),
-                    format!("created stream {name} on {:?}", cfg.subjects),
-                )
-                .await;
-            }
-            Err(e) => return Err(api_err(&format!("reading stream {name}"), &e)),
-        }
     }
-    // The bucket's settings (TTL, replicas) follow the spec like the streams'.
-    let bucket_stream = format!("KV_{}", t.bucket);
-    match js.get_stream(&bucket_stream).await {
+}
+
+/// One stream (the input or the dead-letter stream): created when missing,
+/// else checked and brought to the spec.
+async fn ensure_stream(
+    r: &Reporter<'_>,
+    js: &jetstream::Context,
+    t: &Topology,
+    cfg: stream::Config,
+    what: &str,
+) -> Result<(), NotReady> {
+    let name = cfg.name.clone();
+    match js.get_stream(&name).await {
         Ok(mut s) => {
             let live = s
                 .info()
                 .await
-                .map_err(|e| api_err(&format!("reading KV bucket {}", t.bucket), &e))?
+                .map_err(|e| r.api_err(&format!("reading stream {name}"), &e))?
+                .config
+                .clone();
+            update_stream(r, js, t, live, cfg, what).await
+        }
+        Err(e) if orderpipeline_common::nats::is_not_found(&e) => {
+            js.create_stream(cfg.clone())
+                .await
+                .map_err(|e| r.api_err(&format!("creating stream {name}"), &e))?;
+            let note = format!("created stream {name} on {:?}", cfg.subjects);
+            r.created(&format!("{what}Created"), format!("stream {name}"), note)
+                .await;
+            Ok(())
+        }
+        Err(e) => Err(r.api_err(&format!("reading stream {name}"), &e)),
+    }
+}
+
+/// An existing stream: refused when another owns it; recreated (only when the
+/// spec allows) when NATS cannot change it in place; else adopted or updated.
+async fn update_stream(
+    r: &Reporter<'_>,
+    js: &jetstream::Context,
+    t: &Topology,
+    live: stream::Config,
+    cfg: stream::Config,
+    what: &str,
+) -> Result<(), NotReady> {
+    let (p, name) = (r.p, cfg.name.clone());
+    let adopt_allowed = p.spec.management_policy == ManagementPolicy::Adopt;
+    let adopt = drift::ownership(&name, &live, t.owner.as_deref(), adopt_allowed)
+        .map_err(|msg| NotReady::new(Cause::StreamConflict, msg))?;
+    if let Some(why) = drift::immutable_change(&live, &cfg) {
+        if !p.spec.stream.recreate_on_immutable_change {
+            return Err(NotReady::new(
+                Cause::StreamIncompatible,
+                format!(
+                    "{why}: set spec.stream.recreateOnImmutableChange: true to delete and recreate it (its messages are lost), or recreate it by hand"
+                ),
+            ));
+        }
+        js.delete_stream(&name)
+            .await
+            .map_err(|e| r.api_err(&format!("deleting stream {name}"), &e))?;
+        js.create_stream(cfg)
+            .await
+            .map_err(|e| r.api_err(&format!("recreating stream {name}"), &e))?;
+        let note = format!("{why}; recreated it (spec.stream.recreateOnImmutableChange)");
+        r.ctx
+            .event(p, EventType::Warning, "StreamRecreated", "Recreate", note)
+            .await;
+    } else if adopt {
+        js.update_stream(cfg)
+            .await
+            .map_err(|e| r.api_err(&format!("adopting stream {name}"), &e))?;
+        let note = format!("adopted existing stream {name} (managementPolicy Adopt)");
+        r.ctx
+            .event(p, EventType::Normal, "Adopted", "Adopt", note)
+            .await;
+    } else if let Some(field) = drift::stream_differs(&live, &cfg) {
+        js.update_stream(cfg)
+            .await
+            .map_err(|e| r.api_err(&format!("updating stream {name}"), &e))?;
+        let note = format!("updated stream {name} ({field} changed)");
+        r.changed(&format!("{what}Updated"), "Update", note).await;
+    }
+    Ok(())
+}
+
+/// The KV bucket (left from the protocol before v2): its settings (TTL,
+/// replicas) follow the spec like the streams'.
+async fn ensure_bucket(
+    r: &Reporter<'_>,
+    js: &jetstream::Context,
+    t: &Topology,
+) -> Result<(), NotReady> {
+    let bucket = &t.bucket;
+    match js.get_stream(format!("KV_{bucket}")).await {
+        Ok(mut s) => {
+            let live = s
+                .info()
+                .await
+                .map_err(|e| r.api_err(&format!("reading KV bucket {bucket}"), &e))?
                 .config
                 .clone();
             let want = t.kv_config();
             if let Some(field) = drift::bucket_differs(&live, &want) {
                 js.update_key_value(want)
                     .await
-                    .map_err(|e| api_err(&format!("updating KV bucket {}", t.bucket), &e))?;
-                report(
-                    "BucketUpdated",
-                    "Update",
-                    format!("updated KV bucket {} ({field} changed)", t.bucket),
-                )
-                .await;
+                    .map_err(|e| r.api_err(&format!("updating KV bucket {bucket}"), &e))?;
+                let note = format!("updated KV bucket {bucket} ({field} changed)");
+                r.changed("BucketUpdated", "Update", note).await;
             }
+            Ok(())
         }
-        Err(e) if !orderpipeline_common::nats::is_not_found(&e) => {
-            return Err(api_err(&format!("reading KV bucket {}", t.bucket), &e));
-        }
-        Err(_) => {
+        Err(e) if orderpipeline_common::nats::is_not_found(&e) => {
             js.create_or_update_key_value(t.kv_config())
                 .await
-                .map_err(|e| api_err(&format!("creating KV bucket {}", t.bucket), &e))?;
-            created(
-                "BucketCreated",
-                format!("KV bucket {}", t.bucket),
-                format!("created KV bucket {}", t.bucket),
-            )
-            .await;
+                .map_err(|e| r.api_err(&format!("creating KV bucket {bucket}"), &e))?;
+            let note = format!("created KV bucket {bucket}");
+            r.created("BucketCreated", format!("KV bucket {bucket}"), note)
+                .await;
+            Ok(())
         }
+        Err(e) => Err(r.api_err(&format!("reading KV bucket {bucket}"), &e)),
     }
+}
+
+/// The durable consumer: created when missing, rewritten when a field the
+/// operator sets differs (a paused one stays paused).
+async fn ensure_consumer(
+    r: &Reporter<'_>,
+    js: &jetstream::Context,
+    t: &Topology,
+) -> Result<(), NotReady> {
     let mut desired = t.consumer_config();
-    if p.spec.paused {
-        // Keep a paused consumer paused when its config is rewritten.
-        desired.pause_until =
-            Some(time::OffsetDateTime::now_utc() + time::Duration::days(365 * 100));
+    if r.p.spec.paused {
+        desired.pause_until = Some(pause_forever());
     }
+    let consumer = &t.consumer;
     let s = js
         .get_stream(&t.stream)
         .await
-        .map_err(|e| api_err(&format!("reading stream {}", t.stream), &e))?;
-    match s.consumer_info(&t.consumer).await {
+        .map_err(|e| r.api_err(&format!("reading stream {}", t.stream), &e))?;
+    match s.consumer_info(consumer).await {
         Ok(info) => {
             if let Some(field) = drift::consumer_differs(&info.config, &desired) {
                 s.create_consumer(desired.clone())
                     .await
-                    .map_err(|e| api_err(&format!("updating consumer {}", t.consumer), &e))?;
-                report(
-                    "ConsumerUpdated",
-                    "Update",
-                    format!(
-                        "updated consumer {} ({field} changed; max ack pending {}, ack wait {:?})",
-                        t.consumer, desired.max_ack_pending, desired.ack_wait
-                    ),
-                )
-                .await;
+                    .map_err(|e| r.api_err(&format!("updating consumer {consumer}"), &e))?;
+                let note = format!(
+                    "updated consumer {consumer} ({field} changed; max ack pending {}, ack wait {:?})",
+                    desired.max_ack_pending, desired.ack_wait
+                );
+                r.changed("ConsumerUpdated", "Update", note).await;
             }
+            Ok(())
         }
         Err(e) if orderpipeline_common::nats::is_not_found(&e) => {
-            s.create_consumer(desired.clone())
+            s.create_consumer(desired)
                 .await
-                .map_err(|e| api_err(&format!("creating consumer {}", t.consumer), &e))?;
-            created(
-                "ConsumerCreated",
-                format!("consumer {}", t.consumer),
-                format!(
-                    "created durable consumer {} filtering {}",
-                    t.consumer, t.filter_subject
-                ),
-            )
-            .await;
+                .map_err(|e| r.api_err(&format!("creating consumer {consumer}"), &e))?;
+            let note = format!(
+                "created durable consumer {consumer} filtering {}",
+                t.filter_subject
+            );
+            r.created("ConsumerCreated", format!("consumer {consumer}"), note)
+                .await;
+            Ok(())
         }
-        Err(e) => return Err(api_err(&format!("reading consumer {}", t.consumer), &e)),
+        Err(e) => Err(r.api_err(&format!("reading consumer {consumer}"), &e)),
     }
-    Ok(())
+}
+
+/// A consumer pause that lasts until `spec.paused` is set back to false.
+fn pause_forever() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc() + time::Duration::days(365 * 100)
 }

@@ -1,0 +1,158 @@
+//! The operator process: its HTTP endpoints, leader election and the
+//! controller, and the order they stop in (the Lease is handed back last).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::controller::{self, Context};
+use crate::metrics::Metrics;
+use anyhow::Context as _;
+use axum::routing::get;
+use orderpipeline_common::duration::parse_duration;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+/// What `order-operator run` is told (flags and their environment variables).
+#[derive(clap::Args, Debug)]
+pub struct Settings {
+    /// Watch one namespace only (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Worker image used when a pipeline sets none.
+    #[arg(long, env = "WORKER_IMAGE")]
+    pub worker_image: Option<String>,
+    /// How often each pipeline's figures are refreshed (jittered +-10%).
+    #[arg(long, env = "RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+    /// This replica's name, for Events and the Lease (the Pod name in a cluster).
+    #[arg(long, env = "POD_NAME", default_value = "order-operator")]
+    pub pod_name: String,
+    /// Elect a leader with a Lease so only one replica reconciles.
+    #[arg(long, env = "LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Namespace of the Lease: the operator's own (default: POD_NAMESPACE, else
+    /// orderpipeline-system), where its RBAC Role grants Leases.
+    #[arg(long, env = "LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// How long the Lease stays valid without renewal; a standby takes over within it.
+    #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+}
+
+/// Runs until SIGTERM/SIGINT (or until leadership is lost: an error, so that the
+/// restart rejoins as a standby).
+pub async fn run(args: Settings) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let image = args
+        .worker_image
+        .clone()
+        .unwrap_or_else(crate::render::default_worker_image);
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics,
+        image,
+        args.resync_interval,
+        args.pod_name.clone(),
+    ));
+    let shutdown = CancellationToken::new();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        orderpipeline_common::signal::shutdown_signal().await;
+        tracing::info!("signal received; shutting down");
+        s.cancel();
+    });
+    let http = serve_http(args.http_addr, Arc::new(registry), shutdown.clone()).await?;
+    tracing::info!(namespace = ?args.namespace, addr = %args.http_addr, "order-operator starting");
+    let lost = CancellationToken::new();
+    // Its own token: the Lease is handed back only once no reconcile runs (a
+    // SIGTERM cancels `shutdown` while reconciles are still finishing).
+    let release = CancellationToken::new();
+    let mut holder = None;
+    if args.leader_elect {
+        let lease = lease_config(&args);
+        if !crate::leader::acquire(&client, &lease, &shutdown).await {
+            let _ = http.await;
+            return Ok(());
+        }
+        let hold = crate::leader::hold(client.clone(), lease, release.clone(), lost.clone());
+        holder = Some(tokio::spawn(hold));
+    }
+    let cs = shutdown.clone();
+    let run = controller::run(ctx, args.namespace, async move { cs.cancelled().await });
+    tokio::select! {
+        // SIGTERM: in-flight reconciles finish, then the Lease is released.
+        _ = run => {}
+        // Leadership lost: another replica may lead already, so in-flight
+        // reconciles are dropped at once rather than finished.
+        _ = lost.cancelled() => {}
+    }
+    shutdown.cancel();
+    release.cancel();
+    if let Some(h) = holder {
+        let _ = h.await;
+    }
+    let _ = http.await;
+    if lost.is_cancelled() {
+        anyhow::bail!("lost leadership; exiting so a restart rejoins as a standby");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// /healthz, /readyz and /metrics until `shutdown`.
+async fn serve_http(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("HTTP_ADDR {addr}: cannot listen there; pick a free host:port"))?;
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let reg = registry.clone();
+                async move {
+                    let mut out = String::new();
+                    let _ = prometheus_client::encoding::text::encode(&mut out, &reg);
+                    (
+                        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                        out,
+                    )
+                }
+            }),
+        );
+    Ok(tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    }))
+}
+
+/// The Lease: in the operator's own namespace, one per watched namespace.
+fn lease_config(args: &Settings) -> crate::leader::LeaseConfig {
+    crate::leader::LeaseConfig {
+        namespace: args
+            .lease_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "orderpipeline-system".into()),
+        name: match &args.namespace {
+            Some(ns) => format!("order-operator-{ns}"),
+            None => "order-operator".into(),
+        },
+        identity: args.pod_name.clone(),
+        duration: args.lease_duration,
+    }
+}
