@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
+use orderpipeline_common::duration::DURATION_PATTERN;
 use orderpipeline_common::names;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -196,11 +197,11 @@ pub struct ScalingSpec {
     pub max_step: i32,
     /// Scale down only when no decision in this window wanted the current replicas.
     #[serde(default = "default_window")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub stabilization_window: String,
     /// With minReplicas 0: scale to zero after the lag stayed 0 this long.
     #[serde(default = "default_window")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub cooldown: String,
 }
 
@@ -305,7 +306,7 @@ pub struct StreamSpec {
     pub replicas: i32,
     /// Oldest message kept, e.g. `7d`.
     #[serde(default = "default_max_age")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub max_age: String,
     /// Largest stream size in bytes; -1 for no limit.
     #[serde(default = "default_max_bytes")]
@@ -318,7 +319,7 @@ pub struct StreamSpec {
     /// attempts, plus NAK delays), so that producer retries within that time stay
     /// out of the stream.
     #[serde(default = "default_duplicate_window")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub duplicate_window: String,
     /// Retain (default) keeps the JetStream objects when the pipeline is deleted;
     /// Delete removes them.
@@ -376,7 +377,7 @@ pub struct ConsumerSpec {
     /// How long JetStream waits for an ack before redelivering (workers send
     /// in-progress acks for long work).
     #[serde(default = "default_ack_wait")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub ack_wait: String,
     /// Deliveries after which a failing order is dead-lettered. Enforced by the
     /// workers (MAX_DELIVERIES); the server-side max_deliver stays unlimited so a
@@ -429,7 +430,7 @@ pub struct DeadLetterSpec {
     pub subject: Option<String>,
     /// How long dead letters are kept.
     #[serde(default = "default_dlq_max_age")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub max_age: String,
 }
 
@@ -456,7 +457,7 @@ pub struct StateSpec {
     /// How long an order's record is kept; at least the stream's maxAge (the
     /// operator uses the longer of the two). Replicas follow the stream's.
     #[serde(default = "default_max_age")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub ttl: String,
 }
 
@@ -553,12 +554,12 @@ pub struct WorkersSpec {
     pub downstream_url: Option<String>,
     /// Timeout of one downstream call.
     #[serde(default = "default_downstream_timeout")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub downstream_timeout: String,
     /// Time a worker gets after SIGTERM to finish in-flight orders (the pod's
     /// terminationGracePeriodSeconds is this plus 5 s).
     #[serde(default = "default_shutdown_grace")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub shutdown_grace: String,
     /// Node labels the worker pods must match.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -619,19 +620,19 @@ pub struct RetrySpec {
     pub attempts_per_delivery: i32,
     /// First in-process retry delay.
     #[serde(default = "default_initial_backoff")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub initial_backoff: String,
     /// Longest in-process retry delay.
     #[serde(default = "default_max_backoff")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub max_backoff: String,
     /// NAK delay after the first failed delivery; doubles per delivery.
     #[serde(default = "default_nak_initial")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub nak_initial_delay: String,
     /// Longest NAK delay.
     #[serde(default = "default_nak_max")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub nak_max_delay: String,
 }
 

@@ -19,6 +19,109 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 pub use kube::runtime::events::{Event, EventType};
 use tokio::sync::Mutex;
 
+/// An object of the pipeline that Events are about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Object {
+    Stream,
+    DeadLetterStream,
+    Bucket,
+    Consumer,
+    Deployment,
+}
+
+/// Every Event the operator publishes: its reason, action and type in one
+/// place (the reasons are what alerts and `kubectl get events` filter on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Created(Object),
+    Updated(Object),
+    /// A change made outside the operator, undone (`action`: Create, Update).
+    DriftCorrected {
+        action: &'static str,
+    },
+    /// Deleted and recreated because NATS cannot change it in place.
+    StreamRecreated,
+    Adopted,
+    Paused,
+    Resumed,
+    Scaled,
+    WindowTooShort,
+    DeadLettersGrew,
+    Retained,
+    Deleted,
+    CleanupAbandoned,
+    CleanupFailed,
+    /// A reconcile that cannot go on, with the Ready condition's reason.
+    NotReady {
+        reason: &'static str,
+    },
+}
+
+impl Kind {
+    pub fn reason(self) -> &'static str {
+        use Object::*;
+        match self {
+            Kind::Created(Stream) => "StreamCreated",
+            Kind::Created(DeadLetterStream) => "DeadLetterStreamCreated",
+            Kind::Created(Bucket) => "BucketCreated",
+            Kind::Created(Consumer) => "ConsumerCreated",
+            Kind::Created(Deployment) => "DeploymentCreated",
+            Kind::Updated(Stream) => "StreamUpdated",
+            Kind::Updated(DeadLetterStream) => "DeadLetterStreamUpdated",
+            Kind::Updated(Bucket) => "BucketUpdated",
+            Kind::Updated(Consumer) => "ConsumerUpdated",
+            Kind::Updated(Deployment) => "DeploymentUpdated",
+            Kind::DriftCorrected { .. } => crate::conditions::reasons::DRIFT_CORRECTED,
+            Kind::StreamRecreated => "StreamRecreated",
+            Kind::Adopted => "Adopted",
+            Kind::Paused => "Paused",
+            Kind::Resumed => "Resumed",
+            Kind::Scaled => "Scaled",
+            Kind::WindowTooShort => crate::conditions::reasons::WINDOW_TOO_SHORT,
+            Kind::DeadLettersGrew => "DeadLettersGrew",
+            Kind::Retained => "Retained",
+            Kind::Deleted => "Deleted",
+            Kind::CleanupAbandoned => "CleanupAbandoned",
+            Kind::CleanupFailed => "CleanupFailed",
+            Kind::NotReady { reason } => reason,
+        }
+    }
+
+    pub fn action(self) -> &'static str {
+        match self {
+            Kind::Created(_) => "Create",
+            Kind::Updated(_) => "Update",
+            Kind::DriftCorrected { action } => action,
+            Kind::StreamRecreated => "Recreate",
+            Kind::Adopted => "Adopt",
+            Kind::Paused => "Pause",
+            Kind::Resumed => "Resume",
+            Kind::Scaled => "Scale",
+            Kind::WindowTooShort => "Validate",
+            Kind::DeadLettersGrew => "Observe",
+            Kind::Retained | Kind::Deleted | Kind::CleanupAbandoned | Kind::CleanupFailed => {
+                "Delete"
+            }
+            Kind::NotReady { .. } => "Reconcile",
+        }
+    }
+
+    /// Warning for what a person should look at: drift, data loss, growing
+    /// dead letters, failures.
+    pub fn type_(self) -> EventType {
+        match self {
+            Kind::DriftCorrected { .. }
+            | Kind::StreamRecreated
+            | Kind::WindowTooShort
+            | Kind::DeadLettersGrew
+            | Kind::CleanupAbandoned
+            | Kind::CleanupFailed
+            | Kind::NotReady { .. } => EventType::Warning,
+            _ => EventType::Normal,
+        }
+    }
+}
+
 /// How long after its last occurrence an Event can still grow a series.
 const SERIES_WINDOW: SignedDuration = SignedDuration::from_mins(6);
 
@@ -203,5 +306,59 @@ mod tests {
         let mut related = event("DeadLettersGrew", "1 new (total 1)");
         related.secondary = Some(pipeline("u3"));
         assert_ne!(first, SeriesKey::of(&related, &p));
+    }
+
+    #[test]
+    fn every_kind_has_its_own_reason_and_drift_and_failures_are_warnings() {
+        use Object::*;
+        let kinds = [
+            Kind::Created(Stream),
+            Kind::Created(DeadLetterStream),
+            Kind::Created(Bucket),
+            Kind::Created(Consumer),
+            Kind::Created(Deployment),
+            Kind::Updated(Stream),
+            Kind::Updated(DeadLetterStream),
+            Kind::Updated(Bucket),
+            Kind::Updated(Consumer),
+            Kind::Updated(Deployment),
+            Kind::DriftCorrected { action: "Create" },
+            Kind::StreamRecreated,
+            Kind::Adopted,
+            Kind::Paused,
+            Kind::Resumed,
+            Kind::Scaled,
+            Kind::WindowTooShort,
+            Kind::DeadLettersGrew,
+            Kind::Retained,
+            Kind::Deleted,
+            Kind::CleanupAbandoned,
+            Kind::CleanupFailed,
+        ];
+        let reasons: std::collections::BTreeSet<_> = kinds.iter().map(|k| k.reason()).collect();
+        assert_eq!(reasons.len(), kinds.len());
+        let warnings: Vec<_> = kinds
+            .iter()
+            .filter(|k| k.type_() == EventType::Warning)
+            .map(|k| k.reason())
+            .collect();
+        assert_eq!(
+            warnings,
+            [
+                "DriftCorrected",
+                "StreamRecreated",
+                "WindowShorterThanRedelivery",
+                "DeadLettersGrew",
+                "CleanupAbandoned",
+                "CleanupFailed"
+            ]
+        );
+        let not_ready = Kind::NotReady {
+            reason: "NatsUnreachable",
+        };
+        assert_eq!(
+            (not_ready.reason(), not_ready.action(), not_ready.type_()),
+            ("NatsUnreachable", "Reconcile", EventType::Warning)
+        );
     }
 }

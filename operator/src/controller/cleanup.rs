@@ -1,5 +1,4 @@
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream::{self};
 use kube::ResourceExt as _;
@@ -7,7 +6,7 @@ use kube::runtime::controller::Action;
 use orderpipeline_common::topology::OWNER_METADATA_KEY;
 
 use crate::crd::{DeletionPolicy, ManagementPolicy, OrderPipeline};
-use crate::events::EventType;
+use crate::events::Kind;
 
 use super::*;
 
@@ -27,9 +26,7 @@ pub(crate) async fn cleanup(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<
         ctx.forget_nats(&key).await;
         ctx.event(
             &p,
-            EventType::Normal,
-            "Retained",
-            "Delete",
+            Kind::Retained,
             format!(
                 "{why}: kept stream {}, {} and bucket {}",
                 p.spec.stream.name,
@@ -78,18 +75,17 @@ pub(crate) async fn cleanup(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<
                     kept.join(", ")
                 )
             };
-            ctx.event(&p, EventType::Normal, "Deleted", "Delete", note)
-                .await;
+            ctx.event(&p, Kind::Deleted, note).await;
             Ok(Action::await_change())
         }
         Err(e) if skip || waited >= CLEANUP_GIVE_UP => {
             ctx.forget_nats(&key).await;
             ctx.metrics.forget(&key);
-            ctx.event(&p, EventType::Warning, "CleanupAbandoned", "Delete", format!("gave up deleting the JetStream objects ({e}); delete them by hand: nats stream rm {}; nats stream rm {}; nats kv del {}", p.spec.stream.name, p.spec.dlq_stream(), p.spec.state_bucket())).await;
+            ctx.event(&p, Kind::CleanupAbandoned, format!("gave up deleting the JetStream objects ({e}); delete them by hand: nats stream rm {}; nats stream rm {}; nats kv del {}", p.spec.stream.name, p.spec.dlq_stream(), p.spec.state_bucket())).await;
             Ok(Action::await_change())
         }
         Err(e) => {
-            ctx.event(&p, EventType::Warning, "CleanupFailed", "Delete", format!("cannot delete the JetStream objects yet ({e}); retrying, giving up after {}s (or set annotation {SKIP_CLEANUP_ANNOTATION}=true)", CLEANUP_GIVE_UP.as_secs())).await;
+            ctx.event(&p, Kind::CleanupFailed, format!("cannot delete the JetStream objects yet ({e}); retrying, giving up after {}s (or set annotation {SKIP_CLEANUP_ANNOTATION}=true)", CLEANUP_GIVE_UP.as_secs())).await;
             Err(Error::Nats(e))
         }
     }
@@ -112,32 +108,26 @@ pub(crate) async fn delete_topology(
         .await
         .map_err(|e| e.to_string())?;
     let mut js = jetstream::new(client);
-    js.set_timeout(Duration::from_secs(5));
-    let ignore_missing = |r: Result<(), String>| match r {
-        Err(e) if e.contains("not found") => Ok(()),
-        other => other,
-    };
+    js.set_timeout(retry::JETSTREAM_REQUEST);
+    // Already gone is what a deletion wants.
+    fn deleted<T, E: std::error::Error + 'static>(r: Result<T, E>) -> Result<(), String> {
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if orderpipeline_common::nats::is_not_found(&e) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
     let input = stream_owned_by(&js, &p.spec.stream.name, &key).await?;
     let dlq = stream_owned_by(&js, &p.spec.dlq_stream(), &key).await?;
     let mut kept = Vec::new();
     if input == Some(true) {
-        ignore_missing(
-            js.delete_key_value(&p.spec.state_bucket())
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-        )?;
+        deleted(js.delete_key_value(&p.spec.state_bucket()).await)?;
     } else {
         kept.push(format!("bucket {}", p.spec.state_bucket()));
     }
     for (name, owned) in [(&p.spec.stream.name, input), (&p.spec.dlq_stream(), dlq)] {
         match owned {
-            Some(true) => ignore_missing(
-                js.delete_stream(name)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-            )?,
+            Some(true) => deleted(js.delete_stream(name).await)?,
             Some(false) => kept.push(format!("stream {name}")),
             None => {}
         }

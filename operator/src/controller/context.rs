@@ -6,7 +6,7 @@ use orderpipeline_common::nats::{NatsAuth, NatsConnectError};
 use tokio::sync::Mutex;
 
 use crate::crd::OrderPipeline;
-use crate::events::{Event, EventType, Recorder};
+use crate::events::{Event, Kind, Recorder};
 use crate::metrics::Metrics;
 
 use super::*;
@@ -45,32 +45,23 @@ impl Context {
         }
     }
 
-    pub(crate) async fn event(
-        &self,
-        p: &OrderPipeline,
-        type_: EventType,
-        reason: &str,
-        action: &str,
-        note: String,
-    ) {
-        self.event_about(p, type_, reason, action, note, None).await;
+    pub(crate) async fn event(&self, p: &OrderPipeline, kind: Kind, note: String) {
+        self.event_about(p, kind, note, None).await;
     }
 
     /// An Event with a related object (e.g. the Deployment a scale changed).
     pub(crate) async fn event_about(
         &self,
         p: &OrderPipeline,
-        type_: EventType,
-        reason: &str,
-        action: &str,
+        kind: Kind,
         note: String,
         related: Option<k8s_openapi::api::core::v1::ObjectReference>,
     ) {
         let ev = Event {
-            type_,
-            reason: reason.into(),
+            type_: kind.type_(),
+            reason: kind.reason().into(),
             note: Some(note),
-            action: action.into(),
+            action: kind.action().into(),
             secondary: related,
         };
         if let Err(e) = self.recorder.publish(&ev, &p.object_ref(&())).await {

@@ -153,7 +153,7 @@ async fn steps(
         },
     );
     for n in status::notes(old, &status, &plan.topology.dlq_stream) {
-        ctx.event(p, n.type_, n.reason, n.action, n.message).await;
+        ctx.event(p, n.kind, n.message).await;
     }
     ctx.metrics.pipeline(
         &key_of(p),

@@ -4,7 +4,7 @@ use kube::runtime::controller::Action;
 
 use crate::conditions::{self, types};
 use crate::crd::{OrderPipeline, OrderPipelineStatus};
-use crate::events::EventType;
+use crate::events::Kind;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -40,14 +40,8 @@ pub(crate) async fn finish_blocked(
     let reason = b.cause.reason();
     let was = old.conditions.iter().find(|c| c.type_ == types::READY);
     if was.is_none_or(|c| c.reason != reason || c.message != b.message) {
-        ctx.event(
-            p,
-            EventType::Warning,
-            reason,
-            "Reconcile",
-            b.message.clone(),
-        )
-        .await;
+        ctx.event(p, Kind::NotReady { reason }, b.message.clone())
+            .await;
     }
     tracing::warn!(pipeline = %key_of(p), reason, message = %b.message, "pipeline not ready");
     ctx.metrics
@@ -327,9 +321,7 @@ fn window_condition(plan: &Plan, generation: Option<i64>) -> Condition {
 /// An Event a status change calls for.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Note {
-    pub(crate) type_: EventType,
-    pub(crate) reason: &'static str,
-    pub(crate) action: &'static str,
+    pub(crate) kind: Kind,
     pub(crate) message: String,
 }
 
@@ -349,9 +341,7 @@ pub(crate) fn notes(
     let mut out = Vec::new();
     if let (None, Some(c)) = (short(old), short(new)) {
         out.push(Note {
-            type_: EventType::Warning,
-            reason: reasons::WINDOW_TOO_SHORT,
-            action: "Validate",
+            kind: Kind::WindowTooShort,
             message: c.message,
         });
     }
@@ -359,9 +349,7 @@ pub(crate) fn notes(
         && new > prev
     {
         out.push(Note {
-            type_: EventType::Warning,
-            reason: "DeadLettersGrew",
-            action: "Observe",
+            kind: Kind::DeadLettersGrew,
             message: format!(
                 "{} new dead letter(s) in {dlq_stream} (total {new}); inspect them with `orderctl dlq list`",
                 new - prev
@@ -541,8 +529,8 @@ status: {{replicas: {desired}, readyReplicas: {available}, availableReplicas: {a
         let before = built(&fine, &manual(Some(2)), &figures(1), &deployment(2, 2));
         let after = built(&short, &manual(Some(2)), &figures(4), &deployment(2, 2));
         let n = notes(&before, &after, "ORDERS_DLQ");
-        let reasons: Vec<_> = n.iter().map(|n| n.reason).collect();
-        assert_eq!(reasons, [reasons::WINDOW_TOO_SHORT, "DeadLettersGrew"]);
+        let kinds: Vec<_> = n.iter().map(|n| n.kind).collect();
+        assert_eq!(kinds, [Kind::WindowTooShort, Kind::DeadLettersGrew]);
         assert!(
             n[1].message
                 .starts_with("3 new dead letter(s) in ORDERS_DLQ (total 4)")

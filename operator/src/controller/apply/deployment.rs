@@ -4,7 +4,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::{Resource as _, ResourceExt as _};
 
 use crate::crd::OrderPipeline;
-use crate::events::EventType;
+use crate::events::{Kind, Object};
 use crate::render::{self, Plan, SecretsView};
 
 use super::super::plan::Replicas;
@@ -61,13 +61,11 @@ pub(crate) async fn apply_deployment(
         None => {
             let n = after.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
             let note = format!("created Deployment {name} with {n} replica(s)");
-            ctx.event(p, EventType::Normal, "DeploymentCreated", "Create", note)
-                .await;
+            ctx.event(p, Kind::Created(Object::Deployment), note).await;
         }
         Some(b) if template(b) != template(&after) => {
             let note = format!("updated Deployment {name}");
-            ctx.event(p, EventType::Normal, "DeploymentUpdated", "Update", note)
-                .await;
+            ctx.event(p, Kind::Updated(Object::Deployment), note).await;
         }
         Some(_) => {}
     }
@@ -84,8 +82,7 @@ pub(crate) async fn report_scaled(
 ) {
     let mut related = after.object_ref(&());
     related.resource_version = after.metadata.resource_version.clone();
-    ctx.event_about(p, EventType::Normal, "Scaled", "Scale", why, Some(related))
-        .await;
+    ctx.event_about(p, Kind::Scaled, why, Some(related)).await;
 }
 
 /// Before applying without `spec.replicas` (External mode): if our field manager

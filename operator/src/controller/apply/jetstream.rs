@@ -1,10 +1,9 @@
 use async_nats::jetstream::{self, stream};
 use orderpipeline_common::topology::Topology;
 
-use crate::conditions::reasons;
 use crate::crd::{ManagementPolicy, OrderPipeline};
 use crate::drift;
-use crate::events::EventType;
+use crate::events::{Kind, Object};
 
 use super::super::*;
 
@@ -35,13 +34,11 @@ pub(crate) async fn ensure_paused(
                     format!("pausing consumer {}: {e}", t.consumer),
                 )
             })?;
+        // The workers' scale to zero has its own Event, once the Deployment
+        // has been patched.
         ctx.event(
             p,
-            EventType::Normal,
-            "Paused",
-            "Pause",
-            // The workers' scale to zero has its own Event, once the
-            // Deployment has been patched.
+            Kind::Paused,
             format!(
                 "paused consumer {}; the stream keeps accepting orders",
                 t.consumer
@@ -55,14 +52,8 @@ pub(crate) async fn ensure_paused(
                 format!("resuming consumer {}: {e}", t.consumer),
             )
         })?;
-        ctx.event(
-            p,
-            EventType::Normal,
-            "Resumed",
-            "Resume",
-            format!("resumed consumer {}", t.consumer),
-        )
-        .await;
+        ctx.event(p, Kind::Resumed, format!("resumed consumer {}", t.consumer))
+            .await;
     }
     Ok(())
 }
@@ -77,8 +68,8 @@ pub(crate) async fn ensure_topology(
     drift: bool,
 ) -> Result<(), NotReady> {
     let r = Reporter { p, ctx, drift };
-    ensure_stream(&r, js, t, t.stream_config(), "Stream").await?;
-    ensure_stream(&r, js, t, t.dlq_stream_config(), "DeadLetterStream").await?;
+    ensure_stream(&r, js, t, t.stream_config(), Object::Stream).await?;
+    ensure_stream(&r, js, t, t.dlq_stream_config(), Object::DeadLetterStream).await?;
     ensure_bucket(&r, js, t).await?;
     ensure_consumer(&r, js, t).await
 }
@@ -93,34 +84,28 @@ struct Reporter<'a> {
 }
 
 impl Reporter<'_> {
-    async fn changed(&self, reason: &str, action: &str, message: String) {
+    async fn changed(&self, object: Object, message: String) {
         if self.drift {
             let note = format!("{message} (it had been changed outside the operator)");
-            self.warn(action, note).await;
+            self.warn("Update", note).await;
         } else {
-            self.ctx
-                .event(self.p, EventType::Normal, reason, action, message)
-                .await;
+            self.ctx.event(self.p, Kind::Updated(object), message).await;
         }
     }
 
     /// The same for a creation: under drift the object had been deleted.
-    async fn created(&self, reason: &str, object: String, message: String) {
+    async fn created(&self, object: Object, name: String, message: String) {
         if self.drift {
-            let note = format!("recreated {object}: it had been deleted outside the operator");
+            let note = format!("recreated {name}: it had been deleted outside the operator");
             self.warn("Create", note).await;
         } else {
-            self.ctx
-                .event(self.p, EventType::Normal, reason, "Create", message)
-                .await;
+            self.ctx.event(self.p, Kind::Created(object), message).await;
         }
     }
 
-    async fn warn(&self, action: &str, note: String) {
-        let reason = reasons::DRIFT_CORRECTED;
-        self.ctx
-            .event(self.p, EventType::Warning, reason, action, note)
-            .await;
+    async fn warn(&self, action: &'static str, note: String) {
+        let kind = Kind::DriftCorrected { action };
+        self.ctx.event(self.p, kind, note).await;
     }
 
     /// A failed JetStream request: NATS not answering, or an API error.
@@ -147,7 +132,7 @@ async fn ensure_stream(
     js: &jetstream::Context,
     t: &Topology,
     cfg: stream::Config,
-    what: &str,
+    what: Object,
 ) -> Result<(), NotReady> {
     let name = cfg.name.clone();
     match js.get_stream(&name).await {
@@ -165,8 +150,7 @@ async fn ensure_stream(
                 .await
                 .map_err(|e| r.api_err(&format!("creating stream {name}"), &e))?;
             let note = format!("created stream {name} on {:?}", cfg.subjects);
-            r.created(&format!("{what}Created"), format!("stream {name}"), note)
-                .await;
+            r.created(what, format!("stream {name}"), note).await;
             Ok(())
         }
         Err(e) => Err(r.api_err(&format!("reading stream {name}"), &e)),
@@ -181,7 +165,7 @@ async fn update_stream(
     t: &Topology,
     live: stream::Config,
     cfg: stream::Config,
-    what: &str,
+    what: Object,
 ) -> Result<(), NotReady> {
     let (p, name) = (r.p, cfg.name.clone());
     let adopt_allowed = p.spec.management_policy == ManagementPolicy::Adopt;
@@ -203,23 +187,19 @@ async fn update_stream(
             .await
             .map_err(|e| r.api_err(&format!("recreating stream {name}"), &e))?;
         let note = format!("{why}; recreated it (spec.stream.recreateOnImmutableChange)");
-        r.ctx
-            .event(p, EventType::Warning, "StreamRecreated", "Recreate", note)
-            .await;
+        r.ctx.event(p, Kind::StreamRecreated, note).await;
     } else if adopt {
         js.update_stream(cfg)
             .await
             .map_err(|e| r.api_err(&format!("adopting stream {name}"), &e))?;
         let note = format!("adopted existing stream {name} (managementPolicy Adopt)");
-        r.ctx
-            .event(p, EventType::Normal, "Adopted", "Adopt", note)
-            .await;
+        r.ctx.event(p, Kind::Adopted, note).await;
     } else if let Some(field) = drift::stream_differs(&live, &cfg) {
         js.update_stream(cfg)
             .await
             .map_err(|e| r.api_err(&format!("updating stream {name}"), &e))?;
         let note = format!("updated stream {name} ({field} changed)");
-        r.changed(&format!("{what}Updated"), "Update", note).await;
+        r.changed(what, note).await;
     }
     Ok(())
 }
@@ -246,7 +226,7 @@ async fn ensure_bucket(
                     .await
                     .map_err(|e| r.api_err(&format!("updating KV bucket {bucket}"), &e))?;
                 let note = format!("updated KV bucket {bucket} ({field} changed)");
-                r.changed("BucketUpdated", "Update", note).await;
+                r.changed(Object::Bucket, note).await;
             }
             Ok(())
         }
@@ -255,7 +235,7 @@ async fn ensure_bucket(
                 .await
                 .map_err(|e| r.api_err(&format!("creating KV bucket {bucket}"), &e))?;
             let note = format!("created KV bucket {bucket}");
-            r.created("BucketCreated", format!("KV bucket {bucket}"), note)
+            r.created(Object::Bucket, format!("KV bucket {bucket}"), note)
                 .await;
             Ok(())
         }
@@ -289,7 +269,7 @@ async fn ensure_consumer(
                     "updated consumer {consumer} ({field} changed; max ack pending {}, ack wait {:?})",
                     desired.max_ack_pending, desired.ack_wait
                 );
-                r.changed("ConsumerUpdated", "Update", note).await;
+                r.changed(Object::Consumer, note).await;
             }
             Ok(())
         }
@@ -301,7 +281,7 @@ async fn ensure_consumer(
                 "created durable consumer {consumer} filtering {}",
                 t.filter_subject
             );
-            r.created("ConsumerCreated", format!("consumer {consumer}"), note)
+            r.created(Object::Consumer, format!("consumer {consumer}"), note)
                 .await;
             Ok(())
         }
