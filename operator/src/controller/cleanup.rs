@@ -1,6 +1,5 @@
 use std::sync::Arc;
 
-use async_nats::jetstream::{self};
 use kube::ResourceExt as _;
 use kube::runtime::controller::Action;
 use orderpipeline_common::topology::OWNER_METADATA_KEY;
@@ -8,6 +7,7 @@ use orderpipeline_common::topology::OWNER_METADATA_KEY;
 use crate::crd::{DeletionPolicy, ManagementPolicy, OrderPipeline};
 use crate::events::Kind;
 
+use super::jetstream_api::StreamView;
 use super::*;
 
 /// Deletion: `Retain` keeps the JetStream objects; `Delete` removes them. If NATS
@@ -103,60 +103,46 @@ pub(crate) async fn delete_topology(
     let (mut auth, _view, files) = read_secrets(p, &ctx.client).await.map_err(|b| b.message)?;
     write_tls_files(&key, &files, &mut auth).map_err(|b| b.message)?;
     let auth_hash = format!("{}|cleanup", p.spec.nats.url);
-    let client = ctx
-        .nats(&key, &p.spec.nats.url, &auth, &auth_hash)
+    let js = ctx
+        .jetstream(p, &auth, &auth_hash)
         .await
-        .map_err(|e| e.to_string())?;
-    let mut js = jetstream::new(client);
-    js.set_timeout(retry::JETSTREAM_REQUEST);
-    // Already gone is what a deletion wants.
-    fn deleted<T, E: std::error::Error + 'static>(r: Result<T, E>) -> Result<(), String> {
-        match r {
-            Ok(_) => Ok(()),
-            Err(e) if orderpipeline_common::nats::is_not_found(&e) => Ok(()),
-            Err(e) => Err(e.to_string()),
+        .map_err(|b| b.message)?;
+    let owned = |s: Option<StreamView>| {
+        s.map(|s| {
+            s.config
+                .metadata
+                .get(OWNER_METADATA_KEY)
+                .map(String::as_str)
+                == Some(&key)
+        })
+    };
+    let read = |name: String| {
+        let js = js.clone();
+        async move {
+            js.stream(&name)
+                .await
+                .map_err(|e| format!("reading stream {name}: {e}"))
         }
-    }
-    let input = stream_owned_by(&js, &p.spec.stream.name, &key).await?;
-    let dlq = stream_owned_by(&js, &p.spec.dlq_stream(), &key).await?;
+    };
+    let input = owned(read(p.spec.stream.name.clone()).await?);
+    let dlq = owned(read(p.spec.dlq_stream()).await?);
     let mut kept = Vec::new();
+    // Already gone is what a deletion wants (`false` from a delete).
     if input == Some(true) {
-        deleted(js.delete_key_value(&p.spec.state_bucket()).await)?;
+        js.delete_bucket(&p.spec.state_bucket())
+            .await
+            .map_err(|e| e.to_string())?;
     } else {
         kept.push(format!("bucket {}", p.spec.state_bucket()));
     }
     for (name, owned) in [(&p.spec.stream.name, input), (&p.spec.dlq_stream(), dlq)] {
         match owned {
-            Some(true) => deleted(js.delete_stream(name).await)?,
+            Some(true) => {
+                js.delete_stream(name).await.map_err(|e| e.to_string())?;
+            }
             Some(false) => kept.push(format!("stream {name}")),
             None => {}
         }
     }
     Ok(kept)
-}
-
-/// Whether stream `name` belongs to pipeline `owner` (its owner metadata):
-/// `None` when it does not exist.
-pub(crate) async fn stream_owned_by(
-    js: &jetstream::Context,
-    name: &str,
-    owner: &str,
-) -> Result<Option<bool>, String> {
-    match js.get_stream(name).await {
-        Ok(mut s) => {
-            let info = s
-                .info()
-                .await
-                .map_err(|e| format!("reading stream {name}: {e}"))?;
-            Ok(Some(
-                info.config
-                    .metadata
-                    .get(OWNER_METADATA_KEY)
-                    .map(String::as_str)
-                    == Some(owner),
-            ))
-        }
-        Err(e) if orderpipeline_common::nats::is_not_found(&e) => Ok(None),
-        Err(e) => Err(format!("reading stream {name}: {e}")),
-    }
 }

@@ -9,6 +9,9 @@ use crate::crd::OrderPipeline;
 use crate::events::{Event, Kind, Recorder};
 use crate::metrics::Metrics;
 
+use std::sync::Arc;
+
+use super::jetstream_api::{JetStream, Live};
 use super::*;
 
 /// Shared state of the controller.
@@ -23,6 +26,8 @@ pub struct Context {
     /// Every pipeline the controller watches (its reflector store), for the
     /// check that two pipelines never share NATS objects or subjects.
     pub(crate) pipelines: std::sync::OnceLock<kube::runtime::reflector::Store<OrderPipeline>>,
+    /// Set by the reconcile tests: every pipeline's JetStream is this fake.
+    pub(crate) jetstream_override: Option<Arc<dyn JetStream>>,
 }
 
 impl Context {
@@ -42,6 +47,7 @@ impl Context {
             resync,
             nats: Mutex::new(HashMap::new()),
             pipelines: std::sync::OnceLock::new(),
+            jetstream_override: None,
         }
     }
 
@@ -67,6 +73,36 @@ impl Context {
         if let Err(e) = self.recorder.publish(&ev, &p.object_ref(&())).await {
             tracing::warn!(error = %e, "could not publish event");
         }
+    }
+
+    /// JetStream on the pipeline's NATS connection (cached while the URL and
+    /// the Secrets are unchanged): refused as NotReady when NATS cannot be
+    /// reached or refuses the credentials.
+    pub(crate) async fn jetstream(
+        &self,
+        p: &OrderPipeline,
+        auth: &NatsAuth,
+        auth_hash: &str,
+    ) -> Result<Arc<dyn JetStream>, NotReady> {
+        if let Some(js) = &self.jetstream_override {
+            return Ok(js.clone());
+        }
+        let url = &p.spec.nats.url;
+        let client = self
+            .nats(&key_of(p), url, auth, auth_hash)
+            .await
+            .map_err(|e| NotReady::new(Cause::of_connect(&e), e.to_string()))?;
+        if client.connection_state() != async_nats::connection::State::Connected {
+            return Err(NotReady::new(
+                Cause::NatsUnreachable,
+                format!(
+                    "lost the connection to NATS at {url}; reconnecting (check that nats-server runs there)"
+                ),
+            ));
+        }
+        let mut js = async_nats::jetstream::new(client);
+        js.set_timeout(retry::JETSTREAM_REQUEST);
+        Ok(Arc::new(Live(js)))
     }
 
     /// The pipeline's own NATS connection; reconnects when its auth changed.

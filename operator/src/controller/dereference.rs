@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use async_nats::jetstream::{self};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use kube::{Client, ResourceExt as _};
@@ -12,6 +12,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use crate::crd::{OrderPipeline, OrderPipelineStatus};
 use crate::render::{self, Credentials, SecretsView};
 
+use super::jetstream_api::JetStream;
 use super::*;
 
 /// The status from the API server, not the watch cache: a reconcile triggered
@@ -27,34 +28,19 @@ pub(crate) async fn fresh_status(p: &OrderPipeline, ctx: &Context) -> OrderPipel
 }
 
 /// What the pipeline's references resolve to: its Secrets (as the pods see
-/// them) and a JetStream context on its NATS.
+/// them) and JetStream on its NATS.
 pub(crate) struct World {
     pub(crate) secrets: SecretsView,
-    pub(crate) js: jetstream::Context,
+    pub(crate) js: Arc<dyn JetStream>,
 }
 
 /// Reads the Secrets and connects to NATS with them (a cached connection while
 /// the URL and the Secrets are unchanged).
 pub(crate) async fn world(p: &OrderPipeline, ctx: &Context) -> Result<World, NotReady> {
-    let key = key_of(p);
     let (mut auth, secrets, files) = read_secrets(p, &ctx.client).await?;
-    write_tls_files(&key, &files, &mut auth)?;
+    write_tls_files(&key_of(p), &files, &mut auth)?;
     let auth_hash = format!("{}|{:?}", p.spec.nats.url, secrets.checksum);
-    let client = ctx
-        .nats(&key, &p.spec.nats.url, &auth, &auth_hash)
-        .await
-        .map_err(|e| NotReady::new(Cause::of_connect(&e), e.to_string()))?;
-    if client.connection_state() != async_nats::connection::State::Connected {
-        return Err(NotReady::new(
-            Cause::NatsUnreachable,
-            format!(
-                "lost the connection to NATS at {}; reconnecting (check that nats-server runs there)",
-                p.spec.nats.url
-            ),
-        ));
-    }
-    let mut js = jetstream::new(client);
-    js.set_timeout(retry::JETSTREAM_REQUEST);
+    let js = ctx.jetstream(p, &auth, &auth_hash).await?;
     Ok(World { secrets, js })
 }
 
@@ -226,36 +212,28 @@ pub(crate) struct Figures {
     pub(crate) dead_letters: i64,
 }
 
-pub(crate) async fn read_figures(js: &jetstream::Context, t: &Topology) -> Result<Figures, String> {
+pub(crate) async fn read_figures(js: &dyn JetStream, t: &Topology) -> Result<Figures, String> {
     let i64_of = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    let mut s = js
-        .get_stream(&t.stream)
-        .await
-        .map_err(|e| format!("reading stream {}: {e}", t.stream))?;
-    let st = s
-        .info()
+    let missing = |what: &str| format!("{what} does not exist (yet)");
+    let st = js
+        .stream(&t.stream)
         .await
         .map_err(|e| format!("reading stream {}: {e}", t.stream))?
-        .state
-        .clone();
-    let c = s
-        .consumer_info(&t.consumer)
+        .ok_or_else(|| missing(&format!("stream {}", t.stream)))?;
+    let c = js
+        .consumer(&t.stream, &t.consumer)
         .await
-        .map_err(|e| format!("reading consumer {}: {e}", t.consumer))?;
-    let mut d = js
-        .get_stream(&t.dlq_stream)
-        .await
-        .map_err(|e| format!("reading stream {}: {e}", t.dlq_stream))?;
-    let dead = d
-        .info()
+        .map_err(|e| format!("reading consumer {}: {e}", t.consumer))?
+        .ok_or_else(|| missing(&format!("consumer {}", t.consumer)))?;
+    let dead = js
+        .stream(&t.dlq_stream)
         .await
         .map_err(|e| format!("reading stream {}: {e}", t.dlq_stream))?
-        .state
+        .ok_or_else(|| missing(&format!("stream {}", t.dlq_stream)))?
         .messages;
     // The bucket may be absent (Observe, or not created yet): no records then.
-    let legacy_records = match js.get_stream(format!("KV_{}", t.bucket)).await {
-        Ok(mut b) => b.info().await.ok().map(|i| i.state.messages),
-        Err(e) if orderpipeline_common::nats::is_not_found(&e) => Some(0),
+    let legacy_records = match js.stream(&format!("KV_{}", t.bucket)).await {
+        Ok(b) => Some(b.map_or(0, |b| b.messages)),
         Err(_) => None,
     };
     Ok(Figures {
@@ -268,9 +246,9 @@ pub(crate) async fn read_figures(js: &jetstream::Context, t: &Topology) -> Resul
             last_sequence: i64_of(st.last_sequence),
         },
         consumer: crate::crd::ConsumerStatus {
-            pending: i64_of(c.num_pending),
-            ack_pending: i64::try_from(c.num_ack_pending).unwrap_or(i64::MAX),
-            redelivered: i64::try_from(c.num_redelivered).unwrap_or(i64::MAX),
+            pending: i64_of(c.pending),
+            ack_pending: i64::try_from(c.ack_pending).unwrap_or(i64::MAX),
+            redelivered: i64::try_from(c.redelivered).unwrap_or(i64::MAX),
         },
         dead_letters: i64_of(dead),
     })

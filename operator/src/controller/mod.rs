@@ -7,8 +7,11 @@ mod cleanup;
 mod context;
 mod dereference;
 mod error;
+mod jetstream_api;
 mod plan;
 mod status;
+#[cfg(test)]
+mod tests;
 mod watch;
 
 use std::sync::Arc;
@@ -103,16 +106,16 @@ async fn steps(
     // Apply: the JetStream objects (Observe: change nothing, only report).
     if !observe {
         let drift = plan::is_drift(p, old);
-        if let Err(b) = ensure_topology(p, ctx, &world.js, &plan.topology, drift).await {
+        if let Err(b) = ensure_topology(p, ctx, world.js.as_ref(), &plan.topology, drift).await {
             if b.cause.drops_connection() {
                 ctx.forget_nats(&key_of(p)).await;
             }
             return Err(b.into());
         }
     }
-    let figures = read_figures(&world.js, &plan.topology).await;
+    let figures = read_figures(world.js.as_ref(), &plan.topology).await;
     if !observe {
-        ensure_paused(p, ctx, &world.js, &plan.topology, &figures).await?;
+        ensure_paused(p, ctx, world.js.as_ref(), &plan.topology, &figures).await?;
     }
     // Dereference the live Deployment; plan the replicas and the workers' view.
     let live = dereference::live_deployment(p, ctx).await?;

@@ -1,17 +1,18 @@
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::stream;
 use orderpipeline_common::topology::Topology;
 
 use crate::crd::{ManagementPolicy, OrderPipeline};
 use crate::drift;
 use crate::events::{Kind, Object};
 
+use super::super::jetstream_api::{JetStream, JsError, pause_forever};
 use super::super::*;
 
 /// Pauses or resumes the consumer to match `spec.paused`.
 pub(crate) async fn ensure_paused(
     p: &OrderPipeline,
     ctx: &Context,
-    js: &jetstream::Context,
+    js: &dyn JetStream,
     t: &Topology,
     figures: &Result<Figures, String>,
 ) -> Result<(), NotReady> {
@@ -19,41 +20,26 @@ pub(crate) async fn ensure_paused(
     if f.consumer_paused == p.spec.paused {
         return Ok(());
     }
-    let s = js.get_stream(&t.stream).await.map_err(|e| {
-        NotReady::new(
-            Cause::JetStreamError,
-            format!("reading stream {}: {e}", t.stream),
-        )
-    })?;
-    if p.spec.paused {
-        s.pause_consumer(&t.consumer, pause_forever())
-            .await
-            .map_err(|e| {
-                NotReady::new(
-                    Cause::JetStreamError,
-                    format!("pausing consumer {}: {e}", t.consumer),
-                )
-            })?;
-        // The workers' scale to zero has its own Event, once the Deployment
-        // has been patched.
-        ctx.event(
-            p,
-            Kind::Paused,
-            format!(
-                "paused consumer {}; the stream keeps accepting orders",
-                t.consumer
-            ),
-        )
-        .await;
-    } else {
-        s.resume_consumer(&t.consumer).await.map_err(|e| {
+    let what = if p.spec.paused { "pausing" } else { "resuming" };
+    js.set_paused(&t.stream, &t.consumer, p.spec.paused)
+        .await
+        .map_err(|e| {
             NotReady::new(
                 Cause::JetStreamError,
-                format!("resuming consumer {}: {e}", t.consumer),
+                format!("{what} consumer {}: {e}", t.consumer),
             )
         })?;
-        ctx.event(p, Kind::Resumed, format!("resumed consumer {}", t.consumer))
-            .await;
+    if p.spec.paused {
+        // The workers' scale to zero has its own Event, once the Deployment
+        // has been patched.
+        let note = format!(
+            "paused consumer {}; the stream keeps accepting orders",
+            t.consumer
+        );
+        ctx.event(p, Kind::Paused, note).await;
+    } else {
+        let note = format!("resumed consumer {}", t.consumer);
+        ctx.event(p, Kind::Resumed, note).await;
     }
     Ok(())
 }
@@ -63,7 +49,7 @@ pub(crate) async fn ensure_paused(
 pub(crate) async fn ensure_topology(
     p: &OrderPipeline,
     ctx: &Context,
-    js: &jetstream::Context,
+    js: &dyn JetStream,
     t: &Topology,
     drift: bool,
 ) -> Result<(), NotReady> {
@@ -109,18 +95,16 @@ impl Reporter<'_> {
     }
 
     /// A failed JetStream request: NATS not answering, or an API error.
-    fn api_err(&self, what: &str, e: &dyn std::fmt::Display) -> NotReady {
-        let s = e.to_string();
-        if s.contains("timed out") || s.contains("no responders") || s.contains("disconnected") {
-            NotReady::new(
+    fn api_err(&self, what: &str, e: JsError) -> NotReady {
+        match e {
+            JsError::Unreachable(s) => NotReady::new(
                 Cause::NatsUnreachable,
                 format!(
                     "{what}: NATS did not answer ({s}); check that nats-server (with JetStream) runs at {}",
                     self.p.spec.nats.url
                 ),
-            )
-        } else {
-            NotReady::new(Cause::JetStreamError, format!("{what}: {s}"))
+            ),
+            JsError::Api(s) => NotReady::new(Cause::JetStreamError, format!("{what}: {s}")),
         }
     }
 }
@@ -129,39 +113,32 @@ impl Reporter<'_> {
 /// else checked and brought to the spec.
 async fn ensure_stream(
     r: &Reporter<'_>,
-    js: &jetstream::Context,
+    js: &dyn JetStream,
     t: &Topology,
     cfg: stream::Config,
     what: Object,
 ) -> Result<(), NotReady> {
     let name = cfg.name.clone();
-    match js.get_stream(&name).await {
-        Ok(mut s) => {
-            let live = s
-                .info()
-                .await
-                .map_err(|e| r.api_err(&format!("reading stream {name}"), &e))?
-                .config
-                .clone();
-            update_stream(r, js, t, live, cfg, what).await
-        }
-        Err(e) if orderpipeline_common::nats::is_not_found(&e) => {
-            js.create_stream(cfg.clone())
-                .await
-                .map_err(|e| r.api_err(&format!("creating stream {name}"), &e))?;
-            let note = format!("created stream {name} on {:?}", cfg.subjects);
-            r.created(what, format!("stream {name}"), note).await;
-            Ok(())
-        }
-        Err(e) => Err(r.api_err(&format!("reading stream {name}"), &e)),
+    let live = js
+        .stream(&name)
+        .await
+        .map_err(|e| r.api_err(&format!("reading stream {name}"), e))?;
+    if let Some(live) = live {
+        return update_stream(r, js, t, live.config, cfg, what).await;
     }
+    let note = format!("created stream {name} on {:?}", cfg.subjects);
+    js.create_stream(cfg)
+        .await
+        .map_err(|e| r.api_err(&format!("creating stream {name}"), e))?;
+    r.created(what, format!("stream {name}"), note).await;
+    Ok(())
 }
 
 /// An existing stream: refused when another owns it; recreated (only when the
 /// spec allows) when NATS cannot change it in place; else adopted or updated.
 async fn update_stream(
     r: &Reporter<'_>,
-    js: &jetstream::Context,
+    js: &dyn JetStream,
     t: &Topology,
     live: stream::Config,
     cfg: stream::Config,
@@ -182,22 +159,22 @@ async fn update_stream(
         }
         js.delete_stream(&name)
             .await
-            .map_err(|e| r.api_err(&format!("deleting stream {name}"), &e))?;
+            .map_err(|e| r.api_err(&format!("deleting stream {name}"), e))?;
         js.create_stream(cfg)
             .await
-            .map_err(|e| r.api_err(&format!("recreating stream {name}"), &e))?;
+            .map_err(|e| r.api_err(&format!("recreating stream {name}"), e))?;
         let note = format!("{why}; recreated it (spec.stream.recreateOnImmutableChange)");
         r.ctx.event(p, Kind::StreamRecreated, note).await;
     } else if adopt {
         js.update_stream(cfg)
             .await
-            .map_err(|e| r.api_err(&format!("adopting stream {name}"), &e))?;
+            .map_err(|e| r.api_err(&format!("adopting stream {name}"), e))?;
         let note = format!("adopted existing stream {name} (managementPolicy Adopt)");
         r.ctx.event(p, Kind::Adopted, note).await;
     } else if let Some(field) = drift::stream_differs(&live, &cfg) {
         js.update_stream(cfg)
             .await
-            .map_err(|e| r.api_err(&format!("updating stream {name}"), &e))?;
+            .map_err(|e| r.api_err(&format!("updating stream {name}"), e))?;
         let note = format!("updated stream {name} ({field} changed)");
         r.changed(what, note).await;
     }
@@ -206,48 +183,40 @@ async fn update_stream(
 
 /// The KV bucket (left from the protocol before v2): its settings (TTL,
 /// replicas) follow the spec like the streams'.
-async fn ensure_bucket(
-    r: &Reporter<'_>,
-    js: &jetstream::Context,
-    t: &Topology,
-) -> Result<(), NotReady> {
+async fn ensure_bucket(r: &Reporter<'_>, js: &dyn JetStream, t: &Topology) -> Result<(), NotReady> {
     let bucket = &t.bucket;
-    match js.get_stream(format!("KV_{bucket}")).await {
-        Ok(mut s) => {
-            let live = s
-                .info()
-                .await
-                .map_err(|e| r.api_err(&format!("reading KV bucket {bucket}"), &e))?
-                .config
-                .clone();
-            let want = t.kv_config();
-            if let Some(field) = drift::bucket_differs(&live, &want) {
-                js.update_key_value(want)
+    let want = t.kv_config();
+    let live = js
+        .stream(&format!("KV_{bucket}"))
+        .await
+        .map_err(|e| r.api_err(&format!("reading KV bucket {bucket}"), e))?;
+    match live {
+        Some(live) => {
+            if let Some(field) = drift::bucket_differs(&live.config, &want) {
+                js.put_bucket(want)
                     .await
-                    .map_err(|e| r.api_err(&format!("updating KV bucket {bucket}"), &e))?;
+                    .map_err(|e| r.api_err(&format!("updating KV bucket {bucket}"), e))?;
                 let note = format!("updated KV bucket {bucket} ({field} changed)");
                 r.changed(Object::Bucket, note).await;
             }
-            Ok(())
         }
-        Err(e) if orderpipeline_common::nats::is_not_found(&e) => {
-            js.create_or_update_key_value(t.kv_config())
+        None => {
+            js.put_bucket(want)
                 .await
-                .map_err(|e| r.api_err(&format!("creating KV bucket {bucket}"), &e))?;
+                .map_err(|e| r.api_err(&format!("creating KV bucket {bucket}"), e))?;
             let note = format!("created KV bucket {bucket}");
             r.created(Object::Bucket, format!("KV bucket {bucket}"), note)
                 .await;
-            Ok(())
         }
-        Err(e) => Err(r.api_err(&format!("reading KV bucket {bucket}"), &e)),
     }
+    Ok(())
 }
 
 /// The durable consumer: created when missing, rewritten when a field the
 /// operator sets differs (a paused one stays paused).
 async fn ensure_consumer(
     r: &Reporter<'_>,
-    js: &jetstream::Context,
+    js: &dyn JetStream,
     t: &Topology,
 ) -> Result<(), NotReady> {
     let mut desired = t.consumer_config();
@@ -255,41 +224,34 @@ async fn ensure_consumer(
         desired.pause_until = Some(pause_forever());
     }
     let consumer = &t.consumer;
-    let s = js
-        .get_stream(&t.stream)
+    let live = js
+        .consumer(&t.stream, consumer)
         .await
-        .map_err(|e| r.api_err(&format!("reading stream {}", t.stream), &e))?;
-    match s.consumer_info(consumer).await {
-        Ok(info) => {
-            if let Some(field) = drift::consumer_differs(&info.config, &desired) {
-                s.create_consumer(desired.clone())
-                    .await
-                    .map_err(|e| r.api_err(&format!("updating consumer {consumer}"), &e))?;
+        .map_err(|e| r.api_err(&format!("reading consumer {consumer}"), e))?;
+    match live {
+        Some(live) => {
+            if let Some(field) = drift::consumer_differs(&live.config, &desired) {
                 let note = format!(
                     "updated consumer {consumer} ({field} changed; max ack pending {}, ack wait {:?})",
                     desired.max_ack_pending, desired.ack_wait
                 );
+                js.put_consumer(&t.stream, desired)
+                    .await
+                    .map_err(|e| r.api_err(&format!("updating consumer {consumer}"), e))?;
                 r.changed(Object::Consumer, note).await;
             }
-            Ok(())
         }
-        Err(e) if orderpipeline_common::nats::is_not_found(&e) => {
-            s.create_consumer(desired)
+        None => {
+            js.put_consumer(&t.stream, desired)
                 .await
-                .map_err(|e| r.api_err(&format!("creating consumer {consumer}"), &e))?;
+                .map_err(|e| r.api_err(&format!("creating consumer {consumer}"), e))?;
             let note = format!(
                 "created durable consumer {consumer} filtering {}",
                 t.filter_subject
             );
             r.created(Object::Consumer, format!("consumer {consumer}"), note)
                 .await;
-            Ok(())
         }
-        Err(e) => Err(r.api_err(&format!("reading consumer {consumer}"), &e)),
     }
-}
-
-/// A consumer pause that lasts until `spec.paused` is set back to false.
-fn pause_forever() -> time::OffsetDateTime {
-    time::OffsetDateTime::now_utc() + time::Duration::days(365 * 100)
+    Ok(())
 }

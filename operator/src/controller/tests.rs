@@ -1,0 +1,365 @@
+//! Reconciles without the environment: the Kubernetes client talks to an
+//! in-memory API server (kube's `tower-test` mock, answered by [`ApiServer`]),
+//! and JetStream is the in-memory [`Fake`]. Each test asserts the requests one
+//! reconcile makes. The e2e tests run the same code against the real thing.
+
+use std::collections::BTreeMap;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use http::{Request, Response};
+use kube::client::Body;
+use serde_json::{Value, json};
+
+use super::jetstream_api::Fake;
+use super::*;
+use crate::crd::{DeletionPolicy, OrderPipeline};
+
+const PIPELINE: &str = "/apis/orderpipeline.dev/v1alpha1/namespaces/demo/orderpipelines/orders";
+const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/demo/deployments/orders-workers";
+
+/// Objects by path, and every request as "METHOD path [patch type]".
+#[derive(Default)]
+struct ApiServer {
+    objects: std::sync::Mutex<BTreeMap<String, Value>>,
+    log: std::sync::Mutex<Vec<String>>,
+}
+
+impl ApiServer {
+    /// The API requests other than Events, in order.
+    fn requests(&self) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| !r.starts_with("event "))
+            .cloned()
+            .collect()
+    }
+
+    fn count(&self, prefix: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.starts_with(prefix))
+            .count()
+    }
+
+    fn clear(&self) {
+        self.log.lock().unwrap().clear();
+    }
+
+    /// The reasons of the Events posted since the last `clear`.
+    fn event_reasons(&self) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r.strip_prefix("event "))
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn answer(&self, method: &str, path: &str, kind: &str, body: &[u8]) -> (u16, Value) {
+        let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let mut objects = self.objects.lock().unwrap();
+        if path.ends_with("/events") || path.contains("/events/") {
+            let reason = body["reason"].as_str().unwrap_or_default().to_string();
+            self.log.lock().unwrap().push(format!("event {reason}"));
+            return (201, body);
+        }
+        let (target, status) = match path.strip_suffix("/status") {
+            Some(t) => (t.to_string(), true),
+            None => (path.to_string(), false),
+        };
+        match method {
+            "GET" => match objects.get(&target) {
+                Some(o) => (200, o.clone()),
+                None => (404, not_found()),
+            },
+            "PATCH" => {
+                let mut o = objects.get(&target).cloned().unwrap_or(Value::Null);
+                if status {
+                    o["status"] = body["status"].clone();
+                } else if kind == "merge" {
+                    merge(&mut o, &body);
+                } else {
+                    o = body;
+                    if target == DEPLOYMENT {
+                        let n = o["spec"]["replicas"].as_i64().unwrap_or(1);
+                        o["status"] = json!({"observedGeneration": 1, "replicas": n,
+                            "updatedReplicas": n, "readyReplicas": n, "availableReplicas": n});
+                        o["metadata"]["generation"] = json!(1);
+                    }
+                }
+                objects.insert(target, o.clone());
+                (200, o)
+            }
+            _ => (405, not_found()),
+        }
+    }
+}
+
+fn not_found() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+           "message": "not found", "reason": "NotFound", "code": 404})
+}
+
+fn merge(a: &mut Value, b: &Value) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                if v.is_null() {
+                    a.remove(k);
+                } else {
+                    merge(a.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (a, b) => *a = b.clone(),
+    }
+}
+
+/// A client whose every request the in-memory API server answers.
+fn client(server: Arc<ApiServer>) -> kube::Client {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().to_string();
+            let path = req.uri().path().to_string();
+            let kind = match req
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap_or(""))
+            {
+                Some(t) if t.contains("apply-patch") => "apply",
+                Some(t) if t.contains("merge-patch") => "merge",
+                Some(t) if t.contains("json-patch") => "json",
+                _ => "",
+            };
+            let body = req.into_body().collect_bytes().await.unwrap_or_default();
+            if !path.contains("/events") {
+                let line = format!("{method} {path} {kind}");
+                server.log.lock().unwrap().push(line.trim_end().to_string());
+            }
+            let (code, value) = server.answer(&method, &path, kind, &body);
+            let response = Response::builder()
+                .status(code)
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&value).unwrap()))
+                .unwrap();
+            send.send_response(response);
+        }
+    });
+    kube::Client::new(service, "demo")
+}
+
+struct Harness {
+    api: Arc<ApiServer>,
+    js: Arc<Fake>,
+    ctx: Arc<Context>,
+}
+
+impl Harness {
+    fn new(p: &OrderPipeline) -> Self {
+        let api = Arc::new(ApiServer::default());
+        api.objects
+            .lock()
+            .unwrap()
+            .insert(PIPELINE.into(), serde_json::to_value(p).unwrap());
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = crate::metrics::Metrics::new(&mut registry);
+        let js = Arc::new(Fake::default());
+        let mut ctx = Context::new(
+            client(api.clone()),
+            metrics,
+            "example.invalid/order-worker:test".into(),
+            Duration::from_secs(30),
+            "test".into(),
+        );
+        ctx.jetstream_override = Some(js.clone());
+        Self {
+            api,
+            js,
+            ctx: Arc::new(ctx),
+        }
+    }
+
+    async fn reconcile(&self, p: &OrderPipeline) -> Action {
+        self.api.clear();
+        self.js.requests.lock().unwrap().clear();
+        apply(Arc::new(p.clone()), self.ctx.clone())
+            .await
+            .expect("reconcile")
+    }
+
+    fn status(&self) -> Value {
+        self.api.objects.lock().unwrap()[PIPELINE]["status"].clone()
+    }
+
+    fn ready(&self) -> (String, String) {
+        let s = self.status();
+        let c = s["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+            .cloned()
+            .unwrap_or_default();
+        (
+            c["status"].as_str().unwrap_or_default().into(),
+            c["reason"].as_str().unwrap_or_default().into(),
+        )
+    }
+}
+
+fn sample() -> OrderPipeline {
+    let mut p: OrderPipeline = serde_yaml::from_str(include_str!(
+        "../../../manifests/samples/orderpipeline.yaml"
+    ))
+    .unwrap();
+    p.metadata.namespace = Some("demo".into());
+    p.metadata.uid = Some("9a1c4a34-0000-4000-8000-000000000001".into());
+    p.metadata.generation = Some(1);
+    p.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    p
+}
+
+#[tokio::test]
+async fn a_new_pipeline_gets_its_objects_its_deployment_and_one_status_write() {
+    let p = sample();
+    let h = Harness::new(&p);
+    h.reconcile(&p).await;
+    assert_eq!(
+        h.js.writes(),
+        [
+            "create stream ORDERS",
+            "create stream ORDERS_DLQ",
+            "put bucket ORDERS_STATE",
+            "put consumer ORDERS/order-workers"
+        ]
+    );
+    assert_eq!(
+        h.api.requests(),
+        [
+            format!("GET {PIPELINE}/status"),
+            format!("GET {DEPLOYMENT}"),
+            format!("PATCH {DEPLOYMENT} apply"),
+            format!("PATCH {PIPELINE}/status apply"),
+        ]
+    );
+    assert_eq!(
+        h.api.event_reasons(),
+        [
+            "StreamCreated",
+            "DeadLetterStreamCreated",
+            "BucketCreated",
+            "ConsumerCreated",
+            "DeploymentCreated"
+        ]
+    );
+    assert_eq!(h.ready(), ("True".into(), "PipelineReady".into()));
+}
+
+#[tokio::test]
+async fn nothing_changed_means_no_status_write_and_no_jetstream_write() {
+    let p = sample();
+    let h = Harness::new(&p);
+    h.reconcile(&p).await;
+    h.reconcile(&p).await;
+    assert_eq!(h.api.count(&format!("PATCH {PIPELINE}/status")), 0);
+    assert!(h.js.writes().is_empty(), "{:?}", h.js.writes());
+    assert!(
+        h.api.event_reasons().is_empty(),
+        "{:?}",
+        h.api.event_reasons()
+    );
+}
+
+#[tokio::test]
+async fn a_spec_change_updates_the_stream_and_writes_the_status_once() {
+    let mut p = sample();
+    let h = Harness::new(&p);
+    h.reconcile(&p).await;
+    p.spec.stream.max_age = "2h".into();
+    p.metadata.generation = Some(2);
+    h.reconcile(&p).await;
+    assert_eq!(h.js.writes(), ["update stream ORDERS"]);
+    assert_eq!(h.api.event_reasons(), ["StreamUpdated"]);
+    assert_eq!(h.api.count(&format!("PATCH {PIPELINE}/status")), 1);
+    assert_eq!(h.status()["appliedGeneration"], 2);
+}
+
+#[tokio::test]
+async fn a_nats_outage_is_ready_false_and_touches_nothing_else() {
+    let p = sample();
+    let h = Harness::new(&p);
+    h.reconcile(&p).await;
+    h.js.outage.store(true, Ordering::SeqCst);
+    let action = h.reconcile(&p).await;
+    assert_eq!(h.ready(), ("False".into(), "NatsUnreachable".into()));
+    assert_eq!(
+        h.api.requests(),
+        [
+            format!("GET {PIPELINE}/status"),
+            format!("PATCH {PIPELINE}/status apply"),
+        ],
+        "no Deployment request while NATS is away"
+    );
+    assert_eq!(h.api.event_reasons(), ["NatsUnreachable"]);
+    assert!(h.js.writes().is_empty());
+    assert!(
+        format!("{action:?}").contains("requeue_after: Some"),
+        "{action:?}"
+    );
+    // Back: Ready again, no second outage Event.
+    h.js.outage.store(false, Ordering::SeqCst);
+    h.reconcile(&p).await;
+    assert_eq!(h.ready(), ("True".into(), "PipelineReady".into()));
+}
+
+#[tokio::test]
+async fn deletion_removes_the_objects_under_delete_and_keeps_them_under_retain() {
+    for (policy, writes, reason) in [
+        (
+            DeletionPolicy::Delete,
+            vec![
+                "delete bucket ORDERS_STATE",
+                "delete stream ORDERS",
+                "delete stream ORDERS_DLQ",
+            ],
+            "Deleted",
+        ),
+        (DeletionPolicy::Retain, vec![], "Retained"),
+    ] {
+        let mut p = sample();
+        p.spec.stream.deletion_policy = policy;
+        let h = Harness::new(&p);
+        h.reconcile(&p).await;
+        h.api.clear();
+        h.js.requests.lock().unwrap().clear();
+        cleanup(Arc::new(p.clone()), h.ctx.clone())
+            .await
+            .expect("cleanup");
+        assert_eq!(h.js.writes(), writes, "{policy:?}");
+        assert_eq!(h.api.event_reasons(), [reason], "{policy:?}");
+        if policy == DeletionPolicy::Delete {
+            assert!(h.js.streams.lock().unwrap().is_empty());
+        }
+    }
+}
+
+#[tokio::test]
+async fn objects_deleted_behind_the_operators_back_come_back_with_drift_warnings() {
+    let p = sample();
+    let h = Harness::new(&p);
+    h.reconcile(&p).await;
+    // `nats stream rm ORDERS` takes its consumer with it.
+    h.js.streams.lock().unwrap().remove("ORDERS");
+    h.js.consumers.lock().unwrap().clear();
+    h.reconcile(&p).await;
+    assert_eq!(
+        h.js.writes(),
+        ["create stream ORDERS", "put consumer ORDERS/order-workers"]
+    );
+    assert_eq!(h.api.event_reasons(), ["DriftCorrected", "DriftCorrected"]);
+}
