@@ -22,7 +22,6 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 
-use crate::conditions::{self, types};
 use crate::crd::{ManagementPolicy, OrderPipeline, OrderPipelineStatus};
 use crate::render::{self};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -103,71 +102,47 @@ async fn steps(
     // Dereference: the Secrets and the NATS connection.
     let world = dereference::world(p, ctx).await?;
     let observe = p.spec.management_policy == ManagementPolicy::Observe;
+    let js = world.js.as_ref();
     // Apply: the JetStream objects (Observe: change nothing, only report).
     if !observe {
         let drift = plan::is_drift(p, old);
-        if let Err(b) = ensure_topology(p, ctx, world.js.as_ref(), &plan.topology, drift).await {
+        if let Err(b) = ensure_topology(p, ctx, js, &plan.topology, drift).await {
             if b.cause.drops_connection() {
                 ctx.forget_nats(&key_of(p)).await;
             }
             return Err(b.into());
         }
     }
-    let figures = read_figures(world.js.as_ref(), &plan.topology).await;
+    let figures = read_figures(js, &plan.topology).await;
     if !observe {
-        ensure_paused(p, ctx, world.js.as_ref(), &plan.topology, &figures).await?;
+        ensure_paused(p, ctx, js, &plan.topology, &figures).await?;
     }
     // Dereference the live Deployment; plan the replicas and the workers' view.
     let live = dereference::live_deployment(p, ctx).await?;
-    let live_replicas = live.as_ref().and_then(|d| d.spec.as_ref()?.replicas);
-    let f = figures.as_ref().ok();
-    plan.legacy_bucket = plan::legacy_bucket(
-        f.and_then(|f| f.legacy_records),
-        live.as_ref(),
-        &plan.topology.bucket,
-    );
-    plan.replaces_old_protocol = live.as_ref().is_some_and(render::replaces_old_protocol);
-    let lag = f.map(|f| u64::try_from(plan::lag(&f.consumer)).unwrap_or(0));
     let now = k8s_openapi::jiff::Timestamp::now();
-    let replicas = plan::replicas(p, &plan, old, live_replicas, lag, now);
+    let replicas = plan::workers(p, &mut plan, old, live.as_ref(), &figures, now);
     // Apply the Deployment (Observe: leave it alone).
     let after = match observe {
         true => live.clone().unwrap_or_default(),
         false => apply_deployment(p, ctx, &plan, &world.secrets, &replicas, live.as_ref()).await?,
     };
+    let live_replicas = live.as_ref().and_then(|d| d.spec.as_ref()?.replicas);
     let applied = after.spec.as_ref().and_then(|s| s.replicas);
     let why = plan::scale_reason(p, &replicas, live_replicas, applied).filter(|_| live.is_some());
     if let Some(why) = &why {
         report_scaled(p, ctx, &after, why.clone()).await;
     }
     // Status: built from what was observed, Events for what changed, one write.
-    let status = status::build(
-        old,
-        &status::Observed {
-            generation: p.metadata.generation,
-            paused: p.spec.paused,
-            plan: &plan,
-            replicas: &replicas,
-            figures: &figures,
-            deployment: &after,
-            selector: render::selector_string(p),
-            secrets_checksum: world.secrets.checksum.clone(),
-            scaled_at: why.map(|_| Time(now)),
-        },
-    );
-    for n in status::notes(old, &status, &plan.topology.dlq_stream) {
-        ctx.event(p, n.kind, n.message).await;
-    }
-    ctx.metrics.pipeline(
-        &key_of(p),
-        status.lag.unwrap_or(0),
-        status.dead_letters.unwrap_or(0),
-        i64::from(status.replicas.unwrap_or(0)),
-    );
-    write_status(p, ctx, old, &status).await?;
-    let next = match conditions::is_true(&status.conditions, types::READY) {
-        true => ctx.resync,
-        false => ctx.resync.min(retry::NOT_READY_RESYNC),
+    let observed = status::Observed {
+        generation: p.metadata.generation,
+        paused: p.spec.paused,
+        plan: &plan,
+        replicas: &replicas,
+        figures: &figures,
+        deployment: &after,
+        selector: render::selector_string(p),
+        secrets_checksum: world.secrets.checksum.clone(),
+        scaled_at: why.map(|_| Time(now)),
     };
-    Ok(Action::requeue(jittered(next)))
+    Ok(status::finish(p, ctx, old, &observed).await?)
 }

@@ -11,6 +11,7 @@ use k8s_openapi::jiff::Timestamp;
 use crate::crd::{ConsumerStatus, OrderPipeline, OrderPipelineStatus, ReplicaMode};
 use crate::render::{self, Plan};
 
+use super::dereference::Figures;
 use super::error::{Cause, NotReady};
 use crate::scaling;
 
@@ -122,6 +123,26 @@ pub(crate) fn replicas(
         }
     };
     r
+}
+
+/// What the workers get this reconcile: the replica decision, and in `plan`
+/// what they are told about the bucket of the protocol before v2 and whether
+/// the rollout replaces workers of that protocol.
+pub(crate) fn workers(
+    p: &OrderPipeline,
+    plan: &mut Plan,
+    old: &OrderPipelineStatus,
+    live: Option<&Deployment>,
+    figures: &Result<Figures, String>,
+    now: Timestamp,
+) -> Replicas {
+    let f = figures.as_ref().ok();
+    let records = f.and_then(|f| f.legacy_records);
+    plan.legacy_bucket = legacy_bucket(records, live, &plan.topology.bucket);
+    plan.replaces_old_protocol = live.is_some_and(render::replaces_old_protocol);
+    let lag = f.map(|f| u64::try_from(lag(&f.consumer)).unwrap_or(0));
+    let live_replicas = live.and_then(|d| d.spec.as_ref()?.replicas);
+    replicas(p, plan, old, live_replicas, lag, now)
 }
 
 /// Why the replicas changed from `live` to `applied`, for the Scaled Event;

@@ -104,6 +104,33 @@ pub(crate) async fn write_status(
     Ok(())
 }
 
+/// The end of a reconcile that went through: the status built from what was
+/// observed, the Events a change calls for, the metrics, one status write (none
+/// when nothing changed), and the next look: the resync, sooner while not Ready.
+pub(crate) async fn finish(
+    p: &OrderPipeline,
+    ctx: &Context,
+    old: &OrderPipelineStatus,
+    o: &Observed<'_>,
+) -> Result<Action, Error> {
+    let status = build(old, o);
+    for n in notes(old, &status, &o.plan.topology.dlq_stream) {
+        ctx.event(p, n.kind, n.message).await;
+    }
+    ctx.metrics.pipeline(
+        &key_of(p),
+        status.lag.unwrap_or(0),
+        status.dead_letters.unwrap_or(0),
+        i64::from(status.replicas.unwrap_or(0)),
+    );
+    write_status(p, ctx, old, &status).await?;
+    let next = match conditions::is_true(&status.conditions, types::READY) {
+        true => ctx.resync,
+        false => ctx.resync.min(retry::NOT_READY_RESYNC),
+    };
+    Ok(Action::requeue(jittered(next)))
+}
+
 /// What a full reconcile observed, for the status (everything the pure build
 /// needs, nothing it must fetch).
 pub(crate) struct Observed<'a> {

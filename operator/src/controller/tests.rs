@@ -138,8 +138,18 @@ fn client(server: Arc<ApiServer>) -> kube::Client {
                 Some(t) if t.contains("json-patch") => "json",
                 _ => "",
             };
+            let accept = req
+                .headers()
+                .get("accept")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
             let body = req.into_body().collect_bytes().await.unwrap_or_default();
-            if !path.contains("/events") {
+            if path.contains("/secrets") {
+                // What the Secret requests ask for (full objects or metadata).
+                let line = format!("{method} {path} accept={accept}");
+                server.log.lock().unwrap().push(line);
+            } else if !path.contains("/events") {
                 let line = format!("{method} {path} {kind}");
                 server.log.lock().unwrap().push(line.trim_end().to_string());
             }
@@ -362,4 +372,39 @@ async fn objects_deleted_behind_the_operators_back_come_back_with_drift_warnings
         ["create stream ORDERS", "put consumer ORDERS/order-workers"]
     );
     assert_eq!(h.api.event_reasons(), ["DriftCorrected", "DriftCorrected"]);
+}
+
+/// The controller watches Secrets for changes only: it asks for their metadata
+/// (`PartialObjectMetadata`), so no Secret's data is ever cached.
+#[tokio::test]
+async fn secrets_are_watched_as_metadata_only() {
+    let p = sample();
+    let h = Harness::new(&p);
+    let controller = tokio::spawn(run(
+        h.ctx.clone(),
+        Some("demo".into()),
+        std::future::pending::<()>(),
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let secrets = loop {
+        let seen: Vec<String> = h
+            .api
+            .requests()
+            .into_iter()
+            .filter(|r| r.contains("/secrets"))
+            .collect();
+        if !seen.is_empty() {
+            break seen;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the controller never listed Secrets: {:?}",
+            h.api.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    controller.abort();
+    for r in &secrets {
+        assert!(r.contains("as=PartialObjectMetadata"), "{r}");
+    }
 }

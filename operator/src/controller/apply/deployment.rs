@@ -85,6 +85,21 @@ pub(crate) async fn report_scaled(
     ctx.event_about(p, Kind::Scaled, why, Some(related)).await;
 }
 
+/// Whether the operator's server-side apply owns the Deployment's
+/// `spec.replicas` (its managed fields say so): then it must hand them over
+/// before it stops applying them, or the API server resets them.
+pub(crate) fn owns_replicas(live: &Deployment) -> bool {
+    live.metadata.managed_fields.iter().flatten().any(|m| {
+        m.manager.as_deref() == Some(MANAGER)
+            && m.operation.as_deref() == Some("Apply")
+            && m.fields_v1.as_ref().is_some_and(|f| {
+                f.0.get("f:spec")
+                    .and_then(|s| s.get("f:replicas"))
+                    .is_some()
+            })
+    })
+}
+
 /// Before applying without `spec.replicas` (External mode): if our field manager
 /// still owns the field, hand it to a separate manager at its live value (right
 /// after a pause: the replicas from before it), so
@@ -96,15 +111,7 @@ pub(crate) async fn release_replicas(
     resume_at: Option<i32>,
 ) -> Result<(), Error> {
     let Some(live) = live else { return Ok(()) };
-    let owned = live.metadata.managed_fields.iter().flatten().any(|m| {
-        m.manager.as_deref() == Some(MANAGER)
-            && m.operation.as_deref() == Some("Apply")
-            && m.fields_v1.as_ref().is_some_and(|f| {
-                f.0.get("f:spec")
-                    .and_then(|s| s.get("f:replicas"))
-                    .is_some()
-            })
-    });
+    let owned = owns_replicas(live);
     let Some(replicas) = resume_at.or(live.spec.as_ref().and_then(|s| s.replicas)) else {
         return Ok(());
     };
@@ -123,4 +130,33 @@ pub(crate) async fn release_replicas(
         .map_err(Error::Kube)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Deployment as the API server returns it, with its managed fields.
+    fn live(managers: &str) -> Deployment {
+        serde_yaml::from_str(&format!(
+            "metadata:
+  name: orders-workers
+  managedFields: {managers}
+spec:
+  replicas: 4
+  selector: {{matchLabels: {{app: w}}}}
+  template: {{metadata: {{labels: {{app: w}}}}}}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_replicas_are_handed_over_only_while_the_operators_apply_owns_them() {
+        let ours = "[{manager: order-operator, operation: Apply, fieldsType: FieldsV1, fieldsV1: {f:spec: {f:replicas: {}, f:template: {}}}}]";
+        assert!(owns_replicas(&live(ours)));
+        let handed = "[{manager: order-operator, operation: Apply, fieldsType: FieldsV1, fieldsV1: {f:spec: {f:template: {}}}}, {manager: order-operator-handoff, operation: Apply, fieldsType: FieldsV1, fieldsV1: {f:spec: {f:replicas: {}}}}]";
+        assert!(!owns_replicas(&live(handed)), "already handed over");
+        let hpa = "[{manager: kube-controller-manager, operation: Update, fieldsType: FieldsV1, fieldsV1: {f:spec: {f:replicas: {}}}}]";
+        assert!(!owns_replicas(&live(hpa)));
+    }
 }
