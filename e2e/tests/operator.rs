@@ -1494,6 +1494,19 @@ async fn two_pipelines_on_one_nats_keep_their_orders_apart_and_a_clash_is_refuse
         "the shop has its own bucket"
     );
 
+    // Both pipelines share the operator's one connection to this NATS.
+    let metrics = orderpipeline_e2e::pipeline::http_get(&format!(
+        "http://127.0.0.1:{}/metrics",
+        s.operator.http_port
+    ))
+    .await
+    .context("operator metrics")?
+    .1;
+    assert!(
+        metrics.lines().any(|l| l == "orderoperator_nats_connections 1"),
+        "{metrics}"
+    );
+
     // orderctl finds the shop's objects and its NATS from the resource alone.
     let shop_ref = format!("{}/shop", s.ns.name);
     let out = orderctl(&["--json", "--pipeline", &shop_ref, "audit"]).await?;

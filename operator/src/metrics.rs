@@ -34,6 +34,7 @@ pub struct Metrics {
     pub lag: Family<PipelineLabels, Gauge>,
     pub dead_letters: Family<PipelineLabels, Gauge>,
     pub replicas: Family<PipelineLabels, Gauge>,
+    pub nats_connections: Gauge,
 }
 
 impl Metrics {
@@ -46,6 +47,7 @@ impl Metrics {
             lag: Family::default(),
             dead_letters: Family::default(),
             replicas: Family::default(),
+            nats_connections: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("orderoperator");
         r.register("reconciles", "Reconciles run", m.reconciles.clone());
@@ -78,6 +80,11 @@ impl Metrics {
             "pipeline_replicas",
             "Worker pods of the pipeline's Deployment",
             m.replicas.clone(),
+        );
+        r.register(
+            "nats_connections",
+            "NATS connections the operator holds: one per distinct server and credentials, shared by the pipelines that use them",
+            m.nats_connections.clone(),
         );
         m
     }

@@ -23,7 +23,7 @@ pub(crate) async fn cleanup(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<
         } else {
             "deletionPolicy Retain"
         };
-        ctx.forget_nats(&key).await;
+        ctx.release_nats(&key).await;
         ctx.event(
             &p,
             Kind::Retained,
@@ -59,7 +59,7 @@ pub(crate) async fn cleanup(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<
     };
     match outcome {
         Ok(kept) => {
-            ctx.forget_nats(&key).await;
+            ctx.release_nats(&key).await;
             ctx.metrics.forget(&key);
             let note = if kept.is_empty() {
                 format!(
@@ -79,7 +79,7 @@ pub(crate) async fn cleanup(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<
             Ok(Action::await_change())
         }
         Err(e) if skip || waited >= CLEANUP_GIVE_UP => {
-            ctx.forget_nats(&key).await;
+            ctx.release_nats(&key).await;
             ctx.metrics.forget(&key);
             ctx.event(&p, Kind::CleanupAbandoned, format!("gave up deleting the JetStream objects ({e}); delete them by hand: nats stream rm {}; nats stream rm {}; nats kv del {}", p.spec.stream.name, p.spec.dlq_stream(), p.spec.state_bucket())).await;
             Ok(Action::await_change())
@@ -100,9 +100,9 @@ pub(crate) async fn delete_topology(
     ctx: &Context,
 ) -> Result<Vec<String>, String> {
     let key = key_of(p);
-    let (mut auth, _view, files) = read_secrets(p, &ctx.client).await.map_err(|b| b.message)?;
+    let (mut auth, view, files) = read_secrets(p, &ctx.client).await.map_err(|b| b.message)?;
     write_tls_files(&key, &files, &mut auth).map_err(|b| b.message)?;
-    let auth_hash = format!("{}|cleanup", p.spec.nats.url);
+    let auth_hash = connection_key(&p.spec.nats.url, &view);
     let js = ctx
         .jetstream(p, &auth, &auth_hash)
         .await

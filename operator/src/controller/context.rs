@@ -21,8 +21,9 @@ pub struct Context {
     pub metrics: Metrics,
     pub default_image: String,
     pub resync: Duration,
-    /// NATS connections keyed by `namespace/name`, with the hash of the auth they used.
-    pub(crate) nats: Mutex<HashMap<String, (String, async_nats::Client)>>,
+    /// NATS connections, shared by the pipelines that use the same server and
+    /// credentials.
+    pub(crate) nats: Mutex<NatsPool>,
     /// Every pipeline the controller watches (its reflector store), for the
     /// check that two pipelines never share NATS objects or subjects.
     pub(crate) pipelines: std::sync::OnceLock<kube::runtime::reflector::Store<OrderPipeline>>,
@@ -45,7 +46,7 @@ impl Context {
             metrics,
             default_image,
             resync,
-            nats: Mutex::new(HashMap::new()),
+            nats: Mutex::new(NatsPool::default()),
             pipelines: std::sync::OnceLock::new(),
             jetstream_override: None,
         }
@@ -105,34 +106,36 @@ impl Context {
         Ok(Arc::new(Live(js)))
     }
 
-    /// The pipeline's own NATS connection; reconnects when its auth changed.
+    /// The connection for `pipeline` to `url` with the credentials whose hash is
+    /// `conn_key`: the one already open for that pair, else a new one. A
+    /// pipeline whose settings changed lets go of its old connection (closed
+    /// when no other pipeline uses it).
     pub(crate) async fn nats(
         &self,
-        key: &str,
+        pipeline: &str,
         url: &str,
         auth: &NatsAuth,
-        auth_hash: &str,
+        conn_key: &str,
     ) -> Result<async_nats::Client, NatsConnectError> {
         {
-            let mut cache = self.nats.lock().await;
-            if let Some((hash, c)) = cache.get(key)
-                && hash == auth_hash
-            {
-                return Ok(c.clone());
+            let mut pool = self.nats.lock().await;
+            if pool.users.get(pipeline).is_some_and(|k| k != conn_key) {
+                tracing::info!(pipeline, "NATS settings changed; reconnecting");
+                pool.release(pipeline);
             }
-            if cache.remove(key).is_some() {
-                tracing::info!(pipeline = key, "NATS settings changed; reconnecting");
+            if let Some(c) = pool.conns.get(conn_key).cloned() {
+                pool.users.insert(pipeline.into(), conn_key.into());
+                return Ok(c);
             }
         }
         // Connect without holding the lock, so one pipeline's unreachable NATS
-        // does not stall the others' reconciles (the controller never runs two
-        // reconciles of the same pipeline at once).
-        let c = orderpipeline_common::nats::connect(url, auth, &format!("order-operator {key}"))
-            .await?;
-        self.nats
-            .lock()
-            .await
-            .insert(key.to_string(), (auth_hash.to_string(), c.clone()));
+        // does not stall the others' reconciles.
+        let c = orderpipeline_common::nats::connect(url, auth, "order-operator").await?;
+        let mut pool = self.nats.lock().await;
+        // Another pipeline may have connected meanwhile: keep one.
+        let c = pool.conns.entry(conn_key.to_string()).or_insert(c).clone();
+        pool.users.insert(pipeline.into(), conn_key.into());
+        self.metrics.nats_connections.set(pool.conns.len() as i64);
         Ok(c)
     }
 
@@ -141,7 +144,39 @@ impl Context {
         self.pipelines.get().map(|s| s.state()).unwrap_or_default()
     }
 
-    pub(crate) async fn forget_nats(&self, key: &str) {
-        self.nats.lock().await.remove(key);
+    /// The connection `pipeline` uses failed: closed, so that the next
+    /// reconcile of any pipeline on it connects anew.
+    pub(crate) async fn forget_nats(&self, pipeline: &str) {
+        let mut pool = self.nats.lock().await;
+        if let Some(k) = pool.users.get(pipeline).cloned() {
+            pool.conns.remove(&k);
+        }
+        self.metrics.nats_connections.set(pool.conns.len() as i64);
+    }
+
+    /// `pipeline` is gone: its connection closes unless another pipeline uses it.
+    pub(crate) async fn release_nats(&self, pipeline: &str) {
+        let mut pool = self.nats.lock().await;
+        pool.release(pipeline);
+        self.metrics.nats_connections.set(pool.conns.len() as i64);
+    }
+}
+
+/// NATS connections by (URL, credentials) and which pipeline uses which: the
+/// operator holds one connection per distinct server and credentials, not one
+/// per pipeline.
+#[derive(Default)]
+pub(crate) struct NatsPool {
+    conns: HashMap<String, async_nats::Client>,
+    users: HashMap<String, String>,
+}
+
+impl NatsPool {
+    fn release(&mut self, pipeline: &str) {
+        if let Some(k) = self.users.remove(pipeline)
+            && !self.users.values().any(|v| *v == k)
+        {
+            self.conns.remove(&k);
+        }
     }
 }

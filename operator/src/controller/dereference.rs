@@ -39,9 +39,16 @@ pub(crate) struct World {
 pub(crate) async fn world(p: &OrderPipeline, ctx: &Context) -> Result<World, NotReady> {
     let (mut auth, secrets, files) = read_secrets(p, &ctx.client).await?;
     write_tls_files(&key_of(p), &files, &mut auth)?;
-    let auth_hash = format!("{}|{:?}", p.spec.nats.url, secrets.checksum);
-    let js = ctx.jetstream(p, &auth, &auth_hash).await?;
+    let js = ctx
+        .jetstream(p, &auth, &connection_key(&p.spec.nats.url, &secrets))
+        .await?;
     Ok(World { secrets, js })
+}
+
+/// What identifies a NATS connection the pipelines can share: the server and
+/// the credentials (the checksum of the referenced Secrets).
+pub(crate) fn connection_key(url: &str, secrets: &SecretsView) -> String {
+    format!("{url}|{:?}", secrets.checksum)
 }
 
 /// The worker Deployment as it is now, if there is one.
