@@ -10,7 +10,7 @@ CACHE ?= $(HOME)/.cache/orderpipeline
 export CARGO_TARGET_DIR ?= $(CACHE)/target
 export ORDERPIPE_CACHE ?= $(CACHE)
 
-.PHONY: demo demo-down test test-faults bench bench-pool lint unit integration tools
+.PHONY: demo demo-down test test-faults bench bench-pool bench-operator bench-operator-smoke lint unit integration tools
 
 demo:
 	hack/demo
@@ -18,7 +18,7 @@ demo:
 demo-down:
 	hack/env down
 
-test: lint unit integration
+test: lint unit integration bench-operator-smoke
 
 lint:
 	cargo fmt --all --check
@@ -49,6 +49,17 @@ bench: tools
 # JetStream baseline; writes docs/benchmarks.md and docs/bench-pool.svg.
 bench-pool: tools
 	hack/bench-pool
+
+# The operator with N = 100, 300 and 500 pipelines next to the direct cost of the
+# same objects (kubectl apply + a nats.go program), measured in the same run;
+# writes docs/benchmarks.md and docs/bench-operator.svg.
+bench-operator: tools
+	BENCH_WRITE_DOCS=1 hack/bench-operator
+
+# make test runs the same script at N = 5 (debug build, 10 s steady window) so it
+# keeps working.
+bench-operator-smoke: tools
+	BENCH_N=5 BENCH_STEADY=10 BENCH_PROFILE=debug hack/bench-operator
 
 tools:
 	hack/build-tools >/dev/null
