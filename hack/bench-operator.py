@@ -168,6 +168,7 @@ def operator_create(n):
     sh("kubectl", "create", "namespace", ns)
     pw = Watch(ns, "orderpipelines", PIPELINE_EVENTS)
     dw = Watch(ns, "deployments", DEPLOYMENT_EVENTS)
+    r0 = operator_metric("orderoperator_reconciles_total")
     t0 = time.monotonic()
     sh("kubectl", "apply", "--server-side", "-f", "-", input=pipelines_yaml(ns, n))
     topo, ready, deps = {}, {}, {}
@@ -188,8 +189,10 @@ def operator_create(n):
     pw.stop(); dw.stop()
     per_topo = [t - t0 for t in topo.values()]
     per_ready = [t - t0 for t in ready.values()]
+    reconciles = operator_metric("orderoperator_reconciles_total") - r0
     return ns, {"topology": max(per_topo), "all_ready": max(per_ready),
-                "p50": quantile(per_ready, 0.5), "p99": quantile(per_ready, 0.99)}
+                "p50": quantile(per_ready, 0.5), "p99": quantile(per_ready, 0.99),
+                "reconciles": reconciles}
 
 
 def apiserver_requests():
@@ -199,6 +202,9 @@ def apiserver_requests():
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
         v = float(line.rsplit(" ", 1)[1])
+        if labels.get("dry_run"):
+            counts["dry-runs"] = counts.get("dry-runs", 0) + v
+            continue
         counts[labels.get("verb", "?")] = counts.get(labels.get("verb", "?"), 0) + v
         if labels.get("resource") == "orderpipelines" and labels.get("subresource") == "status" and labels.get("verb") == "PATCH":
             counts["status-writes"] = counts.get("status-writes", 0) + v
@@ -267,7 +273,8 @@ def main():
         print(f"\n== N = {n}", flush=True)
         b = baseline(n)
         ns, o = operator_create(n)
-        print(f"create: all StreamReady+ConsumerReady with their Deployment {o['topology']:.1f} s (target <= 60 s)")
+        print(f"create: all StreamReady+ConsumerReady with their Deployment {o['topology']:.1f} s (target <= 60 s); "
+              f"{o['reconciles']:.0f} reconciles ({o['reconciles'] / n:.1f} per pipeline)")
         print(f"create: all Ready {o['all_ready']:.1f} s (p50 {o['p50']:.1f} s, p99 {o['p99']:.1f} s); "
               f"baseline {b['all_ready']:.1f} s (JetStream objects {b['jetstream']:.1f} s, Deployments available {b['deployments']:.1f} s); "
               f"ratio {o['all_ready'] / b['all_ready']:.2f} (target <= 2)")
@@ -323,14 +330,15 @@ def write_docs(rows):
     lines = ["<!-- bench-operator:start -->",
              "## The operator with many pipelines (`make bench-operator`)", "",
              f"Run of {time.strftime('%Y-%m-%d')}, figures from one run of the script (steady window {STEADY} s):", "",
-             "| N | all StreamReady+ConsumerReady+Deployment | all Ready (p50 / p99) | baseline all Ready | ratio | peak RSS | CPU in steady state | reconciles/min | status writes/min | NATS connections | maxAge change | 10 % streams removed, back in | delete all |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| N | all StreamReady+ConsumerReady+Deployment | all Ready (p50 / p99) | baseline all Ready | ratio | peak RSS | CPU in steady state | reconciles/min | status writes/min | Deployment writes/min | NATS connections | maxAge change | 10 % streams removed, back in | delete all |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         o, b, s = r["operator"], r["baseline"], r["steady"]
         lines.append(
             f"| {r['n']} | {o['topology']:.1f} s | {o['all_ready']:.1f} s ({o['p50']:.1f} / {o['p99']:.1f}) | "
             f"{b['all_ready']:.1f} s | {o['all_ready'] / b['all_ready']:.2f} | {s['rss_mib']:.0f} MiB | "
             f"{s['cpu_seconds']:.1f} s | {s['reconciles_per_min']:.0f} | {s['api_per_min'].get('status-writes', 0):.0f} | "
+            f"{s['api_per_min'].get('deployment-writes', 0):.0f} | "
             f"{s['nats_connections']} | {r['change']:.1f} s | {r['repair']:.1f} s | {r['delete']:.1f} s |")
     lines += ["", "![time to all Ready and RSS against N](bench-operator.svg)", "<!-- bench-operator:end -->"]
     path = os.path.join(ROOT, "docs", "benchmarks.md")

@@ -1503,7 +1503,9 @@ async fn two_pipelines_on_one_nats_keep_their_orders_apart_and_a_clash_is_refuse
     .context("operator metrics")?
     .1;
     assert!(
-        metrics.lines().any(|l| l == "orderoperator_nats_connections 1"),
+        metrics
+            .lines()
+            .any(|l| l == "orderoperator_nats_connections 1"),
         "{metrics}"
     );
 

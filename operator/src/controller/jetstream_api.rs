@@ -75,12 +75,13 @@ pub(crate) struct Live(pub(crate) jetstream::Context);
 #[async_trait::async_trait]
 impl JetStream for Live {
     async fn stream(&self, name: &str) -> Result<Option<StreamView>, JsError> {
-        let mut s = match self.0.get_stream(name).await {
+        // One STREAM.INFO request: the info `get_stream` fetched is the answer.
+        let s = match self.0.get_stream(name).await {
             Ok(s) => s,
             Err(e) if orderpipeline_common::nats::is_not_found(&e) => return Ok(None),
             Err(e) => return Err(JsError::of(&e)),
         };
-        let info = s.info().await.map_err(|e| JsError::of(&e))?;
+        let info = s.cached_info();
         Ok(Some(StreamView {
             config: info.config.clone(),
             messages: info.state.messages,
@@ -115,11 +116,12 @@ impl JetStream for Live {
     }
 
     async fn consumer(&self, stream: &str, name: &str) -> Result<Option<ConsumerView>, JsError> {
-        let s = match self.0.get_stream(stream).await {
-            Ok(s) => s,
-            Err(e) if orderpipeline_common::nats::is_not_found(&e) => return Ok(None),
-            Err(e) => return Err(JsError::of(&e)),
-        };
+        // CONSUMER.INFO alone (a missing stream answers "not found" there too).
+        let s = self
+            .0
+            .get_stream_no_info(stream)
+            .await
+            .map_err(|e| JsError::of(&e))?;
         match s.consumer_info(name).await {
             Ok(c) => Ok(Some(ConsumerView {
                 config: c.config.clone(),
@@ -136,7 +138,7 @@ impl JetStream for Live {
     async fn put_consumer(&self, stream: &str, cfg: consumer::pull::Config) -> Result<(), JsError> {
         let s = self
             .0
-            .get_stream(stream)
+            .get_stream_no_info(stream)
             .await
             .map_err(|e| JsError::of(&e))?;
         s.create_consumer(cfg).await.map_err(|e| JsError::of(&e))?;
@@ -146,7 +148,7 @@ impl JetStream for Live {
     async fn set_paused(&self, stream: &str, name: &str, paused: bool) -> Result<(), JsError> {
         let s = self
             .0
-            .get_stream(stream)
+            .get_stream_no_info(stream)
             .await
             .map_err(|e| JsError::of(&e))?;
         if paused {

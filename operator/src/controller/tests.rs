@@ -60,7 +60,14 @@ impl ApiServer {
             .collect()
     }
 
-    fn answer(&self, method: &str, path: &str, kind: &str, body: &[u8]) -> (u16, Value) {
+    fn answer(
+        &self,
+        method: &str,
+        path: &str,
+        kind: &str,
+        dry_run: bool,
+        body: &[u8],
+    ) -> (u16, Value) {
         let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let mut objects = self.objects.lock().unwrap();
         if path.ends_with("/events") || path.contains("/events/") {
@@ -84,15 +91,25 @@ impl ApiServer {
                 } else if kind == "merge" {
                     merge(&mut o, &body);
                 } else {
+                    let before = o.clone();
                     o = body;
                     if target == DEPLOYMENT {
+                        // The generation moves when the spec does, as on a real server.
+                        let g = before["metadata"]["generation"].as_i64().unwrap_or(0);
+                        let g = if before["spec"] == o["spec"] {
+                            g
+                        } else {
+                            g + 1
+                        };
                         let n = o["spec"]["replicas"].as_i64().unwrap_or(1);
-                        o["status"] = json!({"observedGeneration": 1, "replicas": n,
+                        o["status"] = json!({"observedGeneration": g, "replicas": n,
                             "updatedReplicas": n, "readyReplicas": n, "availableReplicas": n});
-                        o["metadata"]["generation"] = json!(1);
+                        o["metadata"]["generation"] = json!(g);
                     }
                 }
-                objects.insert(target, o.clone());
+                if !dry_run {
+                    objects.insert(target, o.clone());
+                }
                 (200, o)
             }
             _ => (405, not_found()),
@@ -128,6 +145,7 @@ fn client(server: Arc<ApiServer>) -> kube::Client {
         while let Some((req, send)) = handle.next_request().await {
             let method = req.method().to_string();
             let path = req.uri().path().to_string();
+            let dry_run = req.uri().query().is_some_and(|q| q.contains("dryRun"));
             let kind = match req
                 .headers()
                 .get("content-type")
@@ -150,10 +168,11 @@ fn client(server: Arc<ApiServer>) -> kube::Client {
                 let line = format!("{method} {path} accept={accept}");
                 server.log.lock().unwrap().push(line);
             } else if !path.contains("/events") {
-                let line = format!("{method} {path} {kind}");
+                let dry = if dry_run { " dry-run" } else { "" };
+                let line = format!("{method} {path} {kind}{dry}");
                 server.log.lock().unwrap().push(line.trim_end().to_string());
             }
-            let (code, value) = server.answer(&method, &path, kind, &body);
+            let (code, value) = server.answer(&method, &path, kind, dry_run, &body);
             let response = Response::builder()
                 .status(code)
                 .header("content-type", "application/json")
@@ -276,7 +295,15 @@ async fn nothing_changed_means_no_status_write_and_no_jetstream_write() {
     let h = Harness::new(&p);
     h.reconcile(&p).await;
     h.reconcile(&p).await;
-    assert_eq!(h.api.count(&format!("PATCH {PIPELINE}/status")), 0);
+    assert_eq!(
+        h.api.requests(),
+        [
+            format!("GET {PIPELINE}/status"),
+            format!("GET {DEPLOYMENT}"),
+            format!("PATCH {DEPLOYMENT} apply dry-run"),
+        ],
+        "reads and a dry run, no write"
+    );
     assert!(h.js.writes().is_empty(), "{:?}", h.js.writes());
     assert!(
         h.api.event_reasons().is_empty(),

@@ -53,6 +53,10 @@ pub(crate) fn pipelines_using(
         .collect()
 }
 
+/// How long the controller waits for more changes to an object before it
+/// reconciles it.
+const DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
     ctx: Arc<Context>,
@@ -100,6 +104,10 @@ pub async fn run(
         .watches(secrets, watcher::Config::default(), move |s| {
             pipelines_using(&s, &store)
         })
+        // A Deployment's status moves in several writes while its Pods start
+        // (replicas, updated, ready, available): a short trailing debounce makes
+        // that one reconcile instead of one each.
+        .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {

@@ -33,29 +33,16 @@ pub(crate) async fn apply_deployment(
             .await?;
     }
     let desired = render::deployment(p, plan, secrets, &ctx.default_image, replicas.apply);
-    let after = match api
-        .patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&desired),
-        )
-        .await
-    {
-        Ok(d) => d,
-        // Refused as invalid (e.g. a bad resources or affinity value): the
-        // spec must change, so say so instead of retrying quietly.
-        Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => {
-            return Err(NotReady::new(
-                Cause::DeploymentInvalid,
-                format!(
-                    "the API server refused the worker Deployment {name}: {}; fix spec.workers",
-                    s.message
-                ),
-            )
-            .into());
+    let apply = PatchParams::apply(MANAGER).force();
+    // Nothing to change (the usual resync): a dry run says so, and nothing is
+    // written. A change made to the Deployment by hand shows up here too.
+    if let Some(l) = live {
+        let dry = ssa(&api, &name, &apply.clone().dry_run(), &desired).await?;
+        if unchanged(l, &dry) {
+            return Ok(l.clone());
         }
-        Err(e) => return Err(e.into()),
-    };
+    }
+    let after = ssa(&api, &name, &apply, &desired).await?;
     let template = |d: &Deployment| d.spec.as_ref().map(|s| s.template.clone());
     match live {
         None => {
@@ -70,6 +57,35 @@ pub(crate) async fn apply_deployment(
         Some(_) => {}
     }
     Ok(after)
+}
+
+/// One server-side apply of the Deployment; the API server refusing it (e.g. a
+/// bad resources or affinity value) is the spec's fault: NotReady, not a retry.
+async fn ssa(
+    api: &Api<Deployment>,
+    name: &str,
+    params: &PatchParams,
+    desired: &Deployment,
+) -> Result<Deployment, Stop> {
+    match api.patch(name, params, &Patch::Apply(desired)).await {
+        Ok(d) => Ok(d),
+        Err(kube::Error::Api(s)) if s.code == 400 || s.code == 422 => Err(NotReady::new(
+            Cause::DeploymentInvalid,
+            format!(
+                "the API server refused the worker Deployment {name}: {}; fix spec.workers",
+                s.message
+            ),
+        )
+        .into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether applying would change nothing: the dry run's result has the live
+/// spec (same generation) and the same labels and annotations.
+pub(crate) fn unchanged(live: &Deployment, dry_run: &Deployment) -> bool {
+    let (l, d) = (&live.metadata, &dry_run.metadata);
+    l.generation == d.generation && l.labels == d.labels && l.annotations == d.annotations
 }
 
 /// The Scaled Event, related to the Deployment at its new resourceVersion (so
