@@ -255,13 +255,7 @@ async fn the_sample_becomes_ready_with_matching_jetstream_objects_and_workers() 
     }
 
     // The operator's metrics carry the pipeline.
-    let metrics = orderpipeline_e2e::pipeline::http_get(&format!(
-        "http://127.0.0.1:{}/metrics",
-        s.operator.http_port
-    ))
-    .await
-    .context("operator metrics")?
-    .1;
+    let metrics = operator_metrics(&s).await?;
     assert!(
         metrics.contains(&format!(
             "orderoperator_pipeline_replicas{{pipeline=\"{}/orders\"}} 2",
@@ -1495,13 +1489,7 @@ async fn two_pipelines_on_one_nats_keep_their_orders_apart_and_a_clash_is_refuse
     );
 
     // Both pipelines share the operator's one connection to this NATS.
-    let metrics = orderpipeline_e2e::pipeline::http_get(&format!(
-        "http://127.0.0.1:{}/metrics",
-        s.operator.http_port
-    ))
-    .await
-    .context("operator metrics")?
-    .1;
+    let metrics = operator_metrics(&s).await?;
     assert!(
         metrics
             .lines()
@@ -1774,13 +1762,19 @@ async fn on_sigterm_the_lease_is_handed_back_after_the_running_reconciles() -> a
     s.ns.delete().await
 }
 
-async fn reconciles_run(s: &Setup) -> anyhow::Result<u64> {
+/// The operator's /metrics text.
+async fn operator_metrics(s: &Setup) -> anyhow::Result<String> {
     let url = format!("http://127.0.0.1:{}/metrics", s.operator.http_port);
-    let text = orderpipeline_e2e::pipeline::http_get(&url)
+    Ok(orderpipeline_e2e::pipeline::http_get(&url)
         .await
         .context("operator /metrics")?
-        .1;
-    text.lines()
+        .1)
+}
+
+async fn reconciles_run(s: &Setup) -> anyhow::Result<u64> {
+    operator_metrics(s)
+        .await?
+        .lines()
         .find_map(|l| l.strip_prefix("orderoperator_reconciles_total "))
         .context("orderoperator_reconciles_total in /metrics")?
         .trim()
