@@ -38,6 +38,20 @@ struct Setup {
 }
 
 /// `setup`, then the sample pipeline created and Ready.
+/// The sample as pipeline `name` on its own stream `stream` (subjects
+/// `<stream>.*`, filter `<stream>.created`); every other name derived.
+fn sample_named(nats_url: &str, name: &str, stream: &str) -> anyhow::Result<OrderPipeline> {
+    let mut p = sample(nats_url)?;
+    p.metadata.name = Some(name.into());
+    p.spec.stream.name = stream.into();
+    p.spec.stream.subjects = vec![format!("{stream}.*")];
+    p.spec.consumer.filter_subject = format!("{stream}.created");
+    p.spec.dead_letter.stream_name = None;
+    p.spec.dead_letter.subject = None;
+    p.spec.state.bucket = None;
+    Ok(p)
+}
+
 async fn setup_ready(prefix: &str) -> anyhow::Result<Setup> {
     let s = setup(prefix).await?;
     s.api
@@ -1438,14 +1452,7 @@ async fn two_pipelines_on_one_nats_keep_their_orders_apart_and_a_clash_is_refuse
     let s = setup_ready("iso").await?;
     // A second shop on the same NATS: its own stream and filter; every other name
     // is derived (SHOP_DLQ, SHOP_STATE, SHOP.processed.<key>, ...).
-    let mut shop = sample(&s.nats.url())?;
-    shop.metadata.name = Some("shop".into());
-    shop.spec.stream.name = "SHOP".into();
-    shop.spec.stream.subjects = vec!["SHOP.*".into()];
-    shop.spec.consumer.filter_subject = "SHOP.created".into();
-    shop.spec.dead_letter.stream_name = None;
-    shop.spec.dead_letter.subject = None;
-    shop.spec.state.bucket = None;
+    let shop = sample_named(&s.nats.url(), "shop", "SHOP")?;
     s.api.create(&PostParams::default(), &shop).await?;
     wait_ready(&s, "shop", "True", None).await?;
     // A third one that names the first's stream: refused, naming the first.
@@ -1729,14 +1736,7 @@ async fn on_sigterm_the_lease_is_handed_back_after_the_running_reconciles() -> a
             }
         })
     };
-    let mut stuck = sample(&format!("nats://127.0.0.1:{port}"))?;
-    stuck.metadata.name = Some("stuck".into());
-    stuck.spec.stream.name = "STUCK".into();
-    stuck.spec.stream.subjects = vec!["STUCK.*".into()];
-    stuck.spec.consumer.filter_subject = "STUCK.created".into();
-    stuck.spec.dead_letter.stream_name = None;
-    stuck.spec.dead_letter.subject = None;
-    stuck.spec.state.bucket = None;
+    let stuck = sample_named(&format!("nats://127.0.0.1:{port}"), "stuck", "STUCK")?;
     s.api.create(&PostParams::default(), &stuck).await?;
     wait_for(
         "a reconcile connecting to the silent NATS",
