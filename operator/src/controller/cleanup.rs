@@ -100,13 +100,8 @@ pub(crate) async fn delete_topology(
     ctx: &Context,
 ) -> Result<Vec<String>, String> {
     let key = key_of(p);
-    let (mut auth, view, files) = read_secrets(p, &ctx.client).await.map_err(|b| b.message)?;
-    write_tls_files(&key, &files, &mut auth).map_err(|b| b.message)?;
-    let auth_hash = connection_key(&p.spec.nats.url, &view);
-    let js = ctx
-        .jetstream(p, &auth, &auth_hash)
-        .await
-        .map_err(|b| b.message)?;
+    // The same Secrets, TLS files and shared connection as a reconcile.
+    let js = dereference::world(p, ctx).await.map_err(|b| b.message)?.js;
     let owned = |s: Option<StreamView>| {
         s.map(|s| {
             s.config

@@ -83,14 +83,14 @@ impl Context {
         &self,
         p: &OrderPipeline,
         auth: &NatsAuth,
-        auth_hash: &str,
+        conn_key: &str,
     ) -> Result<Arc<dyn JetStream>, NotReady> {
         if let Some(js) = &self.jetstream_override {
             return Ok(js.clone());
         }
         let url = &p.spec.nats.url;
         let client = self
-            .nats(&key_of(p), url, auth, auth_hash)
+            .nats(&key_of(p), url, auth, conn_key)
             .await
             .map_err(|e| NotReady::new(Cause::of_connect(&e), e.to_string()))?;
         if client.connection_state() != async_nats::connection::State::Connected {
