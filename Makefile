@@ -10,7 +10,7 @@ CACHE ?= $(HOME)/.cache/orderpipeline
 export CARGO_TARGET_DIR ?= $(CACHE)/target
 export ORDERPIPE_CACHE ?= $(CACHE)
 
-.PHONY: demo demo-down test test-faults bench bench-pool bench-operator bench-operator-smoke lint unit integration tools
+.PHONY: demo demo-down image setup-node integration-real-node test test-faults bench bench-pool bench-operator bench-operator-smoke lint unit integration tools
 
 demo:
 	hack/demo
@@ -18,7 +18,7 @@ demo:
 demo-down:
 	hack/env down
 
-test: lint unit integration bench-operator-smoke
+test: lint unit integration integration-real-node bench-operator-smoke
 
 lint:
 	cargo fmt --all --check
@@ -33,6 +33,22 @@ unit:
 integration: tools
 	cargo build --workspace --locked
 	ORDERPIPE_PYTHON="$$(hack/python-env)" hack/with-env cargo test --workspace --test '*' --locked
+
+# The project's Pods on a real node (containerd, runc, the kubelet; hack/env up
+# --real-node): the image built from ./Dockerfile, the operator installed from
+# manifests/, worker Pods killed, frozen and rolled during traffic.
+integration-real-node: tools setup-node
+	ORDERPIPE_IMAGE_ARCHIVE="$$(hack/image)" hack/with-env --real-node \
+	  cargo test -p orderpipeline-e2e --test real_node --locked -- --ignored
+
+# The project's image from ./Dockerfile (buildah, no daemon, no registry); prints
+# the OCI archive to import (ctr -n k8s.io images import FILE).
+image: setup-node
+	hack/image
+
+# Debian's containerd, runc, CNI plugins and buildah (once; needs root).
+setup-node:
+	hack/setup-node
 
 # The long fault-injection scenarios (50k orders with SIGKILLs, 10 s network cuts,
 # an API server restart, ...) against their own environment. make test runs short

@@ -75,6 +75,9 @@ node_netns_up() {
     ip -n "$NODE_NETNS" addr add "$NODE_IP/16" dev op0
   fi
   ip -n "$NODE_NETNS" link set op0 up
+  # Service addresses from the namespace itself (the kubelet's own probes of a
+  # ClusterIP would need it; Pods route them through their default gateway).
+  ip -n "$NODE_NETNS" route replace 10.96.0.0/16 dev op0
   # The `kubernetes` Service, as kube-proxy would program it (this environment
   # runs no kube-proxy; see README "The real node").
   in_node iptables -t nat -C PREROUTING -d 10.96.0.1/32 -p tcp --dport 443 -j DNAT --to-destination "$NODE_IP:6443" 2>/dev/null ||
@@ -100,7 +103,7 @@ start_containerd() {
   "cniVersion": "1.0.0",
   "name": "orderpipeline",
   "plugins": [
-    {"type": "bridge", "bridge": "op0", "isGateway": true, "hairpinMode": true, "ipMasq": false,
+    {"type": "bridge", "bridge": "op0", "isGateway": true, "isDefaultGateway": true, "hairpinMode": true, "ipMasq": false,
      "ipam": {"type": "host-local", "dataDir": "$STATE/cni/data",
               "ranges": [[{"subnet": "10.88.0.0/16", "rangeStart": "10.88.1.1", "gateway": "$NODE_IP"}]]}},
     {"type": "portmap", "capabilities": {"portMappings": true}}

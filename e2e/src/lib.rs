@@ -344,6 +344,7 @@ impl NatsServer {
 }
 
 pub mod natsauth;
+pub mod node;
 pub mod operator;
 pub mod pipeline;
 pub mod podrunner;

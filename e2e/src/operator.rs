@@ -21,7 +21,8 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(dir).join("..")
 }
 
-async fn kubectl(args: &[&str]) -> anyhow::Result<String> {
+/// Runs kubectl with the environment's KUBECONFIG; its stderr in the error.
+pub async fn kubectl(args: &[&str]) -> anyhow::Result<String> {
     let out = tokio::process::Command::new("kubectl")
         .args(args)
         .output()
