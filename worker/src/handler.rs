@@ -362,7 +362,7 @@ async fn process(
                         } else if kind == OutcomeKind::Rejected
                             && let Some(r) = &c.rejection
                         {
-                            tracing::info!(reason = ?r.reason, message = %r.message, "order rejected");
+                            tracing::info!(reason = ?r.reason, detail = %r.message, "order rejected");
                         }
                         Event::Written
                     }
