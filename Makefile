@@ -37,9 +37,13 @@ integration: tools
 # The project's Pods on a real node (containerd, runc, the kubelet; hack/env up
 # --real-node): the image built from ./Dockerfile, the operator installed from
 # manifests/, worker Pods killed, frozen and rolled during traffic.
+# A second environment for the Helm chart (its operator would be a second one
+# beside the kustomize install) and the real Prometheus.
 integration-real-node: tools setup-node
+	cargo build --workspace --locked
 	ORDERPIPE_IMAGE_ARCHIVE="$$(hack/image)" hack/with-env --real-node \
 	  cargo test -p orderpipeline-e2e --test real_node --locked -- --ignored
+	@#HELM_NODE
 
 # The project's image from ./Dockerfile (buildah, no daemon, no registry); prints
 # the OCI archive to import (ctr -n k8s.io images import FILE).

@@ -32,7 +32,7 @@ static INSTALLED: OnceCell<()> = OnceCell::const_new();
 pub async fn install_operator(client: &Client) -> anyhow::Result<()> {
     INSTALLED
         .get_or_try_init(|| async {
-            import_image().await?;
+            install_image().await?;
             let install = repo_root().join("hack/install");
             kubectl(&[
                 "apply",
@@ -66,7 +66,7 @@ pub async fn install_operator(client: &Client) -> anyhow::Result<()> {
 
 /// The image's OCI archive (`ORDERPIPE_IMAGE_ARCHIVE`, else built by `hack/image`)
 /// imported into the node's containerd.
-async fn import_image() -> anyhow::Result<()> {
+pub async fn install_image() -> anyhow::Result<()> {
     let archive = match std::env::var("ORDERPIPE_IMAGE_ARCHIVE") {
         Ok(a) => a,
         Err(_) => {

@@ -51,6 +51,8 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
         .context("cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
+    let leader = metrics.leader.clone();
+    controller::init_metrics(&metrics);
     let image = args
         .worker_image
         .clone()
@@ -85,6 +87,7 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
         let hold = crate::leader::hold(client.clone(), lease, release.clone(), lost.clone());
         holder = Some(tokio::spawn(hold));
     }
+    leader.set(1);
     let cs = shutdown.clone();
     let run = controller::run(ctx, args.namespace, async move { cs.cancelled().await });
     tokio::select! {
@@ -95,6 +98,7 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
         _ = lost.cancelled() => {}
     }
     shutdown.cancel();
+    leader.set(0);
     release.cancel();
     if let Some(h) = holder {
         let _ = h.await;

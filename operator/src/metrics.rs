@@ -34,7 +34,26 @@ pub struct Metrics {
     pub lag: Family<PipelineLabels, Gauge>,
     pub dead_letters: Family<PipelineLabels, Gauge>,
     pub replicas: Family<PipelineLabels, Gauge>,
+    pub ready: Family<PipelineLabels, Gauge>,
+    pub paused: Family<PipelineLabels, Gauge>,
+    pub workers_desired: Family<PipelineLabels, Gauge>,
+    pub workers_available: Family<PipelineLabels, Gauge>,
+    pub target_lag: Family<PipelineLabels, Gauge>,
     pub nats_connections: Gauge,
+    pub leader: Gauge,
+}
+
+/// One pipeline's figures as its last reconcile saw them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PipelineFigures {
+    pub ready: bool,
+    pub paused: bool,
+    pub lag: i64,
+    pub dead_letters: i64,
+    pub replicas: i64,
+    pub workers_desired: i64,
+    pub workers_available: i64,
+    pub target_lag_per_replica: i64,
 }
 
 impl Metrics {
@@ -47,7 +66,13 @@ impl Metrics {
             lag: Family::default(),
             dead_letters: Family::default(),
             replicas: Family::default(),
+            ready: Family::default(),
+            paused: Family::default(),
+            workers_desired: Family::default(),
+            workers_available: Family::default(),
+            target_lag: Family::default(),
             nats_connections: Gauge::default(),
+            leader: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("orderoperator");
         r.register("reconciles", "Reconciles run", m.reconciles.clone());
@@ -82,6 +107,36 @@ impl Metrics {
             m.replicas.clone(),
         );
         r.register(
+            "pipeline_ready",
+            "1 when the pipeline's Ready condition is True, else 0",
+            m.ready.clone(),
+        );
+        r.register(
+            "pipeline_paused",
+            "1 while spec.paused is true",
+            m.paused.clone(),
+        );
+        r.register(
+            "pipeline_workers_desired",
+            "Worker pods the Deployment asks for (its spec.replicas)",
+            m.workers_desired.clone(),
+        );
+        r.register(
+            "pipeline_workers_available",
+            "Worker pods available (the Deployment's availableReplicas)",
+            m.workers_available.clone(),
+        );
+        r.register(
+            "pipeline_target_lag_per_replica",
+            "spec.workers.scaling.targetLagPerReplica: the lag one worker pod is expected to handle",
+            m.target_lag.clone(),
+        );
+        r.register(
+            "leader",
+            "1 while this operator replica holds the Lease (reconciles), 0 on a standby",
+            m.leader.clone(),
+        );
+        r.register(
             "nats_connections",
             "NATS connections the operator holds: one per distinct server and credentials, shared by the pipelines that use them",
             m.nats_connections.clone(),
@@ -97,21 +152,49 @@ impl Metrics {
         }
     }
 
-    pub fn pipeline(&self, key: &str, lag: i64, dead_letters: i64, replicas: i64) {
+    pub fn pipeline(&self, key: &str, f: &PipelineFigures) {
         let l = PipelineLabels {
             pipeline: key.to_string(),
         };
-        self.lag.get_or_create(&l).set(lag);
-        self.dead_letters.get_or_create(&l).set(dead_letters);
-        self.replicas.get_or_create(&l).set(replicas);
+        self.ready.get_or_create(&l).set(i64::from(f.ready));
+        self.paused.get_or_create(&l).set(i64::from(f.paused));
+        self.lag.get_or_create(&l).set(f.lag);
+        self.dead_letters.get_or_create(&l).set(f.dead_letters);
+        self.replicas.get_or_create(&l).set(f.replicas);
+        self.workers_desired
+            .get_or_create(&l)
+            .set(f.workers_desired);
+        self.workers_available
+            .get_or_create(&l)
+            .set(f.workers_available);
+        self.target_lag
+            .get_or_create(&l)
+            .set(f.target_lag_per_replica);
+    }
+
+    /// A blocked reconcile: Ready is 0, the last figures stay.
+    pub fn not_ready(&self, key: &str) {
+        let l = PipelineLabels {
+            pipeline: key.to_string(),
+        };
+        self.ready.get_or_create(&l).set(0);
     }
 
     pub fn forget(&self, key: &str) {
         let l = PipelineLabels {
             pipeline: key.to_string(),
         };
-        self.lag.remove(&l);
-        self.dead_letters.remove(&l);
-        self.replicas.remove(&l);
+        for f in [
+            &self.lag,
+            &self.dead_letters,
+            &self.replicas,
+            &self.ready,
+            &self.paused,
+            &self.workers_desired,
+            &self.workers_available,
+            &self.target_lag,
+        ] {
+            f.remove(&l);
+        }
     }
 }

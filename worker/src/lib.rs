@@ -3,6 +3,7 @@
 //! written once as the order's outcome message. Also the library behind `orderctl`.
 
 pub mod audit;
+pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod decide;

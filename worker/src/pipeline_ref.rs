@@ -20,6 +20,10 @@ pub struct PipelineNames {
     pub dlq_stream: String,
     /// The KV bucket of the protocol before v2 (it may no longer exist).
     pub state_bucket: String,
+    /// `spec.nats.credentialsSecretRef.name`
+    pub credentials_secret: Option<String>,
+    /// `spec.nats.tlsSecretRef.name`
+    pub tls_secret: Option<String>,
 }
 
 /// Splits `NAMESPACE/NAME` (or `NAME`, in `default_namespace`).
@@ -66,12 +70,15 @@ impl PipelineNames {
                 .map_or_else(|| names::derived_dlq_stream(stream), str::to_string),
             state_bucket: text(spec, "/state/bucket")
                 .map_or_else(|| names::derived_state_bucket(stream), str::to_string),
+            credentials_secret: text(spec, "/nats/credentialsSecretRef/name").map(str::to_string),
+            tls_secret: text(spec, "/nats/tlsSecretRef/name").map(str::to_string),
         })
     }
 }
 
-/// Reads the pipeline from the cluster `KUBECONFIG` (or the in-cluster config) points at.
-pub async fn fetch(reference: &str) -> anyhow::Result<PipelineNames> {
+/// Reads the pipeline from the cluster `KUBECONFIG` (or the in-cluster config)
+/// points at; the client comes back for reading its Secrets.
+pub async fn fetch(reference: &str) -> anyhow::Result<(PipelineNames, kube::Client)> {
     // kube's error repeats its sources in its own text: only that text, once.
     let client = kube::Client::try_default().await.map_err(|e| {
         anyhow::anyhow!(
@@ -81,7 +88,7 @@ pub async fn fetch(reference: &str) -> anyhow::Result<PipelineNames> {
     let (ns, name) = parse_reference(reference, client.default_namespace())?;
     let gvk = GroupVersionKind::gvk("orderpipeline.dev", "v1alpha1", "OrderPipeline");
     let ar = ApiResource::from_gvk_with_plural(&gvk, "orderpipelines");
-    let api: Api<DynamicObject> = Api::namespaced_with(client, &ns, &ar);
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
     let obj = api
         .get_opt(&name)
         .await
@@ -92,7 +99,164 @@ pub async fn fetch(reference: &str) -> anyhow::Result<PipelineNames> {
             )
         })?;
     let spec = obj.data.get("spec").cloned().unwrap_or(Value::Null);
-    PipelineNames::from_spec(&ns, &name, &spec)
+    Ok((PipelineNames::from_spec(&ns, &name, &spec)?, client))
+}
+
+/// The pipeline's NATS credentials and TLS material, read from its Secrets as
+/// the workers get them; files (creds, nkey seed, certificates) are written to a
+/// private directory that is removed when this is dropped.
+#[derive(Debug, Default)]
+pub struct SecretFiles {
+    dir: Option<std::path::PathBuf>,
+    user: Option<String>,
+    password: Option<String>,
+    token: Option<String>,
+    creds: Option<std::path::PathBuf>,
+    nkey: Option<std::path::PathBuf>,
+    ca: Option<std::path::PathBuf>,
+    cert: Option<std::path::PathBuf>,
+    key: Option<std::path::PathBuf>,
+}
+
+impl Drop for SecretFiles {
+    fn drop(&mut self) {
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+impl SecretFiles {
+    /// Fills the NATS flags the Secrets provide.
+    pub fn apply(&self, a: &mut crate::config::NatsArgs) {
+        let set = |to: &mut Option<String>, v: &Option<String>| {
+            if v.is_some() {
+                *to = v.clone();
+            }
+        };
+        set(&mut a.nats_user, &self.user);
+        set(&mut a.nats_password, &self.password);
+        set(&mut a.nats_token, &self.token);
+        let setp = |to: &mut Option<std::path::PathBuf>, v: &Option<std::path::PathBuf>| {
+            if v.is_some() {
+                *to = v.clone();
+            }
+        };
+        setp(&mut a.nats_creds_file, &self.creds);
+        setp(&mut a.nats_nkey_seed_file, &self.nkey);
+        setp(&mut a.nats_tls_ca_file, &self.ca);
+        setp(&mut a.nats_tls_cert_file, &self.cert);
+        setp(&mut a.nats_tls_key_file, &self.key);
+    }
+
+    fn file(&mut self, name: &str, data: &[u8]) -> anyhow::Result<std::path::PathBuf> {
+        use std::io::Write as _;
+        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+        let dir = match &self.dir {
+            Some(d) => d.clone(),
+            None => {
+                let d = std::env::temp_dir().join(format!(
+                    "orderctl-{}-{:08x}",
+                    std::process::id(),
+                    rand::random::<u32>()
+                ));
+                std::fs::DirBuilder::new().mode(0o700).create(&d)?;
+                self.dir = Some(d.clone());
+                d
+            }
+        };
+        let path = dir.join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?
+            .write_all(data)?;
+        Ok(path)
+    }
+}
+
+/// Reads one Secret of the pipeline, naming the field that refers to it and
+/// the fix when the user's RBAC or the cluster says no.
+async fn secret(
+    client: &kube::Client,
+    p: &PipelineNames,
+    name: &str,
+    field: &str,
+    instead: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, Vec<u8>>> {
+    let api: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), &p.namespace);
+    let ns = &p.namespace;
+    match api.get(name).await {
+        Ok(s) => Ok(s
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect()),
+        Err(kube::Error::Api(e)) if e.code == 403 => anyhow::bail!(
+            "you may not read Secret {ns}/{name} ({field} of pipeline {ns}/{}): ask for `get` on secrets in namespace {ns} (kubectl auth can-i get secret/{name} -n {ns}), or give the credentials yourself with {instead}",
+            p.name
+        ),
+        Err(kube::Error::Api(e)) if e.code == 404 => anyhow::bail!(
+            "Secret {ns}/{name} ({field} of pipeline {ns}/{}) does not exist; the pipeline's workers cannot connect either (kubectl describe orderpipeline -n {ns} {})",
+            p.name,
+            p.name
+        ),
+        Err(e) => Err(e).with_context(|| format!("cannot read Secret {ns}/{name} ({field})")),
+    }
+}
+
+/// The pipeline's credentials (when `auth`) and TLS Secret (when `tls`).
+pub async fn read_secrets(
+    client: &kube::Client,
+    p: &PipelineNames,
+    auth: bool,
+    tls: bool,
+) -> anyhow::Result<SecretFiles> {
+    let mut f = SecretFiles::default();
+    let text = |b: &Vec<u8>| String::from_utf8_lossy(b).trim().to_string();
+    if let (true, Some(name)) = (auth, &p.credentials_secret) {
+        let d = secret(
+            client,
+            p,
+            name,
+            "spec.nats.credentialsSecretRef",
+            "NATS_USER/NATS_PASSWORD, NATS_TOKEN, NATS_CREDS_FILE or NATS_NKEY_SEED_FILE (orderctl: the --nats-* flags)",
+        )
+        .await?;
+        f.user = d.get("user").map(text);
+        f.password = d.get("password").map(text);
+        f.token = d.get("token").map(text);
+        if let Some(c) = d.get("creds") {
+            f.creds = Some(f.file("creds", c)?);
+        }
+        if let Some(n) = d.get("nkey") {
+            f.nkey = Some(f.file("nkey", n)?);
+        }
+    }
+    if let (true, Some(name)) = (tls, &p.tls_secret) {
+        let d = secret(
+            client,
+            p,
+            name,
+            "spec.nats.tlsSecretRef",
+            "NATS_TLS_CA_FILE (and NATS_TLS_CERT_FILE/NATS_TLS_KEY_FILE; orderctl: the --nats-tls-* flags)",
+        )
+        .await?;
+        for (key, slot) in [("ca.crt", 0), ("tls.crt", 1), ("tls.key", 2)] {
+            if let Some(v) = d.get(key) {
+                let path = Some(f.file(key, v)?);
+                match slot {
+                    0 => f.ca = path,
+                    1 => f.cert = path,
+                    _ => f.key = path,
+                }
+            }
+        }
+    }
+    Ok(f)
 }
 
 #[cfg(test)]

@@ -82,7 +82,7 @@ pub(crate) enum Cause {
 }
 
 impl Cause {
-    #[cfg(test)]
+    /// Every cause, so each reason's counter exists (at 0) before it happens.
     pub(crate) const ALL: [Cause; 11] = [
         Cause::InvalidSpec,
         Cause::SecretMissing,

@@ -77,6 +77,21 @@ pub async fn reconcile(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Actio
     result
 }
 
+/// The labelled counters at 0 for every kind and reason, so that `rate()` and
+/// the alerts see them before the first failure.
+pub fn init_metrics(m: &crate::metrics::Metrics) {
+    for kind in ["kubernetes", "nats", "finalizer"] {
+        let _ = m
+            .failures
+            .get_or_create(&crate::metrics::KindLabels { kind });
+    }
+    for c in error::Cause::ALL {
+        let _ = m
+            .not_ready
+            .get_or_create(&crate::metrics::ReasonLabels { reason: c.reason() });
+    }
+}
+
 pub fn error_policy(p: Arc<OrderPipeline>, error: &Error, ctx: Arc<Context>) -> Action {
     tracing::warn!(pipeline = %key_of(&p), error = %error, "reconcile failed; retrying");
     let _ = ctx;

@@ -5,6 +5,7 @@ use kube::runtime::controller::Action;
 use crate::conditions::{self, types};
 use crate::crd::{OrderPipeline, OrderPipelineStatus};
 use crate::events::Kind;
+use crate::metrics::PipelineFigures;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -48,6 +49,7 @@ pub(crate) async fn finish_blocked(
         .not_ready
         .get_or_create(&crate::metrics::ReasonLabels { reason })
         .inc();
+    ctx.metrics.not_ready(&key_of(p));
     write_status(p, ctx, old, &blocked_status(p.metadata.generation, old, &b)).await?;
     Ok(Action::requeue(jittered(b.cause.retry())))
 }
@@ -117,18 +119,28 @@ pub(crate) async fn finish(
     for n in notes(old, &status, &o.plan.topology.dlq_stream) {
         ctx.event(p, n.kind, n.message).await;
     }
-    ctx.metrics.pipeline(
-        &key_of(p),
-        status.lag.unwrap_or(0),
-        status.dead_letters.unwrap_or(0),
-        i64::from(status.replicas.unwrap_or(0)),
-    );
+    ctx.metrics.pipeline(&key_of(p), &figures_of(p, &status));
     write_status(p, ctx, old, &status).await?;
     let next = match conditions::is_true(&status.conditions, types::READY) {
         true => ctx.resync,
         false => ctx.resync.min(retry::NOT_READY_RESYNC),
     };
     Ok(Action::requeue(jittered(next)))
+}
+
+/// The figures the metrics export, from the status just built.
+pub(crate) fn figures_of(p: &OrderPipeline, s: &OrderPipelineStatus) -> PipelineFigures {
+    let w = s.workers.as_ref();
+    PipelineFigures {
+        ready: conditions::is_true(&s.conditions, types::READY),
+        paused: p.spec.paused,
+        lag: s.lag.unwrap_or(0),
+        dead_letters: s.dead_letters.unwrap_or(0),
+        replicas: i64::from(s.replicas.unwrap_or(0)),
+        workers_desired: w.map_or(0, |w| i64::from(w.desired)),
+        workers_available: w.map_or(0, |w| i64::from(w.available)),
+        target_lag_per_replica: p.spec.workers.scaling.target_lag_per_replica,
+    }
 }
 
 /// What a full reconcile observed, for the status (everything the pure build

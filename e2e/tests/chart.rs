@@ -1,0 +1,467 @@
+//! The Helm chart (`charts/order-operator`) and its alerts, with the real tools:
+//! `helm lint`, `helm template` (defaults, every option on, values the schema
+//! refuses), the same operator objects as `manifests/` (kustomize), the CRD the
+//! same file as `crds/`, and `promtool test rules` on the rendered alerts.
+//! `helm install` on a real node is in `real_node.rs`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use orderpipeline_e2e::operator::repo_root;
+use serde_yaml::Value;
+
+fn chart() -> PathBuf {
+    repo_root().join("charts/order-operator")
+}
+
+/// Runs a tool from the environment's PATH; its output, or stderr in the error.
+fn run(tool: &str, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    std::process::Command::new(tool)
+        .args(args)
+        .output()
+        .with_context(|| {
+            format!("running {tool} (hack/build-tools builds it; hack/env env puts it on PATH)")
+        })
+}
+
+fn ok(tool: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = run(tool, args)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{tool} {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn template(extra: &[&str]) -> anyhow::Result<String> {
+    let c = chart();
+    let mut args = vec![
+        "template",
+        "order-operator",
+        c.to_str().unwrap_or_default(),
+        "--namespace",
+        "orderpipeline-system",
+        "--include-crds",
+    ];
+    args.extend_from_slice(extra);
+    ok("helm", &args)
+}
+
+/// The documents of a multi-document YAML stream, keyed `Kind/name`.
+fn objects(text: &str) -> anyhow::Result<BTreeMap<String, Value>> {
+    let mut out = BTreeMap::new();
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let v = Value::deserialize(doc)?;
+        if v.is_null() {
+            continue;
+        }
+        let kind = v["kind"].as_str().unwrap_or_default().to_string();
+        let name = v["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        out.insert(format!("{kind}/{name}"), v);
+    }
+    Ok(out)
+}
+
+use k8s_openapi::serde::Deserialize as _;
+
+/// An object without what only says who rendered it: top-level labels and
+/// annotations (the chart adds helm.sh/chart, the release, ...).
+fn essence(mut v: Value) -> Value {
+    if let Some(m) = v.get_mut("metadata").and_then(Value::as_mapping_mut) {
+        m.remove("labels");
+        m.remove("annotations");
+    }
+    v
+}
+
+/// Where two YAML values differ, as `path: left != right` lines (at most 10).
+fn differences(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
+    if out.len() >= 10 || a == b {
+        return;
+    }
+    match (a, b) {
+        (Value::Mapping(x), Value::Mapping(y)) => {
+            let keys: std::collections::BTreeSet<String> = x
+                .keys()
+                .chain(y.keys())
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .collect();
+            for k in keys {
+                let (l, r) = (
+                    x.get(&k).unwrap_or(&Value::Null),
+                    y.get(&k).unwrap_or(&Value::Null),
+                );
+                differences(&format!("{path}/{k}"), l, r, out);
+            }
+        }
+        (Value::Sequence(x), Value::Sequence(y)) if x.len() == y.len() => {
+            for (i, (l, r)) in x.iter().zip(y).enumerate() {
+                differences(&format!("{path}/{i}"), l, r, out);
+            }
+        }
+        _ => {
+            let show = |v: &Value| {
+                serde_yaml::to_string(v)
+                    .unwrap_or_default()
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            };
+            out.push(format!("{path}: {} != {}", show(a).trim(), show(b).trim()));
+        }
+    }
+}
+
+#[test]
+fn helm_lint_passes_with_defaults_and_with_every_option_on() -> anyhow::Result<()> {
+    let c = chart();
+    let c = c.to_string_lossy();
+    ok("helm", &["lint", "--strict", &c])?;
+    ok(
+        "helm",
+        &[
+            "lint",
+            "--strict",
+            &c,
+            "--set",
+            "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,prometheusRule.enabled=true,dashboard.enabled=true,watchNamespace=shop",
+        ],
+    )?;
+    Ok(())
+}
+
+#[test]
+fn the_chart_renders_the_same_operator_objects_as_manifests() -> anyhow::Result<()> {
+    let helm = objects(&template(&[])?)?;
+    let kustomize = objects(&ok(
+        "kubectl",
+        &[
+            "kustomize",
+            &repo_root().join("manifests").to_string_lossy(),
+        ],
+    )?)?;
+    // The chart does not create its namespace (helm install --create-namespace).
+    let mut want: Vec<&String> = kustomize
+        .keys()
+        .filter(|k| !k.starts_with("Namespace/"))
+        .collect();
+    want.sort();
+    let mut got: Vec<&String> = helm.keys().collect();
+    got.sort();
+    assert_eq!(
+        got, want,
+        "the chart and manifests/ render different objects"
+    );
+    for (key, k) in &kustomize {
+        // The CRD: the same file (checked below); kustomize re-prints 1.0 as 1.
+        if key.starts_with("Namespace/") || key.starts_with("CustomResourceDefinition/") {
+            continue;
+        }
+        let mut diffs = Vec::new();
+        differences(
+            "",
+            &essence(helm[key].clone()),
+            &essence(k.clone()),
+            &mut diffs,
+        );
+        assert!(
+            diffs.is_empty(),
+            "{key} differs between the chart (left) and manifests/ (right):\n{}",
+            diffs.join("\n")
+        );
+    }
+    // The chart's labels are on every object it renders.
+    for (key, h) in &helm {
+        if key.starts_with("CustomResourceDefinition/") {
+            continue;
+        }
+        assert_eq!(
+            h["metadata"]["labels"]["app.kubernetes.io/managed-by"].as_str(),
+            Some("Helm"),
+            "{key}"
+        );
+    }
+    // The CRD is the generated file itself.
+    let crd =
+        std::fs::read_to_string(repo_root().join("crds/orderpipeline.dev_orderpipelines.yaml"))?;
+    let chart_crd =
+        std::fs::read_to_string(chart().join("crds/orderpipeline.dev_orderpipelines.yaml"))?;
+    assert!(
+        crd == chart_crd,
+        "charts/order-operator/crds/ is not crds/orderpipeline.dev_orderpipelines.yaml: cp crds/orderpipeline.dev_orderpipelines.yaml charts/order-operator/crds/"
+    );
+    Ok(())
+}
+
+#[test]
+fn values_set_what_they_say() -> anyhow::Result<()> {
+    let o = objects(&template(&[
+        "--set",
+        "image.repository=registry.example/op,image.tag=1.2.3,replicaCount=3,resyncInterval=1m,watchNamespace=shop,logLevel=debug",
+        "--set",
+        "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,prometheusRule.enabled=true,prometheusRule.for.notReady=2m,dashboard.enabled=true",
+        "--set",
+        "podDisruptionBudget.enabled=false,metrics.service.enabled=false",
+    ])?)?;
+    let d = &o["Deployment/order-operator"];
+    let c = &d["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["image"].as_str(), Some("registry.example/op:1.2.3"));
+    assert_eq!(d["spec"]["replicas"].as_i64(), Some(3));
+    let env: BTreeMap<&str, &str> = c["env"]
+        .as_sequence()
+        .context("env")?
+        .iter()
+        .filter_map(|e| Some((e["name"].as_str()?, e["value"].as_str()?)))
+        .collect();
+    assert_eq!(env.get("WORKER_IMAGE"), Some(&"registry.example/op:1.2.3"));
+    assert_eq!(env.get("RESYNC_INTERVAL"), Some(&"1m"));
+    assert_eq!(env.get("WATCH_NAMESPACE"), Some(&"shop"));
+    assert_eq!(env.get("RUST_LOG"), Some(&"debug"));
+    assert!(!o.contains_key("PodDisruptionBudget/order-operator"));
+    assert!(!o.contains_key("Service/order-operator-metrics"));
+    assert!(o.contains_key("ServiceMonitor/order-operator"));
+    assert!(o.contains_key("PodMonitor/order-workers"));
+    let rule = &o["PrometheusRule/order-operator"];
+    let rules = rule["spec"]["groups"][0]["rules"]
+        .as_sequence()
+        .context("rules")?;
+    let not_ready = rules
+        .iter()
+        .find(|r| r["alert"].as_str() == Some("OrderPipelineNotReady"))
+        .context("OrderPipelineNotReady")?;
+    assert_eq!(not_ready["for"].as_str(), Some("2m"));
+    for r in rules {
+        let a = r["alert"].as_str().unwrap_or_default();
+        assert!(
+            r["annotations"]["runbook"]
+                .as_str()
+                .is_some_and(|t| t.len() > 80),
+            "{a}: runbook"
+        );
+    }
+    let dash = &o["ConfigMap/order-operator-dashboard"];
+    assert_eq!(
+        dash["metadata"]["labels"]["grafana_dashboard"].as_str(),
+        Some("1")
+    );
+    let json: serde_json::Value = serde_json::from_str(
+        dash["data"]["orderpipeline.json"]
+            .as_str()
+            .context("dashboard")?,
+    )?;
+    assert_eq!(json["uid"], "orderpipeline");
+    Ok(())
+}
+
+#[test]
+fn the_schema_refuses_bad_values_naming_them() -> anyhow::Result<()> {
+    for (set, names) in [
+        ("replicaCount=0", "replicaCount"),
+        ("resyncInterval=soon", "resyncInterval"),
+        ("image.pullPolicy=Sometimes", "pullPolicy"),
+        ("prometheusRule.for.notReady=5 minutes", "notReady"),
+        ("replicas=2", "replicas"),
+    ] {
+        let c = chart();
+        let out = run(
+            "helm",
+            &["template", "x", &c.to_string_lossy(), "--set", set],
+        )?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--set {set} was accepted");
+        assert!(
+            err.contains("values don't meet the specifications of the schema"),
+            "--set {set}: {err}"
+        );
+        assert!(
+            err.contains(names),
+            "--set {set}: the error does not name {names}: {err}"
+        );
+    }
+    Ok(())
+}
+
+/// The alerts as the chart renders them, as a plain rules file.
+pub fn rendered_rules(for_overrides: &str) -> anyhow::Result<String> {
+    let mut args = vec!["--set", "prometheusRule.enabled=true"];
+    if !for_overrides.is_empty() {
+        args.extend_from_slice(&["--set", for_overrides]);
+    }
+    let o = objects(&template(&args)?)?;
+    Ok(serde_yaml::to_string(
+        &o["PrometheusRule/order-operator"]["spec"],
+    )?)
+}
+
+/// One promtool alert test: at `at`, alert `name` fires for these pipelines
+/// (`(pipeline label or "", $value)`), or not at all when empty.
+struct Case {
+    name: &'static str,
+    at: &'static str,
+    fires: Vec<(&'static str, &'static str)>,
+}
+
+/// The expected alert as promtool compares it: labels, and the annotations the
+/// rendered rule gives with `$labels.pipeline` and `$value` filled in.
+fn expected(rule: &Value, pipeline: &str, value: &str) -> serde_json::Value {
+    let mut labels = serde_json::Map::new();
+    for (k, v) in rule["labels"].as_mapping().into_iter().flatten() {
+        labels.insert(
+            k.as_str().unwrap_or_default().into(),
+            v.as_str().unwrap_or_default().into(),
+        );
+    }
+    if !pipeline.is_empty() {
+        labels.insert("pipeline".into(), pipeline.into());
+    }
+    let mut ann = serde_json::Map::new();
+    for (k, v) in rule["annotations"].as_mapping().into_iter().flatten() {
+        let text = v
+            .as_str()
+            .unwrap_or_default()
+            .replace("{{ $labels.pipeline }}", pipeline)
+            .replace("{{ $value }}", value);
+        ann.insert(k.as_str().unwrap_or_default().into(), text.into());
+    }
+    serde_json::json!({"exp_labels": labels, "exp_annotations": ann})
+}
+
+#[test]
+fn promtool_checks_and_unit_tests_the_alerts() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("alerts-{}", orderpipeline_e2e::random_suffix()));
+    std::fs::create_dir_all(&dir)?;
+    let rules_text = rendered_rules("")?;
+    let rules_file = dir.join("alerts.yaml");
+    std::fs::write(&rules_file, &rules_text)?;
+    ok(
+        "promtool",
+        &["check", "rules", &rules_file.to_string_lossy()],
+    )?;
+    let rules: Value = serde_yaml::from_str(&rules_text)?;
+    let rule = |name: &str| -> anyhow::Result<Value> {
+        rules["groups"][0]["rules"]
+            .as_sequence()
+            .and_then(|r| r.iter().find(|r| r["alert"].as_str() == Some(name)))
+            .cloned()
+            .with_context(|| format!("no alert {name}"))
+    };
+    // Series every minute; the chart's default `for:` windows (5m, 10m, 0m,
+    // 10m, 10m, 5m) decide when each alert may fire.
+    let series = serde_json::json!([
+        {"series": "orderoperator_pipeline_ready{pipeline=\"shop/orders\"}", "values": "1 1 0x20"},
+        {"series": "orderoperator_pipeline_ready{pipeline=\"shop/ok\"}", "values": "1x22"},
+        {"series": "orderoperator_pipeline_lag{pipeline=\"shop/orders\"}", "values": "0 0 1500x20"},
+        {"series": "orderoperator_pipeline_lag{pipeline=\"shop/ok\"}", "values": "400x22"},
+        {"series": "orderoperator_pipeline_target_lag_per_replica{pipeline=\"shop/orders\"}", "values": "100x22"},
+        {"series": "orderoperator_pipeline_target_lag_per_replica{pipeline=\"shop/ok\"}", "values": "100x22"},
+        {"series": "orderoperator_pipeline_workers_available{pipeline=\"shop/orders\"}", "values": "2x22"},
+        {"series": "orderoperator_pipeline_workers_available{pipeline=\"shop/ok\"}", "values": "5x22"},
+        {"series": "orderoperator_pipeline_workers_desired{pipeline=\"shop/orders\"}", "values": "3x22"},
+        {"series": "orderoperator_pipeline_workers_desired{pipeline=\"shop/ok\"}", "values": "5x22"},
+        {"series": "orderoperator_pipeline_dead_letters{pipeline=\"shop/orders\"}", "values": "0 0 0 3x20"},
+        {"series": "orderoperator_pipeline_dead_letters{pipeline=\"shop/ok\"}", "values": "7x22"},
+        {"series": "orderoperator_reconcile_failures_total{kind=\"nats\"}", "values": "0 0 0+1x20"},
+        {"series": "orderoperator_leader{pod=\"a\"}", "values": "1x5 0x17"},
+    ]);
+    let cases = [
+        // Ready=0 from minute 2: pending, then firing after 5m; the Ready one never.
+        Case {
+            name: "OrderPipelineNotReady",
+            at: "5m",
+            fires: vec![],
+        },
+        Case {
+            name: "OrderPipelineNotReady",
+            at: "8m",
+            fires: vec![("shop/orders", "0")],
+        },
+        // 1500 > 100 x 2 available from minute 2 (400 < 100 x 5 never): 10m.
+        Case {
+            name: "OrderPipelineLagAboveTarget",
+            at: "11m",
+            fires: vec![],
+        },
+        Case {
+            name: "OrderPipelineLagAboveTarget",
+            at: "13m",
+            fires: vec![("shop/orders", "1500")],
+        },
+        // 0 -> 3 at minute 3: fires at once, and stops 10m after the last growth.
+        Case {
+            name: "OrderPipelineDeadLettersGrowing",
+            at: "2m",
+            fires: vec![],
+        },
+        Case {
+            name: "OrderPipelineDeadLettersGrowing",
+            at: "5m",
+            fires: vec![("shop/orders", "")],
+        },
+        Case {
+            name: "OrderPipelineDeadLettersGrowing",
+            at: "20m",
+            fires: vec![],
+        },
+        // 2 of 3 available all along: after 10m.
+        Case {
+            name: "OrderPipelineWorkersUnavailable",
+            at: "9m",
+            fires: vec![],
+        },
+        Case {
+            name: "OrderPipelineWorkersUnavailable",
+            at: "11m",
+            fires: vec![("shop/orders", "2")],
+        },
+        // Failures from minute 3: after 10m.
+        Case {
+            name: "OrderOperatorReconcileErrors",
+            at: "10m",
+            fires: vec![],
+        },
+        Case {
+            name: "OrderOperatorReconcileErrors",
+            at: "16m",
+            fires: vec![("", "")],
+        },
+        // No leader from minute 6: after 5m.
+        Case {
+            name: "OrderOperatorAbsent",
+            at: "9m",
+            fires: vec![],
+        },
+        Case {
+            name: "OrderOperatorAbsent",
+            at: "13m",
+            fires: vec![("", "1")],
+        },
+    ];
+    let mut alert_tests = Vec::new();
+    for c in &cases {
+        let r = rule(c.name)?;
+        let exp: Vec<serde_json::Value> = c.fires.iter().map(|(p, v)| expected(&r, p, v)).collect();
+        alert_tests
+            .push(serde_json::json!({"eval_time": c.at, "alertname": c.name, "exp_alerts": exp}));
+    }
+    let doc = serde_json::json!({
+        "rule_files": ["alerts.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": alert_tests}],
+    });
+    let tests = dir.join("alerts_test.yaml");
+    std::fs::write(&tests, serde_yaml::to_string(&doc)?)?;
+    let out = ok("promtool", &["test", "rules", &tests.to_string_lossy()]);
+    if out.is_ok() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let out = out?;
+    assert!(out.contains("SUCCESS"), "{out}");
+    Ok(())
+}
