@@ -43,7 +43,8 @@ integration-real-node: tools setup-node
 	cargo build --workspace --locked
 	ORDERPIPE_IMAGE_ARCHIVE="$$(hack/image)" hack/with-env --real-node \
 	  cargo test -p orderpipeline-e2e --test real_node --locked -- --ignored
-	@#HELM_NODE
+	ORDERPIPE_IMAGE_ARCHIVE="$$(hack/image)" hack/with-env --real-node \
+	  cargo test -p orderpipeline-e2e --test helm_node --locked -- --ignored
 
 # The project's image from ./Dockerfile (buildah, no daemon, no registry); prints
 # the OCI archive to import (ctr -n k8s.io images import FILE).
