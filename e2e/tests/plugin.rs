@@ -228,6 +228,38 @@ async fn the_krew_installed_plugin_reads_everything_from_the_resource_and_refuse
         text(&out)
     );
 
+    // --nats-url replaces the resource's URL (here: one where nothing listens).
+    let out = plugin(
+        &bin,
+        &admin,
+        &[
+            "status",
+            "orders",
+            "-n",
+            n,
+            "--nats-url",
+            "nats://127.0.0.1:1",
+        ],
+        &[],
+    )?;
+    assert!(
+        !out.status.success(),
+        "--nats-url was ignored: {}",
+        text(&out)
+    );
+    let out = plugin(
+        &bin,
+        &admin,
+        &["status", "orders", "-n", n, "--nats-url", &nats.url()],
+        &[],
+    )?;
+    assert!(
+        out.status.success(),
+        "--nats-url {}: {}",
+        nats.url(),
+        text(&out)
+    );
+
     let out = plugin(&bin, &admin, &["audit", "orders", "-n", n], &[])?;
     assert!(out.status.success(), "audit: {}", text(&out));
     assert!(
@@ -236,6 +268,19 @@ async fn the_krew_installed_plugin_reads_everything_from_the_resource_and_refuse
         text(&out)
     );
 
+    // Replay last: the letter goes back to the (now stopped) workers.
+    let seq = first.to_string();
+    let out = plugin(
+        &bin,
+        &admin,
+        &["dlq", "replay", "orders", &seq, "-n", n],
+        &[],
+    )?;
+    assert!(
+        out.status.success() && text(&out).contains(&format!("replayed dead letter {first}")),
+        "dlq replay: {}",
+        text(&out)
+    );
     // A user who may read OrderPipelines but not Secrets.
     let user = format!("plugin-reader-{}", random_suffix());
     let role = format!(
