@@ -21,6 +21,28 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(dir).join("..")
 }
 
+/// `manifests/samples/orderpipeline.yaml` as pipeline `name` on NATS `nats_url`,
+/// on its own stream `stream` (subjects `<stream>.*`, filter `<stream>.created`),
+/// every other name derived from it, no trace export.
+pub fn sample_on_stream(
+    nats_url: &str,
+    name: &str,
+    stream: &str,
+) -> anyhow::Result<order_operator::crd::OrderPipeline> {
+    let text = std::fs::read_to_string(repo_root().join("manifests/samples/orderpipeline.yaml"))?;
+    let mut p: order_operator::crd::OrderPipeline = serde_yaml::from_str(&text)?;
+    p.metadata.name = Some(name.into());
+    p.spec.nats.url = nats_url.to_string();
+    p.spec.telemetry.otlp_endpoint = None;
+    p.spec.stream.name = stream.into();
+    p.spec.stream.subjects = vec![format!("{stream}.*")];
+    p.spec.consumer.filter_subject = format!("{stream}.created");
+    p.spec.dead_letter.stream_name = None;
+    p.spec.dead_letter.subject = None;
+    p.spec.state.bucket = None;
+    Ok(p)
+}
+
 /// Runs kubectl with the environment's KUBECONFIG; its stderr in the error.
 pub async fn kubectl(args: &[&str]) -> anyhow::Result<String> {
     let out = tokio::process::Command::new("kubectl")

@@ -27,7 +27,7 @@ use order_worker::ctl::{self, PublishOptions};
 use orderpipeline_e2e::node::{
     OPERATOR_LABEL, install_image, is_ready, lease_holder, name_of, node_nats_url, pods,
 };
-use orderpipeline_e2e::operator::{OPERATOR_NAMESPACE, kubectl, repo_root};
+use orderpipeline_e2e::operator::{OPERATOR_NAMESPACE, kubectl, repo_root, sample_on_stream};
 use orderpipeline_e2e::{TestNamespace, env_var, kube_client, random_suffix, wait_for};
 
 fn helm(args: &[&str]) -> anyhow::Result<String> {
@@ -250,16 +250,7 @@ async fn helm_install_alerts_on_a_real_prometheus_upgrade_and_uninstall() -> any
     // The sample, Ready with its workers, reconciled by the chart's operator.
     let ns = TestNamespace::create(&client, "helm").await?;
     let stream = format!("HELM{}", random_suffix().to_uppercase());
-    let text = std::fs::read_to_string(repo_root().join("manifests/samples/orderpipeline.yaml"))?;
-    let mut p: OrderPipeline = serde_yaml::from_str(&text)?;
-    p.spec.nats.url = node_nats_url()?;
-    p.spec.telemetry.otlp_endpoint = None;
-    p.spec.stream.name = stream.clone();
-    p.spec.stream.subjects = vec![format!("{stream}.*")];
-    p.spec.consumer.filter_subject = format!("{stream}.created");
-    p.spec.dead_letter.stream_name = None;
-    p.spec.dead_letter.subject = None;
-    p.spec.state.bucket = None;
+    let mut p = sample_on_stream(&node_nats_url()?, "orders", &stream)?;
     p.spec.workers.scaling.target_lag_per_replica = 50;
     let api: Api<OrderPipeline> = Api::namespaced(client.clone(), &ns.name);
     api.create(&PostParams::default(), &p).await?;

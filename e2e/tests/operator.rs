@@ -41,15 +41,7 @@ struct Setup {
 /// The sample as pipeline `name` on its own stream `stream` (subjects
 /// `<stream>.*`, filter `<stream>.created`); every other name derived.
 fn sample_named(nats_url: &str, name: &str, stream: &str) -> anyhow::Result<OrderPipeline> {
-    let mut p = sample(nats_url)?;
-    p.metadata.name = Some(name.into());
-    p.spec.stream.name = stream.into();
-    p.spec.stream.subjects = vec![format!("{stream}.*")];
-    p.spec.consumer.filter_subject = format!("{stream}.created");
-    p.spec.dead_letter.stream_name = None;
-    p.spec.dead_letter.subject = None;
-    p.spec.state.bucket = None;
-    Ok(p)
+    orderpipeline_e2e::operator::sample_on_stream(nats_url, name, stream)
 }
 
 async fn setup_ready(prefix: &str) -> anyhow::Result<Setup> {

@@ -10,7 +10,6 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use async_nats::jetstream;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -22,7 +21,7 @@ use orderpipeline_e2e::node::{
     OPERATOR_LABEL, container_pid, install_operator, is_ready, lease_holder, name_of,
     node_nats_url, pods, proc_status, restarts, root_mount_options,
 };
-use orderpipeline_e2e::operator::{OPERATOR_NAMESPACE, kubectl, repo_root};
+use orderpipeline_e2e::operator::{OPERATOR_NAMESPACE, kubectl, sample_on_stream};
 use orderpipeline_e2e::{TestNamespace, env_var, kube_client, random_suffix, wait_for};
 
 const NEEDS: &str = "needs the real node: make integration-real-node";
@@ -30,17 +29,8 @@ const NEEDS: &str = "needs the real node: make integration-real-node";
 /// The sample on its own stream `<stream>` (every other name derived), with the
 /// node's NATS URL: the operator's and the workers' Pods dial it.
 fn pipeline(stream: &str, replicas: i32) -> anyhow::Result<OrderPipeline> {
-    let text = std::fs::read_to_string(repo_root().join("manifests/samples/orderpipeline.yaml"))?;
-    let mut p: OrderPipeline = serde_yaml::from_str(&text)?;
-    p.metadata.name = Some("orders".into());
-    p.spec.nats.url = node_nats_url()?;
+    let mut p = sample_on_stream(&node_nats_url()?, "orders", stream)?;
     p.spec.telemetry.otlp_endpoint = Some(env_var("ORDERPIPE_NODE_OTLP_ENDPOINT")?);
-    p.spec.stream.name = stream.into();
-    p.spec.stream.subjects = vec![format!("{stream}.*")];
-    p.spec.consumer.filter_subject = format!("{stream}.created");
-    p.spec.dead_letter.stream_name = None;
-    p.spec.dead_letter.subject = None;
-    p.spec.state.bucket = None;
     p.spec.workers.replicas = replicas;
     Ok(p)
 }
@@ -115,11 +105,14 @@ async fn the_operator_from_manifests_runs_restricted_in_cluster_and_the_standby_
         );
     }
     let names: Vec<String> = ops.iter().map(name_of).collect();
-    let leader = lease_holder(&client).await?.context("no Lease holder")?;
-    assert!(
-        names.contains(&leader),
-        "Lease held by {leader}, not one of {names:?}"
-    );
+    // One of these Pods holds the Lease (after a reinstall, once the previous
+    // install's holder has expired).
+    let leader = wait_for(
+        &format!("one of {names:?} holding the Lease"),
+        Duration::from_secs(60),
+        || async { Ok(lease_holder(&client).await?.filter(|h| names.contains(h))) },
+    )
+    .await?;
 
     // The leader, in-cluster, makes a pipeline Ready.
     let ns = TestNamespace::create(&client, "rn-op").await?;
