@@ -196,40 +196,59 @@ pub mod tempdir {
 
 impl NatsServer {
     pub async fn start() -> anyhow::Result<Self> {
-        let store_dir = tempdir::TempDir::new("nats-test")?;
-        let port = free_port()?;
-        let mut s = Self {
-            port,
-            store_dir,
-            child: None,
-            config: None,
-            probe_url: None,
-        };
-        s.spawn().await?;
-        Ok(s)
+        Self::start_retrying(|| {
+            let store_dir = tempdir::TempDir::new("nats-test")?;
+            Ok(Self {
+                port: free_port()?,
+                store_dir,
+                child: None,
+                config: None,
+                probe_url: None,
+            })
+        })
+        .await
     }
 
     /// A server with extra configuration (e.g. an `authorization` or `tls`
     /// block). Readiness is probed on the monitoring port.
     pub async fn start_with_config(extra: &str) -> anyhow::Result<Self> {
-        let store_dir = tempdir::TempDir::new("nats-test")?;
-        let port = free_port()?;
-        let mon = free_port()?;
-        let conf = format!(
-            "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{mon}\njetstream {{ store_dir: \"{}\" }}\n{extra}\n",
-            store_dir.path().join("js").display()
-        );
-        let mut s = Self {
-            port,
-            store_dir,
-            child: None,
-            config: Some(conf),
-            probe_url: Some(format!(
-                "http://127.0.0.1:{mon}/healthz?js-enabled-only=true"
-            )),
-        };
-        s.spawn().await?;
-        Ok(s)
+        Self::start_retrying(|| {
+            let store_dir = tempdir::TempDir::new("nats-test")?;
+            let port = free_port()?;
+            let mon = free_port()?;
+            let conf = format!(
+                "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{mon}\njetstream {{ store_dir: \"{}\" }}\n{extra}\n",
+                store_dir.path().join("js").display()
+            );
+            Ok(Self {
+                port,
+                store_dir,
+                child: None,
+                config: Some(conf),
+                probe_url: Some(format!(
+                    "http://127.0.0.1:{mon}/healthz?js-enabled-only=true"
+                )),
+            })
+        })
+        .await
+    }
+
+    /// A free port is only free until someone binds it: tests in parallel can
+    /// take the one just picked. On "address already in use", new ports.
+    async fn start_retrying(
+        mut make: impl FnMut() -> anyhow::Result<Self>,
+    ) -> anyhow::Result<Self> {
+        let mut attempt = 0;
+        loop {
+            let mut s = make()?;
+            match s.spawn().await {
+                Ok(()) => return Ok(s),
+                Err(e) if attempt < 4 && format!("{e:#}").contains("address already in use") => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     pub fn url(&self) -> String {
@@ -285,13 +304,26 @@ impl NatsServer {
             .spawn()
             .context("starting nats-server")?;
         self.child = Some(child);
-        if let Some(probe) = self.probe_url.clone() {
-            return wait_for(
+        let log_path = self.store_dir.path().join("nats-server.log");
+        // A server that could not bind exits at once with [FTL]: stop waiting then.
+        let died = {
+            let log_path = log_path.clone();
+            move || {
+                std::fs::read_to_string(&log_path)
+                    .unwrap_or_default()
+                    .contains("[FTL]")
+            }
+        };
+        let waited = if let Some(probe) = self.probe_url.clone() {
+            wait_for(
                 "nats-server (configured) to be healthy",
                 Duration::from_secs(20),
                 || {
-                    let probe = probe.clone();
+                    let (probe, died) = (probe.clone(), died.clone());
                     async move {
+                        if died() {
+                            return Ok(Some(()));
+                        }
                         let out = tokio::process::Command::new("curl")
                             .args(["-sf", "--max-time", "2", "--noproxy", "*", &probe])
                             .output()
@@ -301,22 +333,37 @@ impl NatsServer {
                 },
             )
             .await
-            .with_context(|| {
-                let log = std::fs::read_to_string(self.store_dir.path().join("nats-server.log"))
-                    .unwrap_or_default();
-                format!("nats-server log:\n{log}")
-            });
+        } else {
+            let url = self.url();
+            wait_for(
+                "nats-server to accept connections",
+                Duration::from_secs(20),
+                || {
+                    let (url, died) = (url.clone(), died.clone());
+                    async move {
+                        if died() {
+                            return Ok(Some(()));
+                        }
+                        Ok(async_nats::connect(&url).await.ok().map(|_| ()))
+                    }
+                },
+            )
+            .await
+        };
+        // Healthy means: still running (a probe can reach another server that
+        // holds the port this one failed to bind).
+        let exited = match self.child.as_mut() {
+            Some(c) => c.try_wait()?.is_some(),
+            None => true,
+        };
+        if waited.is_err() || exited || died() {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(waited
+                .err()
+                .unwrap_or_else(|| anyhow::anyhow!("nats-server exited")))
+            .with_context(|| format!("nats-server log:\n{log}"));
         }
-        let url = self.url();
-        wait_for(
-            "nats-server to accept connections",
-            Duration::from_secs(20),
-            || {
-                let url = url.clone();
-                async move { Ok(async_nats::connect(&url).await.ok().map(|_| ())) }
-            },
-        )
-        .await
+        Ok(())
     }
 
     /// Stops the server (SIGTERM, so JetStream flushes) and waits for it to exit.

@@ -364,3 +364,27 @@ async fn a_test_namespace_dropped_without_delete_is_deleted_all_the_same() -> an
     )
     .await
 }
+
+/// A test nats-server whose port was taken between picking and binding (tests
+/// run in parallel) fails at once, naming the bind error, instead of after the
+/// 20 s readiness wait (which made CI's auth test fail on a taken monitoring port).
+#[tokio::test]
+async fn a_test_nats_server_on_a_taken_port_fails_fast_with_the_bind_error() -> anyhow::Result<()> {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = taken.local_addr()?.port();
+    let started = std::time::Instant::now();
+    // A later `http:` line wins in nats-server's config: the monitor port is taken.
+    let r = NatsServer::start_with_config(&format!("http: 127.0.0.1:{port}")).await;
+    let err = match r {
+        Ok(_) => anyhow::bail!("started on a taken port"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("address already in use"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?} to give up",
+        started.elapsed()
+    );
+    drop(taken);
+    Ok(())
+}
