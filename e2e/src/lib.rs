@@ -152,6 +152,25 @@ pub fn tool(name: &str) -> anyhow::Result<PathBuf> {
         })
 }
 
+/// Runs `tool ARGS` (blocking) and returns its stdout; a failure carries the
+/// command line and everything it printed.
+pub fn run_tool(tool: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new(tool)
+        .args(args)
+        .output()
+        .with_context(|| {
+            format!("running {tool} (hack/build-tools builds it; hack/env env puts it on PATH)")
+        })?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{tool} {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// A free loopback TCP port.
 pub fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;

@@ -26,15 +26,7 @@ fn run(tool: &str, args: &[&str]) -> anyhow::Result<std::process::Output> {
 }
 
 fn ok(tool: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = run(tool, args)?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{tool} {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    orderpipeline_e2e::run_tool(tool, args)
 }
 
 fn template(extra: &[&str]) -> anyhow::Result<String> {

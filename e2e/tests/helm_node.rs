@@ -31,18 +31,7 @@ use orderpipeline_e2e::operator::{OPERATOR_NAMESPACE, kubectl, repo_root, sample
 use orderpipeline_e2e::{TestNamespace, env_var, kube_client, random_suffix, wait_for};
 
 fn helm(args: &[&str]) -> anyhow::Result<String> {
-    let out = std::process::Command::new("helm")
-        .args(args)
-        .output()
-        .context("running helm (hack/build-tools builds it)")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "helm {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    orderpipeline_e2e::run_tool("helm", args)
 }
 
 /// The image built here, and a short resync so the lag gauge follows quickly.
