@@ -152,6 +152,41 @@ pub fn tool(name: &str) -> anyhow::Result<PathBuf> {
         })
 }
 
+/// Waits until stream `name` has `max_age` `want` (a spec change applied).
+pub async fn wait_max_age(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    want: Duration,
+    within: Duration,
+) -> anyhow::Result<()> {
+    wait_for(
+        &format!("stream {name} max_age {want:?}"),
+        within,
+        || async {
+            let mut st = js.get_stream(name).await?;
+            Ok((st.info().await?.config.max_age == want).then_some(()))
+        },
+    )
+    .await
+}
+
+/// Runs `tool ARGS` and returns its stdout; a failure carries the command
+/// line and its stderr.
+pub async fn run_tool_async(tool: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new(tool)
+        .args(args)
+        .output()
+        .await
+        .with_context(|| format!("running {tool}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{tool} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
 /// Runs `tool ARGS` (blocking) and returns its stdout; a failure carries the
 /// command line and everything it printed.
 pub fn run_tool(tool: &str, args: &[&str]) -> anyhow::Result<String> {

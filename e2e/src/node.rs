@@ -89,19 +89,9 @@ pub async fn install_image() -> anyhow::Result<()> {
 
 async fn ctr(args: &[&str]) -> anyhow::Result<String> {
     let address = env_var("CONTAINERD_ADDRESS")?;
-    let out = tokio::process::Command::new("ctr")
-        .args(["--address", &address, "-n", "k8s.io"])
-        .args(args)
-        .output()
-        .await
-        .context("running ctr (Debian's containerd package)")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "ctr {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    let mut all = vec!["--address", address.as_str(), "-n", "k8s.io"];
+    all.extend_from_slice(args);
+    crate::run_tool_async("ctr", &all).await
 }
 
 /// The holder of the operator's Lease, once there is one.

@@ -45,18 +45,7 @@ pub fn sample_on_stream(
 
 /// Runs kubectl with the environment's KUBECONFIG; its stderr in the error.
 pub async fn kubectl(args: &[&str]) -> anyhow::Result<String> {
-    let out = tokio::process::Command::new("kubectl")
-        .args(args)
-        .output()
-        .await
-        .context("running kubectl")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "kubectl {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    crate::run_tool_async("kubectl", args).await
 }
 
 /// Applies the CRD, the operator's namespace and its RBAC from `crds/` and

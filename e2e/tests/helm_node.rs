@@ -28,7 +28,9 @@ use orderpipeline_e2e::node::{
     OPERATOR_LABEL, install_image, is_ready, lease_holder, name_of, node_nats_url, pods,
 };
 use orderpipeline_e2e::operator::{OPERATOR_NAMESPACE, kubectl, repo_root, sample_on_stream};
-use orderpipeline_e2e::{TestNamespace, env_var, kube_client, random_suffix, wait_for};
+use orderpipeline_e2e::{
+    TestNamespace, env_var, kube_client, random_suffix, wait_for, wait_max_age,
+};
 
 fn helm(args: &[&str]) -> anyhow::Result<String> {
     orderpipeline_e2e::run_tool("helm", args)
@@ -426,15 +428,8 @@ async fn helm_install_alerts_on_a_real_prometheus_upgrade_and_uninstall() -> any
         &Patch::Merge(&serde_json::json!({"spec": {"stream": {"maxAge": "2d"}}})),
     )
     .await?;
-    wait_for(
-        "maxAge 2d applied after the upgrade",
-        Duration::from_secs(90),
-        || async {
-            let mut s = js.get_stream(&stream).await?;
-            Ok((s.info().await?.config.max_age == Duration::from_secs(2 * 86_400)).then_some(()))
-        },
-    )
-    .await?;
+    let two_days = Duration::from_secs(2 * 86_400);
+    wait_max_age(&js, &stream, two_days, Duration::from_secs(90)).await?;
 
     // helm uninstall: the operator goes; the CRD, the pipeline and its streams stay.
     helm(&[

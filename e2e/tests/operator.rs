@@ -712,15 +712,7 @@ async fn wait_events(ns: &str, texts: &[&str]) -> anyhow::Result<()> {
 
 /// Waits until stream `name` has `max_age` `want` (e.g. drift reverted).
 async fn wait_max_age(js: &jetstream::Context, name: &str, want: Duration) -> anyhow::Result<()> {
-    wait_for(
-        &format!("stream {name} max_age {want:?}"),
-        Duration::from_secs(30),
-        || async {
-            let mut st = js.get_stream(name).await?;
-            Ok((st.info().await?.config.max_age == want).then_some(()))
-        },
-    )
-    .await
+    orderpipeline_e2e::wait_max_age(js, name, want, Duration::from_secs(30)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,7 +22,9 @@ use orderpipeline_e2e::node::{
     node_nats_url, pods, proc_status, restarts, root_mount_options,
 };
 use orderpipeline_e2e::operator::{OPERATOR_NAMESPACE, kubectl, sample_on_stream};
-use orderpipeline_e2e::{TestNamespace, env_var, kube_client, random_suffix, wait_for};
+use orderpipeline_e2e::{
+    TestNamespace, env_var, kube_client, random_suffix, wait_for, wait_max_age,
+};
 
 const NEEDS: &str = "needs the real node: make integration-real-node";
 
@@ -142,15 +144,8 @@ async fn the_operator_from_manifests_runs_restricted_in_cluster_and_the_standby_
     api.patch("orders", &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     let js = host_js().await?;
-    wait_for(
-        "the new leader to apply maxAge 3d",
-        Duration::from_secs(90),
-        || async {
-            let mut s = js.get_stream(&stream).await?;
-            Ok((s.info().await?.config.max_age == Duration::from_secs(3 * 86_400)).then_some(()))
-        },
-    )
-    .await?;
+    let three_days = Duration::from_secs(3 * 86_400);
+    wait_max_age(&js, &stream, three_days, Duration::from_secs(90)).await?;
     let log = kubectl(&["-n", OPERATOR_NAMESPACE, "logs", &next, "--tail=200"]).await?;
     assert!(
         log.contains("\"level\""),
