@@ -55,6 +55,26 @@ def cpu_seconds(pid):
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_by_process():
+    """CPU seconds so far of every process of the environment (and the operator)."""
+    out = {}
+    for f in sorted(os.listdir(f"{STATE}/pids")):
+        name = f[: -len(".pid")]
+        try:
+            pid = operator_pid() if name == "order-operator" else int(open(f"{STATE}/pids/{f}").read())
+            out[name] = cpu_seconds(pid)
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def cpu_delta(before):
+    """The CPU seconds each process used since `before`, largest first."""
+    after = cpu_by_process()
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    return ", ".join(f"{k} {v:.1f}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]) if v >= 0.05)
+
+
 def rss_mib(pid, field):
     for line in open(f"/proc/{pid}/status"):
         if line.startswith(field + ":"):
@@ -140,6 +160,7 @@ def baseline(n):
     ns = f"base-{n}"
     sh("kubectl", "create", "namespace", ns)
     dw = Watch(ns, "deployments", DEPLOYMENT_EVENTS)
+    cpu0, req0 = cpu_by_process(), apiserver_by_resource()
     t0 = time.monotonic()
     js = threading.Thread(target=lambda: results.setdefault(("js", n), jsbench("-prefix", "B", "-n", str(n), "create")))
     js.start()
@@ -152,6 +173,7 @@ def baseline(n):
                 available.setdefault(w[1], t)
         return len(available) >= n
     wait(f"{n} baseline Deployments available", all_available, 60 + 2 * n)
+    cpu, req = cpu_delta(cpu0), requests_delta(req0)
     dw.stop()
     t_js = results[("js", n)]["seconds"]
     per = [t - t0 for t in available.values()]
@@ -160,7 +182,7 @@ def baseline(n):
     # Gone before the operator's turn, so that its figures are its own.
     sh("kubectl", "delete", "namespace", ns, f"--timeout={120 + n}s")
     return {"all_ready": total, "jetstream": t_js, "deployments": max(per),
-            "p50": quantile(per, 0.5), "p99": quantile(per, 0.99)}
+            "p50": quantile(per, 0.5), "p99": quantile(per, 0.99), "cpu": cpu, "requests": req}
 
 
 def operator_create(n):
@@ -169,6 +191,14 @@ def operator_create(n):
     pw = Watch(ns, "orderpipelines", PIPELINE_EVENTS)
     dw = Watch(ns, "deployments", DEPLOYMENT_EVENTS)
     r0 = operator_metric("orderoperator_reconciles_total")
+    cpu0, req0 = cpu_by_process(), apiserver_by_resource()
+    prof = os.environ.get("BENCH_APISERVER_PROFILE")
+    if prof:
+        # A CPU profile of kube-apiserver over the first 20 s of the create.
+        def capture():
+            with open(prof, "wb") as f:
+                subprocess.run(["kubectl", "get", "--raw", "/debug/pprof/profile?seconds=20"], stdout=f)
+        threading.Thread(target=capture, daemon=True).start()
     t0 = time.monotonic()
     sh("kubectl", "apply", "--server-side", "-f", "-", input=pipelines_yaml(ns, n))
     topo, ready, deps = {}, {}, {}
@@ -186,13 +216,14 @@ def operator_create(n):
                 ready.setdefault(w[1], t)
         return len(ready) >= n and len(topo) >= n
     wait(f"{n} pipelines Ready", done, 120 + 2 * n)
+    cpu, req = cpu_delta(cpu0), requests_delta(req0)
     pw.stop(); dw.stop()
     per_topo = [t - t0 for t in topo.values()]
     per_ready = [t - t0 for t in ready.values()]
     reconciles = operator_metric("orderoperator_reconciles_total") - r0
     return ns, {"topology": max(per_topo), "all_ready": max(per_ready),
                 "p50": quantile(per_ready, 0.5), "p99": quantile(per_ready, 0.99),
-                "reconciles": reconciles}
+                "reconciles": reconciles, "cpu": cpu, "requests": req}
 
 
 def apiserver_requests():
@@ -211,6 +242,26 @@ def apiserver_requests():
         if labels.get("resource") == "deployments" and labels.get("verb") in ("PATCH", "APPLY"):
             counts["deployment-writes"] = counts.get("deployment-writes", 0) + v
     return counts
+
+
+def apiserver_by_resource():
+    """apiserver_request_total by verb and resource (dry runs apart), all clients."""
+    counts = {}
+    for line in sh("kubectl", "get", "--raw", "/metrics").splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+        what = labels.get("resource", "?") + ("/" + labels["subresource"] if labels.get("subresource") else "")
+        key = f"{labels.get('verb', '?')}{' dry-run' if labels.get('dry_run') else ''} {what}"
+        counts[key] = counts.get(key, 0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def requests_delta(before, top=8):
+    """The most frequent requests since `before`."""
+    after = apiserver_by_resource()
+    d = {k: v - before.get(k, 0) for k, v in after.items()}
+    return ", ".join(f"{k} {v:.0f}" for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top] if v > 0)
 
 
 def operator_metric(name):
@@ -278,6 +329,8 @@ def main():
         print(f"create: all Ready {o['all_ready']:.1f} s (p50 {o['p50']:.1f} s, p99 {o['p99']:.1f} s); "
               f"baseline {b['all_ready']:.1f} s (JetStream objects {b['jetstream']:.1f} s, Deployments available {b['deployments']:.1f} s); "
               f"ratio {o['all_ready'] / b['all_ready']:.2f} (target <= 2)")
+        print(f"create: CPU seconds by process until all Ready: {o['cpu']}; baseline: {b['cpu']}")
+        print(f"create: API requests until all Ready (most frequent, all clients): {o['requests']}; baseline: {b['requests']}")
         s = steady(pid)
         api = ", ".join(f"{k} {v:.0f}" for k, v in s["api_per_min"].items())
         print(f"steady {STEADY} s: operator CPU {s['cpu_seconds']:.1f} s, peak RSS {s['rss_mib']:.0f} MiB (target < 100), "

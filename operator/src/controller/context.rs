@@ -5,7 +5,7 @@ use kube::{Client, Resource};
 use orderpipeline_common::nats::{NatsAuth, NatsConnectError};
 use tokio::sync::Mutex;
 
-use crate::crd::OrderPipeline;
+use crate::crd::{OrderPipeline, OrderPipelineStatus};
 use crate::events::{Event, Kind, Recorder};
 use crate::metrics::Metrics;
 
@@ -27,6 +27,12 @@ pub struct Context {
     /// Every pipeline the controller watches (its reflector store), for the
     /// check that two pipelines never share NATS objects or subjects.
     pub(crate) pipelines: std::sync::OnceLock<kube::runtime::reflector::Store<OrderPipeline>>,
+    /// What this process last applied to each worker Deployment (by pipeline):
+    /// while the live Deployment is still that one, no dry run is needed.
+    pub(crate) applied: std::sync::Mutex<HashMap<String, apply::deployment::Applied>>,
+    /// The status each pipeline has as this process last wrote or read it, with
+    /// the pipeline's uid: the next reconcile starts from it without a read.
+    pub(crate) statuses: std::sync::Mutex<HashMap<String, (Option<String>, OrderPipelineStatus)>>,
     /// Set by the reconcile tests: every pipeline's JetStream is this fake.
     pub(crate) jetstream_override: Option<Arc<dyn JetStream>>,
 }
@@ -48,8 +54,17 @@ impl Context {
             resync,
             nats: Mutex::new(NatsPool::default()),
             pipelines: std::sync::OnceLock::new(),
+            applied: Default::default(),
+            statuses: Default::default(),
             jetstream_override: None,
         }
+    }
+
+    /// `p` as the API server answered a status read or write.
+    pub(crate) fn remember_status(&self, key: &str, p: &OrderPipeline) {
+        let status = p.status.clone().unwrap_or_default();
+        let entry = (p.metadata.uid.clone(), status);
+        self.statuses.lock().unwrap().insert(key.to_string(), entry);
     }
 
     pub(crate) async fn event(&self, p: &OrderPipeline, kind: Kind, note: String) {
@@ -154,8 +169,11 @@ impl Context {
         self.metrics.nats_connections.set(pool.conns.len() as i64);
     }
 
-    /// `pipeline` is gone: its connection closes unless another pipeline uses it.
+    /// `pipeline` is gone: its connection closes unless another pipeline uses
+    /// it, and what was applied for it is forgotten.
     pub(crate) async fn release_nats(&self, pipeline: &str) {
+        self.applied.lock().unwrap().remove(pipeline);
+        self.statuses.lock().unwrap().remove(pipeline);
         let mut pool = self.nats.lock().await;
         pool.release(pipeline);
         self.metrics.nats_connections.set(pool.conns.len() as i64);

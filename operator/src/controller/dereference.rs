@@ -12,17 +12,30 @@ use k8s_openapi::api::apps::v1::Deployment;
 use crate::crd::{OrderPipeline, OrderPipelineStatus};
 use crate::render::{self, Credentials, SecretsView};
 
-use super::jetstream_api::JetStream;
+use super::apply::jetstream::Seen;
+use super::jetstream_api::{JetStream, StreamView};
 use super::*;
 
-/// The status from the API server, not the watch cache: a reconcile triggered
-/// right after our own status write may see the cache without it, and the
-/// scaler's clocks and lastScaleTime must not be lost.
+/// The pipeline's status as stored: the one this process last wrote or read
+/// (it is the only writer while it leads, and a leader that loses the Lease
+/// exits), else read from the API server, not the watch cache: a reconcile
+/// triggered right after our own status write may see the cache without it,
+/// and the scaler's clocks and lastScaleTime must not be lost.
 pub(crate) async fn fresh_status(p: &OrderPipeline, ctx: &Context) -> OrderPipelineStatus {
+    let key = key_of(p);
+    let known = ctx.statuses.lock().unwrap().get(&key).cloned();
+    if let Some((uid, status)) = known
+        && uid == p.metadata.uid
+    {
+        return status;
+    }
     let api: Api<OrderPipeline> =
         Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
     match api.get_status(&p.name_any()).await {
-        Ok(fresh) => fresh.status.unwrap_or_default(),
+        Ok(fresh) => {
+            ctx.remember_status(&key, &fresh);
+            fresh.status.unwrap_or_default()
+        }
         Err(_) => p.status.clone().unwrap_or_default(),
     }
 }
@@ -219,27 +232,36 @@ pub(crate) struct Figures {
     pub(crate) dead_letters: i64,
 }
 
-pub(crate) async fn read_figures(js: &dyn JetStream, t: &Topology) -> Result<Figures, String> {
+pub(crate) async fn read_figures(
+    js: &dyn JetStream,
+    t: &Topology,
+    seen: Seen,
+) -> Result<Figures, String> {
     let i64_of = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let missing = |what: &str| format!("{what} does not exist (yet)");
-    let st = js
-        .stream(&t.stream)
+    let stream = async |name: &str, seen: Option<StreamView>| match seen {
+        Some(v) => Ok(Some(v)),
+        None => js.stream(name).await,
+    };
+    let st = stream(&t.stream, seen.stream)
         .await
         .map_err(|e| format!("reading stream {}: {e}", t.stream))?
         .ok_or_else(|| missing(&format!("stream {}", t.stream)))?;
-    let c = js
-        .consumer(&t.stream, &t.consumer)
-        .await
-        .map_err(|e| format!("reading consumer {}: {e}", t.consumer))?
-        .ok_or_else(|| missing(&format!("consumer {}", t.consumer)))?;
-    let dead = js
-        .stream(&t.dlq_stream)
+    let c = match seen.consumer {
+        Some(c) => c,
+        None => js
+            .consumer(&t.stream, &t.consumer)
+            .await
+            .map_err(|e| format!("reading consumer {}: {e}", t.consumer))?
+            .ok_or_else(|| missing(&format!("consumer {}", t.consumer)))?,
+    };
+    let dead = stream(&t.dlq_stream, seen.dlq)
         .await
         .map_err(|e| format!("reading stream {}: {e}", t.dlq_stream))?
         .ok_or_else(|| missing(&format!("stream {}", t.dlq_stream)))?
         .messages;
     // The bucket may be absent (Observe, or not created yet): no records then.
-    let legacy_records = match js.stream(&format!("KV_{}", t.bucket)).await {
+    let legacy_records = match stream(&format!("KV_{}", t.bucket), seen.bucket).await {
         Ok(b) => Some(b.map_or(0, |b| b.messages)),
         Err(_) => None,
     };

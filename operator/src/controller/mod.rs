@@ -122,16 +122,21 @@ async fn steps(
     let observe = p.spec.management_policy == ManagementPolicy::Observe;
     let js = world.js.as_ref();
     // Apply: the JetStream objects (Observe: change nothing, only report).
+    // What it read of the objects it left unchanged is not read again.
+    let mut seen = apply::jetstream::Seen::default();
     if !observe {
         let drift = plan::is_drift(p, old);
-        if let Err(b) = ensure_topology(p, ctx, js, &plan.topology, drift).await {
-            if b.cause.drops_connection() {
-                ctx.forget_nats(&key_of(p)).await;
+        match ensure_topology(p, ctx, js, &plan.topology, drift).await {
+            Ok(s) => seen = s,
+            Err(b) => {
+                if b.cause.drops_connection() {
+                    ctx.forget_nats(&key_of(p)).await;
+                }
+                return Err(b.into());
             }
-            return Err(b.into());
         }
     }
-    let figures = read_figures(js, &plan.topology).await;
+    let figures = read_figures(js, &plan.topology, seen).await;
     if !observe {
         ensure_paused(p, ctx, js, &plan.topology, &figures).await?;
     }

@@ -96,13 +96,18 @@ pub(crate) async fn write_status(
         "kind": "OrderPipeline",
         "status": status,
     });
-    api.patch_status(
-        &p.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::Kube)?;
+    let key = key_of(p);
+    // Until the answer says what is stored, the next reconcile reads it.
+    ctx.statuses.lock().unwrap().remove(&key);
+    let written = api
+        .patch_status(
+            &p.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(Error::Kube)?;
+    ctx.remember_status(&key, &written);
     Ok(())
 }
 

@@ -105,6 +105,11 @@ impl ApiServer {
                         o["status"] = json!({"observedGeneration": g, "replicas": n,
                             "updatedReplicas": n, "readyReplicas": n, "availableReplicas": n});
                         o["metadata"]["generation"] = json!(g);
+                        let uid = before["metadata"]["uid"].clone();
+                        o["metadata"]["uid"] = match uid {
+                            Value::Null => json!("5e1f0c3a-0000-4000-8000-00000000d001"),
+                            uid => uid,
+                        };
                     }
                 }
                 if !dry_run {
@@ -297,19 +302,89 @@ async fn nothing_changed_means_no_status_write_and_no_jetstream_write() {
     h.reconcile(&p).await;
     assert_eq!(
         h.api.requests(),
-        [
-            format!("GET {PIPELINE}/status"),
-            format!("GET {DEPLOYMENT}"),
-            format!("PATCH {DEPLOYMENT} apply dry-run"),
-        ],
-        "reads and a dry run, no write"
+        [format!("GET {DEPLOYMENT}"),],
+        "one read: the status is the one this process wrote, the live Deployment the one it applied (no dry run)"
     );
     assert!(h.js.writes().is_empty(), "{:?}", h.js.writes());
+    // One read per JetStream object: the status figures reuse what the checks read.
+    assert_eq!(
+        *h.js.requests.lock().unwrap(),
+        [
+            "read stream ORDERS",
+            "read stream ORDERS_DLQ",
+            "read stream KV_ORDERS_STATE",
+            "read consumer ORDERS/order-workers"
+        ]
+    );
     assert!(
         h.api.event_reasons().is_empty(),
         "{:?}",
         h.api.event_reasons()
     );
+}
+
+#[tokio::test]
+async fn a_pipeline_recreated_under_the_same_name_has_its_status_read_again() {
+    let mut p = sample();
+    let h = Harness::new(&p);
+    h.reconcile(&p).await;
+    p.metadata.uid = Some("9a1c4a34-0000-4000-8000-000000000002".into());
+    h.api
+        .objects
+        .lock()
+        .unwrap()
+        .insert(PIPELINE.into(), serde_json::to_value(&p).unwrap());
+    h.reconcile(&p).await;
+    assert_eq!(
+        h.api.requests().first(),
+        Some(&format!("GET {PIPELINE}/status")),
+        "{:?}",
+        h.api.requests()
+    );
+}
+
+#[tokio::test]
+async fn a_deployment_changed_by_hand_is_dry_run_and_applied_back() {
+    let p = sample();
+    let h = Harness::new(&p);
+    h.reconcile(&p).await;
+    let applied = h.api.objects.lock().unwrap()[DEPLOYMENT].clone();
+    // A hand edit of the template: the server moves the generation.
+    {
+        let mut objects = h.api.objects.lock().unwrap();
+        let d = objects.get_mut(DEPLOYMENT).unwrap();
+        d["spec"]["template"]["spec"]["containers"][0]["image"] = json!("example.invalid/other:1");
+        let g = d["metadata"]["generation"].as_i64().unwrap();
+        d["metadata"]["generation"] = json!(g + 1);
+    }
+    h.reconcile(&p).await;
+    assert_eq!(
+        h.api.requests(),
+        [
+            format!("GET {DEPLOYMENT}"),
+            format!("PATCH {DEPLOYMENT} apply dry-run"),
+            format!("PATCH {DEPLOYMENT} apply"),
+        ]
+    );
+    let now = h.api.objects.lock().unwrap()[DEPLOYMENT].clone();
+    assert_eq!(now["spec"], applied["spec"], "the template is back");
+    // A label added by hand does not move the generation: found all the same.
+    {
+        let mut objects = h.api.objects.lock().unwrap();
+        let d = objects.get_mut(DEPLOYMENT).unwrap();
+        d["metadata"]["labels"]["team"] = json!("someone");
+    }
+    h.reconcile(&p).await;
+    assert!(
+        h.api
+            .requests()
+            .contains(&format!("PATCH {DEPLOYMENT} apply dry-run")),
+        "{:?}",
+        h.api.requests()
+    );
+    // Then nothing changed: reads only.
+    h.reconcile(&p).await;
+    assert_eq!(h.api.requests(), [format!("GET {DEPLOYMENT}")]);
 }
 
 #[tokio::test]
@@ -336,10 +411,7 @@ async fn a_nats_outage_is_ready_false_and_touches_nothing_else() {
     assert_eq!(h.ready(), ("False".into(), "NatsUnreachable".into()));
     assert_eq!(
         h.api.requests(),
-        [
-            format!("GET {PIPELINE}/status"),
-            format!("PATCH {PIPELINE}/status apply"),
-        ],
+        [format!("PATCH {PIPELINE}/status apply"),],
         "no Deployment request while NATS is away"
     );
     assert_eq!(h.api.event_reasons(), ["NatsUnreachable"]);

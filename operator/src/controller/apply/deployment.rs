@@ -34,15 +34,25 @@ pub(crate) async fn apply_deployment(
     }
     let desired = render::deployment(p, plan, secrets, &ctx.default_image, replicas.apply);
     let apply = PatchParams::apply(MANAGER).force();
-    // Nothing to change (the usual resync): a dry run says so, and nothing is
-    // written. A change made to the Deployment by hand shows up here too.
+    let key = key_of(p);
+    let memo = Applied::of(&desired);
+    // Nothing to change (the usual resync): the live Deployment is the one this
+    // process applied (same generation, labels and annotations: a change by
+    // hand moves one of them) for the same desired object, or else a dry run
+    // says so. Nothing is written then.
     if let Some(l) = live {
+        let same = |m: &Applied| m.matches(&memo, l);
+        if ctx.applied.lock().unwrap().get(&key).is_some_and(same) {
+            return Ok(l.clone());
+        }
         let dry = ssa(&api, &name, &apply.clone().dry_run(), &desired).await?;
         if unchanged(l, &dry) {
+            ctx.applied.lock().unwrap().insert(key, memo.at(l));
             return Ok(l.clone());
         }
     }
     let after = ssa(&api, &name, &apply, &desired).await?;
+    ctx.applied.lock().unwrap().insert(key, memo.at(&after));
     let template = |d: &Deployment| d.spec.as_ref().map(|s| s.template.clone());
     match live {
         None => {
@@ -79,6 +89,49 @@ async fn ssa(
         .into()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// A Deployment as this process applied it: a digest of the desired object, and
+/// the live object's uid, generation (moved by any spec change, by anyone) and a
+/// digest of its labels and annotations.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Applied {
+    desired: u64,
+    uid: Option<String>,
+    generation: Option<i64>,
+    metadata: u64,
+}
+
+impl Applied {
+    pub(crate) fn of(desired: &Deployment) -> Self {
+        Self {
+            desired: digest(&serde_json::to_vec(desired).unwrap_or_default()),
+            ..Self::default()
+        }
+    }
+
+    /// This desired object, applied and now `live`.
+    pub(crate) fn at(self, live: &Deployment) -> Self {
+        let m = &live.metadata;
+        Self {
+            uid: m.uid.clone(),
+            generation: m.generation,
+            metadata: digest(format!("{:?}{:?}", m.labels, m.annotations).as_bytes()),
+            ..self
+        }
+    }
+
+    /// Whether `live` is still what applying `desired` left.
+    pub(crate) fn matches(&self, desired: &Applied, live: &Deployment) -> bool {
+        self.uid.is_some() && *self == desired.clone().at(live)
+    }
+}
+
+fn digest(b: &[u8]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    b.hash(&mut h);
+    h.finish()
 }
 
 /// Whether applying would change nothing: the dry run's result has the live

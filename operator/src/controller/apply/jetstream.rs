@@ -5,7 +5,7 @@ use crate::crd::{ManagementPolicy, OrderPipeline};
 use crate::drift;
 use crate::events::{Kind, Object};
 
-use super::super::jetstream_api::{JetStream, JsError, pause_forever};
+use super::super::jetstream_api::{ConsumerView, JetStream, JsError, StreamView, pause_forever};
 use super::super::*;
 
 /// Pauses or resumes the consumer to match `spec.paused`.
@@ -44,6 +44,17 @@ pub(crate) async fn ensure_paused(
     Ok(())
 }
 
+/// What [`ensure_topology`] read of the objects it left as they were: the
+/// status figures come from these reads instead of a second request each
+/// (`None`: created or changed, or not read, so it is read again).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Seen {
+    pub(crate) stream: Option<StreamView>,
+    pub(crate) dlq: Option<StreamView>,
+    pub(crate) bucket: Option<StreamView>,
+    pub(crate) consumer: Option<ConsumerView>,
+}
+
 /// Creates or updates the stream, DLQ stream, KV bucket and consumer; refuses a
 /// stream that belongs to something else or that NATS cannot change in place.
 pub(crate) async fn ensure_topology(
@@ -52,12 +63,14 @@ pub(crate) async fn ensure_topology(
     js: &dyn JetStream,
     t: &Topology,
     drift: bool,
-) -> Result<(), NotReady> {
+) -> Result<Seen, NotReady> {
     let r = Reporter { p, ctx, drift };
-    ensure_stream(&r, js, t, t.stream_config(), Object::Stream).await?;
-    ensure_stream(&r, js, t, t.dlq_stream_config(), Object::DeadLetterStream).await?;
-    ensure_bucket(&r, js, t).await?;
-    ensure_consumer(&r, js, t).await
+    Ok(Seen {
+        stream: ensure_stream(&r, js, t, t.stream_config(), Object::Stream).await?,
+        dlq: ensure_stream(&r, js, t, t.dlq_stream_config(), Object::DeadLetterStream).await?,
+        bucket: ensure_bucket(&r, js, t).await?,
+        consumer: ensure_consumer(&r, js, t).await?,
+    })
 }
 
 /// How this reconcile reports what it changes. Drift (a change made behind the
@@ -110,32 +123,35 @@ impl Reporter<'_> {
 }
 
 /// One stream (the input or the dead-letter stream): created when missing,
-/// else checked and brought to the spec.
+/// else checked and brought to the spec. The stream as read when it was left
+/// as it was.
 async fn ensure_stream(
     r: &Reporter<'_>,
     js: &dyn JetStream,
     t: &Topology,
     cfg: stream::Config,
     what: Object,
-) -> Result<(), NotReady> {
+) -> Result<Option<StreamView>, NotReady> {
     let name = cfg.name.clone();
     let live = js
         .stream(&name)
         .await
         .map_err(|e| r.api_err(&format!("reading stream {name}"), e))?;
     if let Some(live) = live {
-        return update_stream(r, js, t, live.config, cfg, what).await;
+        let changed = update_stream(r, js, t, live.config.clone(), cfg, what).await?;
+        return Ok((!changed).then_some(live));
     }
     let note = format!("created stream {name} on {:?}", cfg.subjects);
     js.create_stream(cfg)
         .await
         .map_err(|e| r.api_err(&format!("creating stream {name}"), e))?;
     r.created(what, format!("stream {name}"), note).await;
-    Ok(())
+    Ok(None)
 }
 
 /// An existing stream: refused when another owns it; recreated (only when the
 /// spec allows) when NATS cannot change it in place; else adopted or updated.
+/// Whether it changed anything.
 async fn update_stream(
     r: &Reporter<'_>,
     js: &dyn JetStream,
@@ -143,7 +159,7 @@ async fn update_stream(
     live: stream::Config,
     cfg: stream::Config,
     what: Object,
-) -> Result<(), NotReady> {
+) -> Result<bool, NotReady> {
     let (p, name) = (r.p, cfg.name.clone());
     let adopt_allowed = p.spec.management_policy == ManagementPolicy::Adopt;
     let adopt = drift::ownership(&name, &live, t.owner.as_deref(), adopt_allowed)
@@ -177,13 +193,19 @@ async fn update_stream(
             .map_err(|e| r.api_err(&format!("updating stream {name}"), e))?;
         let note = format!("updated stream {name} ({field} changed)");
         r.changed(what, note).await;
+    } else {
+        return Ok(false);
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The KV bucket (left from the protocol before v2): its settings (TTL,
 /// replicas) follow the spec like the streams'.
-async fn ensure_bucket(r: &Reporter<'_>, js: &dyn JetStream, t: &Topology) -> Result<(), NotReady> {
+async fn ensure_bucket(
+    r: &Reporter<'_>,
+    js: &dyn JetStream,
+    t: &Topology,
+) -> Result<Option<StreamView>, NotReady> {
     let bucket = &t.bucket;
     let want = t.kv_config();
     let live = js
@@ -192,13 +214,14 @@ async fn ensure_bucket(r: &Reporter<'_>, js: &dyn JetStream, t: &Topology) -> Re
         .map_err(|e| r.api_err(&format!("reading KV bucket {bucket}"), e))?;
     match live {
         Some(live) => {
-            if let Some(field) = drift::bucket_differs(&live.config, &want) {
-                js.put_bucket(want)
-                    .await
-                    .map_err(|e| r.api_err(&format!("updating KV bucket {bucket}"), e))?;
-                let note = format!("updated KV bucket {bucket} ({field} changed)");
-                r.changed(Object::Bucket, note).await;
-            }
+            let Some(field) = drift::bucket_differs(&live.config, &want) else {
+                return Ok(Some(live));
+            };
+            js.put_bucket(want)
+                .await
+                .map_err(|e| r.api_err(&format!("updating KV bucket {bucket}"), e))?;
+            let note = format!("updated KV bucket {bucket} ({field} changed)");
+            r.changed(Object::Bucket, note).await;
         }
         None => {
             js.put_bucket(want)
@@ -209,7 +232,7 @@ async fn ensure_bucket(r: &Reporter<'_>, js: &dyn JetStream, t: &Topology) -> Re
                 .await;
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The durable consumer: created when missing, rewritten when a field the
@@ -218,7 +241,7 @@ async fn ensure_consumer(
     r: &Reporter<'_>,
     js: &dyn JetStream,
     t: &Topology,
-) -> Result<(), NotReady> {
+) -> Result<Option<ConsumerView>, NotReady> {
     let mut desired = t.consumer_config();
     if r.p.spec.paused {
         desired.pause_until = Some(pause_forever());
@@ -230,16 +253,17 @@ async fn ensure_consumer(
         .map_err(|e| r.api_err(&format!("reading consumer {consumer}"), e))?;
     match live {
         Some(live) => {
-            if let Some(field) = drift::consumer_differs(&live.config, &desired) {
-                let note = format!(
-                    "updated consumer {consumer} ({field} changed; max ack pending {}, ack wait {:?})",
-                    desired.max_ack_pending, desired.ack_wait
-                );
-                js.put_consumer(&t.stream, desired)
-                    .await
-                    .map_err(|e| r.api_err(&format!("updating consumer {consumer}"), e))?;
-                r.changed(Object::Consumer, note).await;
-            }
+            let Some(field) = drift::consumer_differs(&live.config, &desired) else {
+                return Ok(Some(live));
+            };
+            let note = format!(
+                "updated consumer {consumer} ({field} changed; max ack pending {}, ack wait {:?})",
+                desired.max_ack_pending, desired.ack_wait
+            );
+            js.put_consumer(&t.stream, desired)
+                .await
+                .map_err(|e| r.api_err(&format!("updating consumer {consumer}"), e))?;
+            r.changed(Object::Consumer, note).await;
         }
         None => {
             js.put_consumer(&t.stream, desired)
@@ -253,5 +277,5 @@ async fn ensure_consumer(
                 .await;
         }
     }
-    Ok(())
+    Ok(None)
 }
