@@ -221,9 +221,13 @@ def operator_create(n):
     per_topo = [t - t0 for t in topo.values()]
     per_ready = [t - t0 for t in ready.values()]
     reconciles = operator_metric("orderoperator_reconciles_total") - r0
+    reasons = {}
+    for r in sh("kubectl", "get", "events", "-n", ns, "-o", "jsonpath={.items[*].reason}").split():
+        reasons[r] = reasons.get(r, 0) + 1
     return ns, {"topology": max(per_topo), "all_ready": max(per_ready),
                 "p50": quantile(per_ready, 0.5), "p99": quantile(per_ready, 0.99),
-                "reconciles": reconciles, "cpu": cpu, "requests": req}
+                "reconciles": reconciles, "cpu": cpu, "requests": req,
+                "events": ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))}
 
 
 def apiserver_requests():
@@ -330,6 +334,7 @@ def main():
               f"baseline {b['all_ready']:.1f} s (JetStream objects {b['jetstream']:.1f} s, Deployments available {b['deployments']:.1f} s); "
               f"ratio {o['all_ready'] / b['all_ready']:.2f} (target <= 2)")
         print(f"create: CPU seconds by process until all Ready: {o['cpu']}; baseline: {b['cpu']}")
+        print(f"create: Events in the pipelines' namespace by reason: {o['events']}")
         print(f"create: API requests until all Ready (most frequent, all clients): {o['requests']}; baseline: {b['requests']}")
         s = steady(pid)
         api = ", ".join(f"{k} {v:.0f}" for k, v in s["api_per_min"].items())

@@ -1798,3 +1798,47 @@ async fn a_consumer_with_backoff_is_left_alone_between_spec_changes() -> anyhow:
     );
     s.ns.delete().await
 }
+
+/// A hand edit of the worker Deployment (its image, with another field manager)
+/// is put back: the edit moves the Deployment's generation, so the operator's
+/// record of what it applied no longer matches and it applies again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_edit_of_the_worker_deployment_is_put_back() -> anyhow::Result<()> {
+    let s = setup_ready("op-depdrift").await?;
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns.name);
+    let image_of = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.containers.first())
+            .and_then(|c| c.image.clone())
+            .unwrap_or_default()
+    };
+    let ours = image_of(&deployments.get("orders-workers").await?);
+    let edit = serde_json::json!({"spec": {"template": {"spec": {"containers": [
+        {"name": "worker", "image": "example.invalid/edited-by-hand:1"}]}}}});
+    deployments
+        .patch(
+            "orders-workers",
+            &PatchParams::default(),
+            &Patch::Strategic(&edit),
+        )
+        .await?;
+    assert_eq!(
+        image_of(&deployments.get("orders-workers").await?),
+        "example.invalid/edited-by-hand:1"
+    );
+    wait_for(
+        "the operator to put its image back",
+        Duration::from_secs(30),
+        || {
+            let (deployments, ours) = (deployments.clone(), ours.clone());
+            async move {
+                let d = deployments.get("orders-workers").await?;
+                Ok((image_of(&d) == ours).then_some(()))
+            }
+        },
+    )
+    .await?;
+    s.ns.delete().await
+}

@@ -27,6 +27,10 @@ pub struct Context {
     /// Every pipeline the controller watches (its reflector store), for the
     /// check that two pipelines never share NATS objects or subjects.
     pub(crate) pipelines: std::sync::OnceLock<kube::runtime::reflector::Store<OrderPipeline>>,
+    /// The worker Deployments as the controller's watch last saw them.
+    pub(crate) deployments: std::sync::OnceLock<
+        kube::runtime::reflector::Store<k8s_openapi::api::apps::v1::Deployment>,
+    >,
     /// What this process last applied to each worker Deployment (by pipeline):
     /// while the live Deployment is still that one, no dry run is needed.
     pub(crate) applied: std::sync::Mutex<HashMap<String, apply::deployment::Applied>>,
@@ -54,6 +58,7 @@ impl Context {
             resync,
             nats: Mutex::new(NatsPool::default()),
             pipelines: std::sync::OnceLock::new(),
+            deployments: std::sync::OnceLock::new(),
             applied: Default::default(),
             statuses: Default::default(),
             jetstream_override: None,

@@ -64,16 +64,25 @@ pub(crate) fn connection_key(url: &str, secrets: &SecretsView) -> String {
     format!("{url}|{:?}", secrets.checksum)
 }
 
-/// The worker Deployment as it is now, if there is one.
+/// The worker Deployment as it is now, if there is one: as the controller's
+/// watch last saw it, else (not seen, e.g. before the first list) read. A
+/// reconcile runs at least the debounce after the trigger it follows, by when
+/// the watch has brought our own last write; were it ever older, the apply
+/// step finds that out (its generation is not the one applied) and applies
+/// again, which changes nothing.
 pub(crate) async fn live_deployment(
     p: &OrderPipeline,
     ctx: &Context,
 ) -> Result<Option<Deployment>, Error> {
-    let api: Api<Deployment> =
-        Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
-    api.get_opt(&render::deployment_name(p))
-        .await
-        .map_err(Error::Kube)
+    let ns = p.namespace().unwrap_or_default();
+    let name = render::deployment_name(p);
+    if let Some(store) = ctx.deployments.get()
+        && let Some(d) = store.get(&kube::runtime::reflector::ObjectRef::new(&name).within(&ns))
+    {
+        return Ok(Some(d.as_ref().clone()));
+    }
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    api.get_opt(&name).await.map_err(Error::Kube)
 }
 
 /// Reads the referenced Secrets: the auth for the operator's connection, what to

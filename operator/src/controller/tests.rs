@@ -368,20 +368,36 @@ async fn a_deployment_changed_by_hand_is_dry_run_and_applied_back() {
     );
     let now = h.api.objects.lock().unwrap()[DEPLOYMENT].clone();
     assert_eq!(now["spec"], applied["spec"], "the template is back");
-    // A label added by hand does not move the generation: found all the same.
+    // A label of ours changed by hand does not move the generation: found all
+    // the same, and set back.
+    let label = |h: &Harness| {
+        h.api.objects.lock().unwrap()[DEPLOYMENT]["metadata"]["labels"]
+            ["app.kubernetes.io/managed-by"]
+            .clone()
+    };
+    let ours = label(&h);
     {
         let mut objects = h.api.objects.lock().unwrap();
         let d = objects.get_mut(DEPLOYMENT).unwrap();
-        d["metadata"]["labels"]["team"] = json!("someone");
+        d["metadata"]["labels"]["app.kubernetes.io/managed-by"] = json!("someone");
     }
     h.reconcile(&p).await;
     assert!(
         h.api
             .requests()
-            .contains(&format!("PATCH {DEPLOYMENT} apply dry-run")),
+            .contains(&format!("PATCH {DEPLOYMENT} apply")),
         "{:?}",
         h.api.requests()
     );
+    assert_eq!(label(&h), ours);
+    // A label or annotation someone else adds is theirs (an apply leaves it):
+    // no dry run for it.
+    {
+        let mut objects = h.api.objects.lock().unwrap();
+        let d = objects.get_mut(DEPLOYMENT).unwrap();
+        d["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = json!("2");
+        d["metadata"]["labels"]["team"] = json!("someone");
+    }
     // Then nothing changed: reads only.
     h.reconcile(&p).await;
     assert_eq!(h.api.requests(), [format!("GET {DEPLOYMENT}")]);

@@ -26,6 +26,83 @@ pub(crate) fn reconcile_trigger(p: &OrderPipeline) -> Option<u64> {
     Some(h.finish())
 }
 
+/// What a worker Deployment event must change to trigger a reconcile: what the
+/// reconcile reads of it (the object, its generation, its labels and
+/// annotations, the replica counts of its status). Not the controller's own
+/// bookkeeping (the revision annotation, condition timestamps).
+pub(crate) fn deployment_trigger(d: &Deployment) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    d.metadata.uid.hash(&mut h);
+    d.metadata.generation.hash(&mut h);
+    d.metadata.labels.hash(&mut h);
+    for (k, v) in d.metadata.annotations.iter().flatten() {
+        if !k.starts_with("deployment.kubernetes.io/") {
+            (k, v).hash(&mut h);
+        }
+    }
+    let s = d.status.clone().unwrap_or_default();
+    (
+        s.observed_generation,
+        s.replicas,
+        s.updated_replicas,
+        s.ready_replicas,
+        s.available_replicas,
+    )
+        .hash(&mut h);
+    h.finish()
+}
+
+/// The worker Deployments' events that change what a reconcile reads (each
+/// new object, each change of [`deployment_trigger`], every deletion).
+fn deployment_triggers(
+    api: Api<Deployment>,
+    cache: kube::runtime::reflector::store::Writer<Deployment>,
+) -> impl futures::Stream<Item = Result<Deployment, watcher::Error>> + Send + 'static {
+    let mut seen: std::collections::HashMap<ObjectRef<Deployment>, u64> = Default::default();
+    // The objects of a re-list: the others are gone (forgotten at its end).
+    let mut listed: std::collections::HashSet<ObjectRef<Deployment>> = Default::default();
+    let cfg = watcher::Config::default().labels("app.kubernetes.io/managed-by=order-operator");
+    watcher(api, cfg)
+        .default_backoff()
+        // Only our own field manager's entries are ever read (who owns
+        // spec.replicas); the rest would only take memory in the cache.
+        .modify(|d| {
+            if let Some(m) = d.metadata.managed_fields.as_mut() {
+                m.retain(|f| f.manager.as_deref() == Some(MANAGER));
+            }
+        })
+        .reflect(cache)
+        .filter_map(move |e| {
+            let mut changed = |d: &Deployment| {
+                let h = deployment_trigger(d);
+                seen.insert(ObjectRef::from_obj(d), h) != Some(h)
+            };
+            let out = match e {
+                Ok(watcher::Event::Apply(d)) => changed(&d).then_some(Ok(d)),
+                Ok(watcher::Event::InitApply(d)) => {
+                    listed.insert(ObjectRef::from_obj(&d));
+                    changed(&d).then_some(Ok(d))
+                }
+                Ok(watcher::Event::Delete(d)) => {
+                    seen.remove(&ObjectRef::from_obj(&d));
+                    Some(Ok(d))
+                }
+                Ok(watcher::Event::Init) => {
+                    listed.clear();
+                    None
+                }
+                Ok(watcher::Event::InitDone) => {
+                    seen.retain(|k, _| listed.contains(k));
+                    listed.clear();
+                    None
+                }
+                Err(e) => Some(Err(e)),
+            };
+            std::future::ready(out)
+        })
+}
+
 /// Maps a Secret to the pipelines in its namespace that reference it.
 pub(crate) fn pipelines_using(
     secret: &PartialObjectMeta<Secret>,
@@ -86,6 +163,10 @@ pub async fn run(
     // reconcile back to back instead of on the jittered resync).
     let (reader, writer) = kube::runtime::reflector::store();
     let _ = ctx.pipelines.set(reader.clone());
+    // The worker Deployments as the watch last saw them: a reconcile reads its
+    // Deployment there (see `dereference::live_deployment`).
+    let (deployments_seen, deployment_cache) = kube::runtime::reflector::store();
+    let _ = ctx.deployments.set(deployments_seen);
     let trigger = watcher(pipelines, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
@@ -94,10 +175,9 @@ pub async fn run(
     let controller = Controller::for_stream(trigger, reader);
     let store = controller.store();
     controller
-        .owns(
-            deployments,
-            watcher::Config::default().labels("app.kubernetes.io/managed-by=order-operator"),
-        )
+        // Deployments: only the changes a reconcile would see (a new Pod's
+        // status moves the Deployment's several times a second while it starts).
+        .owns_stream(deployment_triggers(deployments, deployment_cache))
         // Secrets: metadata only (a changed Secret gets a new resourceVersion,
         // which is all a trigger needs), so no Secret's data is ever cached;
         // reconcile GETs the few a pipeline references.
@@ -116,4 +196,42 @@ pub async fn run(
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod trigger_tests {
+    use super::*;
+
+    fn deployment(available: i32) -> Deployment {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: orders-workers, uid: u1, generation: 2,
+  labels: {{app.kubernetes.io/managed-by: order-operator}}}}
+status: {{observedGeneration: 2, replicas: 1, updatedReplicas: 1, availableReplicas: {available},
+  conditions: [{{type: Available, status: 'True', lastUpdateTime: '2026-11-28T10:00:00Z'}}]}}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_deployment_triggers_a_reconcile_only_for_what_the_reconcile_reads() {
+        let d = deployment(0);
+        let mut bookkeeping = d.clone();
+        bookkeeping.metadata.annotations = Some(
+            [(
+                "deployment.kubernetes.io/revision".to_string(),
+                "1".to_string(),
+            )]
+            .into(),
+        );
+        let s = bookkeeping.status.as_mut().unwrap();
+        s.conditions.as_mut().unwrap()[0].last_update_time = None;
+        assert_eq!(deployment_trigger(&d), deployment_trigger(&bookkeeping));
+        assert_ne!(deployment_trigger(&d), deployment_trigger(&deployment(1)));
+        let mut edited = d.clone();
+        edited.metadata.generation = Some(3);
+        assert_ne!(deployment_trigger(&d), deployment_trigger(&edited));
+        let mut labelled = d.clone();
+        labelled.metadata.labels = None;
+        assert_ne!(deployment_trigger(&d), deployment_trigger(&labelled));
+    }
 }

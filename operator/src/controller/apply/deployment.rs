@@ -1,3 +1,5 @@
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams};
 
@@ -91,39 +93,50 @@ async fn ssa(
     }
 }
 
-/// A Deployment as this process applied it: a digest of the desired object, and
-/// the live object's uid, generation (moved by any spec change, by anyone) and a
-/// digest of its labels and annotations.
+/// A Deployment as this process applied it: a digest of the desired object, its
+/// labels and annotations, and the live object's uid and generation (moved by
+/// any spec change, by anyone).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Applied {
     desired: u64,
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
     uid: Option<String>,
     generation: Option<i64>,
-    metadata: u64,
 }
 
 impl Applied {
     pub(crate) fn of(desired: &Deployment) -> Self {
         Self {
             desired: digest(&serde_json::to_vec(desired).unwrap_or_default()),
+            labels: desired.metadata.labels.clone().unwrap_or_default(),
+            annotations: desired.metadata.annotations.clone().unwrap_or_default(),
             ..Self::default()
         }
     }
 
     /// This desired object, applied and now `live`.
     pub(crate) fn at(self, live: &Deployment) -> Self {
-        let m = &live.metadata;
         Self {
-            uid: m.uid.clone(),
-            generation: m.generation,
-            metadata: digest(format!("{:?}{:?}", m.labels, m.annotations).as_bytes()),
+            uid: live.metadata.uid.clone(),
+            generation: live.metadata.generation,
             ..self
         }
     }
 
-    /// Whether `live` is still what applying `desired` left.
+    /// Whether `live` is still what applying `desired` left: the same object at
+    /// the same generation, with our labels and annotations at our values (the
+    /// ones others add, e.g. the controller's revision, are theirs: an apply
+    /// leaves them too).
     pub(crate) fn matches(&self, desired: &Applied, live: &Deployment) -> bool {
-        self.uid.is_some() && *self == desired.clone().at(live)
+        let has = |ours: &BTreeMap<String, String>, theirs: &Option<BTreeMap<String, String>>| {
+            ours.iter()
+                .all(|(k, v)| theirs.as_ref().and_then(|t| t.get(k)) == Some(v))
+        };
+        self.uid.is_some()
+            && *self == desired.clone().at(live)
+            && has(&self.labels, &live.metadata.labels)
+            && has(&self.annotations, &live.metadata.annotations)
     }
 }
 
