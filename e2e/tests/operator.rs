@@ -61,19 +61,21 @@ async fn setup(prefix: &str) -> anyhow::Result<Setup> {
 async fn setup_with(prefix: &str, runner: bool) -> anyhow::Result<Setup> {
     let nats = NatsServer::start().await?;
     let js = jetstream::new(async_nats::connect(nats.url()).await?);
-    setup_on(prefix, runner, nats, js).await
+    setup_on(prefix, runner, nats, js, "2s").await
 }
 
+/// `resync`: the operator's RESYNC_INTERVAL (short, so most tests need not wait).
 async fn setup_on(
     prefix: &str,
     runner: bool,
     nats: NatsServer,
     js: jetstream::Context,
+    resync: &str,
 ) -> anyhow::Result<Setup> {
     install_crd_and_rbac().await?;
     let client = kube_client().await?;
     let ns = TestNamespace::create(&client, prefix).await?;
-    let operator = OperatorProcess::spawn(&ns.name, "2s").await?;
+    let operator = OperatorProcess::spawn(&ns.name, resync).await?;
     let api = Api::namespaced(client.clone(), &ns.name);
     let stop = tokio_util::sync::CancellationToken::new();
     let cfg = orderpipeline_e2e::podrunner::RunnerConfig {
@@ -1203,7 +1205,7 @@ async fn with_auth(
         .connect(format!("127.0.0.1:{}", nats.port))
         .await?;
     let js = jetstream::new(idle);
-    let s = setup_on(prefix, true, nats, js).await?;
+    let s = setup_on(prefix, true, nats, js, "2s").await?;
     let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns.name);
     let mut p = sample(&s.nats.url())?;
     if let Some(data) = credentials {
@@ -1837,6 +1839,41 @@ async fn a_hand_edit_of_the_worker_deployment_is_put_back() -> anyhow::Result<()
                 let d = deployments.get("orders-workers").await?;
                 Ok((image_of(&d) == ours).then_some(()))
             }
+        },
+    )
+    .await?;
+    s.ns.delete().await
+}
+
+/// A stream or consumer removed behind the operator's back is back at once,
+/// not at the next resync (an hour here): JetStream announces the removal and
+/// the operator reconciles the pipeline it belonged to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_stream_is_back_at_once_not_at_the_next_resync() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let js = jetstream::new(async_nats::connect(nats.url()).await?);
+    let s = setup_on("op-advisory", true, nats, js, "1h").await?;
+    s.api
+        .create(&PostParams::default(), &sample(&s.nats.url())?)
+        .await?;
+    wait_ready(&s, "orders", "True", None).await?;
+    s.js.delete_stream("ORDERS_DLQ").await?;
+    wait_for("ORDERS_DLQ recreated", Duration::from_secs(15), || async {
+        Ok(s.js.get_stream("ORDERS_DLQ").await.is_ok().then_some(()))
+    })
+    .await?;
+    s.js.delete_consumer_from_stream("order-workers", "ORDERS")
+        .await?;
+    wait_for(
+        "the consumer recreated",
+        Duration::from_secs(15),
+        || async {
+            let stream = s.js.get_stream("ORDERS").await?;
+            Ok(stream
+                .consumer_info("order-workers")
+                .await
+                .is_ok()
+                .then_some(()))
         },
     )
     .await?;

@@ -27,6 +27,10 @@ pub struct Context {
     /// Every pipeline the controller watches (its reflector store), for the
     /// check that two pipelines never share NATS objects or subjects.
     pub(crate) pipelines: std::sync::OnceLock<kube::runtime::reflector::Store<OrderPipeline>>,
+    /// Where a removed stream or consumer asks for its pipeline's reconcile.
+    pub(crate) removals: std::sync::OnceLock<
+        tokio::sync::mpsc::UnboundedSender<kube::runtime::reflector::ObjectRef<OrderPipeline>>,
+    >,
     /// The worker Deployments as the controller's watch last saw them.
     pub(crate) deployments: std::sync::OnceLock<
         kube::runtime::reflector::Store<k8s_openapi::api::apps::v1::Deployment>,
@@ -59,6 +63,7 @@ impl Context {
             nats: Mutex::new(NatsPool::default()),
             pipelines: std::sync::OnceLock::new(),
             deployments: std::sync::OnceLock::new(),
+            removals: std::sync::OnceLock::new(),
             applied: Default::default(),
             statuses: Default::default(),
             jetstream_override: None,
@@ -153,6 +158,12 @@ impl Context {
         let c = orderpipeline_common::nats::connect(url, auth, "order-operator").await?;
         let mut pool = self.nats.lock().await;
         // Another pipeline may have connected meanwhile: keep one.
+        if !pool.conns.contains_key(conn_key)
+            && let (Some(store), Some(tx)) = (self.pipelines.get(), self.removals.get())
+        {
+            let l = listen_for_removals(c.clone(), store.clone(), tx.clone());
+            pool.listeners.insert(conn_key.to_string(), l);
+        }
         let c = pool.conns.entry(conn_key.to_string()).or_insert(c).clone();
         pool.users.insert(pipeline.into(), conn_key.into());
         self.metrics.nats_connections.set(pool.conns.len() as i64);
@@ -169,7 +180,7 @@ impl Context {
     pub(crate) async fn forget_nats(&self, pipeline: &str) {
         let mut pool = self.nats.lock().await;
         if let Some(k) = pool.users.get(pipeline).cloned() {
-            pool.conns.remove(&k);
+            pool.close(&k);
         }
         self.metrics.nats_connections.set(pool.conns.len() as i64);
     }
@@ -192,6 +203,8 @@ impl Context {
 pub(crate) struct NatsPool {
     conns: HashMap<String, async_nats::Client>,
     users: HashMap<String, String>,
+    /// Per connection, the task that listens for removed streams and consumers.
+    listeners: HashMap<String, tokio::task::AbortHandle>,
 }
 
 impl NatsPool {
@@ -199,7 +212,149 @@ impl NatsPool {
         if let Some(k) = self.users.remove(pipeline)
             && !self.users.values().any(|v| *v == k)
         {
-            self.conns.remove(&k);
+            self.close(&k);
         }
+    }
+
+    fn close(&mut self, conn_key: &str) {
+        self.conns.remove(conn_key);
+        if let Some(l) = self.listeners.remove(conn_key) {
+            l.abort();
+        }
+    }
+}
+
+/// The subjects on which JetStream announces a deleted stream or consumer.
+pub(crate) const REMOVAL_ADVISORIES: [&str; 2] = [
+    "$JS.EVENT.ADVISORY.STREAM.DELETED.*",
+    "$JS.EVENT.ADVISORY.CONSUMER.DELETED.*.*",
+];
+
+/// The pipelines a removal advisory on `subject` concerns: those whose input
+/// or dead-letter stream or bucket (or consumer) it names. Not the ones being
+/// deleted (their cleanup removes these objects itself).
+pub(crate) fn removed_for(
+    subject: &str,
+    pipelines: &[Arc<OrderPipeline>],
+) -> Vec<kube::runtime::reflector::ObjectRef<OrderPipeline>> {
+    let (stream, consumer) =
+        if let Some(s) = subject.strip_prefix("$JS.EVENT.ADVISORY.STREAM.DELETED.") {
+            (s, None)
+        } else if let Some(rest) = subject.strip_prefix("$JS.EVENT.ADVISORY.CONSUMER.DELETED.") {
+            match rest.split_once('.') {
+                Some((s, c)) => (s, Some(c)),
+                None => return Vec::new(),
+            }
+        } else {
+            return Vec::new();
+        };
+    pipelines
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            let Ok(plan) = crate::render::plan(p) else {
+                return false;
+            };
+            let t = &plan.topology;
+            match consumer {
+                Some(c) => t.stream == stream && t.consumer == c,
+                None => {
+                    t.stream == stream
+                        || t.dlq_stream == stream
+                        || stream.strip_prefix("KV_") == Some(t.bucket.as_str())
+                }
+            }
+        })
+        .map(|p| kube::runtime::reflector::ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// Listens on `client` for removed streams and consumers and asks for a
+/// reconcile of the pipelines they belonged to: drift is repaired at once, not
+/// at the next resync.
+fn listen_for_removals(
+    client: async_nats::Client,
+    pipelines: kube::runtime::reflector::Store<OrderPipeline>,
+    triggers: tokio::sync::mpsc::UnboundedSender<
+        kube::runtime::reflector::ObjectRef<OrderPipeline>,
+    >,
+) -> tokio::task::AbortHandle {
+    use futures::StreamExt as _;
+    tokio::spawn(async move {
+        let mut subs = Vec::new();
+        for subject in REMOVAL_ADVISORIES {
+            match client.subscribe(subject).await {
+                Ok(s) => subs.push(s),
+                Err(e) => {
+                    // Not fatal: the resync still finds what is missing.
+                    tracing::warn!(error = %e, subject, "cannot listen for removed JetStream objects");
+                    return;
+                }
+            }
+        }
+        let mut all = futures::stream::select_all(subs);
+        while let Some(m) = all.next().await {
+            for p in removed_for(m.subject.as_str(), &pipelines.state()) {
+                tracing::info!(pipeline = %p, subject = %m.subject, "a JetStream object of the pipeline was removed; reconciling");
+                if triggers.send(p).is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .abort_handle()
+}
+
+#[cfg(test)]
+mod removal_tests {
+    use super::*;
+
+    fn pipeline(name: &str, stream: &str) -> Arc<OrderPipeline> {
+        let mut p: OrderPipeline = serde_yaml::from_str(include_str!(
+            "../../../manifests/samples/orderpipeline.yaml"
+        ))
+        .unwrap();
+        p.metadata.name = Some(name.into());
+        p.metadata.namespace = Some("demo".into());
+        p.spec.stream.name = stream.into();
+        p.spec.stream.subjects = vec![format!("{stream}.*")];
+        p.spec.consumer.filter_subject = format!("{stream}.created");
+        // Every other name derived from the stream's.
+        p.spec.dead_letter.stream_name = None;
+        p.spec.dead_letter.subject = None;
+        p.spec.state.bucket = None;
+        Arc::new(p)
+    }
+
+    #[test]
+    fn a_removal_advisory_names_the_pipelines_whose_object_it_was() {
+        let (orders, shop) = (pipeline("orders", "ORDERS"), pipeline("shop", "SHOP"));
+        let mut gone = (*pipeline("gone", "GONE")).clone();
+        gone.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        let all = [orders.clone(), shop.clone(), Arc::new(gone)];
+        let names = |subject: &str| {
+            removed_for(subject, &all)
+                .into_iter()
+                .map(|r| r.name)
+                .collect::<Vec<_>>()
+        };
+        let plan = crate::render::plan(&shop).unwrap();
+        let t = &plan.topology;
+        assert_eq!(names("$JS.EVENT.ADVISORY.STREAM.DELETED.SHOP"), ["shop"]);
+        let dlq = format!("$JS.EVENT.ADVISORY.STREAM.DELETED.{}", t.dlq_stream);
+        assert_eq!(names(&dlq), ["shop"]);
+        let kv = format!("$JS.EVENT.ADVISORY.STREAM.DELETED.KV_{}", t.bucket);
+        assert_eq!(names(&kv), ["shop"]);
+        let consumer = format!("$JS.EVENT.ADVISORY.CONSUMER.DELETED.SHOP.{}", t.consumer);
+        assert_eq!(names(&consumer), ["shop"]);
+        // Another stream's consumer of the same name, an unknown stream, a
+        // pipeline being deleted, another advisory: nothing.
+        assert!(names("$JS.EVENT.ADVISORY.CONSUMER.DELETED.OTHER.x").is_empty());
+        assert!(names("$JS.EVENT.ADVISORY.STREAM.DELETED.NOPE").is_empty());
+        assert!(names("$JS.EVENT.ADVISORY.STREAM.DELETED.GONE").is_empty());
+        assert!(names("$JS.EVENT.ADVISORY.STREAM.CREATED.SHOP").is_empty());
     }
 }

@@ -167,6 +167,10 @@ pub async fn run(
     // Deployment there (see `dereference::live_deployment`).
     let (deployments_seen, deployment_cache) = kube::runtime::reflector::store();
     let _ = ctx.deployments.set(deployments_seen);
+    // Streams and consumers removed behind the operator's back (JetStream's
+    // advisories, on each NATS connection): their pipeline is reconciled now.
+    let (removals, removed) = tokio::sync::mpsc::unbounded_channel();
+    let _ = ctx.removals.set(removals);
     let trigger = watcher(pipelines, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
@@ -178,6 +182,9 @@ pub async fn run(
         // Deployments: only the changes a reconcile would see (a new Pod's
         // status moves the Deployment's several times a second while it starts).
         .owns_stream(deployment_triggers(deployments, deployment_cache))
+        .reconcile_on(futures::stream::unfold(removed, |mut rx| async move {
+            rx.recv().await.map(|p| (p, rx))
+        }))
         // Secrets: metadata only (a changed Secret gets a new resourceVersion,
         // which is all a trigger needs), so no Secret's data is ever cached;
         // reconcile GETs the few a pipeline references.
