@@ -32,6 +32,7 @@ unit:
 # (Python protobuf) and the tests against a private real environment.
 integration: tools
 	cargo build --workspace --locked
+	hack/build-v1-worker >/dev/null
 	ORDERPIPE_PYTHON="$$(hack/python-env)" hack/with-env cargo test --workspace --test '*' --locked
 
 # The project's Pods on a real node (containerd, runc, the kubelet; hack/env up
@@ -60,6 +61,7 @@ setup-node:
 # versions of the same scenarios.
 test-faults: tools
 	cargo build --workspace --locked
+	hack/build-v1-worker >/dev/null
 	ORDERPIPE_FAULTS=long hack/with-env cargo test -p orderpipeline-e2e --test faults --locked
 
 # Throughput next to the raw JetStream baseline, measured in the same run.

@@ -1045,3 +1045,165 @@ async fn fault_12_replays_racing_redeliveries_of_the_same_orders() -> anyhow::Re
         started,
     )
 }
+
+/// The worker of the protocol before v2, built from this repository's history
+/// by `hack/build-v1-worker` (cached; `make test` builds it first).
+fn v1_worker() -> anyhow::Result<std::path::PathBuf> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/build-v1-worker");
+    let out = std::process::Command::new(&script)
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?.trim().into())
+}
+
+/// 13: the upgrade from workers of the protocol before v2, under traffic. Real
+/// v1 workers (commit fb71e36) are SIGKILLed at random, leaving orders half done
+/// (a result published without its final record, a final record without the
+/// ack); then every v1 worker is gone before the first v2 worker starts (the
+/// `Recreate` rollout the operator uses for this upgrade), the topology becomes
+/// v2's, and v2 workers with `LEGACY_STATE_BUCKET` take over, SIGKILLed at random
+/// too, while orders keep coming. Every stored input ends with exactly one
+/// outcome: its final v1 record or one v2 outcome, never both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_13_upgrade_from_v1_workers_under_traffic() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let v1 = v1_worker()?;
+    let server = NatsServer::start().await?;
+    let js = jetstream::new(async_nats::connect(server.url()).await?);
+    let v1_env = vec![
+        ("NATS_URL", server.url()),
+        ("CREATE_TOPOLOGY", "true".to_string()),
+        ("WORKER_POOL_SIZE", "20".to_string()),
+        ("NAK_INITIAL_DELAY", "1s".to_string()),
+        ("NAK_MAX_DELAY", "8s".to_string()),
+        ("SHUTDOWN_GRACE", "2s".to_string()),
+    ];
+    // A backlog first, so that every v1 worker has its whole pool in flight
+    // when it is killed (orders half done at every step), then orders keep
+    // coming through the upgrade.
+    let prefix = format!("u{}", random_suffix());
+    // v1's own topology, created by a v1 worker that stops before any order.
+    let mut creator = WorkerProcess::spawn(&v1, &v1_env).await?;
+    creator.wait_ready().await?;
+    creator.kill().await?;
+    let backlog =
+        ctl::publish_orders(&js, &opts(&format!("{prefix}a"), orders(6_000, 20_000))).await?;
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let w = WorkerProcess::spawn(&v1, &v1_env).await?;
+        w.wait_ready().await?;
+        workers.push(w);
+    }
+    let mut o = opts(&format!("{prefix}b"), orders(3_000, 20_000));
+    o.rate = if long() { 2_000.0 } else { 1_000.0 };
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move { ctl::publish_orders(&js, &o).await })
+    };
+    // v1 killed at random until it has taken a third of the backlog.
+    let third = backlog.valid_ids.len() as u64 / 3;
+    let mut kills = 0;
+    loop {
+        let taken = js
+            .get_stream("ORDERS")
+            .await?
+            .consumer_info("order-workers")
+            .await?
+            .delivered
+            .stream_sequence;
+        if taken >= third {
+            break;
+        }
+        hold_fault(Duration::from_millis(150)).await;
+        let i = (rand_index() as usize) % workers.len();
+        workers[i].kill().await?;
+        workers[i] = WorkerProcess::spawn(&v1, &v1_env).await?;
+        kills += 1;
+    }
+    // The upgrade: every v1 worker gone (killed mid-work), then v2's topology
+    // and v2 workers that honour v1's final records.
+    for w in &mut workers {
+        w.kill().await?;
+    }
+    let v1_records = js
+        .get_key_value("ORDERS_STATE")
+        .await?
+        .status()
+        .await?
+        .values();
+    topology(&js, 1).await?;
+    let env = worker_env(
+        &server.url(),
+        &[("LEGACY_STATE_BUCKET", "ORDERS_STATE".into())],
+    );
+    let bin = binary("order-worker")?;
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let w = WorkerProcess::spawn(&bin, &env).await?;
+        w.wait_ready().await?;
+        workers.push(w);
+    }
+    while !publisher.is_finished() {
+        hold_fault(Duration::from_secs(1)).await;
+        let i = (rand_index() as usize) % workers.len();
+        workers[i].kill().await?;
+        workers[i] = WorkerProcess::spawn(&bin, &env).await?;
+        kills += 1;
+    }
+    let r = publisher.await??;
+    drained(&js, Duration::from_secs(300)).await?;
+    anyhow::ensure!(v1_records > 0, "the v1 workers recorded nothing");
+    let (valid, invalid): (Vec<&String>, Vec<&String>) = (
+        backlog.valid_ids.iter().chain(&r.valid_ids).collect(),
+        backlog.invalid_ids.iter().chain(&r.invalid_ids).collect(),
+    );
+    let mut audit = audit(&js).await?;
+    audit.honour_legacy_records(&js, "ORDERS_STATE").await?;
+    let s = audit.summary();
+    let line = format!(
+        "fault upgrade-from-v1 ({kills} kills): published {} v1 records {v1_records} final before v2 {} processed by v2 {} rejected by v2 {} dead-lettered {} lost {} two outcomes {} wall {:.1}s\n",
+        s.published,
+        audit.legacy_final.len(),
+        s.processed,
+        s.rejected,
+        s.dead_lettered,
+        s.lost,
+        s.two_outcomes,
+        started.elapsed().as_secs_f64()
+    );
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    let v = audit.violations();
+    anyhow::ensure!(v.is_empty(), "{}", v.join("; "));
+    // Every order the producer stored has its outcome: before v2, or from v2.
+    let by_id: std::collections::HashSet<&str> = audit
+        .stored_inputs
+        .iter()
+        .filter(|i| audit.legacy_final.contains(&i.seq))
+        .map(|i| i.order_id.as_str())
+        .collect();
+    for id in valid {
+        anyhow::ensure!(
+            audit.processed.get(id).copied().unwrap_or(0) + u32::from(by_id.contains(id.as_str()))
+                == 1,
+            "valid order {id}: processed by v2 {:?}, final before v2 {}",
+            audit.processed.get(id),
+            by_id.contains(id.as_str())
+        );
+    }
+    for id in invalid {
+        anyhow::ensure!(
+            audit.rejected.get(id).copied().unwrap_or(0) + u32::from(by_id.contains(id.as_str()))
+                == 1,
+            "invalid order {id}: rejected by v2 {:?}, final before v2 {}",
+            audit.rejected.get(id),
+            by_id.contains(id.as_str())
+        );
+    }
+    Ok(())
+}

@@ -72,6 +72,9 @@ pub struct Audit {
     /// Inputs with no v2 outcome whose order the protocol before v2 recorded
     /// final in its KV bucket (see [`Audit::honour_legacy_records`]).
     pub legacy_final: HashSet<u64>,
+    /// Inputs whose order has both a final record before v2 and a v2 outcome:
+    /// two outcomes.
+    pub legacy_and_v2: Vec<u64>,
 }
 
 async fn read_all(
@@ -242,7 +245,8 @@ impl Audit {
 
     /// Counts the inputs that have no v2 outcome but whose order the protocol
     /// before v2 recorded final in `bucket` as having their outcome (a pipeline
-    /// upgraded from v1 keeps those records until their TTL).
+    /// upgraded from v1 keeps those records until their TTL); an input whose
+    /// order has such a record and a v2 outcome too has two outcomes.
     pub async fn honour_legacy_records(
         &mut self,
         js: &jetstream::Context,
@@ -252,17 +256,31 @@ impl Audit {
             .get_key_value(bucket)
             .await
             .with_context(|| format!("KV bucket {bucket}"))?;
-        let without: Vec<(u64, String)> = self
+        let inputs: Vec<(u64, String, bool)> = self
             .stored_inputs
             .iter()
-            .filter(|i| self.outcome_of(i).is_none() && !i.order_id.is_empty())
-            .map(|i| (i.seq, i.order_id.clone()))
+            .filter(|i| !i.order_id.is_empty())
+            .map(|i| (i.seq, i.order_id.clone(), self.outcome_of(i).is_some()))
             .collect();
-        for (seq, id) in without {
-            if let Some(v) = kv.get(names::legacy_state_key(&id)).await?
-                && crate::decide::legacy_record_is_final(&v)
-            {
-                self.legacy_final.insert(seq);
+        let mut final_ids: HashMap<String, bool> = HashMap::new();
+        for (seq, id, has_v2) in inputs {
+            let is_final = match final_ids.get(&id) {
+                Some(f) => *f,
+                None => {
+                    let f = kv
+                        .get(names::legacy_state_key(&id))
+                        .await?
+                        .is_some_and(|v| crate::decide::legacy_record_is_final(&v));
+                    final_ids.insert(id, f);
+                    f
+                }
+            };
+            match (is_final, has_v2) {
+                (true, false) => {
+                    self.legacy_final.insert(seq);
+                }
+                (true, true) => self.legacy_and_v2.push(seq),
+                (false, _) => {}
             }
         }
         Ok(())
@@ -346,6 +364,13 @@ impl Audit {
             }
         }
         push("inputs with two outcomes (processed and/or rejected)", two);
+        push(
+            "inputs with a final record before v2 and a v2 outcome (two outcomes)",
+            self.legacy_and_v2
+                .iter()
+                .map(|s| format!("seq {s}"))
+                .collect(),
+        );
         push(
             "outcomes written over another outcome without replaying its dead letter",
             bad_supersede,
@@ -522,7 +547,8 @@ impl Audit {
                 .saturating_sub(outcomes + lost),
             lost,
             processed_twice: self.processed.values().filter(|n| **n > 1).count() as u64,
-            two_outcomes: self.chains.values().filter(|c| Self::finals(c) > 1).count() as u64,
+            two_outcomes: self.chains.values().filter(|c| Self::finals(c) > 1).count() as u64
+                + self.legacy_and_v2.len() as u64,
             pending: self.consumer_pending + self.consumer_ack_pending,
         }
     }
