@@ -86,13 +86,12 @@ fn jitter() -> f64 {
 pub async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message, cancel: CancellationToken) -> Outcome {
     let start = Instant::now();
     ctx.metrics.in_flight.inc();
-    let subject = msg.subject.to_string();
+    let subject = msg.subject.as_str();
     let msg_id = msg
         .headers
         .as_ref()
         .and_then(|h| h.get(names::MSG_ID_HEADER))
-        .map(|v| v.as_str().to_string())
-        .unwrap_or_default();
+        .map_or("", |v| v.as_str());
     // The JetStream metadata, parsed once from the reply subject.
     let delivery = msg.info().map(|i| Delivery {
         stream_seq: i.stream_sequence,
@@ -113,16 +112,20 @@ pub async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message, cancel: Cancellation
         otel.status_code = field::Empty,
         messaging.system = "nats",
         messaging.operation.type = "process",
-        messaging.destination.name = subject.as_str(),
+        messaging.destination.name = subject,
         messaging.consumer.group.name = ctx.cfg.consumer.as_str(),
-        messaging.message.id = msg_id.as_str(),
+        messaging.message.id = msg_id,
         messaging.nats.delivery_count = delivered,
         messaging.nats.stream_sequence = field::Empty,
         order.id = field::Empty,
         outcome = field::Empty,
         worker = ctx.worker.as_str(),
     );
-    let _ = span.set_parent(trace::extract(msg.headers.as_ref()));
+    // Nothing to continue when no layer records the span (sampled out, or no
+    // exporter and quiet logs): the headers are not even looked at.
+    if !span.is_disabled() {
+        let _ = span.set_parent(trace::extract(msg.headers.as_ref()));
+    }
     let outcome = run_with_progress(&ctx, &msg, delivery, &cancel)
         .instrument(span.clone())
         .await;
@@ -580,11 +583,12 @@ fn outcome_payload(
     dead: Option<DeadReason>,
     why: &str,
 ) -> Vec<u8> {
-    let order = c.order.clone().unwrap_or_default();
+    let empty = OrderCreated::default();
+    let order = c.order.as_ref().unwrap_or(&empty);
     match kind {
         OutcomeKind::Processed => OrderProcessed {
-            order_id: order.order_id,
-            customer_id: order.customer_id,
+            order_id: order.order_id.clone(),
+            customer_id: order.customer_id.clone(),
             total_amount: order.total_amount,
             processed_at: Some(orderpipeline_proto::now()),
             delivery_count: delivery.delivered,
@@ -597,8 +601,8 @@ fn outcome_payload(
                 message: String::new(),
             });
             OrderRejected {
-                order_id: order.order_id,
-                customer_id: order.customer_id,
+                order_id: order.order_id.clone(),
+                customer_id: order.customer_id.clone(),
                 reason_code: r.reason as i32,
                 message: r.message,
                 rejected_at: Some(orderpipeline_proto::now()),

@@ -195,13 +195,21 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         let Some(stream) = messages.as_mut() else {
             continue;
         };
-        let permit = tokio::select! {
-            p = sem.clone().acquire_owned() => p?,
-            _ = shutdown.cancelled() => break,
+        // The usual case takes no wait: a free slot, a message already
+        // buffered. Only a wait races the shutdown.
+        let permit = match sem.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => tokio::select! {
+                p = sem.clone().acquire_owned() => p?,
+                _ = shutdown.cancelled() => break,
+            },
         };
-        let next = tokio::select! {
-            n = stream.next() => n,
-            _ = shutdown.cancelled() => break 'outer,
+        let next = match futures::FutureExt::now_or_never(stream.next()) {
+            Some(n) => n,
+            None => tokio::select! {
+                n = stream.next() => n,
+                _ = shutdown.cancelled() => break 'outer,
+            },
         };
         match next {
             Some(Ok(msg)) => {
