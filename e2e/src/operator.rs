@@ -34,12 +34,7 @@ pub fn sample_on_stream(
     p.metadata.name = Some(name.into());
     p.spec.nats.url = nats_url.to_string();
     p.spec.telemetry.otlp_endpoint = None;
-    p.spec.stream.name = stream.into();
-    p.spec.stream.subjects = vec![format!("{stream}.*")];
-    p.spec.consumer.filter_subject = format!("{stream}.created");
-    p.spec.dead_letter.stream_name = None;
-    p.spec.dead_letter.subject = None;
-    p.spec.state.bucket = None;
+    p.spec.on_own_stream(stream);
     Ok(p)
 }
 

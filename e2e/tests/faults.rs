@@ -264,12 +264,7 @@ async fn fault_1_sigkill_a_random_worker_every_few_seconds() -> anyhow::Result<(
     let stub = DownstreamStub::start(StubBehaviour::default()).await?;
     let env = worker_env(&server.url(), &[("DOWNSTREAM_URL", stub.url.clone())]);
     let bin = binary("order-worker")?;
-    let mut workers = Vec::new();
-    for _ in 0..3 {
-        let w = WorkerProcess::spawn(&bin, &env).await?;
-        w.wait_ready().await?;
-        workers.push(w);
-    }
+    let mut workers = ready_workers(&bin, &env, 3).await?;
     let count = orders(3_000, 50_000);
     let mut o = opts(&format!("k{}", random_suffix()), count);
     o.rate = if long() { 2_000.0 } else { 1_000.0 };
@@ -281,9 +276,7 @@ async fn fault_1_sigkill_a_random_worker_every_few_seconds() -> anyhow::Result<(
     let mut kills = 0;
     while !publisher.is_finished() {
         hold_fault(every).await;
-        let i = (rand_index() as usize) % workers.len();
-        workers[i].kill().await?;
-        workers[i] = WorkerProcess::spawn(&bin, &env).await?;
+        kill_one_at_random(&mut workers, &bin, &env).await?;
         kills += 1;
     }
     let r = publisher.await??;
@@ -306,6 +299,33 @@ async fn fault_1_sigkill_a_random_worker_every_few_seconds() -> anyhow::Result<(
 fn rand_index() -> u32 {
     let n = Instant::now().elapsed().subsec_nanos() ^ std::process::id();
     n.wrapping_mul(2_654_435_761)
+}
+
+/// `n` workers of `bin` with `env`, each Ready.
+async fn ready_workers(
+    bin: &std::path::Path,
+    env: &[(&'static str, String)],
+    n: usize,
+) -> anyhow::Result<Vec<WorkerProcess>> {
+    let mut workers = Vec::new();
+    for _ in 0..n {
+        let w = WorkerProcess::spawn(bin, env).await?;
+        w.wait_ready().await?;
+        workers.push(w);
+    }
+    Ok(workers)
+}
+
+/// SIGKILLs one of `workers` at random and starts another in its place.
+async fn kill_one_at_random(
+    workers: &mut [WorkerProcess],
+    bin: &std::path::Path,
+    env: &[(&'static str, String)],
+) -> anyhow::Result<()> {
+    let i = (rand_index() as usize) % workers.len();
+    workers[i].kill().await?;
+    workers[i] = WorkerProcess::spawn(bin, env).await?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1094,12 +1114,7 @@ async fn fault_13_upgrade_from_v1_workers_under_traffic() -> anyhow::Result<()> 
     creator.kill().await?;
     let backlog =
         ctl::publish_orders(&js, &opts(&format!("{prefix}a"), orders(6_000, 20_000))).await?;
-    let mut workers = Vec::new();
-    for _ in 0..3 {
-        let w = WorkerProcess::spawn(&v1, &v1_env).await?;
-        w.wait_ready().await?;
-        workers.push(w);
-    }
+    let mut workers = ready_workers(&v1, &v1_env, 3).await?;
     let mut o = opts(&format!("{prefix}b"), orders(3_000, 20_000));
     o.rate = if long() { 2_000.0 } else { 1_000.0 };
     let publisher = {
@@ -1121,9 +1136,7 @@ async fn fault_13_upgrade_from_v1_workers_under_traffic() -> anyhow::Result<()> 
             break;
         }
         hold_fault(Duration::from_millis(150)).await;
-        let i = (rand_index() as usize) % workers.len();
-        workers[i].kill().await?;
-        workers[i] = WorkerProcess::spawn(&v1, &v1_env).await?;
+        kill_one_at_random(&mut workers, &v1, &v1_env).await?;
         kills += 1;
     }
     // The upgrade: every v1 worker gone (killed mid-work), then v2's topology
@@ -1143,17 +1156,10 @@ async fn fault_13_upgrade_from_v1_workers_under_traffic() -> anyhow::Result<()> 
         &[("LEGACY_STATE_BUCKET", "ORDERS_STATE".into())],
     );
     let bin = binary("order-worker")?;
-    let mut workers = Vec::new();
-    for _ in 0..3 {
-        let w = WorkerProcess::spawn(&bin, &env).await?;
-        w.wait_ready().await?;
-        workers.push(w);
-    }
+    let mut workers = ready_workers(&bin, &env, 3).await?;
     while !publisher.is_finished() {
         hold_fault(Duration::from_secs(1)).await;
-        let i = (rand_index() as usize) % workers.len();
-        workers[i].kill().await?;
-        workers[i] = WorkerProcess::spawn(&bin, &env).await?;
+        kill_one_at_random(&mut workers, &bin, &env).await?;
         kills += 1;
     }
     let r = publisher.await??;

@@ -471,6 +471,18 @@ impl Default for StateSpec {
 }
 
 impl OrderPipelineSpec {
+    /// This spec on its own stream `stream` (subjects `<stream>.*`, filter
+    /// `<stream>.created`), with every other NATS name derived from it: one of
+    /// several pipelines on one NATS (tests, examples).
+    pub fn on_own_stream(&mut self, stream: &str) {
+        self.stream.name = stream.into();
+        self.stream.subjects = vec![format!("{stream}.*")];
+        self.consumer.filter_subject = format!("{stream}.created");
+        self.dead_letter.stream_name = None;
+        self.dead_letter.subject = None;
+        self.state.bucket = None;
+    }
+
     /// The dead-letter stream: `deadLetter.streamName`, or `<stream.name>_DLQ`.
     pub fn dlq_stream(&self) -> String {
         self.dead_letter

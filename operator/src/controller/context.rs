@@ -316,13 +316,7 @@ mod removal_tests {
         .unwrap();
         p.metadata.name = Some(name.into());
         p.metadata.namespace = Some("demo".into());
-        p.spec.stream.name = stream.into();
-        p.spec.stream.subjects = vec![format!("{stream}.*")];
-        p.spec.consumer.filter_subject = format!("{stream}.created");
-        // Every other name derived from the stream's.
-        p.spec.dead_letter.stream_name = None;
-        p.spec.dead_letter.subject = None;
-        p.spec.state.bucket = None;
+        p.spec.on_own_stream(stream);
         Arc::new(p)
     }
 
