@@ -230,13 +230,16 @@ def operator_create(n):
                 "events": ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))}
 
 
+def apiserver_request_totals():
+    """(labels, count) of every apiserver_request_total series, all clients."""
+    for line in sh("kubectl", "get", "--raw", "/metrics").splitlines():
+        if line.startswith("apiserver_request_total{"):
+            yield dict(re.findall(r'(\w+)="([^"]*)"', line)), float(line.rsplit(" ", 1)[1])
+
+
 def apiserver_requests():
     counts = {}
-    for line in sh("kubectl", "get", "--raw", "/metrics").splitlines():
-        if not line.startswith("apiserver_request_total{"):
-            continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-        v = float(line.rsplit(" ", 1)[1])
+    for labels, v in apiserver_request_totals():
         if labels.get("dry_run"):
             counts["dry-runs"] = counts.get("dry-runs", 0) + v
             continue
@@ -251,13 +254,10 @@ def apiserver_requests():
 def apiserver_by_resource():
     """apiserver_request_total by verb and resource (dry runs apart), all clients."""
     counts = {}
-    for line in sh("kubectl", "get", "--raw", "/metrics").splitlines():
-        if not line.startswith("apiserver_request_total{"):
-            continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+    for labels, v in apiserver_request_totals():
         what = labels.get("resource", "?") + ("/" + labels["subresource"] if labels.get("subresource") else "")
         key = f"{labels.get('verb', '?')}{' dry-run' if labels.get('dry_run') else ''} {what}"
-        counts[key] = counts.get(key, 0) + float(line.rsplit(" ", 1)[1])
+        counts[key] = counts.get(key, 0) + v
     return counts
 
 

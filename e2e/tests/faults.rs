@@ -1104,14 +1104,14 @@ async fn fault_13_upgrade_from_v1_workers_under_traffic() -> anyhow::Result<()> 
         ("NAK_MAX_DELAY", "8s".to_string()),
         ("SHUTDOWN_GRACE", "2s".to_string()),
     ];
-    // A backlog first, so that every v1 worker has its whole pool in flight
-    // when it is killed (orders half done at every step), then orders keep
-    // coming through the upgrade.
     let prefix = format!("u{}", random_suffix());
     // v1's own topology, created by a v1 worker that stops before any order.
     let mut creator = WorkerProcess::spawn(&v1, &v1_env).await?;
     creator.wait_ready().await?;
     creator.kill().await?;
+    // A backlog first, so that every v1 worker has its whole pool in flight
+    // when it is killed (orders half done at every step), then orders keep
+    // coming through the upgrade.
     let backlog =
         ctl::publish_orders(&js, &opts(&format!("{prefix}a"), orders(6_000, 20_000))).await?;
     let mut workers = ready_workers(&v1, &v1_env, 3).await?;
@@ -1193,23 +1193,18 @@ async fn fault_13_upgrade_from_v1_workers_under_traffic() -> anyhow::Result<()> 
         .filter(|i| audit.legacy_final.contains(&i.seq))
         .map(|i| i.order_id.as_str())
         .collect();
-    for id in valid {
-        anyhow::ensure!(
-            audit.processed.get(id).copied().unwrap_or(0) + u32::from(by_id.contains(id.as_str()))
-                == 1,
-            "valid order {id}: processed by v2 {:?}, final before v2 {}",
-            audit.processed.get(id),
-            by_id.contains(id.as_str())
-        );
-    }
-    for id in invalid {
-        anyhow::ensure!(
-            audit.rejected.get(id).copied().unwrap_or(0) + u32::from(by_id.contains(id.as_str()))
-                == 1,
-            "invalid order {id}: rejected by v2 {:?}, final before v2 {}",
-            audit.rejected.get(id),
-            by_id.contains(id.as_str())
-        );
+    for (ids, by_v2, what) in [
+        (valid, &audit.processed, "valid order, processed"),
+        (invalid, &audit.rejected, "invalid order, rejected"),
+    ] {
+        for id in ids {
+            let before = by_id.contains(id.as_str());
+            anyhow::ensure!(
+                by_v2.get(id).copied().unwrap_or(0) + u32::from(before) == 1,
+                "{what} by v2 {:?}, final before v2 {before}: {id}",
+                by_v2.get(id)
+            );
+        }
     }
     Ok(())
 }

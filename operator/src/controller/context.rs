@@ -252,16 +252,13 @@ pub(crate) fn removed_for(
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter(|p| {
-            let Ok(plan) = crate::render::plan(p) else {
-                return false;
-            };
-            let t = &plan.topology;
+            let s = &p.spec;
             match consumer {
-                Some(c) => t.stream == stream && t.consumer == c,
+                Some(c) => s.stream.name == stream && s.consumer.name == c,
                 None => {
-                    t.stream == stream
-                        || t.dlq_stream == stream
-                        || stream.strip_prefix("KV_") == Some(t.bucket.as_str())
+                    s.stream.name == stream
+                        || s.dlq_stream() == stream
+                        || stream.strip_prefix("KV_") == Some(s.state_bucket().as_str())
                 }
             }
         })

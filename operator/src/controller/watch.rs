@@ -41,14 +41,17 @@ pub(crate) fn deployment_trigger(d: &Deployment) -> u64 {
             (k, v).hash(&mut h);
         }
     }
-    let s = d.status.clone().unwrap_or_default();
-    (
-        s.observed_generation,
-        s.replicas,
-        s.updated_replicas,
-        s.ready_replicas,
-        s.available_replicas,
-    )
+    d.status
+        .as_ref()
+        .map(|s| {
+            (
+                s.observed_generation,
+                s.replicas,
+                s.updated_replicas,
+                s.ready_replicas,
+                s.available_replicas,
+            )
+        })
         .hash(&mut h);
     h.finish()
 }

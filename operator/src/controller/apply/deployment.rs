@@ -134,7 +134,9 @@ impl Applied {
                 .all(|(k, v)| theirs.as_ref().and_then(|t| t.get(k)) == Some(v))
         };
         self.uid.is_some()
-            && *self == desired.clone().at(live)
+            && self.uid == live.metadata.uid
+            && self.generation == live.metadata.generation
+            && self.desired == desired.desired
             && has(&self.labels, &live.metadata.labels)
             && has(&self.annotations, &live.metadata.annotations)
     }

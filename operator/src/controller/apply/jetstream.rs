@@ -138,7 +138,7 @@ async fn ensure_stream(
         .await
         .map_err(|e| r.api_err(&format!("reading stream {name}"), e))?;
     if let Some(live) = live {
-        let changed = update_stream(r, js, t, live.config.clone(), cfg, what).await?;
+        let changed = update_stream(r, js, t, &live.config, cfg, what).await?;
         return Ok((!changed).then_some(live));
     }
     let note = format!("created stream {name} on {:?}", cfg.subjects);
@@ -156,15 +156,15 @@ async fn update_stream(
     r: &Reporter<'_>,
     js: &dyn JetStream,
     t: &Topology,
-    live: stream::Config,
+    live: &stream::Config,
     cfg: stream::Config,
     what: Object,
 ) -> Result<bool, NotReady> {
     let (p, name) = (r.p, cfg.name.clone());
     let adopt_allowed = p.spec.management_policy == ManagementPolicy::Adopt;
-    let adopt = drift::ownership(&name, &live, t.owner.as_deref(), adopt_allowed)
+    let adopt = drift::ownership(&name, live, t.owner.as_deref(), adopt_allowed)
         .map_err(|msg| NotReady::new(Cause::StreamConflict, msg))?;
-    if let Some(why) = drift::immutable_change(&live, &cfg) {
+    if let Some(why) = drift::immutable_change(live, &cfg) {
         if !p.spec.stream.recreate_on_immutable_change {
             return Err(NotReady::new(
                 Cause::StreamIncompatible,
@@ -187,7 +187,7 @@ async fn update_stream(
             .map_err(|e| r.api_err(&format!("adopting stream {name}"), e))?;
         let note = format!("adopted existing stream {name} (managementPolicy Adopt)");
         r.ctx.event(p, Kind::Adopted, note).await;
-    } else if let Some(field) = drift::stream_differs(&live, &cfg) {
+    } else if let Some(field) = drift::stream_differs(live, &cfg) {
         js.update_stream(cfg)
             .await
             .map_err(|e| r.api_err(&format!("updating stream {name}"), e))?;
