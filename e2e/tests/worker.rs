@@ -828,7 +828,17 @@ async fn a_forged_replay_header_is_ignored_and_a_letter_without_id_is_replayed_o
     )
     .await?;
     drained(&js, Duration::from_secs(30)).await?;
-    let letters = ctl::dlq_list(&js, "ORDERS_DLQ", 10).await?;
+    // The DLQ stream sources the letter from the input stream asynchronously:
+    // it may arrive just after the input is acked.
+    let letters = wait_for(
+        "the poison's letter in ORDERS_DLQ",
+        Duration::from_secs(10),
+        || async {
+            let l = ctl::dlq_list(&js, "ORDERS_DLQ", 10).await?;
+            Ok((!l.is_empty()).then_some(l))
+        },
+    )
+    .await?;
     assert_eq!(letters.len(), 1, "the poison's letter");
     let a = audit(&js).await?;
     let processed = a.chains[&orderpipeline_common::names::order_key(&id).context("key")?][0].seq;
