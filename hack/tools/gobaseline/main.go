@@ -4,6 +4,10 @@
 // publish the encoded result with its own Nats-Msg-Id and await its PubAck, ack.
 // A crash between the KV create and the publish loses the outcome; the worker
 // does not have that hole. Prints one JSON line: orders, seconds, orders/s.
+//
+// --protocol outcome does the worker's own protocol instead, for comparison:
+// one conditional publish of the result on <outcome-prefix>.processed.<key>,
+// accepted only if <outcome-prefix>.*.<key> has no message yet, then ack.
 package main
 
 import (
@@ -16,6 +20,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -65,7 +70,13 @@ func main() {
 	subject := flag.String("result-subject", "GOB.processed", "result subject")
 	count := flag.Int64("count", 20000, "orders to process, then exit")
 	inflight := flag.Int("inflight", 100, "orders in flight (also the pull batch)")
+	protocol := flag.String("protocol", "anchor", "anchor (KV create, result with Nats-Msg-Id, ack) or outcome (the worker's: one conditional publish, ack)")
+	outcomePrefix := flag.String("outcome-prefix", "GOS", "--protocol outcome: the outcome subjects' prefix")
 	flag.Parse()
+	if *protocol != "anchor" && *protocol != "outcome" {
+		fmt.Fprintln(os.Stderr, "gobaseline: --protocol must be anchor or outcome")
+		os.Exit(2)
+	}
 
 	nc, err := nats.Connect(*url)
 	if err != nil {
@@ -84,7 +95,10 @@ func main() {
 		fmt.Fprintln(os.Stderr, "gobaseline: consumer:", err)
 		os.Exit(1)
 	}
-	kv, err := js.KeyValue(ctx, *bucket)
+	var kv jetstream.KeyValue
+	if *protocol == "anchor" {
+		kv, err = js.KeyValue(ctx, *bucket)
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "gobaseline: bucket:", err)
 		os.Exit(1)
@@ -114,6 +128,22 @@ func main() {
 				return
 			}
 			key := "x" + hex.EncodeToString([]byte(id))
+			if *protocol == "outcome" {
+				out := nats.NewMsg(*outcomePrefix + ".processed." + key)
+				out.Data = result(id)
+				out.Header.Set("Nats-Expected-Last-Subject-Sequence-Subject", *outcomePrefix+".*."+key)
+				if _, err := js.PublishMsg(ctx, out, jetstream.WithExpectLastSequencePerSubject(0)); err != nil {
+					failed.Add(1)
+					_ = m.Nak()
+					return
+				}
+				if err := m.Ack(); err != nil {
+					failed.Add(1)
+					return
+				}
+				done.Add(1)
+				return
+			}
 			if _, err := kv.Create(ctx, key, []byte("processed")); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
 				failed.Add(1)
 				_ = m.Nak()
@@ -134,9 +164,13 @@ func main() {
 	wg.Wait()
 	secs := time.Since(start).Seconds()
 	iter.Stop()
+	// Its own CPU time (user + system), so the caller need not poll /proc.
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	cpu := time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 	out, _ := json.Marshal(map[string]any{
-		"orders": done.Load(), "failed": failed.Load(), "seconds": secs,
-		"rate": float64(done.Load()) / secs, "inflight": *inflight,
+		"orders": done.Load(), "failed": failed.Load(), "seconds": secs, "cpu_seconds": cpu.Seconds(),
+		"rate": float64(done.Load()) / secs, "inflight": *inflight, "protocol": *protocol,
 	})
 	fmt.Println(string(out))
 }
