@@ -108,6 +108,21 @@ func main() {
 		fmt.Fprintln(os.Stderr, "gobaseline: pull:", err)
 		os.Exit(1)
 	}
+	// The write of one order's outcome, by protocol.
+	write := func(key, id string) error {
+		if *protocol == "outcome" {
+			out := nats.NewMsg(*outcomePrefix + ".processed." + key)
+			out.Data = result(id)
+			out.Header.Set("Nats-Expected-Last-Subject-Sequence-Subject", *outcomePrefix+".*."+key)
+			_, err := js.PublishMsg(ctx, out, jetstream.WithExpectLastSequencePerSubject(0))
+			return err
+		}
+		if _, err := kv.Create(ctx, key, []byte("processed")); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+			return err
+		}
+		_, err := js.Publish(ctx, *subject, result(id), jetstream.WithMsgID(id+":processed"))
+		return err
+	}
 	var done, failed atomic.Int64
 	sem := make(chan struct{}, *inflight)
 	var wg sync.WaitGroup
@@ -128,28 +143,7 @@ func main() {
 				return
 			}
 			key := "x" + hex.EncodeToString([]byte(id))
-			if *protocol == "outcome" {
-				out := nats.NewMsg(*outcomePrefix + ".processed." + key)
-				out.Data = result(id)
-				out.Header.Set("Nats-Expected-Last-Subject-Sequence-Subject", *outcomePrefix+".*."+key)
-				if _, err := js.PublishMsg(ctx, out, jetstream.WithExpectLastSequencePerSubject(0)); err != nil {
-					failed.Add(1)
-					_ = m.Nak()
-					return
-				}
-				if err := m.Ack(); err != nil {
-					failed.Add(1)
-					return
-				}
-				done.Add(1)
-				return
-			}
-			if _, err := kv.Create(ctx, key, []byte("processed")); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
-				failed.Add(1)
-				_ = m.Nak()
-				return
-			}
-			if _, err := js.Publish(ctx, *subject, result(id), jetstream.WithMsgID(id+":processed")); err != nil {
+			if err := write(key, id); err != nil {
 				failed.Add(1)
 				_ = m.Nak()
 				return
