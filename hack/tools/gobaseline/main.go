@@ -97,11 +97,10 @@ func main() {
 	}
 	var kv jetstream.KeyValue
 	if *protocol == "anchor" {
-		kv, err = js.KeyValue(ctx, *bucket)
-	}
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "gobaseline: bucket:", err)
-		os.Exit(1)
+		if kv, err = js.KeyValue(ctx, *bucket); err != nil {
+			fmt.Fprintln(os.Stderr, "gobaseline: bucket:", err)
+			os.Exit(1)
+		}
 	}
 	iter, err := cons.Messages(jetstream.PullMaxMessages(*inflight))
 	if err != nil {
