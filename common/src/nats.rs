@@ -174,6 +174,13 @@ fn classify(url: &str, e: &async_nats::ConnectError) -> NatsConnectError {
     }
 }
 
+/// The input-stream sequence a sourced message was copied from
+/// (`Nats-Stream-Source: <stream> <seq> ...`), e.g. a dead letter's marker.
+pub fn source_sequence(headers: &async_nats::HeaderMap) -> Option<u64> {
+    let v = headers.get("Nats-Stream-Source")?.as_str();
+    v.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Whether a JetStream error (or any error in its source chain) is the server's
 /// "not found" (HTTP-like code 404: no such stream, consumer or bucket). The one
 /// place this is decided; never match error texts for it.

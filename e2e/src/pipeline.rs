@@ -315,4 +315,4 @@ pub async fn http_get(url: &str) -> Option<(u16, String)> {
     Some((code.trim().parse().ok()?, body.to_string()))
 }
 
-pub use order_worker::audit::Audit;
+pub use orderpipeline_ctl::audit::Audit;

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::jetstream;
-use order_worker::audit::Audit;
-use order_worker::ctl::{self, PublishOptions, PublishReport};
 use orderpipeline_common::topology::Topology;
+use orderpipeline_ctl::audit::Audit;
+use orderpipeline_ctl::{self as ctl, PublishOptions, PublishReport};
 use orderpipeline_e2e::pipeline::{DownstreamStub, StubBehaviour, WorkerProcess, binary};
 use orderpipeline_e2e::proxy::Proxy;
 use orderpipeline_e2e::{NatsCluster, NatsServer, random_suffix, wait_for};

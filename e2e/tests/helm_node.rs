@@ -23,7 +23,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use order_operator::crd::OrderPipeline;
-use order_worker::ctl::{self, PublishOptions};
+use orderpipeline_ctl::{self as ctl, PublishOptions};
 use orderpipeline_e2e::node::{
     OPERATOR_LABEL, install_image, is_ready, lease_holder, name_of, node_nats_url, pods,
 };

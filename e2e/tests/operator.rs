@@ -730,7 +730,7 @@ async fn a_backlog_scales_the_workers_up_and_back_down_after_the_window() -> any
     p.spec.workers.pool_size = 100;
     s.api.create(&PostParams::default(), &p).await?;
     wait_replicas(&s, 1, Duration::from_secs(30)).await?;
-    let mut opts = order_worker::ctl::PublishOptions {
+    let mut opts = orderpipeline_ctl::PublishOptions {
         subject: "ORDER.created".into(),
         count: 20_000,
         rate: 0.0,
@@ -743,7 +743,7 @@ async fn a_backlog_scales_the_workers_up_and_back_down_after_the_window() -> any
         poison: 0,
     };
     opts.count = 20_000;
-    order_worker::ctl::publish_orders(&s.js, &opts).await?;
+    orderpipeline_ctl::publish_orders(&s.js, &opts).await?;
     // Two resync intervals (2 s each), plus slack for the Deployment write.
     wait_replicas(&s, 10, Duration::from_secs(6)).await?;
     // The status is written right after the Deployment.
@@ -935,9 +935,9 @@ async fn pause_scales_to_zero_and_pauses_the_consumer_and_unpause_resumes() -> a
     let p = s.api.get("orders").await?;
     assert!(condition(&p, "Paused").is_some_and(|c| c.status == "True"));
     // Orders published while paused wait in the stream.
-    let report = order_worker::ctl::publish_orders(
+    let report = orderpipeline_ctl::publish_orders(
         &s.js,
-        &order_worker::ctl::PublishOptions {
+        &orderpipeline_ctl::PublishOptions {
             subject: "ORDER.created".into(),
             count: 50,
             rate: 0.0,
@@ -976,7 +976,8 @@ async fn pause_scales_to_zero_and_pauses_the_consumer_and_unpause_resumes() -> a
     )
     .await?;
     let audit =
-        order_worker::audit::Audit::collect(&s.js, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
+        orderpipeline_ctl::audit::Audit::collect(&s.js, "ORDERS", "ORDERS_DLQ", "order-workers")
+            .await?;
     audit.assert_exactly_once(&report.valid_ids, &[])?;
     s.ns.delete().await
 }
@@ -1401,10 +1402,10 @@ async fn publish_ids(
     subject: &str,
     prefix: &str,
     count: u64,
-) -> anyhow::Result<order_worker::ctl::PublishReport> {
-    order_worker::ctl::publish_orders(
+) -> anyhow::Result<orderpipeline_ctl::PublishReport> {
+    orderpipeline_ctl::publish_orders(
         js,
-        &order_worker::ctl::PublishOptions {
+        &orderpipeline_ctl::PublishOptions {
             subject: subject.into(),
             count,
             rate: 0.0,
@@ -1464,10 +1465,11 @@ async fn two_pipelines_on_one_nats_keep_their_orders_apart_and_a_clash_is_refuse
     wait_drained(&s.js, "ORDERS", "order-workers").await?;
     wait_drained(&s.js, "SHOP", "order-workers").await?;
     let orders =
-        order_worker::audit::Audit::collect(&s.js, "ORDERS", "ORDERS_DLQ", "order-workers").await?;
+        orderpipeline_ctl::audit::Audit::collect(&s.js, "ORDERS", "ORDERS_DLQ", "order-workers")
+            .await?;
     orders.assert_exactly_once(&a.valid_ids, &[])?;
-    let shop =
-        order_worker::audit::Audit::collect(&s.js, "SHOP", "SHOP_DLQ", "order-workers").await?;
+    let shop = orderpipeline_ctl::audit::Audit::collect(&s.js, "SHOP", "SHOP_DLQ", "order-workers")
+        .await?;
     shop.assert_exactly_once(&b.valid_ids, &[])?;
     // Nothing of the shop's reached the first pipeline's stream, nor its KV bucket.
     let mut orders_stream = s.js.get_stream("ORDERS").await?;

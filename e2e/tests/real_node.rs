@@ -15,8 +15,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use order_operator::crd::OrderPipeline;
-use order_worker::audit::Audit;
-use order_worker::ctl::{self, PublishOptions};
+use orderpipeline_ctl::audit::Audit;
+use orderpipeline_ctl::{self as ctl, PublishOptions};
 use orderpipeline_e2e::node::{
     OPERATOR_LABEL, container_pid, install_operator, is_ready, lease_holder, name_of,
     node_nats_url, pods, proc_status, restarts, root_mount_options,

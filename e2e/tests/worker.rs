@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
-use order_worker::ctl::{self, PublishOptions};
 use orderpipeline_common::topology::Topology;
+use orderpipeline_ctl::{self as ctl, PublishOptions};
 use orderpipeline_e2e::pipeline::{
     Audit, DownstreamStub, StubBehaviour, WorkerProcess, binary, http_get,
 };

@@ -1044,11 +1044,14 @@ status: {observedGeneration: 4, replicas: 2, updatedReplicas: 0}",
         assert!(env["OTEL_RESOURCE_ATTRIBUTES"].contains("orderpipeline.name=orders"));
         assert!(env["OTEL_RESOURCE_ATTRIBUTES"].contains("k8s.namespace.name=shop"));
         // Every variable rendered is one the worker accepts (read from its flag definitions).
-        let worker_flags: Vec<&str> = include_str!("../../worker/src/config.rs")
-            .split("env = \"")
-            .skip(1)
-            .filter_map(|s| s.split('"').next())
-            .collect();
+        let worker_flags: Vec<&str> = [
+            include_str!("../../worker/src/config.rs"),
+            include_str!("../../common/src/flags.rs"),
+        ]
+        .iter()
+        .flat_map(|src| src.split("env = \"").skip(1))
+        .filter_map(|s| s.split('"').next())
+        .collect();
         for name in env.keys() {
             if name.starts_with("OTEL_") || name == "POD_NAMESPACE" {
                 continue;

@@ -30,3 +30,16 @@ pub fn timestamp(t: std::time::SystemTime) -> Timestamp {
 pub fn now() -> Timestamp {
     timestamp(std::time::SystemTime::now())
 }
+
+impl ErrorClass {
+    /// The class as a metric label and in orderctl's output (snake case, no prefix).
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorClass::Undecodable => "undecodable",
+            ErrorClass::Permanent => "permanent",
+            ErrorClass::AttemptsExhausted => "attempts_exhausted",
+            ErrorClass::Oversized => "oversized",
+            ErrorClass::Unspecified => "unspecified",
+        }
+    }
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use orderpipeline_proto::OrderCreated;
 
-use crate::decide::{CallClass, classify_status};
+use orderpipeline_protocol::decide::{CallClass, classify_status};
 
 #[derive(Clone)]
 pub struct Downstream {

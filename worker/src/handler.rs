@@ -1,6 +1,6 @@
 //! Handles one input message, end to end: decide what the input is (decode, size,
 //! validation), then carry out the steps of the outcome protocol
-//! ([`crate::protocol::Machine`]): read the key's outcome when needed, call the
+//! ([`orderpipeline_protocol::machine::Machine`]): read the key's outcome when needed, call the
 //! downstream, write the outcome as one conditional publish on
 //! `<prefix>.<kind>.<key>`, ack. Every message ends as exactly one of: acked with
 //! its outcome written by this delivery, acked because its key already has one
@@ -22,11 +22,13 @@ use tracing::{Instrument as _, field};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::config::Config;
-use crate::decide::{self, CallClass};
 use crate::downstream::Downstream;
 use crate::metrics::Metrics;
-use crate::protocol::{DeadReason, Delivery as ProtocolDelivery, Event, Machine, Step, Verdict};
-use crate::trace;
+use orderpipeline_common::trace;
+use orderpipeline_protocol::decide::{self, CallClass};
+use orderpipeline_protocol::machine::{
+    DeadReason, Delivery as ProtocolDelivery, Event, Machine, Step, Verdict,
+};
 
 /// Everything a handler needs; shared by all in-flight messages.
 pub struct Ctx {
@@ -361,7 +363,7 @@ async fn process(
                         written = Some(kind);
                         if kind == OutcomeKind::DeadLettered {
                             count_dead_letter(ctx, dead_class(&c, dead));
-                            tracing::warn!(class = class_label(dead_class(&c, dead)), error = %last_error, "dead-lettered");
+                            tracing::warn!(class = dead_class(&c, dead).label(), error = %last_error, "dead-lettered");
                         } else if kind == OutcomeKind::Rejected
                             && let Some(r) = &c.rejection
                         {
@@ -440,12 +442,6 @@ struct Replay {
     key: String,
 }
 
-/// The `Orderpipeline-Replay-Of: <marker>/<letter>` header, parsed.
-pub fn parse_replay_of(value: &str) -> Option<(u64, u64)> {
-    let (marker, letter) = value.split_once('/')?;
-    Some((marker.trim().parse().ok()?, letter.trim().parse().ok()?))
-}
-
 /// The replay this input is, if any: the header must name a dead-letter marker
 /// of this pipeline (a header naming anything else, e.g. one a producer set, is
 /// ignored: the input is then an ordinary one). An error reading the marker
@@ -456,7 +452,7 @@ async fn replay_of(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Replay>
         .headers
         .as_ref()
         .and_then(|h| h.get(names::REPLAY_OF_HEADER))
-        .and_then(|v| parse_replay_of(v.as_str()))
+        .and_then(|v| names::parse_replay_of(v.as_str()))
     else {
         return Ok(None);
     };
@@ -633,7 +629,7 @@ fn count_dead_letter(ctx: &Ctx, class: ErrorClass) {
     ctx.metrics
         .dead_letters
         .get_or_create(&crate::metrics::ClassLabels {
-            class: class_label(class),
+            class: class.label(),
         })
         .inc();
 }
@@ -644,7 +640,7 @@ async fn remove_letter(ctx: &Ctx, r: &Replay) -> Result<(), String> {
     use async_nats::jetstream::stream::RawMessageErrorKind;
     let letter = r.letter;
     match ctx.dlq.get_raw_message(letter).await {
-        Ok(m) if crate::ctl::source_sequence(&m.headers) == Some(r.marker) => {}
+        Ok(m) if orderpipeline_common::nats::source_sequence(&m.headers) == Some(r.marker) => {}
         Ok(_) => {
             tracing::warn!(
                 letter,
@@ -740,16 +736,6 @@ async fn call_downstream(
         CallClass::Transient,
         format!("downstream failed {attempts} time(s); last: {last}"),
     )
-}
-
-fn class_label(class: ErrorClass) -> &'static str {
-    match class {
-        ErrorClass::Undecodable => "undecodable",
-        ErrorClass::Permanent => "permanent",
-        ErrorClass::AttemptsExhausted => "attempts_exhausted",
-        ErrorClass::Oversized => "oversized",
-        ErrorClass::Unspecified => "unspecified",
-    }
 }
 
 /// The dead-letter envelope of this input: the original payload (its first

@@ -128,7 +128,7 @@ impl Drop for SecretFiles {
 
 impl SecretFiles {
     /// Fills the NATS flags the Secrets provide.
-    pub fn apply(&self, a: &mut crate::config::NatsArgs) {
+    pub fn apply(&self, a: &mut orderpipeline_common::flags::NatsArgs) {
         let set = |to: &mut Option<String>, v: &Option<String>| {
             if v.is_some() {
                 *to = v.clone();

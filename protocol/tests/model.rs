@@ -1,6 +1,6 @@
 //! Model checking of the outcome protocol with `stateright`.
 //!
-//! [`V2`] runs the worker's own state machine ([`crate::protocol::Machine`]) against
+//! [`V2`] runs the worker's own state machine ([`orderpipeline_protocol::machine::Machine`]) against
 //! a model of one JetStream stream and its consumer: deliveries (a redelivery may
 //! overlap a delivery still in flight, as after an ack-wait expiry), a worker
 //! crash at any step, lost acks, reads and writes that fail, writes that are
@@ -37,8 +37,9 @@ use std::hash::Hash;
 
 use stateright::{Model, Property};
 
-use crate::decide::CallClass;
-use crate::protocol::{Delivery, Event, Machine, OutcomeKind, Step, Verdict};
+use orderpipeline_protocol::decide::CallClass;
+use orderpipeline_protocol::machine::{Delivery, Event, Machine, OutcomeKind, Step, Verdict};
+use orderpipeline_protocol::promise;
 
 /// What may go wrong in one run, and how often.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -491,24 +492,25 @@ fn final_outcomes_hold(s: &State) -> bool {
         })
 }
 
-/// Per order: at most one processed-or-rejected outcome, and every outcome but
-/// the latest is a dead letter that the next outcome superseded (wrote over).
+/// Per order, the promise over its outcome chain ([`promise::check_chain`], the
+/// statement the audit and the worker's tests use too).
 fn chains_are_sound(s: &State) -> bool {
     let mut orders: Vec<u8> = s.outcomes.iter().map(|o| o.order).collect();
     orders.sort_unstable();
     orders.dedup();
     orders.iter().all(|order| {
-        let mut chain: Vec<&Outcome> = s.outcomes.iter().filter(|o| o.order == *order).collect();
-        chain.sort_by_key(|o| o.seq);
-        let finals = chain
+        let mut chain: Vec<promise::Link> = s
+            .outcomes
             .iter()
-            .filter(|o| o.kind != OutcomeKind::DeadLettered)
-            .count();
-        finals <= 1
-            && chain.first().is_none_or(|o| o.over == 0)
-            && chain
-                .windows(2)
-                .all(|w| w[0].kind == OutcomeKind::DeadLettered && w[1].over == w[0].seq)
+            .filter(|o| o.order == *order)
+            .map(|o| promise::Link {
+                seq: o.seq,
+                kind: o.kind,
+                supersedes: (o.over != 0).then_some(o.over),
+            })
+            .collect();
+        chain.sort_by_key(|l| l.seq);
+        promise::check_chain(&chain).is_empty()
     })
 }
 

@@ -50,13 +50,13 @@ pub fn validate(order: &OrderCreated) -> Result<(), Rejection> {
     if order.order_id.trim().is_empty() {
         return Err(reject(RejectReason::MissingOrderId, "order_id is empty"));
     }
-    if order.order_id.len() > orderpipeline_common::names::MAX_ORDER_ID_BYTES {
+    if order.order_id.len() > crate::keys::MAX_ORDER_ID_BYTES {
         return Err(reject(
             RejectReason::InvalidOrderId,
             format!(
                 "order_id is {} bytes long; the limit is {} bytes (UTF-8): use a shorter id",
                 order.order_id.len(),
-                orderpipeline_common::names::MAX_ORDER_ID_BYTES
+                crate::keys::MAX_ORDER_ID_BYTES
             ),
         ));
     }
@@ -341,7 +341,7 @@ mod tests {
             use orderpipeline_proto::Message as _;
             if let Ok(o) = OrderCreated::decode(bytes.as_slice()) {
                 let _ = validate(&o);
-                let _ = orderpipeline_common::names::order_key(&o.order_id);
+                let _ = crate::keys::order_key(&o.order_id);
             }
         }
 

@@ -15,7 +15,7 @@
 //! sequence, so it (and only it) supersedes the letter. The ack is the last step
 //! and needs no confirmation: a redelivery finds the outcome and acks again.
 
-pub use orderpipeline_common::names::OutcomeKind;
+pub use crate::keys::OutcomeKind;
 
 use crate::decide::CallClass;
 

@@ -1,0 +1,245 @@
+//! `kubectl orderpipeline`: orderctl's status, audit and dead-letter commands for
+//! one pipeline, named as kubectl names things (`NAME -n NAMESPACE`). Everything
+//! else (the stream, consumer, dead-letter stream, NATS URL, credentials and TLS
+//! Secrets) comes from the `OrderPipeline` resource: the plugin builds orderctl's
+//! [`Global`] and [`Command`] itself, so no orderctl environment variable
+//! (STREAM_NAME, NATS_URL, ...) reaches it.
+
+use clap::{Parser, Subcommand};
+use orderpipeline_common::flags::NatsArgs;
+use orderpipeline_common::names;
+
+use crate::cli::{Command, Global};
+use crate::target::Given;
+use crate::{audit, dlq, status};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kubectl orderpipeline",
+    bin_name = "kubectl orderpipeline",
+    version,
+    about = "Status, audit and dead letters of an OrderPipeline, from its resource alone",
+    after_help = "Examples:\n  kubectl orderpipeline status orders -n shop\n  kubectl orderpipeline dlq list orders -n shop\n  kubectl orderpipeline dlq replay orders 12 -n shop\n  kubectl orderpipeline audit orders -n shop --nats-url nats://127.0.0.1:4222   # through kubectl port-forward"
+)]
+pub struct Cli {
+    /// The pipeline's namespace (default: the kubeconfig context's).
+    #[arg(short = 'n', long, global = true)]
+    pub namespace: Option<String>,
+    /// NATS URL to use instead of the resource's spec.nats.url (which is often
+    /// in-cluster only: reach it with kubectl port-forward).
+    #[arg(long, global = true)]
+    pub nats_url: Option<String>,
+    /// Print results as JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: PluginCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PluginCommand {
+    /// Orders by outcome, and what the consumer still holds.
+    Status { name: String },
+    /// Every input and outcome read back and checked for exactly-once (exits 1
+    /// on a violation, naming it).
+    Audit { name: String },
+    /// Dead letters: list, show, replay.
+    Dlq {
+        #[command(subcommand)]
+        command: Dlq,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Dlq {
+    /// List the pipeline's dead letters.
+    List {
+        name: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// One dead letter in full.
+    Show { name: String, sequence: u64 },
+    /// Re-submit dead letters (one sequence, or --all); each ends with one outcome.
+    Replay {
+        name: String,
+        sequence: Option<u64>,
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+impl Cli {
+    /// The pipeline's `[NAMESPACE/]NAME`.
+    fn reference(&self) -> String {
+        let name = match &self.command {
+            PluginCommand::Status { name } | PluginCommand::Audit { name } => name,
+            PluginCommand::Dlq { command } => match command {
+                Dlq::List { name, .. } | Dlq::Show { name, .. } | Dlq::Replay { name, .. } => name,
+            },
+        };
+        match &self.namespace {
+            Some(ns) => format!("{ns}/{name}"),
+            None => name.clone(),
+        }
+    }
+
+    /// orderctl's global flags: the pipeline, and nothing from the environment.
+    pub fn global(&self) -> Global {
+        Global {
+            nats: NatsArgs {
+                nats_url: self
+                    .nats_url
+                    .clone()
+                    .unwrap_or_else(|| names::DEFAULT_NATS_URL.into()),
+                nats_creds_file: None,
+                nats_user: None,
+                nats_password: None,
+                nats_token: None,
+                nats_nkey_seed_file: None,
+                nats_tls_ca_file: None,
+                nats_tls_cert_file: None,
+                nats_tls_key_file: None,
+            },
+            stream: names::DEFAULT_STREAM.into(),
+            json: self.json,
+            pipeline: Some(self.reference()),
+        }
+    }
+
+    /// The flags the person gave: only `--nats-url` overrides the resource.
+    pub fn given(&self) -> Given {
+        let g = Given::default();
+        if self.nats_url.is_some() {
+            return g.with_command_line("nats_url");
+        }
+        g
+    }
+
+    /// The orderctl command this invocation stands for; its names are filled in
+    /// from the pipeline when it is bound.
+    pub fn command(&self) -> Command {
+        let dlq_stream = names::DEFAULT_DLQ_STREAM.to_string();
+        match &self.command {
+            PluginCommand::Status { .. } => Command::Status(status::Args {
+                consumer: names::DEFAULT_CONSUMER.into(),
+                input_subject: names::DEFAULT_INPUT_SUBJECT.into(),
+                dlq_stream,
+            }),
+            PluginCommand::Audit { .. } => Command::Audit(audit::Args {
+                consumer: names::DEFAULT_CONSUMER.into(),
+                dlq_stream,
+                latency_from_seq: 1,
+                legacy_state_bucket: None,
+                legacy_if_present: false,
+            }),
+            PluginCommand::Dlq { command } => Command::Dlq(dlq::Args {
+                dlq_stream,
+                command: match command {
+                    Dlq::List { limit, .. } => dlq::Command::List { limit: *limit },
+                    Dlq::Show { sequence, .. } => dlq::Command::Show {
+                        sequence: *sequence,
+                    },
+                    Dlq::Replay { sequence, all, .. } => dlq::Command::Replay {
+                        sequence: *sequence,
+                        all: *all,
+                    },
+                },
+            }),
+        }
+    }
+}
+
+/// The plugin's `main`.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(crate::cli::exec(
+            cli.global(),
+            cli.command(),
+            &cli.given(),
+            "kubectl orderpipeline",
+        )),
+        Err(e) => {
+            eprintln!("kubectl orderpipeline: cannot start the async runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(line: &str) -> Cli {
+        Cli::try_parse_from(line.split_whitespace()).unwrap()
+    }
+
+    #[test]
+    fn plugin_commands_name_the_pipeline_and_nothing_else() {
+        let c = parse("k status orders -n shop");
+        let g = c.global();
+        assert_eq!(g.pipeline.as_deref(), Some("shop/orders"));
+        assert!(!g.json);
+        assert!(!c.given().set("nats_url"));
+        assert!(matches!(c.command(), Command::Status(_)));
+
+        let c = parse("k -n shop audit orders --json");
+        assert_eq!(c.global().pipeline.as_deref(), Some("shop/orders"));
+        assert!(c.global().json);
+        assert!(matches!(
+            c.command(),
+            Command::Audit(audit::Args {
+                legacy_state_bucket: None,
+                ..
+            })
+        ));
+
+        let c = parse("k dlq list orders --limit 5 --nats-url nats://127.0.0.1:1");
+        assert_eq!(c.global().pipeline.as_deref(), Some("orders"));
+        assert_eq!(c.global().nats.nats_url, "nats://127.0.0.1:1");
+        assert!(c.given().on_command_line("nats_url"));
+        assert!(matches!(
+            c.command(),
+            Command::Dlq(dlq::Args {
+                command: dlq::Command::List { limit: 5 },
+                ..
+            })
+        ));
+
+        let c = parse("k dlq show orders 7 -n a");
+        assert_eq!(c.global().pipeline.as_deref(), Some("a/orders"));
+        assert!(matches!(
+            c.command(),
+            Command::Dlq(dlq::Args {
+                command: dlq::Command::Show { sequence: 7 },
+                ..
+            })
+        ));
+
+        let c = parse("k dlq replay orders --all");
+        assert!(matches!(
+            c.command(),
+            Command::Dlq(dlq::Args {
+                command: dlq::Command::Replay {
+                    sequence: None,
+                    all: true
+                },
+                ..
+            })
+        ));
+        assert!(
+            Cli::try_parse_from(["k", "status"]).is_err(),
+            "NAME is required"
+        );
+    }
+
+    #[test]
+    fn help_of_every_plugin_command() {
+        crate::cli::tests::check_help(<Cli as CommandFactory>::command(), "kubectl-orderpipeline");
+    }
+}
