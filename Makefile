@@ -23,6 +23,8 @@ test: lint unit integration integration-real-node bench-operator-smoke
 lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+	"$$(hack/build-mdbook)" build docs
+	hack/check-book-links
 
 # Unit tests: pure code, no services.
 unit:
@@ -69,13 +71,13 @@ bench: tools
 	hack/bench
 
 # One worker's orders/s against WORKER_POOL_SIZE (1, 10, 50, 200), next to the raw
-# JetStream baseline; writes docs/benchmarks.md and docs/bench-pool.svg.
+# JetStream baseline; writes its block of docs/src/benchmarks.md and docs/src/bench-pool.svg.
 bench-pool: tools
 	hack/bench-pool
 
 # The operator with N = 100, 300 and 500 pipelines next to the direct cost of the
 # same objects (kubectl apply + a nats.go program), measured in the same run;
-# writes docs/benchmarks.md and docs/bench-operator.svg.
+# writes its block of docs/src/benchmarks.md and docs/src/bench-operator.svg.
 bench-operator: tools
 	BENCH_WRITE_DOCS=1 hack/bench-operator
 

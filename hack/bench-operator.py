@@ -2,7 +2,8 @@
 
 Usage: bench-operator.py OPERATOR_HTTP_PORT TOOLS_BIN_DIR N...
 Prints each figure next to its baseline; with BENCH_WRITE_DOCS=1 writes the
-bench-operator section of docs/benchmarks.md and docs/bench-operator.svg.
+generated block bench-operator of docs/src/benchmarks.md and
+docs/src/bench-operator.svg.
 """
 
 import json
@@ -384,10 +385,11 @@ def svg(rows):
 
 
 def write_docs(rows):
-    open(os.path.join(ROOT, "docs", "bench-operator.svg"), "w").write(svg(rows))
-    lines = ["<!-- bench-operator:start -->",
-             "## The operator with many pipelines (`make bench-operator`)", "",
-             f"Run of {time.strftime('%Y-%m-%d')}, figures from one run of the script (steady window {STEADY} s):", "",
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from generated_block import replace_block
+    docs = os.path.join(ROOT, "docs", "src")
+    open(os.path.join(docs, "bench-operator.svg"), "w").write(svg(rows))
+    lines = [f"Run of {time.strftime('%Y-%m-%d')}, figures from one run of the script (steady window {STEADY} s):", "",
              "| N | all StreamReady+ConsumerReady+Deployment | all Ready (p50 / p99) | baseline all Ready | ratio | peak RSS | CPU in steady state | reconciles/min | status writes/min | Deployment writes/min | NATS connections | maxAge change | 10 % streams removed, back in | delete all |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -398,15 +400,8 @@ def write_docs(rows):
             f"{s['cpu_seconds']:.1f} s | {s['reconciles_per_min']:.0f} | {s['api_per_min'].get('status-writes', 0):.0f} | "
             f"{s['api_per_min'].get('deployment-writes', 0):.0f} | "
             f"{s['nats_connections']} | {r['change']:.1f} s | {r['repair']:.1f} s | {r['delete']:.1f} s |")
-    lines += ["", "![time to all Ready and RSS against N](bench-operator.svg)", "<!-- bench-operator:end -->"]
-    path = os.path.join(ROOT, "docs", "benchmarks.md")
-    text = open(path).read()
-    block = "\n".join(lines)
-    if "<!-- bench-operator:start -->" in text:
-        text = re.sub(r"<!-- bench-operator:start -->.*<!-- bench-operator:end -->", block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    open(path, "w").write(text)
+    lines += ["", "![time to all Ready and RSS against N](bench-operator.svg)"]
+    replace_block(os.path.join(docs, "benchmarks.md"), "bench-operator", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ node_netns_up() {
   # ClusterIP would need it; Pods route them through their default gateway).
   ip -n "$NODE_NETNS" route replace 10.96.0.0/16 dev op0
   # The `kubernetes` Service, as kube-proxy would program it (this environment
-  # runs no kube-proxy; see README "The real node").
+  # runs no kube-proxy; see docs/src/environment/real-node.md).
   in_node iptables -t nat -C PREROUTING -d 10.96.0.1/32 -p tcp --dport 443 -j DNAT --to-destination "$NODE_IP:6443" 2>/dev/null ||
     in_node iptables -t nat -A PREROUTING -d 10.96.0.1/32 -p tcp --dport 443 -j DNAT --to-destination "$NODE_IP:6443"
   in_node iptables -t nat -C OUTPUT -d 10.96.0.1/32 -p tcp --dport 443 -j DNAT --to-destination "$NODE_IP:6443" 2>/dev/null ||

@@ -148,7 +148,7 @@ fn report(
 /// `report` for a scenario whose downstream keeps failing: a valid order may end
 /// dead-lettered because its attempts ran out (its one outcome; `orderctl dlq
 /// replay` completes it), and may have been charged by a call whose answer was
-/// lost (the known limit in the README).
+/// lost (the known limit in docs/src/durability.md).
 fn report_with(
     name: &str,
     audit: &Audit,

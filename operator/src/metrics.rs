@@ -1,4 +1,4 @@
-//! The operator's Prometheus metrics (served on `/metrics`), described in the README.
+//! The operator's Prometheus metrics (served on `/metrics`), described in docs/src/guide/operator.md.
 
 use std::time::Duration;
 

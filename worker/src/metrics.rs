@@ -1,5 +1,5 @@
 //! The worker's Prometheus metrics (served on `/metrics`). Each one is described
-//! in the README's metrics table.
+//! in docs/src/worker/probes-metrics.md.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
