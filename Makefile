@@ -25,6 +25,7 @@ lint:
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	"$$(hack/build-mdbook)" build docs
 	hack/check-book-links
+	hack/longest-fns
 
 # Unit tests: pure code, no services.
 unit:

@@ -219,8 +219,20 @@ struct Classified {
 }
 
 fn classify(ctx: &Ctx, msg: &jetstream::Message, delivery: &Delivery) -> Classified {
-    let position = || names::position_key(ctx.stream_created_ns, delivery.stream_seq);
-    if msg.payload.len() > ctx.cfg.max_payload_bytes {
+    classify_payload(&msg.payload, ctx.cfg.max_payload_bytes, || {
+        names::position_key(ctx.stream_created_ns, delivery.stream_seq)
+    })
+}
+
+/// What a payload is (pure): too large or undecodable (dead-lettered, keyed by
+/// `position`), an invalid order (rejected) or a valid one (processed), keyed by
+/// its order id when usable.
+fn classify_payload(
+    payload: &[u8],
+    max_payload_bytes: usize,
+    position: impl FnOnce() -> String,
+) -> Classified {
+    if payload.len() > max_payload_bytes {
         return Classified {
             key: position(),
             verdict: Verdict::DeadLetter,
@@ -228,13 +240,12 @@ fn classify(ctx: &Ctx, msg: &jetstream::Message, delivery: &Delivery) -> Classif
             rejection: None,
             class: ErrorClass::Oversized,
             why: format!(
-                "payload of {} bytes exceeds MAX_PAYLOAD_BYTES ({})",
-                msg.payload.len(),
-                ctx.cfg.max_payload_bytes
+                "payload of {} bytes exceeds MAX_PAYLOAD_BYTES ({max_payload_bytes})",
+                payload.len(),
             ),
         };
     }
-    let order = match OrderCreated::decode(msg.payload.as_ref()) {
+    let order = match OrderCreated::decode(payload) {
         Ok(o) => o,
         Err(e) => {
             return Classified {
@@ -281,8 +292,8 @@ async fn process(
         }
     };
     tracing::Span::current().record("messaging.nats.stream_sequence", delivery.stream_seq);
-    let c = classify(ctx, msg, &delivery);
-    if let Some(o) = &c.order {
+    let input = classify(ctx, msg, &delivery);
+    if let Some(o) = &input.order {
         tracing::Span::current().record("order.id", o.order_id.as_str());
     }
     let replay = match replay_of(ctx, msg).await {
@@ -292,33 +303,13 @@ async fn process(
             return nak_for_redelivery(ctx, msg, &delivery).await;
         }
     };
-    // A replay's outcome goes under the key of the letter it supersedes (for a
-    // letter without a usable id that is the original input's position).
-    let key = replay
-        .as_ref()
-        .map_or_else(|| c.key.clone(), |r| r.key.clone());
     if replay.is_none()
-        && let Some(order) = c.order.as_ref().filter(|o| !o.order_id.is_empty())
+        && let Some(done) = done_before_v2(ctx, msg, &delivery, &input).await
     {
-        match recorded_before_v2(ctx, &order.order_id).await {
-            Ok(false) => {}
-            Ok(true) => {
-                tracing::info!(
-                    "the order was recorded final before the upgrade; acked as duplicate"
-                );
-                if let Err(e) = msg.ack().await {
-                    tracing::warn!(error = %e, "ack failed; the redelivery finds the record again");
-                }
-                return Outcome::Duplicate;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "giving the input back for a later delivery");
-                return nak_for_redelivery(ctx, msg, &delivery).await;
-            }
-        }
+        return done;
     }
     let mut machine = Machine::new(
-        c.verdict,
+        input.verdict,
         ProtocolDelivery {
             delivered: delivery.delivered,
             max_deliveries: ctx.cfg.max_deliveries,
@@ -326,92 +317,209 @@ async fn process(
             downstream: ctx.downstream.is_some(),
         },
     );
+    let mut attempt = Attempt::new(ctx, msg, delivery, input, replay);
     let mut step = machine.on(Event::Start);
-    // The last failure, for the dead letter's message.
-    let mut last_error = c.why.clone();
-    let mut written: Option<OutcomeKind> = None;
     loop {
-        let event = match step {
-            Step::ReadOutcome => match read_outcome(ctx, &key).await {
-                Ok(last) => Event::Read(last),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the order's outcome");
-                    last_error = e;
-                    Event::ReadFailed
-                }
-            },
-            Step::CallDownstream => {
-                let (Some(ds), Some(order)) = (&ctx.downstream, &c.order) else {
-                    // The machine asks only when both exist; never record a call
-                    // that was not made.
-                    last_error = "no downstream call possible for this input".into();
-                    step = machine.on(Event::Downstream(CallClass::Transient));
-                    continue;
-                };
-                let (class, detail) = call_downstream(ctx, ds, order, &key).await;
-                if class != CallClass::Ok {
-                    last_error = detail;
-                }
-                Event::Downstream(class)
+        match attempt.execute(step).await {
+            Ok(event) => step = machine.on(event),
+            Err(outcome) => return outcome,
+        }
+    }
+}
+
+/// An order the protocol before v2 recorded final is acked as a duplicate
+/// (`Some`); an error reading its record gives the input back.
+async fn done_before_v2(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    delivery: &Delivery,
+    input: &Classified,
+) -> Option<Outcome> {
+    let order = input.order.as_ref().filter(|o| !o.order_id.is_empty())?;
+    match recorded_before_v2(ctx, &order.order_id).await {
+        Ok(false) => None,
+        Ok(true) => {
+            tracing::info!("the order was recorded final before the upgrade; acked as duplicate");
+            if let Err(e) = msg.ack().await {
+                tracing::warn!(error = %e, "ack failed; the redelivery finds the record again");
             }
-            Step::Write { kind, expect, dead } => {
-                let payload = outcome_payload(ctx, msg, &delivery, &c, kind, dead, &last_error);
-                match write_outcome(ctx, &key, kind, expect, &delivery, replay.as_ref(), payload)
-                    .await
-                {
-                    WriteResult::Written => {
-                        written = Some(kind);
-                        if kind == OutcomeKind::DeadLettered {
-                            count_dead_letter(ctx, dead_class(&c, dead));
-                            tracing::warn!(class = dead_class(&c, dead).label(), error = %last_error, "dead-lettered");
-                        } else if kind == OutcomeKind::Rejected
-                            && let Some(r) = &c.rejection
-                        {
-                            tracing::info!(reason = ?r.reason, detail = %r.message, "order rejected");
-                        }
-                        Event::Written
-                    }
-                    WriteResult::Conflict => Event::Conflict,
-                    WriteResult::Failed(e) => {
-                        tracing::warn!(error = %e, "writing the outcome failed; it may or may not be stored");
-                        last_error = e;
-                        Event::WriteFailed
-                    }
-                }
-            }
-            Step::RemoveLetter => match &replay {
-                Some(r) => match remove_letter(ctx, r).await {
-                    Ok(()) => Event::Removed,
-                    Err(e) => {
-                        tracing::warn!(error = %e, letter = r.letter, "the replayed dead letter could not be removed; orderctl shows it as replayed");
-                        last_error = e;
-                        Event::RemoveFailed
-                    }
-                },
-                None => Event::Removed,
-            },
-            Step::Ack => {
-                // No confirmation needed: a lost ack redelivers the input, whose
-                // outcome write then conflicts and it is acked again.
-                if let Err(e) = msg.ack().await {
-                    tracing::warn!(error = %e, "ack failed; the redelivery finds the outcome");
-                }
-                return match written {
-                    Some(OutcomeKind::Processed) => Outcome::Processed,
-                    Some(OutcomeKind::Rejected) => Outcome::Rejected,
-                    Some(OutcomeKind::DeadLettered) => Outcome::DeadLettered,
-                    None => {
-                        tracing::info!("the input already has an outcome; acked as duplicate");
-                        Outcome::Duplicate
-                    }
-                };
-            }
+            Some(Outcome::Duplicate)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "giving the input back for a later delivery");
+            Some(nak_for_redelivery(ctx, msg, delivery).await)
+        }
+    }
+}
+
+/// One delivery of one input: what it is, the key its outcome goes under, and
+/// what happened so far. [`Attempt::execute`] carries out one step of the
+/// protocol machine and says what it found, or how the message ended.
+struct Attempt<'a> {
+    ctx: &'a Ctx,
+    msg: &'a jetstream::Message,
+    delivery: Delivery,
+    input: Classified,
+    replay: Option<Replay>,
+    /// The outcome's key: a replay's goes under the key of the letter it
+    /// supersedes (for a letter without a usable id, the original input's position).
+    key: String,
+    /// The last failure, for the dead letter's message.
+    last_error: String,
+    /// The outcome this delivery wrote.
+    written: Option<OutcomeKind>,
+}
+
+impl<'a> Attempt<'a> {
+    fn new(
+        ctx: &'a Ctx,
+        msg: &'a jetstream::Message,
+        delivery: Delivery,
+        input: Classified,
+        replay: Option<Replay>,
+    ) -> Self {
+        let key = replay
+            .as_ref()
+            .map_or_else(|| input.key.clone(), |r| r.key.clone());
+        let last_error = input.why.clone();
+        Self {
+            ctx,
+            msg,
+            delivery,
+            input,
+            replay,
+            key,
+            last_error,
+            written: None,
+        }
+    }
+
+    /// Carries out `step`: `Ok(event)` for the machine, `Err(outcome)` when the
+    /// message is acked or given back.
+    async fn execute(&mut self, step: Step) -> Result<Event, Outcome> {
+        match step {
+            Step::ReadOutcome => Ok(self.read().await),
+            Step::CallDownstream => Ok(self.call().await),
+            Step::Write { kind, expect, dead } => Ok(self.write(kind, expect, dead).await),
+            Step::RemoveLetter => Ok(self.remove_letter().await),
+            Step::Ack => Err(self.ack().await),
             Step::Nak => {
-                tracing::warn!(error = %last_error, delivery = delivery.delivered, "giving the input back for a later delivery");
-                return nak_for_redelivery(ctx, msg, &delivery).await;
+                tracing::warn!(error = %self.last_error, delivery = self.delivery.delivered, "giving the input back for a later delivery");
+                Err(nak_for_redelivery(self.ctx, self.msg, &self.delivery).await)
             }
+        }
+    }
+
+    async fn read(&mut self) -> Event {
+        match read_outcome(self.ctx, &self.key).await {
+            Ok(last) => Event::Read(last),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the order's outcome");
+                self.last_error = e;
+                Event::ReadFailed
+            }
+        }
+    }
+
+    async fn call(&mut self) -> Event {
+        let (Some(ds), Some(order)) = (&self.ctx.downstream, &self.input.order) else {
+            // The machine asks only when both exist; never record a call that
+            // was not made.
+            self.last_error = "no downstream call possible for this input".into();
+            return Event::Downstream(CallClass::Transient);
         };
-        step = machine.on(event);
+        let (class, detail) = call_downstream(self.ctx, ds, order, &self.key).await;
+        if class != CallClass::Ok {
+            self.last_error = detail;
+        }
+        Event::Downstream(class)
+    }
+
+    async fn write(&mut self, kind: OutcomeKind, expect: u64, dead: Option<DeadReason>) -> Event {
+        let payload = self.payload(kind, dead);
+        match write_outcome(self, kind, expect, payload).await {
+            WriteResult::Written => {
+                self.written = Some(kind);
+                self.log_written(kind, dead);
+                Event::Written
+            }
+            WriteResult::Conflict => Event::Conflict,
+            WriteResult::Failed(e) => {
+                tracing::warn!(error = %e, "writing the outcome failed; it may or may not be stored");
+                self.last_error = e;
+                Event::WriteFailed
+            }
+        }
+    }
+
+    fn log_written(&self, kind: OutcomeKind, dead: Option<DeadReason>) {
+        if kind == OutcomeKind::DeadLettered {
+            let class = dead_class(&self.input, dead);
+            count_dead_letter(self.ctx, class);
+            tracing::warn!(class = class.label(), error = %self.last_error, "dead-lettered");
+        } else if kind == OutcomeKind::Rejected
+            && let Some(r) = &self.input.rejection
+        {
+            tracing::info!(reason = ?r.reason, detail = %r.message, "order rejected");
+        }
+    }
+
+    async fn remove_letter(&mut self) -> Event {
+        let Some(r) = &self.replay else {
+            return Event::Removed;
+        };
+        match remove_letter(self.ctx, r).await {
+            Ok(()) => Event::Removed,
+            Err(e) => {
+                tracing::warn!(error = %e, letter = r.letter, "the replayed dead letter could not be removed; orderctl shows it as replayed");
+                self.last_error = e;
+                Event::RemoveFailed
+            }
+        }
+    }
+
+    /// No confirmation needed: a lost ack redelivers the input, whose outcome
+    /// write then conflicts and it is acked again.
+    async fn ack(&self) -> Outcome {
+        if let Err(e) = self.msg.ack().await {
+            tracing::warn!(error = %e, "ack failed; the redelivery finds the outcome");
+        }
+        let outcome = ended_as(self.written);
+        if outcome == Outcome::Duplicate {
+            tracing::info!("the input already has an outcome; acked as duplicate");
+        }
+        outcome
+    }
+
+    /// The encoded event of an outcome.
+    fn payload(&self, kind: OutcomeKind, dead: Option<DeadReason>) -> Vec<u8> {
+        outcome_payload(
+            &self.ctx.worker,
+            &self.input,
+            kind,
+            self.delivery.delivered,
+            || {
+                dead_letter(
+                    self.ctx,
+                    self.msg,
+                    &self.delivery,
+                    dead_class(&self.input, dead),
+                    &self.last_error,
+                    self.input.order.as_ref(),
+                )
+            },
+        )
+    }
+}
+
+/// How an acked message ended: with the outcome this delivery wrote, or as a
+/// duplicate (its key already had one).
+fn ended_as(written: Option<OutcomeKind>) -> Outcome {
+    match written {
+        Some(OutcomeKind::Processed) => Outcome::Processed,
+        Some(OutcomeKind::Rejected) => Outcome::Rejected,
+        Some(OutcomeKind::DeadLettered) => Outcome::DeadLettered,
+        None => Outcome::Duplicate,
     }
 }
 
@@ -516,15 +624,13 @@ fn is_wrong_last_sequence(e: &async_nats::jetstream::context::PublishError) -> b
 /// Publishes the outcome on `<prefix>.<kind>.<key>`, accepted by the stream only
 /// if the key's last outcome sequence is `expect`.
 async fn write_outcome(
-    ctx: &Ctx,
-    key: &str,
+    a: &Attempt<'_>,
     kind: OutcomeKind,
     expect: u64,
-    delivery: &Delivery,
-    replay: Option<&Replay>,
     payload: Vec<u8>,
 ) -> WriteResult {
-    let subject = ctx.outcomes.subject(kind, key);
+    let ctx = a.ctx;
+    let subject = ctx.outcomes.subject(kind, &a.key);
     let span = tracing::info_span!(
         "publish",
         otel.name = format!("publish {}.{}", ctx.outcomes.prefix, kind.token()),
@@ -535,24 +641,8 @@ async fn write_outcome(
         outcome.expect = expect,
     );
     async {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            "Nats-Expected-Last-Subject-Sequence-Subject",
-            ctx.outcomes.any_kind(key).as_str(),
-        );
-        headers.insert(
-            names::INPUT_SEQ_HEADER,
-            delivery.stream_seq.to_string().as_str(),
-        );
-        if let Some(r) = replay {
-            headers.insert(
-                names::REPLAY_OF_HEADER,
-                format!("{}/{}", r.marker, r.letter).as_str(),
-            );
-        }
-        trace::inject_current(&mut headers);
         let publish = jetstream::message::PublishMessage::build()
-            .headers(headers)
+            .headers(outcome_headers(a))
             .expected_last_subject_sequence(expect)
             .payload(Bytes::from(payload));
         let ack = match ctx.js.send_publish(subject.clone(), publish).await {
@@ -569,15 +659,36 @@ async fn write_outcome(
     .await
 }
 
-/// The encoded event of an outcome.
+/// The outcome's headers: the key's subjects for the conditional write, the
+/// input's sequence, the letter a replay supersedes, and the trace context.
+fn outcome_headers(a: &Attempt<'_>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "Nats-Expected-Last-Subject-Sequence-Subject",
+        a.ctx.outcomes.any_kind(&a.key).as_str(),
+    );
+    headers.insert(
+        names::INPUT_SEQ_HEADER,
+        a.delivery.stream_seq.to_string().as_str(),
+    );
+    if let Some(r) = &a.replay {
+        headers.insert(
+            names::REPLAY_OF_HEADER,
+            format!("{}/{}", r.marker, r.letter).as_str(),
+        );
+    }
+    trace::inject_current(&mut headers);
+    headers
+}
+
+/// The encoded event of an outcome (pure but for the timestamp); the dead
+/// letter's envelope comes from `dead_letter`.
 fn outcome_payload(
-    ctx: &Ctx,
-    msg: &jetstream::Message,
-    delivery: &Delivery,
+    worker: &str,
     c: &Classified,
     kind: OutcomeKind,
-    dead: Option<DeadReason>,
-    why: &str,
+    delivered: u64,
+    dead_letter: impl FnOnce() -> Vec<u8>,
 ) -> Vec<u8> {
     let empty = OrderCreated::default();
     let order = c.order.as_ref().unwrap_or(&empty);
@@ -587,8 +698,8 @@ fn outcome_payload(
             customer_id: order.customer_id.clone(),
             total_amount: order.total_amount,
             processed_at: Some(orderpipeline_proto::now()),
-            delivery_count: delivery.delivered,
-            worker: ctx.worker.clone(),
+            delivery_count: delivered,
+            worker: worker.to_string(),
         }
         .encode_to_vec(),
         OutcomeKind::Rejected => {
@@ -602,18 +713,11 @@ fn outcome_payload(
                 reason_code: r.reason as i32,
                 message: r.message,
                 rejected_at: Some(orderpipeline_proto::now()),
-                worker: ctx.worker.clone(),
+                worker: worker.to_string(),
             }
             .encode_to_vec()
         }
-        OutcomeKind::DeadLettered => dead_letter(
-            ctx,
-            msg,
-            delivery,
-            dead_class(c, dead),
-            why,
-            c.order.as_ref(),
-        ),
+        OutcomeKind::DeadLettered => dead_letter(),
     }
 }
 
@@ -798,16 +902,160 @@ pub fn trace_id() -> Option<String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn outcomes_have_metric_labels() {
-        for o in [
-            Outcome::Processed,
-            Outcome::Rejected,
-            Outcome::DeadLettered,
-            Outcome::Duplicate,
-            Outcome::Nak,
-        ] {
-            assert!(!o.as_str().is_empty());
+    fn order(id: &str) -> OrderCreated {
+        OrderCreated {
+            order_id: id.into(),
+            customer_id: "c-1".into(),
+            items: vec![orderpipeline_proto::OrderItem {
+                product_id: "sku-1".into(),
+                quantity: 2,
+                unit_price: 1.25,
+            }],
+            total_amount: 2.5,
+            created_at: Some(orderpipeline_proto::now()),
         }
+    }
+
+    fn classified(payload: &[u8]) -> Classified {
+        classify_payload(payload, 1024, || "=7-3".into())
+    }
+
+    #[test]
+    fn inputs_are_classified_and_keyed() {
+        let mut invalid = order("o-2");
+        invalid.total_amount = 9.0;
+        let cases: Vec<(Vec<u8>, Verdict, ErrorClass, &str)> = vec![
+            (
+                order("o-1").encode_to_vec(),
+                Verdict::Process,
+                ErrorClass::Unspecified,
+                "o-1",
+            ),
+            (
+                invalid.encode_to_vec(),
+                Verdict::Reject,
+                ErrorClass::Unspecified,
+                "o-2",
+            ),
+            // Any UTF-8 id: encoded, never raw in a subject.
+            (
+                order("a b").encode_to_vec(),
+                Verdict::Process,
+                ErrorClass::Unspecified,
+                "~612062",
+            ),
+            // No usable id: keyed by position (and rejected).
+            (
+                order("").encode_to_vec(),
+                Verdict::Reject,
+                ErrorClass::Unspecified,
+                "=7-3",
+            ),
+            (
+                vec![0x0f, 0xff, 0xff],
+                Verdict::DeadLetter,
+                ErrorClass::Undecodable,
+                "=7-3",
+            ),
+            (
+                vec![0; 2000],
+                Verdict::DeadLetter,
+                ErrorClass::Oversized,
+                "=7-3",
+            ),
+        ];
+        for (payload, verdict, class, key) in cases {
+            let c = classified(&payload);
+            assert_eq!((c.verdict, c.class, c.key.as_str()), (verdict, class, key));
+            assert_eq!(c.rejection.is_some(), verdict == Verdict::Reject);
+            assert_eq!(c.order.is_some(), verdict != Verdict::DeadLetter);
+            assert_eq!(c.why.is_empty(), verdict != Verdict::DeadLetter);
+        }
+        assert_eq!(
+            classified(&[0; 2000]).why,
+            "payload of 2000 bytes exceeds MAX_PAYLOAD_BYTES (1024)"
+        );
+    }
+
+    #[test]
+    fn outcome_events_carry_the_order() {
+        let c = classified(&order("o-1").encode_to_vec());
+        let no_letter = || panic!("not a dead letter");
+        let p = OrderProcessed::decode(
+            outcome_payload("w-1", &c, OutcomeKind::Processed, 3, no_letter).as_slice(),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                p.order_id.as_str(),
+                p.customer_id.as_str(),
+                p.total_amount,
+                p.delivery_count,
+                p.worker.as_str()
+            ),
+            ("o-1", "c-1", 2.5, 3, "w-1")
+        );
+        let mut bad = order("o-2");
+        bad.total_amount = 9.0;
+        let c = classified(&bad.encode_to_vec());
+        let r = OrderRejected::decode(
+            outcome_payload("w-1", &c, OutcomeKind::Rejected, 1, no_letter).as_slice(),
+        )
+        .unwrap();
+        assert_eq!(r.order_id, "o-2");
+        assert_eq!(r.reason_code, c.rejection.as_ref().unwrap().reason as i32);
+        assert!(!r.message.is_empty());
+        let d = outcome_payload("w-1", &c, OutcomeKind::DeadLettered, 1, || vec![42]);
+        assert_eq!(
+            d,
+            vec![42],
+            "a dead letter's envelope is built by dead_letter"
+        );
+    }
+
+    #[test]
+    fn dead_letters_name_why() {
+        let undecodable = classified(&[0x0f, 0xff]);
+        let valid = classified(&order("o-1").encode_to_vec());
+        let cases = [
+            (&undecodable, None, ErrorClass::Undecodable),
+            (
+                &undecodable,
+                Some(DeadReason::Unhandleable),
+                ErrorClass::Undecodable,
+            ),
+            (&valid, Some(DeadReason::Permanent), ErrorClass::Permanent),
+            (
+                &valid,
+                Some(DeadReason::AttemptsExhausted),
+                ErrorClass::AttemptsExhausted,
+            ),
+        ];
+        for (c, dead, class) in cases {
+            assert_eq!(dead_class(c, dead), class);
+        }
+    }
+
+    #[test]
+    fn a_message_ends_as_what_this_delivery_wrote() {
+        let cases = [
+            (
+                Some(OutcomeKind::Processed),
+                Outcome::Processed,
+                "processed",
+            ),
+            (Some(OutcomeKind::Rejected), Outcome::Rejected, "rejected"),
+            (
+                Some(OutcomeKind::DeadLettered),
+                Outcome::DeadLettered,
+                "dead_lettered",
+            ),
+            (None, Outcome::Duplicate, "duplicate"),
+        ];
+        for (written, outcome, label) in cases {
+            assert_eq!(ended_as(written), outcome);
+            assert_eq!(outcome.as_str(), label);
+        }
+        assert_eq!(Outcome::Nak.as_str(), "nak");
     }
 }
