@@ -6,7 +6,7 @@
 //! and the tools on `PATH`. Every address is loopback.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -331,6 +331,26 @@ impl NatsServer {
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
+        let mut cmd = self.command()?;
+        let log_path = self.store_dir.path().join("nats-server.log");
+        let log = std::fs::File::create(&log_path)?;
+        let child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting nats-server")?;
+        self.child = Some(child);
+        let waited = match self.probe_url.clone() {
+            Some(probe) => wait_healthy(probe, &log_path).await,
+            None => wait_accepting(self.url(), &log_path).await,
+        };
+        self.ensure_running(waited, &log_path)
+    }
+
+    /// The nats-server command line: flags for a plain JetStream server, or the
+    /// config file (written into the store directory).
+    fn command(&self) -> anyhow::Result<tokio::process::Command> {
         let mut cmd = tokio::process::Command::new(tool("nats-server")?);
         match &self.config {
             None => {
@@ -350,68 +370,23 @@ impl NatsServer {
                 cmd.arg("-c").arg(path);
             }
         }
-        let log = std::fs::File::create(self.store_dir.path().join("nats-server.log"))?;
-        let child = cmd
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting nats-server")?;
-        self.child = Some(child);
-        let log_path = self.store_dir.path().join("nats-server.log");
-        // A server that could not bind exits at once with [FTL]: stop waiting then.
-        let died = {
-            let log_path = log_path.clone();
-            move || {
-                std::fs::read_to_string(&log_path)
-                    .unwrap_or_default()
-                    .contains("[FTL]")
-            }
-        };
-        let waited = if let Some(probe) = self.probe_url.clone() {
-            wait_for(
-                "nats-server (configured) to be healthy",
-                Duration::from_secs(20),
-                || {
-                    let (probe, died) = (probe.clone(), died.clone());
-                    async move {
-                        if died() {
-                            return Ok(Some(()));
-                        }
-                        let out = tokio::process::Command::new("curl")
-                            .args(["-sf", "--max-time", "2", "--noproxy", "*", &probe])
-                            .output()
-                            .await?;
-                        Ok(out.status.success().then_some(()))
-                    }
-                },
-            )
-            .await
-        } else {
-            let url = self.url();
-            wait_for(
-                "nats-server to accept connections",
-                Duration::from_secs(20),
-                || {
-                    let (url, died) = (url.clone(), died.clone());
-                    async move {
-                        if died() {
-                            return Ok(Some(()));
-                        }
-                        Ok(async_nats::connect(&url).await.ok().map(|_| ()))
-                    }
-                },
-            )
-            .await
-        };
+        Ok(cmd)
+    }
+
+    /// Turns the wait's outcome into the start's, with the server's log on failure.
+    fn ensure_running(
+        &mut self,
+        waited: anyhow::Result<()>,
+        log_path: &Path,
+    ) -> anyhow::Result<()> {
         // Healthy means: still running (a probe can reach another server that
         // holds the port this one failed to bind).
         let exited = match self.child.as_mut() {
             Some(c) => c.try_wait()?.is_some(),
             None => true,
         };
-        if waited.is_err() || exited || died() {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if waited.is_err() || exited || died(log_path) {
+            let log = std::fs::read_to_string(log_path).unwrap_or_default();
             return Err(waited
                 .err()
                 .unwrap_or_else(|| anyhow::anyhow!("nats-server exited")))
@@ -442,6 +417,53 @@ impl NatsServer {
         self.stop().await?;
         self.spawn().await
     }
+}
+
+/// A server that could not bind exits at once with [FTL]: stop waiting then.
+fn died(log_path: &Path) -> bool {
+    std::fs::read_to_string(log_path)
+        .unwrap_or_default()
+        .contains("[FTL]")
+}
+
+/// Waits until a configured server's monitoring `probe` answers (or it died).
+async fn wait_healthy(probe: String, log_path: &Path) -> anyhow::Result<()> {
+    wait_for(
+        "nats-server (configured) to be healthy",
+        Duration::from_secs(20),
+        || {
+            let (probe, log_path) = (probe.clone(), log_path.to_path_buf());
+            async move {
+                if died(&log_path) {
+                    return Ok(Some(()));
+                }
+                let out = tokio::process::Command::new("curl")
+                    .args(["-sf", "--max-time", "2", "--noproxy", "*", &probe])
+                    .output()
+                    .await?;
+                Ok(out.status.success().then_some(()))
+            }
+        },
+    )
+    .await
+}
+
+/// Waits until a plain server at `url` accepts connections (or it died).
+async fn wait_accepting(url: String, log_path: &Path) -> anyhow::Result<()> {
+    wait_for(
+        "nats-server to accept connections",
+        Duration::from_secs(20),
+        || {
+            let (url, log_path) = (url.clone(), log_path.to_path_buf());
+            async move {
+                if died(&log_path) {
+                    return Ok(Some(()));
+                }
+                Ok(async_nats::connect(&url).await.ok().map(|_| ()))
+            }
+        },
+    )
+    .await
 }
 
 pub mod natsauth;

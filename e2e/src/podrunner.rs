@@ -307,6 +307,148 @@ fn runnable(p: &Pod) -> bool {
         && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()
 }
 
+/// A Pod's `(namespace, name)`.
+type PodKey = (String, String);
+
+/// The worker Pods as the watch last saw them.
+type PodStore = std::sync::Arc<tokio::sync::Mutex<HashMap<PodKey, Pod>>>;
+
+fn pod_key(p: &Pod) -> PodKey {
+    (p.namespace().unwrap_or_default(), p.name_any())
+}
+
+/// Mirrors the worker Pods into `store` until `stop` fires or the watch ends.
+async fn mirror_pods(pods: Api<Pod>, store: PodStore, stop: CancellationToken) {
+    let mut events = watcher(pods, watcher::Config::default().labels(WORKER_SELECTOR)).boxed();
+    loop {
+        let ev = tokio::select! {
+            e = events.next() => e,
+            _ = stop.cancelled() => break,
+        };
+        let Some(ev) = ev else { break };
+        let mut m = store.lock().await;
+        match ev {
+            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
+                m.insert(pod_key(&p), p);
+            }
+            Ok(watcher::Event::Delete(p)) => {
+                m.remove(&pod_key(&p));
+            }
+            Ok(watcher::Event::Init) => m.clear(),
+            Ok(watcher::Event::InitDone) => {}
+            Err(e) => tracing::warn!(error = %e, "pod watch error"),
+        }
+    }
+}
+
+/// The Pods in `store` that should have a worker process.
+async fn wanted_pods(store: &PodStore) -> HashMap<PodKey, Pod> {
+    let pods: Vec<Pod> = store.lock().await.values().cloned().collect();
+    pods.into_iter()
+        .filter(runnable)
+        .map(|p| (pod_key(&p), p))
+        .collect()
+}
+
+/// The worker processes the runner started, and the Pods it could not start one for.
+struct Runner {
+    client: Client,
+    cfg: RunnerConfig,
+    running: HashMap<PodKey, Running>,
+    /// The last start error per Pod, so each distinct error is reported once.
+    failed: HashMap<PodKey, String>,
+}
+
+impl Runner {
+    fn new(client: Client, cfg: RunnerConfig) -> Self {
+        Self {
+            client,
+            cfg,
+            running: HashMap::new(),
+            failed: HashMap::new(),
+        }
+    }
+
+    /// Stop workers whose Pod is gone or terminating.
+    fn stop_gone(&mut self, wanted: &HashMap<PodKey, Pod>) {
+        let gone: Vec<_> = self
+            .running
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            if let Some(r) = self.running.remove(&k) {
+                tokio::spawn(async move { stop(&k.1, r).await });
+            }
+        }
+    }
+
+    /// Start workers for new Pods.
+    async fn start_new(&mut self, wanted: &HashMap<PodKey, Pod>) {
+        for (k, p) in wanted {
+            if self.running.contains_key(k) {
+                continue;
+            }
+            match start(&self.client, &self.cfg, p).await {
+                Ok(r) => {
+                    self.failed.remove(k);
+                    self.running.insert(k.clone(), r);
+                }
+                Err(e) => self.report_start_failure(k, e).await,
+            }
+        }
+    }
+
+    /// Logs a start error and marks the Pod not ready, once per distinct error.
+    async fn report_start_failure(&mut self, k: &PodKey, e: anyhow::Error) {
+        let msg = format!("{e:#}");
+        if self.failed.get(k) != Some(&msg) {
+            tracing::warn!(pod = %k.1, error = %msg, "cannot start worker");
+            let _ = set_ready(&self.client, &k.0, &k.1, false, "PodRunnerCannotStart").await;
+            self.failed.insert(k.clone(), msg);
+        }
+    }
+
+    /// Reflect readiness; restart exited processes (like the kubelet would).
+    async fn reflect_readiness(&mut self, wanted: &HashMap<PodKey, Pod>) {
+        for (k, r) in self.running.iter_mut() {
+            if let Ok(Some(status)) = r.child.try_wait() {
+                tracing::warn!(pod = %k.1, %status, "worker exited; it will be restarted");
+                let _ = set_ready(&self.client, &k.0, &k.1, false, "WorkerExited").await;
+                r.ready = Some(false);
+                if let Some(p) = wanted.get(k)
+                    && let Ok(new) = start(&self.client, &self.cfg, p).await
+                {
+                    *r = new;
+                }
+                continue;
+            }
+            let ready = readyz(r.http_port).await;
+            if r.ready != Some(ready) {
+                match set_ready(&self.client, &k.0, &k.1, ready, "WorkerNotReady").await {
+                    Ok(()) => r.ready = Some(ready),
+                    Err(e) => {
+                        tracing::debug!(pod = %k.1, error = %e, "cannot update pod readiness yet")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops every worker at once and waits for them all.
+    async fn stop_all(mut self) {
+        let stops: Vec<_> = self
+            .running
+            .drain()
+            .map(|(k, r)| tokio::spawn(async move { stop(&k.1, r).await }))
+            .collect();
+        for s in stops {
+            let _ = s.await;
+        }
+    }
+}
+
 /// Runs until `shutdown` fires; then stops every worker it started.
 pub async fn run(
     client: Client,
@@ -317,109 +459,22 @@ pub async fn run(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let store: std::sync::Arc<tokio::sync::Mutex<HashMap<(String, String), Pod>>> =
-        Default::default();
-    let s2 = store.clone();
-    let watch_stop = shutdown.clone();
-    let watch = tokio::spawn(async move {
-        let mut events = watcher(pods, watcher::Config::default().labels(WORKER_SELECTOR)).boxed();
-        loop {
-            let ev = tokio::select! {
-                e = events.next() => e,
-                _ = watch_stop.cancelled() => break,
-            };
-            let Some(ev) = ev else { break };
-            let mut m = s2.lock().await;
-            match ev {
-                Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
-                    m.insert((p.namespace().unwrap_or_default(), p.name_any()), p);
-                }
-                Ok(watcher::Event::Delete(p)) => {
-                    m.remove(&(p.namespace().unwrap_or_default(), p.name_any()));
-                }
-                Ok(watcher::Event::Init) => m.clear(),
-                Ok(watcher::Event::InitDone) => {}
-                Err(e) => tracing::warn!(error = %e, "pod watch error"),
-            }
-        }
-    });
-    let mut running: HashMap<(String, String), Running> = HashMap::new();
-    let mut failed: HashMap<(String, String), String> = HashMap::new();
+    let store = PodStore::default();
+    let watch = tokio::spawn(mirror_pods(pods, store.clone(), shutdown.clone()));
+    let mut runner = Runner::new(client, cfg);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     while !shutdown.is_cancelled() {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => break,
         }
-        let pods: Vec<Pod> = store.lock().await.values().cloned().collect();
-        let wanted: HashMap<(String, String), Pod> = pods
-            .into_iter()
-            .filter(runnable)
-            .map(|p| ((p.namespace().unwrap_or_default(), p.name_any()), p))
-            .collect();
-        // Stop workers whose Pod is gone or terminating.
-        let gone: Vec<_> = running
-            .keys()
-            .filter(|k| !wanted.contains_key(*k))
-            .cloned()
-            .collect();
-        for k in gone {
-            if let Some(r) = running.remove(&k) {
-                tokio::spawn(async move { stop(&k.1, r).await });
-            }
-        }
-        // Start workers for new Pods.
-        for (k, p) in &wanted {
-            if running.contains_key(k) {
-                continue;
-            }
-            match start(&client, &cfg, p).await {
-                Ok(r) => {
-                    failed.remove(k);
-                    running.insert(k.clone(), r);
-                }
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    if failed.get(k) != Some(&msg) {
-                        tracing::warn!(pod = %k.1, error = %msg, "cannot start worker");
-                        let _ = set_ready(&client, &k.0, &k.1, false, "PodRunnerCannotStart").await;
-                        failed.insert(k.clone(), msg);
-                    }
-                }
-            }
-        }
-        // Reflect readiness; restart exited processes (like the kubelet would).
-        for (k, r) in running.iter_mut() {
-            if let Ok(Some(status)) = r.child.try_wait() {
-                tracing::warn!(pod = %k.1, %status, "worker exited; it will be restarted");
-                let _ = set_ready(&client, &k.0, &k.1, false, "WorkerExited").await;
-                r.ready = Some(false);
-                if let Some(p) = wanted.get(k)
-                    && let Ok(new) = start(&client, &cfg, p).await
-                {
-                    *r = new;
-                }
-                continue;
-            }
-            let ready = readyz(r.http_port).await;
-            if r.ready != Some(ready) {
-                match set_ready(&client, &k.0, &k.1, ready, "WorkerNotReady").await {
-                    Ok(()) => r.ready = Some(ready),
-                    Err(e) => {
-                        tracing::debug!(pod = %k.1, error = %e, "cannot update pod readiness yet")
-                    }
-                }
-            }
-        }
+        let wanted = wanted_pods(&store).await;
+        runner.stop_gone(&wanted);
+        runner.start_new(&wanted).await;
+        runner.reflect_readiness(&wanted).await;
     }
     watch.abort();
-    let stops: Vec<_> = running
-        .drain()
-        .map(|(k, r)| tokio::spawn(async move { stop(&k.1, r).await }))
-        .collect();
-    for s in stops {
-        let _ = s.await;
-    }
+    runner.stop_all().await;
     Ok(())
 }
 

@@ -75,73 +75,88 @@ impl Metrics {
             leader: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("orderoperator");
-        r.register("reconciles", "Reconciles run", m.reconciles.clone());
+        m.register_reconcile_metrics(r);
+        m.register_pipeline_metrics(r);
+        m.register_process_metrics(r);
+        m
+    }
+
+    /// The reconcile loop's own figures: how many ran, how they failed, how long they took.
+    fn register_reconcile_metrics(&self, r: &mut Registry) {
+        r.register("reconciles", "Reconciles run", self.reconciles.clone());
         r.register(
             "reconcile_failures",
             "Reconciles that failed, by error kind (kubernetes, nats, finalizer)",
-            m.failures.clone(),
+            self.failures.clone(),
         );
         r.register(
             "reconcile_not_ready",
             "Reconciles that ended with Ready=False, by reason (NatsUnreachable, SecretMissing, InvalidSpec, ...)",
-            m.not_ready.clone(),
+            self.not_ready.clone(),
         );
         r.register(
             "reconcile_duration_seconds",
             "Time one reconcile took",
-            m.duration.clone(),
+            self.duration.clone(),
         );
+    }
+
+    /// Per-pipeline gauges, labelled `pipeline="namespace/name"`, set by [`Metrics::pipeline`].
+    fn register_pipeline_metrics(&self, r: &mut Registry) {
         r.register(
             "pipeline_lag",
             "Orders not yet processed (consumer pending + ack pending), per pipeline",
-            m.lag.clone(),
+            self.lag.clone(),
         );
         r.register(
             "pipeline_dead_letters",
             "Messages in the pipeline's dead-letter stream",
-            m.dead_letters.clone(),
+            self.dead_letters.clone(),
         );
         r.register(
             "pipeline_replicas",
             "Worker pods of the pipeline's Deployment",
-            m.replicas.clone(),
+            self.replicas.clone(),
         );
         r.register(
             "pipeline_ready",
             "1 when the pipeline's Ready condition is True, else 0",
-            m.ready.clone(),
+            self.ready.clone(),
         );
         r.register(
             "pipeline_paused",
             "1 while spec.paused is true",
-            m.paused.clone(),
+            self.paused.clone(),
         );
         r.register(
             "pipeline_workers_desired",
             "Worker pods the Deployment asks for (its spec.replicas)",
-            m.workers_desired.clone(),
+            self.workers_desired.clone(),
         );
         r.register(
             "pipeline_workers_available",
             "Worker pods available (the Deployment's availableReplicas)",
-            m.workers_available.clone(),
+            self.workers_available.clone(),
         );
         r.register(
             "pipeline_target_lag_per_replica",
             "spec.workers.scaling.targetLagPerReplica: the lag one worker pod is expected to handle",
-            m.target_lag.clone(),
+            self.target_lag.clone(),
         );
+    }
+
+    /// The operator process's state: leadership and the NATS connections it holds.
+    fn register_process_metrics(&self, r: &mut Registry) {
         r.register(
             "leader",
             "1 while this operator replica holds the Lease (reconciles), 0 on a standby",
-            m.leader.clone(),
+            self.leader.clone(),
         );
         r.register(
             "nats_connections",
             "NATS connections the operator holds: one per distinct server and credentials, shared by the pipelines that use them",
-            m.nats_connections.clone(),
+            self.nats_connections.clone(),
         );
-        m
     }
 
     pub fn reconciled(&self, took: Duration, failure: Option<&'static str>) {

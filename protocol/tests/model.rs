@@ -119,6 +119,98 @@ impl State {
             .map(|o| o.seq)
             .max()
     }
+
+    /// Worker `w`'s delivery ends (acked, nacked or died): its input is no longer
+    /// in flight.
+    fn end_delivery(&mut self, w: usize) -> Worker {
+        let worker = self.workers.remove(w);
+        self.inputs[worker.input].in_flight -= 1;
+        worker
+    }
+
+    /// A v2 worker's downstream call for `input`: `Fault::None` charges the order,
+    /// `Fault::Refused` is a permanent refusal, any other fault a transient failure.
+    fn call_downstream(
+        &mut self,
+        input: usize,
+        alone_at_read: bool,
+        charged: &mut bool,
+        fault: Fault,
+    ) -> Event {
+        let order = self.inputs[input].order;
+        // An outcome other than the letter a replay may supersede.
+        let base = self.inputs[input].replay_of.unwrap_or(0);
+        if alone_at_read && self.last_on(order).unwrap_or(0) != base {
+            self.late_call = true;
+        }
+        match fault {
+            Fault::None => {
+                *charged = true;
+                if !self.charged.contains(&order) {
+                    self.charged.push(order);
+                }
+                if !alone_at_read && !self.suspect.contains(&order) {
+                    self.suspect.push(order);
+                }
+                Event::Downstream(CallClass::Ok)
+            }
+            f => {
+                if self.charged.contains(&order) && !self.suspect.contains(&order) {
+                    self.suspect.push(order);
+                }
+                if f == Fault::Refused {
+                    Event::Downstream(CallClass::Permanent)
+                } else {
+                    Event::Downstream(CallClass::Transient)
+                }
+            }
+        }
+    }
+
+    /// A v2 worker's outcome write for `order`, expecting `expect` as the last
+    /// outcome: it fails, conflicts, or is stored (its answer lost on
+    /// `Fault::StoredButLost`).
+    fn write_outcome(
+        &mut self,
+        order: u8,
+        kind: OutcomeKind,
+        expect: u64,
+        charged: bool,
+        fault: Fault,
+    ) -> Event {
+        let last = self.last_on(order).unwrap_or(0);
+        if fault == Fault::Fail {
+            if charged && !self.suspect.contains(&order) {
+                self.suspect.push(order);
+            }
+            Event::WriteFailed
+        } else if last != expect {
+            Event::Conflict
+        } else {
+            self.outcomes.push(Outcome {
+                order,
+                seq: self.next_seq,
+                kind,
+                over: expect,
+                letter_removed: false,
+            });
+            self.next_seq += 1;
+            if fault == Fault::StoredButLost {
+                Event::WriteFailed
+            } else {
+                Event::Written
+            }
+        }
+    }
+
+    /// A v2 worker removes the dead-letter copy its replayed `input` came from.
+    fn remove_letter(&mut self, input: usize) -> Event {
+        let of = self.inputs[input].replay_of;
+        if let Some(o) = self.outcomes.iter_mut().find(|o| Some(o.seq) == of) {
+            o.letter_removed = true;
+        }
+        Event::Removed
+    }
 }
 
 /// The v2 protocol: the worker's own [`Machine`] against the stream.
@@ -167,6 +259,125 @@ impl V2 {
             replay_of: input.replay_of,
             downstream: self.downstream,
         }
+    }
+
+    /// The consumer delivers input `i` to a new worker (an overlap when another
+    /// delivery of it is still in flight).
+    fn deliver(&self, s: &State, i: usize) -> Option<State> {
+        let mut s = s.clone();
+        if s.inputs[i].in_flight > 0 {
+            s.budget.overlaps -= 1;
+        }
+        s.inputs[i].delivered += 1;
+        s.inputs[i].in_flight += 1;
+        let order = s.inputs[i].order;
+        for w in s.workers.iter_mut() {
+            if s.inputs[w.input].order == order {
+                w.alone_at_read = false;
+                if w.charged && !s.suspect.contains(&order) {
+                    s.suspect.push(order);
+                }
+            }
+        }
+        let mut machine = Machine::new(s.inputs[i].verdict, self.delivery(&s.inputs[i]));
+        let step = machine.on(Event::Start);
+        s.workers.push(Worker {
+            input: i,
+            machine,
+            step,
+            alone_at_read: false,
+            charged: false,
+        });
+        Some(s)
+    }
+
+    /// Worker `w` dies at its current step.
+    fn crash(&self, s: &State, w: usize) -> Option<State> {
+        let mut s = s.clone();
+        s.budget.crashes -= 1;
+        let worker = s.end_delivery(w);
+        let order = s.inputs[worker.input].order;
+        if s.charged.contains(&order) && !s.suspect.contains(&order) {
+            s.suspect.push(order);
+        }
+        Some(s)
+    }
+
+    /// `orderctl dlq replay` of the dead letter at outcome sequence `seq`.
+    fn replay(&self, s: &State, seq: u64) -> Option<State> {
+        let mut s = s.clone();
+        s.budget.replays -= 1;
+        let letter = s.outcomes.iter().find(|o| o.seq == seq)?.clone();
+        let original = s.inputs.iter().find(|i| i.order == letter.order)?.clone();
+        // The replay is a new input; the downstream is healthy by then, so
+        // model its verdict as the original's.
+        s.inputs.push(Input {
+            order: letter.order,
+            verdict: original.verdict,
+            replay_of: Some(seq),
+            seq: s.next_seq,
+            acked: false,
+            delivered: 0,
+            in_flight: 0,
+        });
+        s.next_seq += 1;
+        Some(s)
+    }
+
+    /// Worker `w` carries out its step, `fault` picking the failing variant, and
+    /// feeds the result to its machine (an ack or nak ends the delivery).
+    fn run(&self, s: &State, w: usize, fault: Fault) -> Option<State> {
+        let mut s = s.clone();
+        if fault != Fault::None && fault != Fault::LostAck {
+            s.budget.failures -= 1;
+        }
+        let Worker {
+            input,
+            mut machine,
+            step,
+            mut alone_at_read,
+            mut charged,
+        } = s.workers[w].clone();
+        let order = s.inputs[input].order;
+        if step == Step::ReadOutcome {
+            alone_at_read = s
+                .workers
+                .iter()
+                .enumerate()
+                .all(|(x, o)| x == w || s.inputs[o.input].order != order);
+        }
+        let event = match (step, fault) {
+            (Step::ReadOutcome, Fault::None) => Event::Read(s.last_on(order)),
+            (Step::ReadOutcome, _) => Event::ReadFailed,
+            (Step::CallDownstream, f) => s.call_downstream(input, alone_at_read, &mut charged, f),
+            (Step::Write { kind, expect, .. }, f) => {
+                s.write_outcome(order, kind, expect, charged, f)
+            }
+            (Step::RemoveLetter, Fault::None) => s.remove_letter(input),
+            (Step::RemoveLetter, _) => Event::RemoveFailed,
+            (Step::Ack, f) => {
+                if f == Fault::LostAck {
+                    s.budget.lost_acks -= 1;
+                } else {
+                    s.inputs[input].acked = true;
+                }
+                s.end_delivery(w);
+                return Some(s);
+            }
+            (Step::Nak, _) => {
+                s.end_delivery(w);
+                return Some(s);
+            }
+        };
+        let next = machine.on(event);
+        s.workers[w] = Worker {
+            input,
+            machine,
+            step: next,
+            alone_at_read,
+            charged,
+        };
+        Some(s)
     }
 }
 
@@ -270,171 +481,13 @@ impl Model for V2 {
     }
 
     fn next_state(&self, s: &State, action: Action) -> Option<State> {
-        let mut s = s.clone();
         match action {
-            Action::WindowPasses => return None,
-            Action::Deliver(i) => {
-                if s.inputs[i].in_flight > 0 {
-                    s.budget.overlaps -= 1;
-                }
-                s.inputs[i].delivered += 1;
-                s.inputs[i].in_flight += 1;
-                let order = s.inputs[i].order;
-                for w in s.workers.iter_mut() {
-                    if s.inputs[w.input].order == order {
-                        w.alone_at_read = false;
-                        if w.charged && !s.suspect.contains(&order) {
-                            s.suspect.push(order);
-                        }
-                    }
-                }
-                let mut machine = Machine::new(s.inputs[i].verdict, self.delivery(&s.inputs[i]));
-                let step = machine.on(Event::Start);
-                s.workers.push(Worker {
-                    input: i,
-                    machine,
-                    step,
-                    alone_at_read: false,
-                    charged: false,
-                });
-            }
-            Action::Crash(w) => {
-                s.budget.crashes -= 1;
-                let worker = s.workers.remove(w);
-                s.inputs[worker.input].in_flight -= 1;
-                let order = s.inputs[worker.input].order;
-                if s.charged.contains(&order) && !s.suspect.contains(&order) {
-                    s.suspect.push(order);
-                }
-            }
-            Action::Replay(seq) => {
-                s.budget.replays -= 1;
-                let letter = s.outcomes.iter().find(|o| o.seq == seq)?.clone();
-                let original = s.inputs.iter().find(|i| i.order == letter.order)?.clone();
-                // The replay is a new input; the downstream is healthy by then, so
-                // model its verdict as the original's.
-                s.inputs.push(Input {
-                    order: letter.order,
-                    verdict: original.verdict,
-                    replay_of: Some(seq),
-                    seq: s.next_seq,
-                    acked: false,
-                    delivered: 0,
-                    in_flight: 0,
-                });
-                s.next_seq += 1;
-            }
-            Action::Run { w, fault } => {
-                if fault != Fault::None && fault != Fault::LostAck {
-                    s.budget.failures -= 1;
-                }
-                let Worker {
-                    input,
-                    mut machine,
-                    step,
-                    mut alone_at_read,
-                    mut charged,
-                } = s.workers[w].clone();
-                let order = s.inputs[input].order;
-                if step == Step::ReadOutcome {
-                    alone_at_read = s
-                        .workers
-                        .iter()
-                        .enumerate()
-                        .all(|(x, o)| x == w || s.inputs[o.input].order != order);
-                }
-                let event = match (step, fault) {
-                    (Step::ReadOutcome, Fault::None) => Event::Read(s.last_on(order)),
-                    (Step::ReadOutcome, _) => Event::ReadFailed,
-                    (Step::CallDownstream, f) => {
-                        // An outcome other than the letter a replay may supersede.
-                        let base = s.inputs[input].replay_of.unwrap_or(0);
-                        if alone_at_read && s.last_on(order).unwrap_or(0) != base {
-                            s.late_call = true;
-                        }
-                        match f {
-                            Fault::None => {
-                                charged = true;
-                                if !s.charged.contains(&order) {
-                                    s.charged.push(order);
-                                }
-                                if !alone_at_read && !s.suspect.contains(&order) {
-                                    s.suspect.push(order);
-                                }
-                                Event::Downstream(CallClass::Ok)
-                            }
-                            f => {
-                                if s.charged.contains(&order) && !s.suspect.contains(&order) {
-                                    s.suspect.push(order);
-                                }
-                                if f == Fault::Refused {
-                                    Event::Downstream(CallClass::Permanent)
-                                } else {
-                                    Event::Downstream(CallClass::Transient)
-                                }
-                            }
-                        }
-                    }
-                    (Step::Write { kind, expect, .. }, f) => {
-                        let last = s.last_on(order).unwrap_or(0);
-                        if f == Fault::Fail {
-                            if charged && !s.suspect.contains(&order) {
-                                s.suspect.push(order);
-                            }
-                            Event::WriteFailed
-                        } else if last != expect {
-                            Event::Conflict
-                        } else {
-                            s.outcomes.push(Outcome {
-                                order,
-                                seq: s.next_seq,
-                                kind,
-                                over: expect,
-                                letter_removed: false,
-                            });
-                            s.next_seq += 1;
-                            if f == Fault::StoredButLost {
-                                Event::WriteFailed
-                            } else {
-                                Event::Written
-                            }
-                        }
-                    }
-                    (Step::RemoveLetter, Fault::None) => {
-                        let of = s.inputs[input].replay_of;
-                        if let Some(o) = s.outcomes.iter_mut().find(|o| Some(o.seq) == of) {
-                            o.letter_removed = true;
-                        }
-                        Event::Removed
-                    }
-                    (Step::RemoveLetter, _) => Event::RemoveFailed,
-                    (Step::Ack, f) => {
-                        if f == Fault::LostAck {
-                            s.budget.lost_acks -= 1;
-                        } else {
-                            s.inputs[input].acked = true;
-                        }
-                        s.inputs[input].in_flight -= 1;
-                        s.workers.remove(w);
-                        return Some(s);
-                    }
-                    (Step::Nak, _) => {
-                        s.inputs[input].in_flight -= 1;
-                        s.workers.remove(w);
-                        return Some(s);
-                    }
-                };
-                let next = machine.on(event);
-                s.workers[w] = Worker {
-                    input,
-                    machine,
-                    step: next,
-                    alone_at_read,
-                    charged,
-                };
-            }
+            Action::WindowPasses => None,
+            Action::Deliver(i) => self.deliver(s, i),
+            Action::Crash(w) => self.crash(s, w),
+            Action::Replay(seq) => self.replay(s, seq),
+            Action::Run { w, fault } => self.run(s, w, fault),
         }
-        Some(s)
     }
 
     fn properties(&self) -> Vec<Property<Self>> {
@@ -547,6 +600,169 @@ pub struct V1 {
     pub budget: Budget,
 }
 
+impl V1State {
+    /// Claim: read the KV record; a final one acks the delivery as a duplicate,
+    /// else the record is created (or kept) `pending`.
+    fn claim(&mut self, order: u8) -> V1Step {
+        let kv = self
+            .kv_final
+            .iter()
+            .find(|(o, _)| *o == order)
+            .map(|(_, f)| *f);
+        match kv {
+            Some(true) => V1Step::Ack,
+            Some(false) => V1Step::Downstream,
+            None => {
+                self.kv_final.push((order, false));
+                V1Step::Downstream
+            }
+        }
+    }
+
+    /// The downstream call; a failure goes to `transient`.
+    fn call_downstream(&mut self, order: u8, failed: bool, transient: V1Step) -> V1Step {
+        if self.base.last_on(order).is_some() {
+            self.base.late_call = true;
+        }
+        if failed {
+            transient
+        } else {
+            if !self.base.charged.contains(&order) {
+                self.base.charged.push(order);
+            }
+            V1Step::Publish
+        }
+    }
+
+    /// Publishes the result event, unless the stream still deduplicates its id.
+    fn publish(&mut self, order: u8, verdict: Verdict) {
+        if !self.dedup.contains(&order) {
+            let kind = if verdict == Verdict::Reject {
+                OutcomeKind::Rejected
+            } else {
+                OutcomeKind::Processed
+            };
+            let over = self.base.last_on(order).unwrap_or(0);
+            let seq = self.base.next_seq;
+            self.base.outcomes.push(Outcome {
+                order,
+                seq,
+                kind,
+                over,
+                letter_removed: false,
+            });
+            self.base.next_seq += 1;
+            self.dedup.push(order);
+        }
+    }
+
+    /// KV compare-and-set of the order's record to final.
+    fn finalise(&mut self, order: u8) {
+        for (o, f) in self.kv_final.iter_mut() {
+            if *o == order {
+                *f = true;
+            }
+        }
+    }
+
+    /// Writes the dead letter and marks the order's KV record final.
+    fn dead_letter(&mut self, order: u8) {
+        let over = self.base.last_on(order).unwrap_or(0);
+        let seq = self.base.next_seq;
+        self.base.outcomes.push(Outcome {
+            order,
+            seq,
+            kind: OutcomeKind::DeadLettered,
+            over,
+            letter_removed: false,
+        });
+        self.base.next_seq += 1;
+        match self.kv_final.iter_mut().find(|(o, _)| *o == order) {
+            Some((_, f)) => *f = true,
+            None => self.kv_final.push((order, true)),
+        }
+    }
+}
+
+impl V1 {
+    /// The consumer delivers input `i` to a new worker, which starts at Claim.
+    fn deliver(&self, s: &V1State, i: usize) -> Option<V1State> {
+        let mut s = s.clone();
+        let b = &mut s.base;
+        if b.inputs[i].in_flight > 0 {
+            b.budget.overlaps -= 1;
+        }
+        b.inputs[i].delivered += 1;
+        b.inputs[i].in_flight += 1;
+        s.v1_workers.push((i, V1Step::Claim));
+        Some(s)
+    }
+
+    /// Worker `w` dies at its current step.
+    fn crash(&self, s: &V1State, w: usize) -> Option<V1State> {
+        let mut s = s.clone();
+        s.base.budget.crashes -= 1;
+        let (i, _) = s.v1_workers.remove(w);
+        s.base.inputs[i].in_flight -= 1;
+        Some(s)
+    }
+
+    /// The stream's duplicate window passes: it forgets the message ids.
+    fn window_passes(&self, s: &V1State) -> Option<V1State> {
+        let mut s = s.clone();
+        s.base.budget.windows -= 1;
+        s.dedup.clear();
+        Some(s)
+    }
+
+    /// Worker `w` carries out its step (`Fault::Fail`: the step fails).
+    fn run(&self, s: &V1State, w: usize, fault: Fault) -> Option<V1State> {
+        let mut s = s.clone();
+        let failed = fault == Fault::Fail;
+        if failed {
+            s.base.budget.failures -= 1;
+        }
+        let (i, step) = s.v1_workers[w];
+        let order = s.base.inputs[i].order;
+        let verdict = s.base.inputs[i].verdict;
+        let last = s.base.inputs[i].delivered >= u64::from(self.max_deliveries);
+        let transient = if last {
+            V1Step::DeadLetter
+        } else {
+            V1Step::Nak
+        };
+        let next = match step {
+            V1Step::Claim if failed => transient,
+            V1Step::Claim => s.claim(order),
+            V1Step::Downstream => s.call_downstream(order, failed, transient),
+            V1Step::Publish if failed => transient,
+            V1Step::Publish => {
+                s.publish(order, verdict);
+                V1Step::Finalise
+            }
+            V1Step::Finalise if failed => V1Step::Nak,
+            V1Step::Finalise => {
+                s.finalise(order);
+                V1Step::Ack
+            }
+            V1Step::DeadLetter => {
+                s.dead_letter(order);
+                V1Step::Ack
+            }
+            V1Step::Ack | V1Step::Nak => {
+                if step == V1Step::Ack && !failed {
+                    s.base.inputs[i].acked = true;
+                }
+                s.base.inputs[i].in_flight -= 1;
+                s.v1_workers.remove(w);
+                return Some(s);
+            }
+        };
+        s.v1_workers[w] = (i, next);
+        Some(s)
+    }
+}
+
 impl Model for V1 {
     type State = V1State;
     type Action = Action;
@@ -600,130 +816,13 @@ impl Model for V1 {
     }
 
     fn next_state(&self, s: &V1State, action: Action) -> Option<V1State> {
-        let mut s = s.clone();
         match action {
-            Action::Deliver(i) => {
-                let b = &mut s.base;
-                if b.inputs[i].in_flight > 0 {
-                    b.budget.overlaps -= 1;
-                }
-                b.inputs[i].delivered += 1;
-                b.inputs[i].in_flight += 1;
-                s.v1_workers.push((i, V1Step::Claim));
-            }
-            Action::Crash(w) => {
-                s.base.budget.crashes -= 1;
-                let (i, _) = s.v1_workers.remove(w);
-                s.base.inputs[i].in_flight -= 1;
-            }
-            Action::WindowPasses => {
-                s.base.budget.windows -= 1;
-                s.dedup.clear();
-            }
-            Action::Replay(_) => return None,
-            Action::Run { w, fault } => {
-                let failed = fault == Fault::Fail;
-                if failed {
-                    s.base.budget.failures -= 1;
-                }
-                let (i, step) = s.v1_workers[w];
-                let order = s.base.inputs[i].order;
-                let verdict = s.base.inputs[i].verdict;
-                let last = s.base.inputs[i].delivered >= u64::from(self.max_deliveries);
-                let kv = s
-                    .kv_final
-                    .iter()
-                    .find(|(o, _)| *o == order)
-                    .map(|(_, f)| *f);
-                let transient = if last {
-                    V1Step::DeadLetter
-                } else {
-                    V1Step::Nak
-                };
-                let next = match step {
-                    V1Step::Claim if failed => transient,
-                    V1Step::Claim => match kv {
-                        Some(true) => V1Step::Ack,
-                        Some(false) => V1Step::Downstream,
-                        None => {
-                            s.kv_final.push((order, false));
-                            V1Step::Downstream
-                        }
-                    },
-                    V1Step::Downstream => {
-                        if s.base.last_on(order).is_some() {
-                            s.base.late_call = true;
-                        }
-                        if failed {
-                            transient
-                        } else {
-                            if !s.base.charged.contains(&order) {
-                                s.base.charged.push(order);
-                            }
-                            V1Step::Publish
-                        }
-                    }
-                    V1Step::Publish if failed => transient,
-                    V1Step::Publish => {
-                        if !s.dedup.contains(&order) {
-                            let kind = if verdict == Verdict::Reject {
-                                OutcomeKind::Rejected
-                            } else {
-                                OutcomeKind::Processed
-                            };
-                            let over = s.base.last_on(order).unwrap_or(0);
-                            let seq = s.base.next_seq;
-                            s.base.outcomes.push(Outcome {
-                                order,
-                                seq,
-                                kind,
-                                over,
-                                letter_removed: false,
-                            });
-                            s.base.next_seq += 1;
-                            s.dedup.push(order);
-                        }
-                        V1Step::Finalise
-                    }
-                    V1Step::Finalise if failed => V1Step::Nak,
-                    V1Step::Finalise => {
-                        for (o, f) in s.kv_final.iter_mut() {
-                            if *o == order {
-                                *f = true;
-                            }
-                        }
-                        V1Step::Ack
-                    }
-                    V1Step::DeadLetter => {
-                        let over = s.base.last_on(order).unwrap_or(0);
-                        let seq = s.base.next_seq;
-                        s.base.outcomes.push(Outcome {
-                            order,
-                            seq,
-                            kind: OutcomeKind::DeadLettered,
-                            over,
-                            letter_removed: false,
-                        });
-                        s.base.next_seq += 1;
-                        match s.kv_final.iter_mut().find(|(o, _)| *o == order) {
-                            Some((_, f)) => *f = true,
-                            None => s.kv_final.push((order, true)),
-                        }
-                        V1Step::Ack
-                    }
-                    V1Step::Ack | V1Step::Nak => {
-                        if step == V1Step::Ack && !failed {
-                            s.base.inputs[i].acked = true;
-                        }
-                        s.base.inputs[i].in_flight -= 1;
-                        s.v1_workers.remove(w);
-                        return Some(s);
-                    }
-                };
-                s.v1_workers[w] = (i, next);
-            }
+            Action::Deliver(i) => self.deliver(s, i),
+            Action::Crash(w) => self.crash(s, w),
+            Action::WindowPasses => self.window_passes(s),
+            Action::Replay(_) => None,
+            Action::Run { w, fault } => self.run(s, w, fault),
         }
-        Some(s)
     }
 
     fn properties(&self) -> Vec<Property<Self>> {
