@@ -214,8 +214,10 @@ async fn the_sample_becomes_ready_with_matching_jetstream_objects_and_workers() 
     );
     let mut dlq = s.js.get_stream("ORDERS_DLQ").await?;
     assert_eq!(dlq.info().await?.config.subjects, vec!["DLQ.ORDER.created"]);
-    let kv = s.js.get_key_value("ORDERS_STATE").await?;
-    assert_eq!(kv.status().await?.history(), 1);
+    assert!(
+        s.js.get_key_value("ORDERS_STATE").await.is_err(),
+        "a new pipeline gets no bucket of the protocol before v2"
+    );
     let c = stream.consumer_info("order-workers").await?;
     assert_eq!(c.config.filter_subject, "ORDER.created");
     assert_eq!(c.config.ack_wait, Duration::from_secs(30));
@@ -255,12 +257,12 @@ async fn the_sample_becomes_ready_with_matching_jetstream_objects_and_workers() 
     for r in [
         "StreamCreated",
         "DeadLetterStreamCreated",
-        "BucketCreated",
         "ConsumerCreated",
         "DeploymentCreated",
     ] {
         assert!(reasons.contains(r), "missing event {r}: {reasons}");
     }
+    assert!(!reasons.contains("BucketCreated"), "{reasons}");
 
     // The operator's metrics carry the pipeline.
     let metrics = operator_metrics(&s).await?;
@@ -494,6 +496,8 @@ async fn retain_keeps_the_stream_and_delete_removes_it() -> anyhow::Result<()> {
     s.api.create(&PostParams::default(), &gone).await?;
     wait_ready(&s, "keep", "True", None).await?;
     wait_ready(&s, "gone", "True", None).await?;
+    // gone was upgraded from v1: it still has the bucket v1 created.
+    v1_bucket(&s.js, "GONE_STATE", Duration::ZERO).await?;
 
     // A pipeline naming keep's streams is refused (naming keep); deleting it, even
     // with deletionPolicy Delete, must not delete what belongs to keep.
@@ -517,10 +521,11 @@ async fn retain_keeps_the_stream_and_delete_removes_it() -> anyhow::Result<()> {
         "keep's stream stays"
     );
     assert!(s.js.get_stream("ORDERS_DLQ").await.is_ok());
-    assert!(s.js.get_key_value("ORDERS_STATE").await.is_ok());
-    assert!(event_reasons(&s.ns.name).await?.contains(
-        "kept bucket ORDERS_STATE, stream ORDERS, stream ORDERS_DLQ (not created by this pipeline)"
-    ));
+    assert!(
+        event_reasons(&s.ns.name)
+            .await?
+            .contains("kept stream ORDERS, stream ORDERS_DLQ (not created by this pipeline)")
+    );
     wait_ready(&s, "keep", "True", None).await?;
 
     for name in ["keep", "gone"] {
@@ -546,13 +551,19 @@ async fn retain_keeps_the_stream_and_delete_removes_it() -> anyhow::Result<()> {
         "Retain keeps the stream"
     );
     assert!(s.js.get_stream("ORDERS_DLQ").await.is_ok());
-    assert!(s.js.get_key_value("ORDERS_STATE").await.is_ok());
+    assert!(
+        s.js.get_key_value("ORDERS_STATE").await.is_err(),
+        "never created"
+    );
     assert!(
         s.js.get_stream("GONE").await.is_err(),
         "Delete removes the stream"
     );
     assert!(s.js.get_stream("GONE_DLQ").await.is_err());
-    assert!(s.js.get_key_value("GONE_STATE").await.is_err());
+    assert!(
+        s.js.get_key_value("GONE_STATE").await.is_err(),
+        "Delete removes the bucket a pipeline upgraded from v1 still had"
+    );
     s.ns.delete().await
 }
 
@@ -1059,18 +1070,10 @@ async fn a_stream_removed_behind_the_operators_back_is_recreated_and_storage_dri
     )
     .await?;
 
-    // The KV bucket's TTL changed behind the operator's back is reverted too.
-    let mut kv_cfg =
-        s.js.get_stream("KV_ORDERS_STATE")
-            .await?
-            .info()
-            .await?
-            .config
-            .clone();
-    let ttl = kv_cfg.max_age;
-    kv_cfg.max_age = Duration::from_secs(3600);
-    s.js.update_stream(kv_cfg).await?;
-    wait_max_age(&s.js, "KV_ORDERS_STATE", ttl).await?;
+    // The KV bucket a pipeline upgraded from v1 still has follows the spec too:
+    // its TTL (another than the spec's) is set to the spec's, the stream's maxAge.
+    v1_bucket(&s.js, "ORDERS_STATE", Duration::from_secs(3600)).await?;
+    wait_max_age(&s.js, "KV_ORDERS_STATE", Duration::from_secs(7 * 86400)).await?;
     wait_events(
         &s.ns.name,
         &["DriftCorrected: updated KV bucket ORDERS_STATE (ttl changed)"],
@@ -1478,10 +1481,12 @@ async fn two_pipelines_on_one_nats_keep_their_orders_apart_and_a_clash_is_refuse
         subjects.iter().all(|x| !x.starts_with("SHOP")),
         "{subjects:?}"
     );
-    assert!(
-        s.js.get_key_value("SHOP_STATE").await.is_ok(),
-        "the shop has its own bucket"
-    );
+    for bucket in ["ORDERS_STATE", "SHOP_STATE"] {
+        assert!(
+            s.js.get_key_value(bucket).await.is_err(),
+            "no bucket of the protocol before v2 for new pipelines: {bucket}"
+        );
+    }
 
     // Both pipelines share the operator's one connection to this NATS.
     let metrics = operator_metrics(&s).await?;
@@ -1556,6 +1561,23 @@ fn stderr_of(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The KV bucket a v1 pipeline had (one record per order; history 1), as a
+/// pipeline upgraded from v1 still has it: the operator never creates one.
+async fn v1_bucket(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    ttl: Duration,
+) -> anyhow::Result<async_nats::jetstream::kv::Store> {
+    Ok(js
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: bucket.into(),
+            history: 1,
+            max_age: ttl,
+            ..Default::default()
+        })
+        .await?)
+}
+
 fn worker_env_var(d: &Deployment, name: &str) -> Option<String> {
     env_of(d).get(name).cloned()
 }
@@ -1571,8 +1593,9 @@ async fn workers_check_the_records_of_the_protocol_before_v2_while_there_are_any
         None,
         "a new pipeline has no old records"
     );
-    // A record as the protocol before v2 wrote it: the workers must consult the bucket.
-    let kv = s.js.get_key_value("ORDERS_STATE").await?;
+    // A record as the protocol before v2 wrote it, in the bucket v1 created: the
+    // workers must consult the bucket.
+    let kv = v1_bucket(&s.js, "ORDERS_STATE", Duration::ZERO).await?;
     kv.put("o-1", r#"{"state":"processed"}"#.to_string().into())
         .await?;
     wait_for(

@@ -109,7 +109,8 @@ pub struct OrderPipelineSpec {
     /// Where messages that cannot be processed go.
     #[serde(default)]
     pub dead_letter: DeadLetterSpec,
-    /// The idempotency store: one record per order in a KV bucket.
+    /// The KV bucket of the protocol before v2, for pipelines upgraded from v1
+    /// only: a new pipeline gets none.
     #[serde(default)]
     pub state: StateSpec,
     /// The worker Deployment.
@@ -446,11 +447,14 @@ impl Default for DeadLetterSpec {
 
 /// The KV bucket of earlier versions (v1 kept one record per order there; the
 /// outcomes are now the records, in the input stream). Kept so existing specs
-/// still apply; the operator still manages the bucket.
+/// still apply. The operator never creates it; while a pipeline upgraded from v1
+/// still has it, its TTL and replicas follow this spec, the workers consult its
+/// records, and a `Delete` cleanup removes it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StateSpec {
-    /// KV bucket name; default `<stream.name>_STATE` (`ORDERS_STATE`).
+    /// The bucket's name, as v1 created it; default `<stream.name>_STATE`
+    /// (`ORDERS_STATE`). Only for pipelines upgraded from v1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1), regex(pattern = r"^[a-zA-Z0-9_-]+$"))]
     pub bucket: Option<String>,

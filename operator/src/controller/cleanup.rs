@@ -28,7 +28,7 @@ pub(crate) async fn cleanup(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<
             &p,
             Kind::Retained,
             format!(
-                "{why}: kept stream {}, {} and bucket {}",
+                "{why}: kept streams {} and {} (and bucket {}, if a pipeline upgraded from v1 still has it)",
                 p.spec.stream.name,
                 p.spec.dlq_stream(),
                 p.spec.state_bucket()
@@ -58,16 +58,16 @@ pub(crate) async fn cleanup(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<
         delete_topology(&p, &ctx).await
     };
     match outcome {
-        Ok(kept) => {
+        Ok(Removal { kept, bucket }) => {
             ctx.release_nats(&key).await;
             ctx.metrics.forget(&key);
             let note = if kept.is_empty() {
                 format!(
-                    "deleted consumer {}, streams {} and {}, bucket {}",
+                    "deleted consumer {}, streams {} and {}{}",
                     p.spec.consumer.name,
                     p.spec.stream.name,
                     p.spec.dlq_stream(),
-                    p.spec.state_bucket()
+                    bucket.map_or_else(String::new, |b| format!(", bucket {b}"))
                 )
             } else {
                 format!(
@@ -91,14 +91,19 @@ pub(crate) async fn cleanup(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<
     }
 }
 
-/// Deletes the pipeline's streams and KV bucket, but only what it owns: a stream
-/// whose owner metadata names another pipeline (or none: it was never created
-/// or adopted by this one) is kept, and so is the bucket unless the input stream
-/// is this pipeline's. Returns what was kept.
-pub(crate) async fn delete_topology(
-    p: &OrderPipeline,
-    ctx: &Context,
-) -> Result<Vec<String>, String> {
+/// What a `Delete` cleanup did.
+pub(crate) struct Removal {
+    /// What was kept (not this pipeline's).
+    pub kept: Vec<String>,
+    /// The bucket of the protocol before v2 it deleted, if there was one.
+    pub bucket: Option<String>,
+}
+
+/// Deletes the pipeline's streams and, on a pipeline upgraded from v1, its KV
+/// bucket, but only what it owns: a stream whose owner metadata names another
+/// pipeline (or none: it was never created or adopted by this one) is kept, and
+/// so is the bucket unless the input stream is this pipeline's.
+pub(crate) async fn delete_topology(p: &OrderPipeline, ctx: &Context) -> Result<Removal, String> {
     let key = key_of(p);
     // The same Secrets, TLS files and shared connection as a reconcile.
     let js = dereference::world(p, ctx).await.map_err(|b| b.message)?.js;
@@ -121,14 +126,16 @@ pub(crate) async fn delete_topology(
     };
     let input = owned(read(p.spec.stream.name.clone()).await?);
     let dlq = owned(read(p.spec.dlq_stream()).await?);
+    let bucket = p.spec.state_bucket();
+    let has_bucket = read(format!("KV_{bucket}")).await?.is_some();
     let mut kept = Vec::new();
+    let mut deleted_bucket = None;
     // Already gone is what a deletion wants (`false` from a delete).
-    if input == Some(true) {
-        js.delete_bucket(&p.spec.state_bucket())
-            .await
-            .map_err(|e| e.to_string())?;
-    } else {
-        kept.push(format!("bucket {}", p.spec.state_bucket()));
+    if has_bucket && input == Some(true) {
+        js.delete_bucket(&bucket).await.map_err(|e| e.to_string())?;
+        deleted_bucket = Some(bucket);
+    } else if has_bucket {
+        kept.push(format!("bucket {bucket}"));
     }
     for (name, owned) in [(&p.spec.stream.name, input), (&p.spec.dlq_stream(), dlq)] {
         match owned {
@@ -139,5 +146,8 @@ pub(crate) async fn delete_topology(
             None => {}
         }
     }
-    Ok(kept)
+    Ok(Removal {
+        kept,
+        bucket: deleted_bucket,
+    })
 }

@@ -269,11 +269,12 @@ pub(crate) async fn read_figures(
         .map_err(|e| format!("reading stream {}: {e}", t.dlq_stream))?
         .ok_or_else(|| missing(&format!("stream {}", t.dlq_stream)))?
         .messages;
-    // The bucket may be absent (Observe, or not created yet): no records then.
-    let legacy_records = match stream(&format!("KV_{}", t.bucket), seen.bucket).await {
-        Ok(b) => Some(b.map_or(0, |b| b.messages)),
-        Err(_) => None,
+    // The bucket is absent unless the pipeline was upgraded from v1: no records then.
+    let bucket = match seen.bucket {
+        Some(read) => Ok(read),
+        None => js.stream(&format!("KV_{}", t.bucket)).await,
     };
+    let legacy_records = bucket.ok().map(|b| b.map_or(0, |b| b.messages));
     Ok(Figures {
         consumer_paused: c.paused,
         legacy_records,

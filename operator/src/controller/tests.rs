@@ -12,7 +12,7 @@ use http::{Request, Response};
 use kube::client::Body;
 use serde_json::{Value, json};
 
-use super::jetstream_api::Fake;
+use super::jetstream_api::{Fake, StreamView};
 use super::*;
 use crate::crd::{DeletionPolicy, OrderPipeline};
 
@@ -268,9 +268,12 @@ async fn a_new_pipeline_gets_its_objects_its_deployment_and_one_status_write() {
         [
             "create stream ORDERS",
             "create stream ORDERS_DLQ",
-            "put bucket ORDERS_STATE",
             "put consumer ORDERS/order-workers"
         ]
+    );
+    assert!(
+        !h.js.streams.lock().unwrap().contains_key("KV_ORDERS_STATE"),
+        "v2 keeps outcomes in the stream: no bucket of the protocol before v2"
     );
     assert_eq!(
         h.api.requests(),
@@ -286,7 +289,6 @@ async fn a_new_pipeline_gets_its_objects_its_deployment_and_one_status_write() {
         [
             "StreamCreated",
             "DeadLetterStreamCreated",
-            "BucketCreated",
             "ConsumerCreated",
             "DeploymentCreated"
         ]
@@ -442,11 +444,36 @@ async fn a_nats_outage_is_ready_false_and_touches_nothing_else() {
     assert_eq!(h.ready(), ("True".into(), "PipelineReady".into()));
 }
 
+/// A bucket that a pipeline upgraded from v1 still has (the operator never
+/// creates one).
+fn leave_v1_bucket(h: &Harness, ttl: Duration) {
+    let cfg = async_nats::jetstream::stream::Config {
+        name: "KV_ORDERS_STATE".into(),
+        max_age: ttl,
+        num_replicas: 1,
+        ..Default::default()
+    };
+    h.js.streams.lock().unwrap().insert(
+        cfg.name.clone(),
+        StreamView {
+            config: cfg,
+            ..Default::default()
+        },
+    );
+}
+
 #[tokio::test]
 async fn deletion_removes_the_objects_under_delete_and_keeps_them_under_retain() {
-    for (policy, writes, reason) in [
+    for (policy, v1_bucket, writes, reason) in [
         (
             DeletionPolicy::Delete,
+            false,
+            vec!["delete stream ORDERS", "delete stream ORDERS_DLQ"],
+            "Deleted",
+        ),
+        (
+            DeletionPolicy::Delete,
+            true,
             vec![
                 "delete bucket ORDERS_STATE",
                 "delete stream ORDERS",
@@ -454,12 +481,15 @@ async fn deletion_removes_the_objects_under_delete_and_keeps_them_under_retain()
             ],
             "Deleted",
         ),
-        (DeletionPolicy::Retain, vec![], "Retained"),
+        (DeletionPolicy::Retain, true, vec![], "Retained"),
     ] {
         let mut p = sample();
         p.spec.stream.deletion_policy = policy;
         let h = Harness::new(&p);
         h.reconcile(&p).await;
+        if v1_bucket {
+            leave_v1_bucket(&h, Duration::from_secs(7 * 86400));
+        }
         h.api.clear();
         h.js.requests.lock().unwrap().clear();
         cleanup(Arc::new(p.clone()), h.ctx.clone())
@@ -471,6 +501,33 @@ async fn deletion_removes_the_objects_under_delete_and_keeps_them_under_retain()
             assert!(h.js.streams.lock().unwrap().is_empty());
         }
     }
+}
+
+#[tokio::test]
+async fn a_bucket_left_by_v1_follows_the_spec_and_is_never_created() {
+    let p = sample();
+    let h = Harness::new(&p);
+    leave_v1_bucket(&h, Duration::from_secs(3600));
+    h.reconcile(&p).await;
+    let writes = h.js.writes();
+    assert!(
+        writes.contains(&"put bucket ORDERS_STATE".to_string()),
+        "{writes:?}"
+    );
+    assert!(!h.api.event_reasons().contains(&"BucketCreated".to_string()));
+    let ttl = h.js.streams.lock().unwrap()["KV_ORDERS_STATE"]
+        .config
+        .max_age;
+    assert_eq!(
+        ttl,
+        Duration::from_secs(7 * 86400),
+        "the spec's TTL (the stream's maxAge)"
+    );
+    // Removed behind the operator's back: not created again.
+    h.js.streams.lock().unwrap().remove("KV_ORDERS_STATE");
+    h.js.requests.lock().unwrap().clear();
+    h.reconcile(&p).await;
+    assert!(h.js.writes().is_empty(), "{:?}", h.js.writes());
 }
 
 #[tokio::test]

@@ -51,7 +51,8 @@ pub(crate) async fn ensure_paused(
 pub(crate) struct Seen {
     pub(crate) stream: Option<StreamView>,
     pub(crate) dlq: Option<StreamView>,
-    pub(crate) bucket: Option<StreamView>,
+    /// `Some(None)`: read, and there is no bucket (a pipeline not from v1).
+    pub(crate) bucket: Option<Option<StreamView>>,
     pub(crate) consumer: Option<ConsumerView>,
 }
 
@@ -199,39 +200,32 @@ async fn update_stream(
     Ok(true)
 }
 
-/// The KV bucket (left from the protocol before v2): its settings (TTL,
-/// replicas) follow the spec like the streams'.
+/// The KV bucket of the protocol before v2, on a pipeline upgraded from v1:
+/// while it exists its settings (TTL, replicas) follow the spec like the
+/// streams'. It is never created: v2 keeps each order's outcome in the stream,
+/// so a new pipeline has no bucket.
 async fn ensure_bucket(
     r: &Reporter<'_>,
     js: &dyn JetStream,
     t: &Topology,
-) -> Result<Option<StreamView>, NotReady> {
+) -> Result<Option<Option<StreamView>>, NotReady> {
     let bucket = &t.bucket;
     let want = t.kv_config();
     let live = js
         .stream(&format!("KV_{bucket}"))
         .await
         .map_err(|e| r.api_err(&format!("reading KV bucket {bucket}"), e))?;
-    match live {
-        Some(live) => {
-            let Some(field) = drift::bucket_differs(&live.config, &want) else {
-                return Ok(Some(live));
-            };
-            js.put_bucket(want)
-                .await
-                .map_err(|e| r.api_err(&format!("updating KV bucket {bucket}"), e))?;
-            let note = format!("updated KV bucket {bucket} ({field} changed)");
-            r.changed(Object::Bucket, note).await;
-        }
-        None => {
-            js.put_bucket(want)
-                .await
-                .map_err(|e| r.api_err(&format!("creating KV bucket {bucket}"), e))?;
-            let note = format!("created KV bucket {bucket}");
-            r.created(Object::Bucket, format!("KV bucket {bucket}"), note)
-                .await;
-        }
-    }
+    let Some(live) = live else {
+        return Ok(Some(None));
+    };
+    let Some(field) = drift::bucket_differs(&live.config, &want) else {
+        return Ok(Some(Some(live)));
+    };
+    js.put_bucket(want)
+        .await
+        .map_err(|e| r.api_err(&format!("updating KV bucket {bucket}"), e))?;
+    let note = format!("updated KV bucket {bucket} ({field} changed)");
+    r.changed(Object::Bucket, note).await;
     Ok(None)
 }
 
