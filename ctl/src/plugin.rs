@@ -84,36 +84,27 @@ impl Cli {
         }
     }
 
-    /// orderctl's global flags: the pipeline, and nothing from the environment.
-    pub fn global(&self) -> Global {
-        Global {
-            nats: NatsArgs {
-                nats_url: self
-                    .nats_url
-                    .clone()
-                    .unwrap_or_else(|| names::DEFAULT_NATS_URL.into()),
-                nats_creds_file: None,
-                nats_user: None,
-                nats_password: None,
-                nats_token: None,
-                nats_nkey_seed_file: None,
-                nats_tls_ca_file: None,
-                nats_tls_cert_file: None,
-                nats_tls_key_file: None,
-            },
+    /// orderctl's global flags: the pipeline, and from the environment only the
+    /// credentials and TLS files a person may give instead of the pipeline's
+    /// Secrets (NATS_USER/NATS_PASSWORD, NATS_TOKEN, NATS_CREDS_FILE, ...): never
+    /// a name or a URL, which come from the resource (or --nats-url).
+    pub fn global(&self) -> (Global, Given) {
+        let (mut nats, given) = nats_credentials_from_env();
+        nats.nats_url = self
+            .nats_url
+            .clone()
+            .unwrap_or_else(|| names::DEFAULT_NATS_URL.into());
+        let given = match self.nats_url {
+            Some(_) => given.with_command_line("nats_url"),
+            None => given,
+        };
+        let global = Global {
+            nats,
             stream: names::DEFAULT_STREAM.into(),
             json: self.json,
             pipeline: Some(self.reference()),
-        }
-    }
-
-    /// The flags the person gave: only `--nats-url` overrides the resource.
-    pub fn given(&self) -> Given {
-        let g = Given::default();
-        if self.nats_url.is_some() {
-            return g.with_command_line("nats_url");
-        }
-        g
+        };
+        (global, given)
     }
 
     /// The orderctl command this invocation stands for; its names are filled in
@@ -150,6 +141,32 @@ impl Cli {
     }
 }
 
+/// The NATS flags' environment variables (credentials, TLS files), and which
+/// of them were set; NATS_URL is not taken.
+fn nats_credentials_from_env() -> (NatsArgs, Given) {
+    use clap::{Args as _, FromArgMatches as _};
+    let matches = NatsArgs::augment_args(clap::Command::new("kubectl-orderpipeline"))
+        .try_get_matches_from(["kubectl-orderpipeline"]);
+    let parsed = matches.ok().and_then(|m| {
+        let nats = NatsArgs::from_arg_matches(&m).ok()?;
+        Some((nats, Given::from_matches(&m).without("nats_url")))
+    });
+    parsed.unwrap_or_else(|| {
+        let nats = NatsArgs {
+            nats_url: names::DEFAULT_NATS_URL.into(),
+            nats_creds_file: None,
+            nats_user: None,
+            nats_password: None,
+            nats_token: None,
+            nats_nkey_seed_file: None,
+            nats_tls_ca_file: None,
+            nats_tls_cert_file: None,
+            nats_tls_key_file: None,
+        };
+        (nats, Given::default())
+    })
+}
+
 /// The plugin's `main`.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -157,12 +174,15 @@ pub fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
     {
-        Ok(rt) => rt.block_on(crate::cli::exec(
-            cli.global(),
-            cli.command(),
-            &cli.given(),
-            "kubectl orderpipeline",
-        )),
+        Ok(rt) => {
+            let (global, given) = cli.global();
+            rt.block_on(crate::cli::exec(
+                global,
+                cli.command(),
+                &given,
+                "kubectl orderpipeline",
+            ))
+        }
         Err(e) => {
             eprintln!("kubectl orderpipeline: cannot start the async runtime: {e}");
             std::process::ExitCode::FAILURE
@@ -182,15 +202,18 @@ mod tests {
     #[test]
     fn plugin_commands_name_the_pipeline_and_nothing_else() {
         let c = parse("k status orders -n shop");
-        let g = c.global();
+        let (g, given) = c.global();
         assert_eq!(g.pipeline.as_deref(), Some("shop/orders"));
         assert!(!g.json);
-        assert!(!c.given().set("nats_url"));
+        assert!(
+            !given.set("nats_url"),
+            "NATS_URL never overrides the resource"
+        );
         assert!(matches!(c.command(), Command::Status(_)));
 
         let c = parse("k -n shop audit orders --json");
-        assert_eq!(c.global().pipeline.as_deref(), Some("shop/orders"));
-        assert!(c.global().json);
+        assert_eq!(c.global().0.pipeline.as_deref(), Some("shop/orders"));
+        assert!(c.global().0.json);
         assert!(matches!(
             c.command(),
             Command::Audit(audit::Args {
@@ -200,9 +223,9 @@ mod tests {
         ));
 
         let c = parse("k dlq list orders --limit 5 --nats-url nats://127.0.0.1:1");
-        assert_eq!(c.global().pipeline.as_deref(), Some("orders"));
-        assert_eq!(c.global().nats.nats_url, "nats://127.0.0.1:1");
-        assert!(c.given().on_command_line("nats_url"));
+        assert_eq!(c.global().0.pipeline.as_deref(), Some("orders"));
+        assert_eq!(c.global().0.nats.nats_url, "nats://127.0.0.1:1");
+        assert!(c.global().1.on_command_line("nats_url"));
         assert!(matches!(
             c.command(),
             Command::Dlq(dlq::Args {
@@ -212,7 +235,7 @@ mod tests {
         ));
 
         let c = parse("k dlq show orders 7 -n a");
-        assert_eq!(c.global().pipeline.as_deref(), Some("a/orders"));
+        assert_eq!(c.global().0.pipeline.as_deref(), Some("a/orders"));
         assert!(matches!(
             c.command(),
             Command::Dlq(dlq::Args {

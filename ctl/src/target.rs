@@ -53,6 +53,13 @@ impl Given {
         self
     }
 
+    /// Forgets flag `id` (a value the caller does not take).
+    pub fn without(mut self, id: &str) -> Self {
+        self.command_line.remove(id);
+        self.environment.remove(id);
+        self
+    }
+
     /// Set by the person, on the command line or in the environment.
     pub fn set(&self, id: &str) -> bool {
         self.command_line.contains(id) || self.environment.contains(id)
