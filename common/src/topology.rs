@@ -298,6 +298,8 @@ pub struct Bound {
     pub stream: stream::Stream,
     /// Its creation time in ns since the epoch (part of position keys).
     pub stream_created_ns: u128,
+    /// Its configuration, as the server holds it.
+    pub stream_config: stream::Config,
     pub dlq: stream::Stream,
 }
 
@@ -316,11 +318,11 @@ pub async fn bind(
         }
         _ => api(format!("stream {stream}"), e),
     })?;
-    let created = s
+    let info = s
         .info()
         .await
-        .map_err(|e| api(format!("stream {stream}"), e))?
-        .created;
+        .map_err(|e| api(format!("stream {stream}"), e))?;
+    let (created, stream_config) = (info.created, info.config.clone());
     let c: consumer::PullConsumer = s.get_consumer(consumer).await.map_err(|e| {
         if crate::nats::is_not_found(&*e) {
             TopologyError::MissingConsumer {
@@ -348,9 +350,77 @@ pub async fn bind(
         consumer: c,
         consumer_info,
         stream_created_ns: unix_ns(created),
+        stream_config,
         stream: s,
         dlq,
     })
+}
+
+/// The ways the live stream and consumer contradict a worker whose input
+/// subject is `input_subject`, each a sentence naming the setting, its value and
+/// the fix. Consuming despite one would write outcomes where no reader looks,
+/// let the server delete or strand orders, or fail every outcome write.
+pub fn contradictions(
+    input_subject: &str,
+    stream: &stream::Config,
+    consumer: &consumer::Config,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let (s, c) = (
+        &stream.name,
+        consumer.durable_name.as_deref().unwrap_or("?"),
+    );
+    let filters: Vec<&str> = if consumer.filter_subjects.is_empty() {
+        vec![consumer.filter_subject.as_str()]
+    } else {
+        consumer
+            .filter_subjects
+            .iter()
+            .map(String::as_str)
+            .collect()
+    };
+    if filters != [input_subject] {
+        out.push(format!(
+            "INPUT_SUBJECT is {input_subject} but consumer {c} on stream {s} filters {filters:?}: the worker would take another pipeline's orders or write its outcomes under the wrong prefix; set INPUT_SUBJECT to the consumer's filter (the operator renders it), or CONSUMER_NAME to this pipeline's consumer"
+        ));
+    }
+    let retention = match stream.retention {
+        stream::RetentionPolicy::Limits => None,
+        stream::RetentionPolicy::Interest => Some("Interest"),
+        stream::RetentionPolicy::WorkQueue => Some("WorkQueue"),
+    };
+    if let Some(r) = retention {
+        out.push(format!("stream {s}: {}", TopologyError::RetentionUnsafe(r)));
+    }
+    if consumer.max_deliver > 0 {
+        out.push(format!(
+            "consumer {c} has max_deliver {}: the server stops delivering an order after that many tries and strands it without an outcome; set max_deliver to -1 (the worker counts attempts itself, MAX_DELIVERIES)",
+            consumer.max_deliver
+        ));
+    }
+    if consumer.ack_policy != consumer::AckPolicy::Explicit {
+        out.push(format!(
+            "consumer {c} has ack policy {:?}: an order would count as done before its outcome is written; set ack_policy explicit",
+            consumer.ack_policy
+        ));
+    }
+    if let Some(o) = names::OutcomeSubjects::for_filter(input_subject) {
+        for kind in names::OutcomeKind::ALL {
+            let example = o.subject(kind, "k");
+            if !stream
+                .subjects
+                .iter()
+                .any(|p| names::subject_matches(p, &example))
+            {
+                out.push(format!(
+                    "stream {s} (subjects {:?}) does not capture {}: every outcome write would fail; add it to the stream's subjects (the operator does)",
+                    stream.subjects,
+                    o.all_of(kind)
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// The longest time between an order's first delivery and its last possible
@@ -411,6 +481,60 @@ mod tests {
                 e.contains("ORDER.<word>.<key>") && e.contains("ORDER.*"),
                 "{e}"
             );
+        }
+    }
+
+    /// The consumer's configuration as the server reports it.
+    fn live(t: &Topology) -> consumer::Config {
+        use consumer::IntoConsumerConfig as _;
+        t.consumer_config().into_consumer_config()
+    }
+
+    #[test]
+    fn the_default_topology_does_not_contradict_its_workers() {
+        let t = Topology::default();
+        assert_eq!(
+            contradictions("ORDER.created", &t.stream_config(), &live(&t)),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn each_contradiction_names_the_setting_and_the_fix() {
+        let t = Topology::default();
+        type Break = fn(&mut stream::Config, &mut consumer::Config);
+        let cases: Vec<(&str, Break, &str)> = vec![
+            (
+                "ORDER.other",
+                |_, _| {},
+                "INPUT_SUBJECT is ORDER.other but consumer order-workers on stream ORDERS filters [\"ORDER.created\"]",
+            ),
+            (
+                "ORDER.created",
+                |s, _| s.retention = stream::RetentionPolicy::WorkQueue,
+                "stream ORDERS: stream retention WorkQueue",
+            ),
+            (
+                "ORDER.created",
+                |_, c| c.max_deliver = 5,
+                "consumer order-workers has max_deliver 5",
+            ),
+            (
+                "ORDER.created",
+                |_, c| c.ack_policy = consumer::AckPolicy::None,
+                "ack policy None",
+            ),
+            (
+                "ORDER.created",
+                |s, _| s.subjects = vec!["ORDER.created".into()],
+                "does not capture ORDER.processed.*",
+            ),
+        ];
+        for (input, break_it, want) in cases {
+            let (mut sc, mut cc) = (t.stream_config(), live(&t));
+            break_it(&mut sc, &mut cc);
+            let found = contradictions(input, &sc, &cc);
+            assert!(found.iter().any(|f| f.contains(want)), "{want}: {found:?}");
         }
     }
 

@@ -596,6 +596,67 @@ async fn bad_configuration_exits_naming_the_variable_and_the_form() -> anyhow::R
     Ok(())
 }
 
+/// A worker started by hand on objects that contradict its flags refuses to
+/// start (exit 2), naming the setting and the fix, instead of writing outcomes
+/// where nothing reads them (another prefix) or letting the server strand
+/// orders (a server-side max_deliver); it takes no order.
+#[tokio::test]
+async fn a_worker_refuses_a_topology_that_contradicts_its_flags() -> anyhow::Result<()> {
+    let (server, js) = setup(Duration::from_secs(5)).await?;
+    let stream = js.get_stream("ORDERS").await?;
+    stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("capped".into()),
+            filter_subject: "ORDER.created".into(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            max_deliver: 5,
+            ..Default::default()
+        })
+        .await?;
+    publish_raw(&js, "o-1", ctl::valid_order("o-1", 1).encode_to_vec()).await?;
+    let bin = binary("order-worker")?;
+    for (var, value, expect) in [
+        (
+            "INPUT_SUBJECT",
+            "SHOP.created",
+            "INPUT_SUBJECT is SHOP.created but consumer order-workers on stream ORDERS filters [\"ORDER.created\"]",
+        ),
+        (
+            "CONSUMER_NAME",
+            "capped",
+            "consumer capped has max_deliver 5",
+        ),
+    ] {
+        let port = orderpipeline_e2e::free_port()?;
+        let env = worker_env(
+            &server,
+            &[(var, value), ("HTTP_ADDR", &format!("127.0.0.1:{port}"))],
+        );
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new(&bin)
+                .envs(env)
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .with_context(|| format!("{var}={value}: the worker did not refuse to start"))??;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}={value}: {stderr}");
+        assert!(stderr.contains("refusing to start"), "{stderr}");
+        assert!(stderr.contains(expect), "{var}={value}: {stderr}");
+    }
+    for consumer in ["order-workers", "capped"] {
+        let c = stream.consumer_info(consumer).await?;
+        assert_eq!(
+            (c.num_pending, c.num_ack_pending),
+            (1, 0),
+            "{consumer}: no order taken"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn missing_topology_or_nats_is_reported_by_the_probes() -> anyhow::Result<()> {
     let server = NatsServer::start().await?;
@@ -876,6 +937,97 @@ async fn a_forged_replay_header_is_ignored_and_a_letter_without_id_is_replayed_o
         .context("the poison's chain")?;
     assert_eq!(poison_chain.len(), 2, "{poison_chain:?}");
     assert_eq!(poison_chain[1].replay_of, Some(poison_chain[0].seq));
+    Ok(())
+}
+
+/// A replay whose letter's marker is removed while its downstream call is in
+/// flight (maxAge, `nats stream rmm`, a purge) still ends with exactly one
+/// outcome: its write over the vanished marker conflicts, the key has no outcome
+/// left, and it writes over nothing; then the letter goes. (Before, the conflict
+/// read as "superseded": the letter was removed, the downstream charged, and the
+/// order left with no outcome.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_whose_marker_vanishes_mid_flight_still_ends_with_one_outcome()
+-> anyhow::Result<()> {
+    let (server, js) = setup(Duration::from_secs(10)).await?;
+    let bin = binary("order-worker")?;
+    let id = format!("gone-{}", random_suffix());
+    // Dead-lettered first: the downstream refuses the order for good.
+    let refusing = DownstreamStub::start(StubBehaviour {
+        refuse_prefix: Some("gone-".into()),
+        ..Default::default()
+    })
+    .await?;
+    let mut w = WorkerProcess::spawn(
+        &bin,
+        &worker_env(&server, &[("DOWNSTREAM_URL", &refusing.url)]),
+    )
+    .await?;
+    w.wait_ready().await?;
+    publish_raw(&js, &id, ctl::valid_order(&id, 1).encode_to_vec()).await?;
+    drained(&js, Duration::from_secs(30)).await?;
+    let letters = wait_for(
+        "the letter in ORDERS_DLQ",
+        Duration::from_secs(10),
+        || async {
+            let l = ctl::dlq_list(&js, "ORDERS_DLQ", 10).await?;
+            Ok((!l.is_empty()).then_some(l))
+        },
+    )
+    .await?;
+    let marker = letters[0].marker.context("the letter's marker")?;
+    w.signal("TERM").await?;
+    w.wait(Duration::from_secs(30)).await?;
+
+    // The replay meets a slow downstream; the marker goes while it waits.
+    let slow = DownstreamStub::start(StubBehaviour {
+        delay: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await?;
+    let w2 =
+        WorkerProcess::spawn(&bin, &worker_env(&server, &[("DOWNSTREAM_URL", &slow.url)])).await?;
+    w2.wait_ready().await?;
+    ctl::dlq_replay(&js, "ORDERS_DLQ", letters[0].dlq_sequence).await?;
+    wait_for(
+        "the replay's downstream call",
+        Duration::from_secs(20),
+        || async { Ok((slow.calls_for(&id) > 0).then_some(())) },
+    )
+    .await?;
+    js.get_stream("ORDERS")
+        .await?
+        .delete_message(marker)
+        .await?;
+    drained(&js, Duration::from_secs(30)).await?;
+    wait_for(
+        "the replayed letter to go",
+        Duration::from_secs(30),
+        || async {
+            Ok(ctl::dlq_list(&js, "ORDERS_DLQ", 10)
+                .await?
+                .is_empty()
+                .then_some(()))
+        },
+    )
+    .await?;
+    let a = audit(&js).await?;
+    let key = orderpipeline_common::names::order_key(&id).context("key")?;
+    let chain: Vec<_> = a
+        .chains
+        .get(&key)
+        .map(|c| c.iter().map(|o| o.kind.token()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        chain,
+        ["processed"],
+        "one outcome, written over nothing\n{}",
+        w2.log_text()
+    );
+    assert_eq!(a.processed.get(&id), Some(&1));
+    assert!(slow.charged(&id), "the replay's charge has its outcome");
+    assert_eq!(a.summary().lost, 0);
+    assert!(a.violations().is_empty(), "{:?}", a.violations());
     Ok(())
 }
 

@@ -200,6 +200,15 @@ impl Machine {
             Event::Read(last) => {
                 let last = last.unwrap_or(0);
                 if let Some((kind, expect, dead)) = self.pending {
+                    // A replay whose letter vanished while it worked (aged out,
+                    // removed, purged) and whose key has no outcome left has
+                    // nothing to supersede: it writes over nothing, so the order
+                    // still ends with exactly one outcome.
+                    let expect = if last == 0 && d.replay_of == Some(expect) {
+                        0
+                    } else {
+                        expect
+                    };
                     // Reading after a conflict: the expectation still holds when the
                     // conflicting write was not stored; try again (bounded).
                     if last == expect {
@@ -442,5 +451,35 @@ mod tests {
         let mut m = Machine::new(Verdict::Process, r);
         m.on(Event::Start);
         assert_eq!(m.on(Event::Read(Some(12))), Step::RemoveLetter);
+    }
+
+    #[test]
+    fn a_replay_whose_letter_vanishes_mid_flight_writes_over_nothing() {
+        let r = Delivery {
+            replay_of: Some(7),
+            downstream: true,
+            ..d(1)
+        };
+        let mut m = Machine::new(Verdict::Process, r);
+        assert_eq!(m.on(Event::Start), Step::ReadOutcome);
+        assert_eq!(m.on(Event::Read(Some(7))), Step::CallDownstream);
+        let write = |expect| Step::Write {
+            kind: OutcomeKind::Processed,
+            expect,
+            dead: None,
+        };
+        assert_eq!(m.on(Event::Downstream(CallClass::Ok)), write(7));
+        // The letter (7) was removed meanwhile: the write over it conflicts and the
+        // key has no outcome at all.
+        assert_eq!(m.on(Event::Conflict), Step::ReadOutcome);
+        assert_eq!(m.on(Event::Read(None)), write(0));
+        assert_eq!(m.on(Event::Written), Step::RemoveLetter);
+        // Had another delivery written the key's outcome meanwhile, it stands.
+        let mut m = Machine::new(Verdict::Process, r);
+        m.on(Event::Start);
+        m.on(Event::Read(Some(7)));
+        m.on(Event::Downstream(CallClass::Ok));
+        m.on(Event::Conflict);
+        assert_eq!(m.on(Event::Read(Some(30))), Step::RemoveLetter);
     }
 }

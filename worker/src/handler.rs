@@ -642,7 +642,7 @@ async fn write_outcome(
     );
     async {
         let publish = jetstream::message::PublishMessage::build()
-            .headers(outcome_headers(a))
+            .headers(outcome_headers(a, expect))
             .expected_last_subject_sequence(expect)
             .payload(Bytes::from(payload));
         let ack = match ctx.js.send_publish(subject.clone(), publish).await {
@@ -660,8 +660,9 @@ async fn write_outcome(
 }
 
 /// The outcome's headers: the key's subjects for the conditional write, the
-/// input's sequence, the letter a replay supersedes, and the trace context.
-fn outcome_headers(a: &Attempt<'_>) -> HeaderMap {
+/// input's sequence, the letter a replay supersedes (only when it writes over
+/// it: a replay whose letter vanished writes over nothing), and the trace context.
+fn outcome_headers(a: &Attempt<'_>, expect: u64) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(
         "Nats-Expected-Last-Subject-Sequence-Subject",
@@ -671,7 +672,7 @@ fn outcome_headers(a: &Attempt<'_>) -> HeaderMap {
         names::INPUT_SEQ_HEADER,
         a.delivery.stream_seq.to_string().as_str(),
     );
-    if let Some(r) = &a.replay {
+    if let Some(r) = a.replay.as_ref().filter(|r| r.marker == expect) {
         headers.insert(
             names::REPLAY_OF_HEADER,
             format!("{}/{}", r.marker, r.letter).as_str(),

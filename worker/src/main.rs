@@ -29,6 +29,14 @@ async fn main() -> std::process::ExitCode {
     let result = order_worker::run::run(cfg, shutdown).await;
     let code = match &result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e)
+            if e.downcast_ref::<order_worker::run::Misconfigured>()
+                .is_some() =>
+        {
+            tracing::error!(error = format!("{e:#}"), "order-worker refused to start");
+            eprintln!("order-worker: {e:#}");
+            std::process::ExitCode::from(2)
+        }
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "order-worker failed");
             eprintln!("order-worker: {e:#}");

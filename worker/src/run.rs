@@ -24,6 +24,14 @@ use crate::handler::{self, Ctx, Outcome};
 use crate::health::{self, Readiness};
 use crate::metrics::Metrics;
 
+/// The pipeline's objects contradict the worker's flags (a consumer filtering
+/// another subject, retention that deletes outcomes, a server-side max_deliver,
+/// ...): the worker refuses to start (exit 2) rather than write outcomes where
+/// nothing reads them or let orders be deleted or stranded.
+#[derive(Debug, thiserror::Error)]
+#[error("refusing to start: {0}")]
+pub struct Misconfigured(pub String);
+
 /// How long one pull request waits for messages before it is renewed.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
 
@@ -58,7 +66,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         None => None,
     };
     let mut consumer = Consumer::new(&cfg, js, outcomes, &probes, downstream);
-    let buffered = consumer.consume(&shutdown).await;
+    let buffered = match consumer.consume(&shutdown).await {
+        Ok(b) => b,
+        Err(refused) => {
+            let _ = client.drain().await;
+            shutdown.cancel();
+            let _ = probes.stop().await;
+            return Err(refused.into());
+        }
+    };
     consumer.give_back(buffered).await;
     consumer.finish_in_flight().await;
     // Everything acked or NAKed above must reach the server before the connection goes.
@@ -162,6 +178,8 @@ enum Phase {
     Bound(Box<Binding>),
     /// Taking messages from one long-lived pull stream.
     Pulling(Box<Binding>, Box<jetstream::consumer::pull::Stream>),
+    /// The objects contradict the flags at start: the worker does not start.
+    Refused(String),
 }
 
 /// The handlers' context and the consumer of one binding.
@@ -186,6 +204,9 @@ struct Consumer {
     tasks: JoinSet<Outcome>,
     /// Fires when the shutdown grace runs out: unfinished orders are NAKed.
     grace_expired: CancellationToken,
+    /// Bound at least once: a contradiction found later (the objects changed
+    /// under a running worker) stops consuming instead of the process.
+    bound_once: bool,
 }
 
 impl Consumer {
@@ -207,6 +228,7 @@ impl Consumer {
             slots: Arc::new(Semaphore::new(cfg.worker_pool_size as usize)),
             tasks: JoinSet::new(),
             grace_expired: CancellationToken::new(),
+            bound_once: false,
         }
     }
 
@@ -219,24 +241,25 @@ impl Consumer {
     async fn consume(
         &mut self,
         shutdown: &CancellationToken,
-    ) -> Option<jetstream::consumer::pull::Stream> {
+    ) -> Result<Option<jetstream::consumer::pull::Stream>, Misconfigured> {
         let mut phase = Phase::Unbound;
         while !shutdown.is_cancelled() {
             phase = match phase {
                 Phase::Unbound => self.bind(shutdown).await,
                 Phase::Bound(b) => self.open_pull(b, shutdown).await,
                 Phase::Pulling(b, messages) => self.take_next(b, messages, shutdown).await,
+                Phase::Refused(why) => return Err(Misconfigured(why)),
             };
         }
-        match phase {
+        Ok(match phase {
             Phase::Pulling(_, messages) => Some(*messages),
             _ => None,
-        }
+        })
     }
 
     /// Binds to the stream, consumer and DLQ (and the legacy bucket when
     /// configured), reporting on /readyz why not while it cannot.
-    async fn bind(&self, shutdown: &CancellationToken) -> Phase {
+    async fn bind(&mut self, shutdown: &CancellationToken) -> Phase {
         let b = match topology::bind(
             &self.js,
             &self.cfg.stream,
@@ -253,6 +276,24 @@ impl Consumer {
                     .await;
             }
         };
+        let problems = topology::contradictions(
+            &self.cfg.input_subject,
+            &b.stream_config,
+            &b.consumer_info.config,
+        );
+        if !problems.is_empty() {
+            let why = format!(
+                "stream {} and consumer {} contradict this worker's configuration: {}",
+                self.cfg.stream,
+                self.cfg.consumer,
+                problems.join("; ")
+            );
+            if !self.bound_once {
+                return Phase::Refused(why);
+            }
+            tracing::error!("not consuming: {why}");
+            return self.not_ready(why, Duration::from_secs(2), shutdown).await;
+        }
         // The old protocol's bucket, when configured, must open: the worker does
         // not guess whether an order was done before v2.
         let legacy = match &self.cfg.legacy_state_bucket {
@@ -276,6 +317,7 @@ impl Consumer {
             legacy,
             b.consumer_info.config.ack_wait,
         ));
+        self.bound_once = true;
         self.readiness.set_ready();
         tracing::info!(stream = %self.cfg.stream, consumer = %self.cfg.consumer, pool = self.pool(), "bound; consuming");
         Phase::Bound(Box::new(Binding {
