@@ -182,6 +182,42 @@ impl Machine {
         }
     }
 
+    /// After reading the key's last outcome (`last`, 0 for none).
+    fn on_read(&mut self, last: u64) -> Step {
+        let d = self.delivery;
+        if let Some((kind, expect, dead)) = self.pending {
+            // A replay whose letter vanished while it worked (aged out,
+            // removed, purged) and whose key has no outcome left has
+            // nothing to supersede: it writes over nothing, so the order
+            // still ends with exactly one outcome.
+            let expect = if last == 0 && d.replay_of == Some(expect) {
+                0
+            } else {
+                expect
+            };
+            // Reading after a conflict: the expectation still holds when the
+            // conflicting write was not stored; try again (bounded).
+            if last == expect {
+                return if self.conflicts < WRITE_TRIES {
+                    self.write(kind, expect, dead)
+                } else {
+                    Step::Nak
+                };
+            }
+        } else if last == d.base() || last == 0 {
+            // Nothing this delivery may not write over (a replay whose
+            // letter has aged out of the stream has nothing to supersede).
+            return self.proceed(last);
+        }
+        // The key has an outcome this delivery may not replace. For a replay
+        // that means its letter is superseded: remove it.
+        if d.replay_of.is_some() {
+            Step::RemoveLetter
+        } else {
+            Step::Ack
+        }
+    }
+
     /// The next step after `event`.
     pub fn on(&mut self, event: Event) -> Step {
         let d = self.delivery;
@@ -197,40 +233,7 @@ impl Machine {
                     self.proceed(d.base())
                 }
             }
-            Event::Read(last) => {
-                let last = last.unwrap_or(0);
-                if let Some((kind, expect, dead)) = self.pending {
-                    // A replay whose letter vanished while it worked (aged out,
-                    // removed, purged) and whose key has no outcome left has
-                    // nothing to supersede: it writes over nothing, so the order
-                    // still ends with exactly one outcome.
-                    let expect = if last == 0 && d.replay_of == Some(expect) {
-                        0
-                    } else {
-                        expect
-                    };
-                    // Reading after a conflict: the expectation still holds when the
-                    // conflicting write was not stored; try again (bounded).
-                    if last == expect {
-                        return if self.conflicts < WRITE_TRIES {
-                            self.write(kind, expect, dead)
-                        } else {
-                            Step::Nak
-                        };
-                    }
-                } else if last == d.base() || last == 0 {
-                    // Nothing this delivery may not write over (a replay whose
-                    // letter has aged out of the stream has nothing to supersede).
-                    return self.proceed(last);
-                }
-                // The key has an outcome this delivery may not replace. For a replay
-                // that means its letter is superseded: remove it.
-                if d.replay_of.is_some() {
-                    Step::RemoveLetter
-                } else {
-                    Step::Ack
-                }
-            }
+            Event::Read(last) => self.on_read(last.unwrap_or(0)),
             Event::ReadFailed => match self.pending {
                 Some((_, expect, _)) => self.transient(expect),
                 None => self.transient(d.base()),
