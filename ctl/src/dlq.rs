@@ -240,31 +240,105 @@ pub async fn dlq_replay(
         letter.payload.len(),
         letter.payload_size
     );
-    let marker = source_sequence(&m.headers);
-    let replay_of = marker.map(|mk| format!("{mk}/{dlq_sequence}"));
+    let named = Named::of(&m.headers, dlq_sequence);
+    let current = stream_created(js, &letter.original_stream).await?;
+    let replay = named.replay_of(current);
     js.publish_with_headers(
         letter.original_subject.clone(),
-        replay_headers(&letter, replay_of.as_deref()),
+        replay_headers(&letter, replay.as_ref()),
         Bytes::from(letter.payload.clone()),
     )
     .await?
     .await
     .context("re-submitting the order")?;
-    if marker.is_none() {
-        // A letter from an earlier version has no marker to supersede: the replay
-        // is an ordinary input, and the letter goes now.
+    let Some(r) = replay else {
+        // No marker to supersede (a letter from an earlier version, or one whose
+        // stream was deleted and created again since: its marker is gone and
+        // its sequence may be another order's now): the replay is an ordinary
+        // input, and the letter goes now.
         s.delete_message(dlq_sequence)
             .await
             .with_context(|| format!("removing dead letter {dlq_sequence} after replay"))?;
-    }
-    Ok(replay_of.unwrap_or_else(|| format!("legacy letter {dlq_sequence}")))
+        return Ok(match named.marker {
+            None => format!("legacy letter {dlq_sequence}"),
+            Some(_) => format!(
+                "letter {dlq_sequence} of an earlier stream {}, as a new input",
+                letter.original_stream
+            ),
+        });
+    };
+    Ok(r.of)
 }
 
-/// The replay's headers: the letter it supersedes and the original trace context.
-fn replay_headers(letter: &DeadLetter, replay_of: Option<&str>) -> HeaderMap {
+/// How a letter names its marker: its sequence (from the server's copy header)
+/// and, for letters of this version, its key and its stream's identity.
+struct Named {
+    marker: Option<u64>,
+    key: Option<String>,
+    stream_created: Option<String>,
+    letter: u64,
+}
+
+/// The headers that make a replay supersede exactly its letter.
+struct ReplayOf {
+    /// `<marker>/<letter>`
+    of: String,
+    key: Option<String>,
+    stream_created: Option<String>,
+}
+
+impl Named {
+    fn of(headers: &HeaderMap, letter: u64) -> Self {
+        let text = |name: &str| headers.get(name).map(|v| v.to_string());
+        Self {
+            marker: source_sequence(headers),
+            key: text(names::KEY_HEADER),
+            stream_created: text(names::STREAM_CREATED_HEADER),
+            letter,
+        }
+    }
+
+    /// The replay's claim, unless the letter's marker is gone for sure: no
+    /// marker, or a marker in an earlier stream of the same name (`current` is
+    /// the live stream's creation time, `None` when it does not exist).
+    fn replay_of(&self, current: Option<u128>) -> Option<ReplayOf> {
+        let marker = self.marker?;
+        if let Some(named) = &self.stream_created
+            && current.map(|c| c.to_string()).as_deref() != Some(named.as_str())
+        {
+            return None;
+        }
+        Some(ReplayOf {
+            of: format!("{marker}/{}", self.letter),
+            key: self.key.clone(),
+            stream_created: self.stream_created.clone(),
+        })
+    }
+}
+
+/// The creation time (ns) of the input stream, `None` when it does not exist.
+async fn stream_created(js: &jetstream::Context, stream: &str) -> anyhow::Result<Option<u128>> {
+    match js.get_stream(stream).await {
+        Ok(mut s) => Ok(Some(orderpipeline_common::topology::unix_ns(
+            s.info().await?.created,
+        ))),
+        Err(e) if orderpipeline_common::nats::is_not_found(&e) => Ok(None),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("reading stream {stream}"))),
+    }
+}
+
+/// The replay's headers: the letter it supersedes (by sequence, key and the
+/// stream's identity) and the original trace context.
+fn replay_headers(letter: &DeadLetter, replay: Option<&ReplayOf>) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    if let Some(r) = replay_of {
-        headers.insert(names::REPLAY_OF_HEADER, r);
+    if let Some(r) = replay {
+        headers.insert(names::REPLAY_OF_HEADER, r.of.as_str());
+        if let Some(k) = &r.key {
+            headers.insert(names::REPLAY_KEY_HEADER, k.as_str());
+        }
+        if let Some(c) = &r.stream_created {
+            headers.insert(names::REPLAY_STREAM_HEADER, c.as_str());
+        }
     }
     for h in &letter.headers {
         let lower = h.name.to_ascii_lowercase();
@@ -336,12 +410,37 @@ mod tests {
 
     #[test]
     fn a_replay_names_its_letter_and_keeps_only_the_trace_context() {
-        let h = replay_headers(&letter().letter, Some("17/4"));
-        assert_eq!(
-            h.get(names::REPLAY_OF_HEADER).map(|v| v.as_str()),
-            Some("17/4")
-        );
+        let mut stored = HeaderMap::new();
+        stored.insert("Nats-Stream-Source", "ORDERS 17 > >");
+        stored.insert(names::KEY_HEADER, "o-1");
+        stored.insert(names::STREAM_CREATED_HEADER, "1000");
+        let r = Named::of(&stored, 4).replay_of(Some(1000));
+        let h = replay_headers(&letter().letter, r.as_ref());
+        let get = |n: &str| h.get(n).map(|v| v.to_string());
+        assert_eq!(get(names::REPLAY_OF_HEADER).as_deref(), Some("17/4"));
+        assert_eq!(get(names::REPLAY_KEY_HEADER).as_deref(), Some("o-1"));
+        assert_eq!(get(names::REPLAY_STREAM_HEADER).as_deref(), Some("1000"));
         assert!(h.get("traceparent").is_some());
         assert!(h.get("Nats-Msg-Id").is_none(), "a replay is a new message");
+    }
+
+    #[test]
+    fn a_letter_of_an_earlier_stream_is_replayed_as_a_new_input() {
+        let mut stored = HeaderMap::new();
+        stored.insert("Nats-Stream-Source", "ORDERS 2 > >");
+        stored.insert(names::STREAM_CREATED_HEADER, "1000");
+        let named = Named::of(&stored, 9);
+        assert!(named.replay_of(Some(2000)).is_none(), "recreated since");
+        assert!(named.replay_of(None).is_none(), "deleted since");
+        assert!(named.replay_of(Some(1000)).is_some());
+        // A letter of an earlier version names no stream: trusted as before.
+        let mut old = HeaderMap::new();
+        old.insert("Nats-Stream-Source", "ORDERS 2 > >");
+        assert!(Named::of(&old, 9).replay_of(Some(2000)).is_some());
+        assert!(
+            Named::of(&HeaderMap::new(), 9)
+                .replay_of(Some(2000))
+                .is_none()
+        );
     }
 }

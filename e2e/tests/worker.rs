@@ -1031,6 +1031,148 @@ async fn a_replay_whose_marker_vanishes_mid_flight_still_ends_with_one_outcome()
     Ok(())
 }
 
+/// Dead-letters `id` with a worker whose downstream refuses it; returns its
+/// marker's sequence in the input stream.
+async fn dead_letter_one(
+    server: &NatsServer,
+    js: &jetstream::Context,
+    id: &str,
+) -> anyhow::Result<u64> {
+    let refusing = DownstreamStub::start(StubBehaviour {
+        refuse_prefix: Some("dl-".into()),
+        ..Default::default()
+    })
+    .await?;
+    let mut w = WorkerProcess::spawn(
+        &binary("order-worker")?,
+        &worker_env(server, &[("DOWNSTREAM_URL", &refusing.url)]),
+    )
+    .await?;
+    w.wait_ready().await?;
+    publish_raw(js, id, ctl::valid_order(id, 1).encode_to_vec()).await?;
+    drained(js, Duration::from_secs(30)).await?;
+    w.signal("TERM").await?;
+    w.wait(Duration::from_secs(30)).await?;
+    let key = orderpipeline_common::names::order_key(id).context("key")?;
+    Ok(js
+        .get_stream("ORDERS")
+        .await?
+        .get_last_raw_message_by_subject(&format!("ORDER.deadlettered.{key}"))
+        .await?
+        .sequence)
+}
+
+/// The key's outcome kinds, oldest first.
+fn chain_of(a: &Audit, id: &str) -> Vec<&'static str> {
+    let key = orderpipeline_common::names::order_key(id).unwrap_or_default();
+    a.chains
+        .get(&key)
+        .map(|c| c.iter().map(|o| o.kind.token()).collect())
+        .unwrap_or_default()
+}
+
+/// An old dead letter replayed after its input stream was deleted and created
+/// again (the DLQ kept: sequences restart) names a sequence that now holds
+/// another order's marker. The replay must not write that order's outcome:
+/// orderctl sees that the letter's stream is gone and replays it as a new input
+/// (the letter goes); a replay header naming the other order's marker (forged,
+/// or from an older orderctl) is refused by the worker and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_letter_replayed_after_its_stream_was_recreated_touches_no_other_order()
+-> anyhow::Result<()> {
+    let (server, js) = setup(Duration::from_secs(5)).await?;
+    let (a, b) = (
+        format!("dl-a-{}", random_suffix()),
+        format!("dl-b-{}", random_suffix()),
+    );
+    let a_marker = dead_letter_one(&server, &js, &a).await?;
+    let letter_a = wait_for(
+        "A's letter in ORDERS_DLQ",
+        Duration::from_secs(10),
+        || async {
+            let l = ctl::dlq_list(&js, "ORDERS_DLQ", 100).await?;
+            Ok(l.into_iter().find(|l| l.marker == Some(a_marker)))
+        },
+    )
+    .await?;
+    let old_created = orderpipeline_common::topology::unix_ns(
+        js.get_stream("ORDERS").await?.info().await?.created,
+    );
+    js.delete_stream("ORDERS").await?;
+    topology(Duration::from_secs(5)).ensure(&js).await?;
+    // (B's letter does not reach the DLQ: a sourcing stream ignores the
+    // sequences it copied before, nats-server #6206.)
+    let b_marker = dead_letter_one(&server, &js, &b).await?;
+    assert_eq!(b_marker, a_marker, "B's marker took the sequence of A's");
+
+    let healthy = DownstreamStub::start(StubBehaviour::default()).await?;
+    let w = WorkerProcess::spawn(
+        &binary("order-worker")?,
+        &worker_env(&server, &[("DOWNSTREAM_URL", &healthy.url)]),
+    )
+    .await?;
+    w.wait_ready().await?;
+    let how = ctl::dlq_replay(&js, "ORDERS_DLQ", letter_a.dlq_sequence).await?;
+    assert!(how.contains("as a new input"), "{how}");
+    drained(&js, Duration::from_secs(30)).await?;
+    // The same replay with the old stream's identity, and one naming B's marker
+    // with A's order (a forger's, or an older orderctl's): both refused.
+    for (n, stream_header) in [(1, Some(old_created)), (2, None)] {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", format!("{a}-forged-{n}").as_str());
+        h.insert(
+            orderpipeline_common::names::REPLAY_OF_HEADER,
+            format!("{b_marker}/{}", letter_a.dlq_sequence).as_str(),
+        );
+        if let Some(c) = stream_header {
+            h.insert(
+                orderpipeline_common::names::REPLAY_STREAM_HEADER,
+                c.to_string().as_str(),
+            );
+        }
+        js.publish_with_headers(
+            "ORDER.created",
+            h,
+            ctl::valid_order(&a, 1).encode_to_vec().into(),
+        )
+        .await?
+        .await?;
+    }
+    drained(&js, Duration::from_secs(30)).await?;
+    let audit = audit(&js).await?;
+    assert_eq!(
+        chain_of(&audit, &b),
+        ["deadlettered"],
+        "B keeps its own outcome\n{}",
+        w.log_text()
+    );
+    assert_eq!(
+        chain_of(&audit, &a),
+        ["processed"],
+        "A processed once, under its own key"
+    );
+    assert!(healthy.charged(&a) && !healthy.charged(&b));
+    let (_, metrics) = http_get(&format!("http://127.0.0.1:{}/metrics", w.http_port))
+        .await
+        .context("metrics")?;
+    for reason in ["other_stream", "other_order"] {
+        assert!(
+            metrics.contains(&format!(
+                "orderworker_replays_refused_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
+    assert!(
+        ctl::dlq_list(&js, "ORDERS_DLQ", 100)
+            .await?
+            .iter()
+            .all(|l| l.dlq_sequence != letter_a.dlq_sequence),
+        "A's letter is gone with its replay"
+    );
+    Ok(())
+}
+
 /// The one "not found" test (`orderpipeline_common::nats::is_not_found`) on a real
 /// server's answers: a missing stream, bucket and consumer are; others are not.
 #[tokio::test]

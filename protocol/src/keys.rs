@@ -159,6 +159,18 @@ pub fn legacy_state_key(order_id: &str) -> String {
 /// Header naming the dead-letter marker (its sequence in the input stream) that
 /// a replayed input supersedes.
 pub const REPLAY_OF_HEADER: &str = "Orderpipeline-Replay-Of";
+/// Header on a dead-letter outcome (the marker, and so on its letter): the key
+/// it is the outcome of.
+pub const KEY_HEADER: &str = "Orderpipeline-Key";
+/// Header on a dead-letter outcome: the input stream's creation time (ns since
+/// the epoch), its identity across a deletion and re-creation (sequences restart).
+pub const STREAM_CREATED_HEADER: &str = "Orderpipeline-Stream-Created";
+/// Header on a replay: the key of the letter it replays (its marker's
+/// `Orderpipeline-Key`).
+pub const REPLAY_KEY_HEADER: &str = "Orderpipeline-Replay-Key";
+/// Header on a replay: the creation time of the stream its letter's marker was
+/// in (the marker's `Orderpipeline-Stream-Created`).
+pub const REPLAY_STREAM_HEADER: &str = "Orderpipeline-Replay-Stream";
 /// Header on every outcome: the input's stream sequence.
 pub const INPUT_SEQ_HEADER: &str = "Orderpipeline-Input-Seq";
 

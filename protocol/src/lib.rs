@@ -7,6 +7,7 @@
 //! - [`machine`]: one delivery's steps as a state machine; the worker's handler
 //!   carries them out against NATS, the model checker (`tests/model.rs`) against a
 //!   model of the stream with faults.
+//! - [`replay`]: whether a replayed input may supersede the letter it names.
 //! - [`promise`]: the promise as one check over an order's outcome chain, used
 //!   by the model checker, `orderctl audit` and the worker's tests.
 
@@ -14,3 +15,4 @@ pub mod decide;
 pub mod keys;
 pub mod machine;
 pub mod promise;
+pub mod replay;

@@ -29,6 +29,7 @@ use orderpipeline_protocol::decide::{self, CallClass};
 use orderpipeline_protocol::machine::{
     DeadReason, Delivery as ProtocolDelivery, Event, Machine, Step, Verdict,
 };
+use orderpipeline_protocol::replay;
 
 /// Everything a handler needs; shared by all in-flight messages.
 pub struct Ctx {
@@ -296,7 +297,11 @@ async fn process(
     if let Some(o) = &input.order {
         tracing::Span::current().record("order.id", o.order_id.as_str());
     }
-    let replay = match replay_of(ctx, msg).await {
+    let order_key = input
+        .order
+        .as_ref()
+        .and_then(|o| names::order_key(&o.order_id));
+    let replay = match replay_of(ctx, msg, order_key.as_deref()).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "giving the input back for a later delivery");
@@ -550,38 +555,60 @@ struct Replay {
     key: String,
 }
 
-/// The replay this input is, if any: the header must name a dead-letter marker
-/// of this pipeline (a header naming anything else, e.g. one a producer set, is
-/// ignored: the input is then an ordinary one). An error reading the marker
-/// gives the input back.
-async fn replay_of(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Replay>, String> {
+/// The claim of a replayed input, from its headers.
+fn replay_claim(headers: Option<&HeaderMap>) -> Option<replay::Claim> {
+    let h = headers?;
+    let (marker, letter) = names::parse_replay_of(h.get(names::REPLAY_OF_HEADER)?.as_str())?;
+    Some(replay::Claim {
+        marker,
+        letter,
+        stream_created: h
+            .get(names::REPLAY_STREAM_HEADER)
+            .and_then(|v| v.as_str().trim().parse().ok()),
+        key: h.get(names::REPLAY_KEY_HEADER).map(|v| v.to_string()),
+    })
+}
+
+/// The replay this input is, if any ([`replay::judge`]): a replay that names no
+/// letter it may supersede (a letter of an earlier stream of the same name,
+/// another order's marker, no letter at all) is refused, logged and counted,
+/// and the input is an ordinary one. An error reading the marker gives the
+/// input back.
+async fn replay_of(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    order_key: Option<&str>,
+) -> Result<Option<Replay>, String> {
     use async_nats::jetstream::stream::RawMessageErrorKind;
-    let Some((marker, letter)) = msg
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(names::REPLAY_OF_HEADER))
-        .and_then(|v| names::parse_replay_of(v.as_str()))
-    else {
+    let Some(claim) = replay_claim(msg.headers.as_ref()) else {
         return Ok(None);
     };
-    match ctx.stream.get_raw_message(marker).await {
-        Ok(m) => Ok(match ctx.outcomes.parse(&m.subject) {
-            Some((OutcomeKind::DeadLettered, key)) => Some(Replay {
-                marker,
-                letter,
-                key: key.to_string(),
-            }),
-            _ => {
-                tracing::warn!(
-                    marker,
-                    "the replay header names no dead letter of this pipeline; handled as an ordinary input"
-                );
-                None
-            }
-        }),
-        // The marker has aged out of the stream: nothing left to supersede.
-        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(e) => Err(format!("reading dead-letter marker {marker}: {e}")),
+    let stored = match ctx.stream.get_raw_message(claim.marker).await {
+        Ok(m) => Some(m.subject),
+        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => None,
+        Err(e) => return Err(format!("reading dead-letter marker {}: {e}", claim.marker)),
+    };
+    let at_marker = match stored.as_ref().map(|s| ctx.outcomes.parse(s)) {
+        None => replay::AtMarker::Nothing,
+        Some(Some((kind, key))) => replay::AtMarker::Outcome(kind, key),
+        Some(None) => replay::AtMarker::Other,
+    };
+    match replay::judge(&claim, ctx.stream_created_ns, at_marker, order_key) {
+        Ok(key) => Ok(key.map(|key| Replay {
+            marker: claim.marker,
+            letter: claim.letter,
+            key,
+        })),
+        Err(refusal) => {
+            tracing::warn!(reason = refusal.label(), "{}", refusal.describe(&claim));
+            ctx.metrics
+                .replays_refused
+                .get_or_create(&crate::metrics::ReasonLabels {
+                    reason: refusal.label(),
+                })
+                .inc();
+            Ok(None)
+        }
     }
 }
 
@@ -642,7 +669,7 @@ async fn write_outcome(
     );
     async {
         let publish = jetstream::message::PublishMessage::build()
-            .headers(outcome_headers(a, expect))
+            .headers(outcome_headers(a, kind, expect))
             .expected_last_subject_sequence(expect)
             .payload(Bytes::from(payload));
         let ack = match ctx.js.send_publish(subject.clone(), publish).await {
@@ -661,8 +688,10 @@ async fn write_outcome(
 
 /// The outcome's headers: the key's subjects for the conditional write, the
 /// input's sequence, the letter a replay supersedes (only when it writes over
-/// it: a replay whose letter vanished writes over nothing), and the trace context.
-fn outcome_headers(a: &Attempt<'_>, expect: u64) -> HeaderMap {
+/// it: a replay whose letter vanished writes over nothing), on a dead letter its
+/// key and the stream's identity (a replay names its letter by them), and the
+/// trace context.
+fn outcome_headers(a: &Attempt<'_>, kind: OutcomeKind, expect: u64) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(
         "Nats-Expected-Last-Subject-Sequence-Subject",
@@ -676,6 +705,13 @@ fn outcome_headers(a: &Attempt<'_>, expect: u64) -> HeaderMap {
         headers.insert(
             names::REPLAY_OF_HEADER,
             format!("{}/{}", r.marker, r.letter).as_str(),
+        );
+    }
+    if kind == OutcomeKind::DeadLettered {
+        headers.insert(names::KEY_HEADER, a.key.as_str());
+        headers.insert(
+            names::STREAM_CREATED_HEADER,
+            a.ctx.stream_created_ns.to_string().as_str(),
         );
     }
     trace::inject_current(&mut headers);

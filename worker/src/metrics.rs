@@ -20,6 +20,11 @@ pub struct ClassLabels {
     pub class: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
 /// All worker metrics; cheap to clone (counters are shared).
 #[derive(Clone)]
 pub struct Metrics {
@@ -31,6 +36,7 @@ pub struct Metrics {
     pub duplicates: Counter,
     pub in_flight: Gauge,
     pub downstream_calls: Counter,
+    pub replays_refused: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -44,6 +50,7 @@ impl Metrics {
             duplicates: Counter::default(),
             in_flight: Gauge::default(),
             downstream_calls: Counter::default(),
+            replays_refused: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("orderworker");
         r.register(
@@ -85,6 +92,11 @@ impl Metrics {
             "downstream_calls",
             "HTTP calls made to the downstream service (every try)",
             m.downstream_calls.clone(),
+        );
+        r.register(
+            "replays_refused",
+            "Replayed inputs that named a letter they may not supersede (another stream, another order's marker), handled as ordinary inputs, by reason",
+            m.replays_refused.clone(),
         );
         m
     }
