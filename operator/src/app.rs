@@ -53,17 +53,43 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
     let metrics = Metrics::new(&mut registry);
     let leader = metrics.leader.clone();
     controller::init_metrics(&metrics);
+    let ctx = context(&args, client.clone(), metrics);
+    let shutdown = shutdown_on_signal();
+    let http = serve_http(args.http_addr, Arc::new(registry), shutdown.clone()).await?;
+    tracing::info!(namespace = ?args.namespace, addr = %args.http_addr, "order-operator starting");
+    let Some(leadership) = Leadership::take(&args, &client, &shutdown).await else {
+        let _ = http.await;
+        return Ok(());
+    };
+    leader.set(1);
+    let lost = leadership
+        .reconcile(ctx, args.namespace.clone(), &shutdown, &leader)
+        .await;
+    let _ = http.await;
+    if lost {
+        anyhow::bail!("lost leadership; exiting so a restart rejoins as a standby");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The controller's shared context.
+fn context(args: &Settings, client: kube::Client, metrics: Metrics) -> Arc<Context> {
     let image = args
         .worker_image
         .clone()
         .unwrap_or_else(crate::render::default_worker_image);
-    let ctx = Arc::new(Context::new(
-        client.clone(),
+    Arc::new(Context::new(
+        client,
         metrics,
         image,
         args.resync_interval,
         args.pod_name.clone(),
-    ));
+    ))
+}
+
+/// A token cancelled by SIGTERM/SIGINT.
+fn shutdown_on_signal() -> CancellationToken {
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
     tokio::spawn(async move {
@@ -71,44 +97,70 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
         tracing::info!("signal received; shutting down");
         s.cancel();
     });
-    let http = serve_http(args.http_addr, Arc::new(registry), shutdown.clone()).await?;
-    tracing::info!(namespace = ?args.namespace, addr = %args.http_addr, "order-operator starting");
-    let lost = CancellationToken::new();
-    // Its own token: the Lease is handed back only once no reconcile runs (a
-    // SIGTERM cancels `shutdown` while reconciles are still finishing).
-    let release = CancellationToken::new();
-    let mut holder = None;
-    if args.leader_elect {
-        let lease = lease_config(&args);
-        if !crate::leader::acquire(&client, &lease, &shutdown).await {
-            let _ = http.await;
-            return Ok(());
+    shutdown
+}
+
+/// This process's leadership: held by a task renewing the Lease (none without
+/// leader election).
+struct Leadership {
+    holder: Option<tokio::task::JoinHandle<()>>,
+    /// Cancelled when the Lease is lost.
+    lost: CancellationToken,
+    /// Its own token: the Lease is handed back only once no reconcile runs (a
+    /// SIGTERM cancels `shutdown` while reconciles are still finishing).
+    release: CancellationToken,
+}
+
+impl Leadership {
+    /// Waits for the Lease (with leader election); `None` when shutdown came first.
+    async fn take(
+        args: &Settings,
+        client: &kube::Client,
+        shutdown: &CancellationToken,
+    ) -> Option<Self> {
+        let (lost, release) = (CancellationToken::new(), CancellationToken::new());
+        let mut holder = None;
+        if args.leader_elect {
+            let lease = lease_config(args);
+            if !crate::leader::acquire(client, &lease, shutdown).await {
+                return None;
+            }
+            let hold = crate::leader::hold(client.clone(), lease, release.clone(), lost.clone());
+            holder = Some(tokio::spawn(hold));
         }
-        let hold = crate::leader::hold(client.clone(), lease, release.clone(), lost.clone());
-        holder = Some(tokio::spawn(hold));
+        Some(Self {
+            holder,
+            lost,
+            release,
+        })
     }
-    leader.set(1);
-    let cs = shutdown.clone();
-    let run = controller::run(ctx, args.namespace, async move { cs.cancelled().await });
-    tokio::select! {
-        // SIGTERM: in-flight reconciles finish, then the Lease is released.
-        _ = run => {}
-        // Leadership lost: another replica may lead already, so in-flight
-        // reconciles are dropped at once rather than finished.
-        _ = lost.cancelled() => {}
+
+    /// Reconciles until shutdown or until leadership is lost (`true`), then
+    /// hands the Lease back.
+    async fn reconcile(
+        self,
+        ctx: Arc<Context>,
+        namespace: Option<String>,
+        shutdown: &CancellationToken,
+        leader: &prometheus_client::metrics::gauge::Gauge,
+    ) -> bool {
+        let cs = shutdown.clone();
+        let run = controller::run(ctx, namespace, async move { cs.cancelled().await });
+        tokio::select! {
+            // SIGTERM: in-flight reconciles finish, then the Lease is released.
+            _ = run => {}
+            // Leadership lost: another replica may lead already, so in-flight
+            // reconciles are dropped at once rather than finished.
+            _ = self.lost.cancelled() => {}
+        }
+        shutdown.cancel();
+        leader.set(0);
+        self.release.cancel();
+        if let Some(h) = self.holder {
+            let _ = h.await;
+        }
+        self.lost.is_cancelled()
     }
-    shutdown.cancel();
-    leader.set(0);
-    release.cancel();
-    if let Some(h) = holder {
-        let _ = h.await;
-    }
-    let _ = http.await;
-    if lost.is_cancelled() {
-        anyhow::bail!("lost leadership; exiting so a restart rejoins as a standby");
-    }
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// /healthz, /readyz and /metrics until `shutdown`.

@@ -920,14 +920,20 @@ fn dead_letter(
         payload_truncated: false,
     };
     let max_payload = ctx.js.client().server_info().max_payload;
-    match decide::dead_letter_payload_cap(msg.payload.len(), envelope.encoded_len(), max_payload) {
-        None => envelope.payload = msg.payload.to_vec(),
+    fill_envelope(&mut envelope, &msg.payload, max_payload);
+    envelope.encode_to_vec()
+}
+
+/// Puts the original payload into the envelope: whole when the encoded letter
+/// fits the server's `max_payload`, else its first bytes, marked truncated.
+fn fill_envelope(envelope: &mut DeadLetter, payload: &[u8], max_payload: usize) {
+    match decide::dead_letter_payload_cap(payload.len(), envelope.encoded_len(), max_payload) {
+        None => envelope.payload = payload.to_vec(),
         Some(cap) => {
-            envelope.payload = msg.payload[..cap].to_vec();
+            envelope.payload = payload[..cap].to_vec();
             envelope.payload_truncated = true;
         }
     }
-    envelope.encode_to_vec()
 }
 
 /// The trace id of the current span, for logs and for orderctl.
@@ -1094,5 +1100,30 @@ mod tests {
             assert_eq!(outcome.as_str(), label);
         }
         assert_eq!(Outcome::Nak.as_str(), "nak");
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_the_payload_whole_only_when_it_fits() {
+        let envelope = || DeadLetter {
+            original_subject: "ORDER.created".into(),
+            original_stream: "ORDERS".into(),
+            error_message: "payload is not an orders.v1.OrderCreated".into(),
+            payload_size: 5000,
+            ..Default::default()
+        };
+        let payload = vec![7u8; 5000];
+        for (max_payload, truncated) in [
+            (1 << 20, false),
+            (16384, false),
+            (13000, true),
+            (1024, true),
+        ] {
+            let mut d = envelope();
+            fill_envelope(&mut d, &payload, max_payload);
+            assert_eq!(d.payload_truncated, truncated, "max_payload {max_payload}");
+            assert!(d.encoded_len() <= max_payload, "max_payload {max_payload}");
+            assert_eq!(&payload[..d.payload.len()], d.payload.as_slice());
+            assert_eq!(d.payload.len() == payload.len(), !truncated);
+        }
     }
 }

@@ -137,19 +137,17 @@ pub(crate) fn pipelines_using(
 /// reconciles it.
 const DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Runs the controller until `shutdown` resolves.
-pub async fn run(
-    ctx: Arc<Context>,
-    namespace: Option<String>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+/// The Apis the controller watches, in one namespace or all; Secrets through a
+/// metadata-only Api (see the watch in [`run`]).
+fn apis(
+    client: &kube::Client,
+    namespace: Option<&str>,
+) -> (
+    Api<OrderPipeline>,
+    Api<Deployment>,
+    Api<PartialObjectMeta<Secret>>,
 ) {
-    let client = ctx.client.clone();
-    // Secrets through a metadata-only Api: see the watch below.
-    let (pipelines, deployments, secrets): (
-        Api<OrderPipeline>,
-        Api<Deployment>,
-        Api<PartialObjectMeta<Secret>>,
-    ) = match &namespace {
+    match namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
@@ -160,7 +158,21 @@ pub async fn run(
             Api::all(client.clone()),
             Api::all(client.clone()),
         ),
-    };
+    }
+}
+
+/// What a channel receives, as a stream.
+fn received<T>(rx: tokio::sync::mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|p| (p, rx)) })
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (pipelines, deployments, secrets) = apis(&ctx.client, namespace.as_deref());
     // Only changes that need a reconcile trigger one: not the operator's own
     // status writes (under traffic every write changes the figures, which would
     // reconcile back to back instead of on the jittered resync).
@@ -185,9 +197,7 @@ pub async fn run(
         // Deployments: only the changes a reconcile would see (a new Pod's
         // status moves the Deployment's several times a second while it starts).
         .owns_stream(deployment_triggers(deployments, deployment_cache))
-        .reconcile_on(futures::stream::unfold(removed, |mut rx| async move {
-            rx.recv().await.map(|p| (p, rx))
-        }))
+        .reconcile_on(received(removed))
         // Secrets: metadata only (a changed Secret gets a new resourceVersion,
         // which is all a trigger needs), so no Secret's data is ever cached;
         // reconcile GETs the few a pipeline references.
@@ -200,12 +210,16 @@ pub async fn run(
         .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "controller event");
-            }
-        })
+        .for_each(|r| async move { log_event(r) })
         .await;
+}
+
+/// A reconcile's result as the controller reports it (errors are counted and
+/// requeued by `error_policy`; here they are only logged).
+fn log_event<T, E: std::fmt::Display>(r: Result<T, E>) {
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "controller event");
+    }
 }
 
 #[cfg(test)]
