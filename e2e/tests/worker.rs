@@ -1173,6 +1173,67 @@ async fn an_old_letter_replayed_after_its_stream_was_recreated_touches_no_other_
     Ok(())
 }
 
+/// A healthy pipeline a week later, time compressed: its oldest inputs are
+/// removed from the stream (as `maxAge` removes them; here a purge up to a
+/// sequence) while their newer outcomes stay, then the outcomes and a dead
+/// letter's marker too while the DLQ keeps the letter. The audit reports those
+/// as archived, not as violations, and `orderctl audit` exits 0 (before: 1, with
+/// "outcomes with no stored input" and "dead letters with no input").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aged_healthy_pipeline_audits_clean() -> anyhow::Result<()> {
+    let (server, js) = setup(Duration::from_secs(5)).await?;
+    let prefix = format!("aged{}", random_suffix());
+    ctl::publish_orders(&js, &publish_opts(&prefix, 20)).await?;
+    publish_raw(&js, &format!("{prefix}-poison"), vec![0xff, 0xff, 0x01]).await?;
+    let stream = js.get_stream("ORDERS").await?;
+    let last_input = stream.get_info().await?.state.last_sequence;
+    let w = WorkerProcess::spawn(&binary("order-worker")?, &worker_env(&server, &[])).await?;
+    w.wait_ready().await?;
+    drained(&js, Duration::from_secs(30)).await?;
+    wait_for("the poison's letter", Duration::from_secs(10), || async {
+        Ok((!ctl::dlq_list(&js, "ORDERS_DLQ", 10).await?.is_empty()).then_some(()))
+    })
+    .await?;
+    let orderctl_audit = || async {
+        tokio::process::Command::new(binary("orderctl")?)
+            .args(["audit"])
+            .env("NATS_URL", server.url())
+            .output()
+            .await
+            .context("orderctl audit")
+    };
+
+    // The inputs age out; their outcomes (newer) stay.
+    stream.purge().sequence(last_input + 1).await?;
+    let a = audit(&js).await?;
+    assert!(a.violations().is_empty(), "{:?}", a.violations());
+    assert_eq!((a.summary().archived_outcomes, a.summary().lost), (21, 0));
+    let out = orderctl_audit().await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("archived               21 outcomes and 0 dead letters"),
+        "{text}"
+    );
+
+    // Then the outcomes and the poison's marker too; the DLQ keeps the letter.
+    stream.purge().await?;
+    let a = audit(&js).await?;
+    assert!(a.violations().is_empty(), "{:?}", a.violations());
+    assert_eq!(a.summary().archived_letters, 1);
+    let out = orderctl_audit().await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(())
+}
+
 /// The one "not found" test (`orderpipeline_common::nats::is_not_found`) on a real
 /// server's answers: a missing stream, bucket and consumer are; others are not.
 #[tokio::test]

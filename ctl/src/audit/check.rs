@@ -56,6 +56,10 @@ pub struct Audit {
     pub letters: Vec<(u64, Option<u64>)>,
     pub consumer_pending: u64,
     pub consumer_ack_pending: u64,
+    /// The input stream's first sequence: everything below it has been removed
+    /// (aged out by `maxAge`, a limit, a purge). Outcomes whose inputs are below
+    /// it, and letters whose markers are, are archived, not violations.
+    pub first_seq: u64,
     /// Inputs with no v2 outcome whose order the protocol before v2 recorded
     /// final in its KV bucket (see [`Audit::honour_legacy_records`]).
     pub legacy_final: HashSet<u64>,
@@ -235,16 +239,51 @@ impl Audit {
     }
 
     fn orphan_outcomes(&self) -> Found {
-        let input_keys: HashSet<&String> =
-            self.stored_inputs.iter().flat_map(|i| &i.keys).collect();
         Found::new(
             "outcomes with no stored input",
-            self.chains
-                .keys()
-                .filter(|k| !input_keys.contains(k))
-                .cloned()
+            self.orphan_chains(false)
+                .into_iter()
+                .map(|k| k.to_string())
                 .collect(),
         )
+    }
+
+    /// Keys whose outcomes have no stored input: those whose inputs were all
+    /// removed from the stream (`archived`, below its first sequence), or the rest.
+    fn orphan_chains(&self, archived: bool) -> Vec<&str> {
+        let input_keys: HashSet<&String> =
+            self.stored_inputs.iter().flat_map(|i| &i.keys).collect();
+        self.chains
+            .iter()
+            .filter(|(k, _)| !input_keys.contains(k))
+            .filter(|(_, chain)| {
+                let gone = chain
+                    .iter()
+                    .all(|o| o.input_seq.is_some_and(|s| s < self.first_seq));
+                gone == archived
+            })
+            .map(|(k, _)| k.as_str())
+            .collect()
+    }
+
+    /// Letters whose marker was removed from the input stream (below its first
+    /// sequence): the order's outcome aged out with its input; the letter is an
+    /// archive now (the DLQ keeps letters longer than the input stream).
+    fn archived_letters(&self) -> usize {
+        let all_markers = self.all_markers();
+        self.letters
+            .iter()
+            .filter(|(_, m)| m.is_some_and(|m| !all_markers.contains(&m) && m < self.first_seq))
+            .count()
+    }
+
+    fn all_markers(&self) -> HashSet<u64> {
+        self.chains
+            .values()
+            .flatten()
+            .filter(|o| o.kind == OutcomeKind::DeadLettered)
+            .map(|o| o.seq)
+            .collect()
     }
 
     /// Dead letters in the DLQ: each copies a marker that is its key's current
@@ -258,13 +297,7 @@ impl Audit {
             .filter(|o| o.kind == OutcomeKind::DeadLettered && !superseded.contains(&o.seq))
             .map(|o| o.seq)
             .collect();
-        let all_markers: HashSet<u64> = self
-            .chains
-            .values()
-            .flatten()
-            .filter(|o| o.kind == OutcomeKind::DeadLettered)
-            .map(|o| o.seq)
-            .collect();
+        let all_markers = self.all_markers();
         let letters = |keep: &dyn Fn(u64) -> bool| -> Vec<String> {
             self.letters
                 .iter()
@@ -278,8 +311,8 @@ impl Audit {
                 letters(&|m| all_markers.contains(&m) && !current.contains(&m)),
             ),
             Found::new(
-                "dead letters with no input (their marker is gone)",
-                letters(&|m| !all_markers.contains(&m)),
+                "dead letters with no input (their marker is gone, but not aged out)",
+                letters(&|m| !all_markers.contains(&m) && m >= self.first_seq),
             ),
         ]
     }
@@ -397,6 +430,8 @@ impl Audit {
             two_outcomes: self.chains.values().filter(|c| finals(c) > 1).count() as u64
                 + self.legacy_and_v2.len() as u64,
             pending: self.consumer_pending + self.consumer_ack_pending,
+            archived_outcomes: self.orphan_chains(true).len() as u64,
+            archived_letters: self.archived_letters() as u64,
         }
     }
 }
@@ -432,6 +467,10 @@ pub struct Summary {
     pub two_outcomes: u64,
     /// Messages the consumer still holds (pending + awaiting ack).
     pub pending: u64,
+    /// Outcomes whose inputs were removed from the stream (aged out), and
+    /// letters whose markers were: archives, not violations.
+    pub archived_outcomes: u64,
+    pub archived_letters: u64,
 }
 
 #[cfg(test)]
@@ -537,7 +576,7 @@ mod tests {
                 |a| a.letters.push((3, Some(7))),
             ),
             (
-                "dead letters with no input (their marker is gone): 1",
+                "dead letters with no input (their marker is gone, but not aged out): 1",
                 |a| a.letters.push((4, Some(99))),
             ),
             (
@@ -554,6 +593,41 @@ mod tests {
             let v = a.violations();
             assert!(v.iter().any(|l| l.starts_with(want)), "{want}: {v:?}");
         }
+    }
+
+    /// A week later: the oldest inputs, and a letter's marker, aged out of the
+    /// input stream (below its first sequence); their outcomes and the letter
+    /// are archives, not violations. A gap above the first sequence still is one.
+    #[test]
+    fn aged_out_inputs_and_markers_are_archived_not_violations() {
+        let mut a = healthy();
+        a.first_seq = 9;
+        // The inputs of a, b, c (seqs 1-3) and d's input (4) and marker (8) aged out.
+        a.stored_inputs.retain(|i| i.seq >= 9);
+        a.chains.remove("d");
+        // c's replay input (9) stays; a's and b's outcomes stay with no input.
+        let v = a.violations();
+        assert_eq!(v, Vec::<String>::new());
+        let s = a.summary();
+        assert_eq!((s.archived_outcomes, s.archived_letters, s.lost), (2, 1, 0));
+        // Not aged: an outcome whose input is above the first sequence and gone.
+        a.chains.insert(
+            "x".into(),
+            vec![outcome(12, OutcomeKind::Processed, "x", None)],
+        );
+        a.chains.get_mut("x").unwrap()[0].input_seq = Some(11);
+        a.letters.push((5, Some(13)));
+        let v = a.violations();
+        assert!(
+            v.iter()
+                .any(|l| l.starts_with("outcomes with no stored input: 1")),
+            "{v:?}"
+        );
+        assert!(
+            v.iter()
+                .any(|l| l.starts_with("dead letters with no input")),
+            "{v:?}"
+        );
     }
 
     #[test]

@@ -117,6 +117,10 @@ impl Report {
             format!("lost                   {}", s.lost),
             format!("processed twice        {}", s.processed_twice),
             format!("two outcomes           {}", s.two_outcomes),
+            format!(
+                "archived               {} outcomes and {} dead letters whose inputs aged out of the stream",
+                s.archived_outcomes, s.archived_letters
+            ),
         ];
         if let (Some(p50), Some(p99)) = (self.p50, self.p99) {
             lines.push(format!(

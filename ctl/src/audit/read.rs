@@ -144,7 +144,11 @@ impl Audit {
             .get_stream(stream)
             .await
             .with_context(|| format!("stream {stream}"))?;
-        let created_ns = orderpipeline_common::topology::unix_ns(s.info().await?.created);
+        let info = s.info().await?;
+        let (created_ns, first_seq) = (
+            orderpipeline_common::topology::unix_ns(info.created),
+            info.state.first_sequence,
+        );
         let c = s
             .consumer_info(consumer)
             .await
@@ -154,6 +158,7 @@ impl Audit {
             format!("consumer {consumer}'s filter {input_subject} has no outcome prefix")
         })?;
         let mut a = Audit {
+            first_seq,
             consumer_pending: c.num_pending,
             consumer_ack_pending: c.num_ack_pending as u64,
             ..Default::default()
