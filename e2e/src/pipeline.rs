@@ -316,3 +316,19 @@ pub async fn http_get(url: &str) -> Option<(u16, String)> {
 }
 
 pub use orderpipeline_ctl::audit::Audit;
+
+/// Waits until the dead-letter stream `dlq` holds no letter (replays remove
+/// theirs once their outcome exists).
+pub async fn wait_dlq_empty(
+    js: &async_nats::jetstream::Context,
+    dlq: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    wait_for("the replayed letters to go", timeout, || async {
+        Ok(orderpipeline_ctl::dlq_list(js, dlq, 10)
+            .await?
+            .is_empty()
+            .then_some(()))
+    })
+    .await
+}

@@ -22,7 +22,9 @@ use async_nats::jetstream;
 use orderpipeline_common::topology::Topology;
 use orderpipeline_ctl::audit::Audit;
 use orderpipeline_ctl::{self as ctl, PublishOptions, PublishReport};
-use orderpipeline_e2e::pipeline::{DownstreamStub, StubBehaviour, WorkerProcess, binary};
+use orderpipeline_e2e::pipeline::{
+    DownstreamStub, StubBehaviour, WorkerProcess, binary, wait_dlq_empty,
+};
 use orderpipeline_e2e::proxy::Proxy;
 use orderpipeline_e2e::{NatsCluster, NatsServer, random_suffix, wait_for};
 use orderpipeline_proto::Message as _;
@@ -1041,17 +1043,7 @@ async fn fault_12_replays_racing_redeliveries_of_the_same_orders() -> anyhow::Re
         }
     }
     drained(&js, Duration::from_secs(120)).await?;
-    wait_for(
-        "the replayed letters to go",
-        Duration::from_secs(30),
-        || async {
-            Ok(ctl::dlq_list(&js, "ORDERS_DLQ", 10)
-                .await?
-                .is_empty()
-                .then_some(()))
-        },
-    )
-    .await?;
+    wait_dlq_empty(&js, "ORDERS_DLQ", Duration::from_secs(30)).await?;
     let audit = audit(&js).await?;
     // The orders were dead-lettered before the replay, which superseded each
     // letter once: one current outcome each, processed.

@@ -9,7 +9,7 @@ use async_nats::jetstream;
 use orderpipeline_common::topology::Topology;
 use orderpipeline_ctl::{self as ctl, PublishOptions};
 use orderpipeline_e2e::pipeline::{
-    Audit, DownstreamStub, StubBehaviour, WorkerProcess, binary, http_get,
+    Audit, DownstreamStub, StubBehaviour, WorkerProcess, binary, http_get, wait_dlq_empty,
 };
 use orderpipeline_e2e::{NatsServer, env_var, random_suffix, wait_for};
 use orderpipeline_proto::{ErrorClass, Message as _};
@@ -335,17 +335,7 @@ async fn exhausted_orders_dead_letter_on_the_last_delivery_and_replay_once() -> 
         eprintln!("worker log:\n{}", w2.log_text());
         return Err(e);
     }
-    wait_for(
-        "the replayed letters to go",
-        Duration::from_secs(30),
-        || async {
-            Ok(ctl::dlq_list(&js, "ORDERS_DLQ", 100)
-                .await?
-                .is_empty()
-                .then_some(()))
-        },
-    )
-    .await?;
+    wait_dlq_empty(&js, "ORDERS_DLQ", Duration::from_secs(30)).await?;
     let a = audit(&js).await?;
     a.assert_exactly_once(&report.valid_ids, &[])?;
     for id in &report.valid_ids {
@@ -1000,24 +990,9 @@ async fn a_replay_whose_marker_vanishes_mid_flight_still_ends_with_one_outcome()
         .delete_message(marker)
         .await?;
     drained(&js, Duration::from_secs(30)).await?;
-    wait_for(
-        "the replayed letter to go",
-        Duration::from_secs(30),
-        || async {
-            Ok(ctl::dlq_list(&js, "ORDERS_DLQ", 10)
-                .await?
-                .is_empty()
-                .then_some(()))
-        },
-    )
-    .await?;
+    wait_dlq_empty(&js, "ORDERS_DLQ", Duration::from_secs(30)).await?;
     let a = audit(&js).await?;
-    let key = orderpipeline_common::names::order_key(&id).context("key")?;
-    let chain: Vec<_> = a
-        .chains
-        .get(&key)
-        .map(|c| c.iter().map(|o| o.kind.token()).collect())
-        .unwrap_or_default();
+    let chain = chain_of(&a, &id);
     assert_eq!(
         chain,
         ["processed"],
