@@ -1209,6 +1209,49 @@ async fn an_aged_healthy_pipeline_audits_clean() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A letter whose marker aged out of the input stream (the DLQ keeps letters
+/// longer: 30 d against 7 d by default) replayed: the order is a new input under
+/// its own key, and the letter goes once it has its outcome (before: the replay
+/// was processed but the letter stayed in the DLQ for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_letter_whose_marker_aged_out_is_replayed_and_removed() -> anyhow::Result<()> {
+    let (server, js) = setup(Duration::from_secs(5)).await?;
+    let id = format!("dl-old-{}", random_suffix());
+    let marker = dead_letter_one(&server, &js, &id).await?;
+    let letter = wait_for(
+        "the letter in ORDERS_DLQ",
+        Duration::from_secs(10),
+        || async {
+            let l = ctl::dlq_list(&js, "ORDERS_DLQ", 10).await?;
+            Ok(l.into_iter().find(|l| l.marker == Some(marker)))
+        },
+    )
+    .await?;
+    // The input and its marker age out.
+    js.get_stream("ORDERS")
+        .await?
+        .purge()
+        .sequence(marker + 1)
+        .await?;
+    let healthy = DownstreamStub::start(StubBehaviour::default()).await?;
+    let w = WorkerProcess::spawn(
+        &binary("order-worker")?,
+        &worker_env(&server, &[("DOWNSTREAM_URL", &healthy.url)]),
+    )
+    .await?;
+    w.wait_ready().await?;
+    ctl::dlq_replay(&js, "ORDERS_DLQ", letter.dlq_sequence).await?;
+    drained(&js, Duration::from_secs(30)).await?;
+    wait_dlq_empty(&js, "ORDERS_DLQ", Duration::from_secs(30))
+        .await
+        .with_context(|| w.log_text())?;
+    let a = audit(&js).await?;
+    assert_eq!(chain_of(&a, &id), ["processed"]);
+    assert!(healthy.charged(&id));
+    assert!(a.violations().is_empty(), "{:?}", a.violations());
+    Ok(())
+}
+
 /// The one "not found" test (`orderpipeline_common::nats::is_not_found`) on a real
 /// server's answers: a missing stream, bucket and consumer are; others are not.
 #[tokio::test]

@@ -38,6 +38,10 @@ pub struct Delivery {
     pub max_deliveries: u32,
     /// The sequence of the dead-letter marker this input replays, if any.
     pub replay_of: Option<u64>,
+    /// A replay whose letter's marker is gone (aged out, removed): an ordinary
+    /// input (nothing to supersede) that removes its letter once its key has an
+    /// outcome, so the letter does not stay in the DLQ.
+    pub orphan_letter: bool,
     /// Whether a downstream service is configured.
     pub downstream: bool,
 }
@@ -57,6 +61,10 @@ impl Delivery {
     /// or the letter a replay supersedes.
     fn base(&self) -> u64 {
         self.replay_of.unwrap_or(0)
+    }
+    /// Whether the delivery ends by removing a dead letter.
+    fn removes_letter(&self) -> bool {
+        self.replay_of.is_some() || self.orphan_letter
     }
 }
 
@@ -211,7 +219,7 @@ impl Machine {
         }
         // The key has an outcome this delivery may not replace. For a replay
         // that means its letter is superseded: remove it.
-        if d.replay_of.is_some() {
+        if d.removes_letter() {
             Step::RemoveLetter
         } else {
             Step::Ack
@@ -248,7 +256,7 @@ impl Machine {
             ),
             Event::Downstream(CallClass::Transient) => self.transient(self.expect()),
             Event::Written => {
-                if d.replay_of.is_some() {
+                if d.removes_letter() {
                     Step::RemoveLetter
                 } else {
                     Step::Ack
@@ -289,6 +297,7 @@ mod tests {
             delivered,
             max_deliveries: 5,
             replay_of: None,
+            orphan_letter: false,
             downstream: false,
         }
     }
@@ -484,5 +493,29 @@ mod tests {
         m.on(Event::Downstream(CallClass::Ok));
         m.on(Event::Conflict);
         assert_eq!(m.on(Event::Read(Some(30))), Step::RemoveLetter);
+    }
+
+    #[test]
+    fn a_replay_whose_letter_is_orphaned_writes_over_nothing_then_removes_it() {
+        let r = Delivery {
+            orphan_letter: true,
+            ..d(1)
+        };
+        let mut m = Machine::new(Verdict::Process, r);
+        assert_eq!(
+            m.on(Event::Start),
+            Step::Write {
+                kind: OutcomeKind::Processed,
+                expect: 0,
+                dead: None
+            }
+        );
+        assert_eq!(m.on(Event::Written), Step::RemoveLetter);
+        assert_eq!(m.on(Event::Removed), Step::Ack);
+        // The key has its outcome already: the letter goes all the same.
+        let mut m = Machine::new(Verdict::Process, r);
+        m.on(Event::Start);
+        assert_eq!(m.on(Event::Conflict), Step::ReadOutcome);
+        assert_eq!(m.on(Event::Read(Some(4))), Step::RemoveLetter);
     }
 }

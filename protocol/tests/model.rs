@@ -257,6 +257,7 @@ impl V2 {
             delivered: input.delivered,
             max_deliveries: self.max_deliveries,
             replay_of: input.replay_of,
+            orphan_letter: false,
             downstream: self.downstream,
         }
     }

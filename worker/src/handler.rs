@@ -308,7 +308,7 @@ async fn process(
             return nak_for_redelivery(ctx, msg, &delivery).await;
         }
     };
-    if replay.is_none()
+    if replay.as_ref().is_none_or(|r| r.key.is_none())
         && let Some(done) = done_before_v2(ctx, msg, &delivery, &input).await
     {
         return done;
@@ -318,7 +318,11 @@ async fn process(
         ProtocolDelivery {
             delivered: delivery.delivered,
             max_deliveries: ctx.cfg.max_deliveries,
-            replay_of: replay.as_ref().map(|r| r.marker),
+            replay_of: replay
+                .as_ref()
+                .filter(|r| r.key.is_some())
+                .map(|r| r.marker),
+            orphan_letter: replay.as_ref().is_some_and(|r| r.key.is_none()),
             downstream: ctx.downstream.is_some(),
         },
     );
@@ -385,7 +389,8 @@ impl<'a> Attempt<'a> {
     ) -> Self {
         let key = replay
             .as_ref()
-            .map_or_else(|| input.key.clone(), |r| r.key.clone());
+            .and_then(|r| r.key.clone())
+            .unwrap_or_else(|| input.key.clone());
         let last_error = input.why.clone();
         Self {
             ctx,
@@ -551,8 +556,10 @@ async fn recorded_before_v2(ctx: &Ctx, order_id: &str) -> Result<bool, String> {
 struct Replay {
     marker: u64,
     letter: u64,
-    /// The marker's key: the replay's outcome goes there.
-    key: String,
+    /// The marker's key: the replay's outcome goes there. `None` when the
+    /// marker is gone (aged out, removed): the replay is then an ordinary input
+    /// under its own key that removes its letter once the key has an outcome.
+    key: Option<String>,
 }
 
 /// The claim of a replayed input, from its headers.
@@ -594,7 +601,9 @@ async fn replay_of(
         Some(None) => replay::AtMarker::Other,
     };
     match replay::judge(&claim, ctx.stream_created_ns, at_marker, order_key) {
-        Ok(key) => Ok(key.map(|key| Replay {
+        // `None`: the marker is gone; the letter is still removed once the
+        // input has its outcome.
+        Ok(key) => Ok(Some(Replay {
             marker: claim.marker,
             letter: claim.letter,
             key,
