@@ -941,33 +941,10 @@ async fn a_replay_whose_marker_vanishes_mid_flight_still_ends_with_one_outcome()
 -> anyhow::Result<()> {
     let (server, js) = setup(Duration::from_secs(10)).await?;
     let bin = binary("order-worker")?;
-    let id = format!("gone-{}", random_suffix());
     // Dead-lettered first: the downstream refuses the order for good.
-    let refusing = DownstreamStub::start(StubBehaviour {
-        refuse_prefix: Some("gone-".into()),
-        ..Default::default()
-    })
-    .await?;
-    let mut w = WorkerProcess::spawn(
-        &bin,
-        &worker_env(&server, &[("DOWNSTREAM_URL", &refusing.url)]),
-    )
-    .await?;
-    w.wait_ready().await?;
-    publish_raw(&js, &id, ctl::valid_order(&id, 1).encode_to_vec()).await?;
-    drained(&js, Duration::from_secs(30)).await?;
-    let letters = wait_for(
-        "the letter in ORDERS_DLQ",
-        Duration::from_secs(10),
-        || async {
-            let l = ctl::dlq_list(&js, "ORDERS_DLQ", 10).await?;
-            Ok((!l.is_empty()).then_some(l))
-        },
-    )
-    .await?;
-    let marker = letters[0].marker.context("the letter's marker")?;
-    w.signal("TERM").await?;
-    w.wait(Duration::from_secs(30)).await?;
+    let id = format!("dl-gone-{}", random_suffix());
+    let marker = dead_letter_one(&server, &js, &id).await?;
+    let letter = letter_of(&js, marker).await?;
 
     // The replay meets a slow downstream; the marker goes while it waits.
     let slow = DownstreamStub::start(StubBehaviour {
@@ -978,7 +955,7 @@ async fn a_replay_whose_marker_vanishes_mid_flight_still_ends_with_one_outcome()
     let w2 =
         WorkerProcess::spawn(&bin, &worker_env(&server, &[("DOWNSTREAM_URL", &slow.url)])).await?;
     w2.wait_ready().await?;
-    ctl::dlq_replay(&js, "ORDERS_DLQ", letters[0].dlq_sequence).await?;
+    ctl::dlq_replay(&js, "ORDERS_DLQ", letter.dlq_sequence).await?;
     wait_for(
         "the replay's downstream call",
         Duration::from_secs(20),
@@ -1037,6 +1014,20 @@ async fn dead_letter_one(
         .sequence)
 }
 
+/// Waits for the letter the DLQ stream copied from `marker` (it sources the
+/// letters asynchronously: one may arrive just after its input is acked).
+async fn letter_of(js: &jetstream::Context, marker: u64) -> anyhow::Result<ctl::StoredDeadLetter> {
+    wait_for(
+        "the letter in ORDERS_DLQ",
+        Duration::from_secs(10),
+        || async {
+            let l = ctl::dlq_list(js, "ORDERS_DLQ", 100).await?;
+            Ok(l.into_iter().find(|l| l.marker == Some(marker)))
+        },
+    )
+    .await
+}
+
 /// The key's outcome kinds, oldest first.
 fn chain_of(a: &Audit, id: &str) -> Vec<&'static str> {
     let key = orderpipeline_common::names::order_key(id).unwrap_or_default();
@@ -1061,15 +1052,7 @@ async fn an_old_letter_replayed_after_its_stream_was_recreated_touches_no_other_
         format!("dl-b-{}", random_suffix()),
     );
     let a_marker = dead_letter_one(&server, &js, &a).await?;
-    let letter_a = wait_for(
-        "A's letter in ORDERS_DLQ",
-        Duration::from_secs(10),
-        || async {
-            let l = ctl::dlq_list(&js, "ORDERS_DLQ", 100).await?;
-            Ok(l.into_iter().find(|l| l.marker == Some(a_marker)))
-        },
-    )
-    .await?;
+    let letter_a = letter_of(&js, a_marker).await?;
     let old_created = orderpipeline_common::topology::unix_ns(
         js.get_stream("ORDERS").await?.info().await?.created,
     );
@@ -1218,15 +1201,7 @@ async fn a_letter_whose_marker_aged_out_is_replayed_and_removed() -> anyhow::Res
     let (server, js) = setup(Duration::from_secs(5)).await?;
     let id = format!("dl-old-{}", random_suffix());
     let marker = dead_letter_one(&server, &js, &id).await?;
-    let letter = wait_for(
-        "the letter in ORDERS_DLQ",
-        Duration::from_secs(10),
-        || async {
-            let l = ctl::dlq_list(&js, "ORDERS_DLQ", 10).await?;
-            Ok(l.into_iter().find(|l| l.marker == Some(marker)))
-        },
-    )
-    .await?;
+    let letter = letter_of(&js, marker).await?;
     // The input and its marker age out.
     js.get_stream("ORDERS")
         .await?
