@@ -24,6 +24,45 @@ pub struct PipelineNames {
     pub credentials_secret: Option<String>,
     /// `spec.nats.tlsSecretRef.name`
     pub tls_secret: Option<String>,
+    /// `status.removedUnprocessed`, less what was acknowledged: the orders the
+    /// stream's limits removed before they were processed, as the operator
+    /// counted them.
+    pub removed_unprocessed: Option<RemovedUnprocessed>,
+}
+
+/// Orders removed unprocessed, from the OrderPipeline's status.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RemovedUnprocessed {
+    /// Not yet acknowledged.
+    pub count: i64,
+    pub exact: bool,
+    pub first: String,
+    pub last: String,
+}
+
+/// The annotation that acknowledges removed orders (the operator's
+/// `retention::ACKNOWLEDGED_ANNOTATION`).
+const ACKNOWLEDGED_ANNOTATION: &str = "orderpipeline.dev/removed-unprocessed-acknowledged";
+
+impl RemovedUnprocessed {
+    /// From the resource as the API server returns it; `None` when none are
+    /// unacknowledged.
+    pub fn of(obj: &Value) -> Option<Self> {
+        let r = obj.pointer("/status/removedUnprocessed")?;
+        let acked = obj
+            .pointer("/metadata/annotations")
+            .and_then(|a| a.get(ACKNOWLEDGED_ANNOTATION))
+            .and_then(Value::as_str)
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .unwrap_or(0);
+        let count = r.get("count")?.as_i64()? - acked;
+        (count > 0).then(|| Self {
+            count,
+            exact: r.get("exact").and_then(Value::as_bool).unwrap_or(false),
+            first: text(r, "/first").unwrap_or("?").into(),
+            last: text(r, "/last").unwrap_or("?").into(),
+        })
+    }
 }
 
 /// Splits `NAMESPACE/NAME` (or `NAME`, in `default_namespace`).
@@ -72,6 +111,7 @@ impl PipelineNames {
                 .map_or_else(|| names::derived_state_bucket(stream), str::to_string),
             credentials_secret: text(spec, "/nats/credentialsSecretRef/name").map(str::to_string),
             tls_secret: text(spec, "/nats/tlsSecretRef/name").map(str::to_string),
+            removed_unprocessed: None,
         })
     }
 }
@@ -99,7 +139,11 @@ pub async fn fetch(reference: &str) -> anyhow::Result<(PipelineNames, kube::Clie
             )
         })?;
     let spec = obj.data.get("spec").cloned().unwrap_or(Value::Null);
-    Ok((PipelineNames::from_spec(&ns, &name, &spec)?, client))
+    let mut names = PipelineNames::from_spec(&ns, &name, &spec)?;
+    let mut whole = obj.data.clone();
+    whole["metadata"] = serde_json::to_value(&obj.metadata)?;
+    names.removed_unprocessed = RemovedUnprocessed::of(&whole);
+    Ok((names, client))
 }
 
 /// The pipeline's NATS credentials and TLS material, read from its Secrets as
@@ -262,6 +306,33 @@ pub async fn read_secrets(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn removed_unprocessed_is_read_from_the_status_less_what_was_acknowledged() {
+        let obj = |ack: Option<&str>| {
+            let mut o = serde_json::json!({
+                "metadata": {"name": "shop"},
+                "status": {"removedUnprocessed": {"count": 5, "exact": true,
+                    "first": "2026-12-07T01:00:00Z", "last": "2026-12-07T01:00:05Z"}},
+            });
+            if let Some(a) = ack {
+                o["metadata"]["annotations"] = serde_json::json!({ACKNOWLEDGED_ANNOTATION: a});
+            }
+            o
+        };
+        let r = RemovedUnprocessed::of(&obj(None)).unwrap();
+        assert_eq!(
+            (r.count, r.exact, r.first.as_str()),
+            (5, true, "2026-12-07T01:00:00Z")
+        );
+        assert_eq!(RemovedUnprocessed::of(&obj(Some("3"))).unwrap().count, 2);
+        assert_eq!(RemovedUnprocessed::of(&obj(Some("5"))), None);
+        assert_eq!(RemovedUnprocessed::of(&obj(Some("junk"))).unwrap().count, 5);
+        assert_eq!(
+            RemovedUnprocessed::of(&serde_json::json!({"status": {}})),
+            None
+        );
+    }
 
     #[test]
     fn references_name_a_namespace_or_take_the_default() {

@@ -123,6 +123,7 @@ impl Cli {
                 latency_from_seq: 1,
                 legacy_state_bucket: None,
                 legacy_if_present: false,
+                removed: None,
             }),
             PluginCommand::Dlq { command } => Command::Dlq(dlq::Args {
                 dlq_stream,

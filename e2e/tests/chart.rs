@@ -361,8 +361,42 @@ fn promtool_checks_and_unit_tests_the_alerts() -> anyhow::Result<()> {
         {"series": "orderoperator_pipeline_dead_letters{pipeline=\"shop/ok\"}", "values": "7x22"},
         {"series": "orderoperator_reconcile_failures_total{kind=\"nats\"}", "values": "0 0 0+1x20"},
         {"series": "orderoperator_leader{pod=\"a\"}", "values": "1x5 0x17"},
+        {"series": "orderoperator_pipeline_inputs_removed_unprocessed{pipeline=\"shop/orders\"}", "values": "0 0 0 4x8 0x11"},
+        {"series": "orderoperator_pipeline_inputs_removed_unprocessed{pipeline=\"shop/ok\"}", "values": "0x22"},
+        {"series": "orderoperator_pipeline_max_age_seconds{pipeline=\"shop/orders\"}", "values": "600x22"},
+        {"series": "orderoperator_pipeline_max_age_seconds{pipeline=\"shop/ok\"}", "values": "0x22"},
+        {"series": "orderoperator_pipeline_oldest_unprocessed_age_seconds{pipeline=\"shop/orders\"}", "values": "0 60 120 180 240 300 360 420 480 540 600 660 0x10"},
+        {"series": "orderoperator_pipeline_oldest_unprocessed_age_seconds{pipeline=\"shop/ok\"}", "values": "900x22"},
     ]);
     let cases = [
+        // 4 removed at minute 3, acknowledged at minute 12: critical at once, until then.
+        Case {
+            name: "OrderPipelineInputsRemovedUnprocessed",
+            at: "2m",
+            fires: vec![],
+        },
+        Case {
+            name: "OrderPipelineInputsRemovedUnprocessed",
+            at: "3m",
+            fires: vec![("shop/orders", "4")],
+        },
+        Case {
+            name: "OrderPipelineInputsRemovedUnprocessed",
+            at: "12m",
+            fires: vec![],
+        },
+        // Half of maxAge 600 s from minute 5 (300 s old): firing 5m later; a
+        // pipeline with no maxAge never.
+        Case {
+            name: "OrderPipelineOldestUnprocessedAging",
+            at: "9m",
+            fires: vec![],
+        },
+        Case {
+            name: "OrderPipelineOldestUnprocessedAging",
+            at: "10m",
+            fires: vec![("shop/orders", "")],
+        },
         // Ready=0 from minute 2: pending, then firing after 5m; the Ready one never.
         Case {
             name: "OrderPipelineNotReady",

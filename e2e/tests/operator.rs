@@ -1904,3 +1904,154 @@ async fn a_removed_stream_is_back_at_once_not_at_the_next_resync() -> anyhow::Re
     .await?;
     s.ns.delete().await
 }
+
+/// The status of pipeline `name` once `ok` holds for it.
+async fn wait_status(
+    s: &Setup,
+    what: &str,
+    within: Duration,
+    ok: impl Fn(&OrderPipeline) -> bool,
+) -> anyhow::Result<OrderPipeline> {
+    let api = s.api.clone();
+    let ok = &ok;
+    wait_for(what, within, || {
+        let api = api.clone();
+        async move {
+            let p = api.get("orders").await?;
+            Ok(ok(&p).then_some(p))
+        }
+    })
+    .await
+    .with_context(|| format!("operator log:\n{}", s.operator.log_text()))
+}
+
+/// Issue 23, item 4: a pipeline paused for longer than its maxAge (6 s here)
+/// loses the orders waiting in it, since JetStream removes them by age whether
+/// acknowledged or not. The stream keeps nothing of them, so before the operator
+/// counted them the audit said "lost 0". Now the age of the oldest one warns at
+/// half maxAge, and the loss is on the status, in `kubectl describe`, a Warning
+/// Event, the metric and the audit (exit 1), until a person acknowledges it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_paused_longer_than_its_max_age_shows_the_orders_it_lost() -> anyhow::Result<()>
+{
+    let s = setup("op-aged").await?;
+    let mut p = sample(&s.nats.url())?;
+    p.spec.stream.max_age = "6s".into();
+    p.spec.stream.duplicate_window = "1s".into();
+    p.spec.paused = true;
+    s.api.create(&PostParams::default(), &p).await?;
+    wait_status(&s, "paused, InputsRetained", Duration::from_secs(60), |p| {
+        condition(p, "InputsRetained").is_some_and(|c| c.status == "True")
+            && condition(p, "Paused").is_some_and(|c| c.status == "True")
+    })
+    .await?;
+    let report = orderpipeline_ctl::publish_orders(
+        &s.js,
+        &orderpipeline_ctl::PublishOptions {
+            subject: "ORDER.created".into(),
+            count: 5,
+            rate: 0.0,
+            invalid_ratio: 0.0,
+            duplicate_ratio: 0.0,
+            prefix: "aged".into(),
+            window: 8,
+            ack_timeout: Duration::from_secs(5),
+            progress: false,
+            poison: 0,
+        },
+    )
+    .await?;
+    assert_eq!(report.valid_ids.len(), 5);
+    // Half maxAge: the warning, while nothing is lost yet.
+    let aging = wait_status(&s, "OldestUnprocessedAging", Duration::from_secs(30), |p| {
+        condition(p, "InputsRetained").is_some_and(|c| c.reason == "OldestUnprocessedAging")
+    })
+    .await?;
+    let age = aging
+        .status
+        .as_ref()
+        .and_then(|st| st.oldest_unprocessed_age_seconds);
+    assert!(age.is_some_and(|a| (3..6).contains(&a)), "{age:?}");
+    // maxAge: the five are gone from the stream, and counted.
+    let lost = wait_status(&s, "5 removed unprocessed", Duration::from_secs(40), |p| {
+        p.status
+            .as_ref()
+            .and_then(|st| st.removed_unprocessed.as_ref())
+            .is_some_and(|r| r.count >= 5)
+    })
+    .await?;
+    let r = lost
+        .status
+        .as_ref()
+        .unwrap()
+        .removed_unprocessed
+        .clone()
+        .unwrap();
+    assert_eq!((r.count, r.exact), (5, true), "{r:?}");
+    let c = condition(&lost, "InputsRetained").unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "InputsRemovedUnprocessed")
+    );
+    assert!(
+        c.message.starts_with("5 order(s) were removed"),
+        "{}",
+        c.message
+    );
+    let info = s.js.get_stream("ORDERS").await?.info().await?.state.clone();
+    assert_eq!(info.messages, 0, "the stream removed them: {info:?}");
+    wait_events(
+        &s.ns.name,
+        &[
+            "Warning OldestUnprocessedAging: the oldest unprocessed order is",
+            "Warning InputsRemovedUnprocessed: 5 order(s) were removed",
+        ],
+    )
+    .await?;
+    let described = tokio::process::Command::new("kubectl")
+        .args(["-n", &s.ns.name, "describe", "orderpipeline", "orders"])
+        .output()
+        .await?;
+    let described = String::from_utf8_lossy(&described.stdout);
+    assert!(
+        described.contains("InputsRemovedUnprocessed"),
+        "{described}"
+    );
+    assert!(described.contains("Removed Unprocessed:"), "{described}");
+    let metric = format!(
+        "orderoperator_pipeline_inputs_removed_unprocessed{{pipeline=\"{}/orders\"}} 5",
+        s.ns.name
+    );
+    assert!(operator_metrics(&s).await?.contains(&metric), "{metric}");
+    // The audit reads the operator's count: exit 1, the count named.
+    let pipeline = format!("{}/orders", s.ns.name);
+    let out = orderctl(&["audit", "--pipeline", &pipeline]).await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("removed unprocessed    5 (removed by the input stream's limits"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("VIOLATION: removed unprocessed: 5 order(s)"),
+        "{stdout}"
+    );
+    // Acknowledged: the condition, the metric and the audit are clear again.
+    s.api
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"metadata": {"annotations": {
+                "orderpipeline.dev/removed-unprocessed-acknowledged": "5"}}})),
+        )
+        .await?;
+    wait_status(&s, "acknowledged", Duration::from_secs(30), |p| {
+        condition(p, "InputsRetained").is_some_and(|c| c.status == "True")
+    })
+    .await?;
+    let out = orderctl(&["audit", "--pipeline", &pipeline]).await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", stderr_of(&out));
+    assert!(stdout.contains("removed unprocessed    0\n"), "{stdout}");
+    s.ns.delete().await
+}

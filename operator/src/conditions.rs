@@ -11,6 +11,7 @@ pub mod types {
     pub const DUPLICATE_WINDOW: &str = "DuplicateWindowSufficient";
     pub const PAUSED: &str = "Paused";
     pub const SCALING: &str = "Scaling";
+    pub const INPUTS_RETAINED: &str = "InputsRetained";
 }
 
 pub mod reasons {
@@ -40,6 +41,9 @@ pub mod reasons {
     pub const WINDOW_COVERS: &str = "WindowCoversRedelivery";
     pub const WINDOW_TOO_SHORT: &str = "WindowShorterThanRedelivery";
     pub const KUBERNETES_ERROR: &str = "KubernetesError";
+    pub const INPUTS_RETAINED: &str = "InputsRetained";
+    pub const INPUTS_REMOVED_UNPROCESSED: &str = "InputsRemovedUnprocessed";
+    pub const OLDEST_UNPROCESSED_AGING: &str = "OldestUnprocessedAging";
 }
 
 /// Builds a condition.

@@ -797,4 +797,28 @@ pub struct OrderPipelineStatus {
     /// Checksum of the referenced Secrets rendered into the pod template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets_checksum: Option<String>,
+    /// Seconds since the oldest order not yet processed was stored (the first
+    /// input above the consumer's ack floor); absent when none is waiting. The
+    /// stream removes it unprocessed when this reaches `maxAge`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_unprocessed_age_seconds: Option<i64>,
+    /// Orders the input stream's limits removed before they were processed
+    /// (lost), counted by the operator; see the InputsRetained condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed_unprocessed: Option<RemovedUnprocessed>,
+}
+
+/// Orders removed by the input stream's limits before they were processed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RemovedUnprocessed {
+    /// How many, since the pipeline was created.
+    pub count: i64,
+    /// False: some were counted while workers were delivering, and `count` is
+    /// a lower bound.
+    pub exact: bool,
+    /// When the operator first saw one removed.
+    pub first: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    /// When it last saw one removed.
+    pub last: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
 }

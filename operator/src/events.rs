@@ -47,6 +47,10 @@ pub enum Kind {
     Scaled,
     WindowTooShort,
     DeadLettersGrew,
+    /// The input stream's limits removed orders before they were processed.
+    InputsRemovedUnprocessed,
+    /// The oldest unprocessed order reached half the input stream's maxAge.
+    OldestUnprocessedAging,
     Retained,
     Deleted,
     CleanupAbandoned,
@@ -79,6 +83,10 @@ impl Kind {
             Kind::Scaled => "Scaled",
             Kind::WindowTooShort => crate::conditions::reasons::WINDOW_TOO_SHORT,
             Kind::DeadLettersGrew => "DeadLettersGrew",
+            Kind::InputsRemovedUnprocessed => {
+                crate::conditions::reasons::INPUTS_REMOVED_UNPROCESSED
+            }
+            Kind::OldestUnprocessedAging => crate::conditions::reasons::OLDEST_UNPROCESSED_AGING,
             Kind::Retained => "Retained",
             Kind::Deleted => "Deleted",
             Kind::CleanupAbandoned => "CleanupAbandoned",
@@ -98,7 +106,9 @@ impl Kind {
             Kind::Resumed => "Resume",
             Kind::Scaled => "Scale",
             Kind::WindowTooShort => "Validate",
-            Kind::DeadLettersGrew => "Observe",
+            Kind::DeadLettersGrew
+            | Kind::InputsRemovedUnprocessed
+            | Kind::OldestUnprocessedAging => "Observe",
             Kind::Retained | Kind::Deleted | Kind::CleanupAbandoned | Kind::CleanupFailed => {
                 "Delete"
             }
@@ -114,6 +124,8 @@ impl Kind {
             | Kind::StreamRecreated
             | Kind::WindowTooShort
             | Kind::DeadLettersGrew
+            | Kind::InputsRemovedUnprocessed
+            | Kind::OldestUnprocessedAging
             | Kind::CleanupAbandoned
             | Kind::CleanupFailed
             | Kind::NotReady { .. } => EventType::Warning,

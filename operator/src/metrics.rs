@@ -39,6 +39,9 @@ pub struct Metrics {
     pub workers_desired: Family<PipelineLabels, Gauge>,
     pub workers_available: Family<PipelineLabels, Gauge>,
     pub target_lag: Family<PipelineLabels, Gauge>,
+    pub oldest_unprocessed_age: Family<PipelineLabels, Gauge>,
+    pub max_age: Family<PipelineLabels, Gauge>,
+    pub removed_unprocessed: Family<PipelineLabels, Gauge>,
     pub nats_connections: Gauge,
     pub leader: Gauge,
 }
@@ -54,6 +57,10 @@ pub struct PipelineFigures {
     pub workers_desired: i64,
     pub workers_available: i64,
     pub target_lag_per_replica: i64,
+    pub oldest_unprocessed_age_seconds: i64,
+    pub max_age_seconds: i64,
+    /// Removed unprocessed and not acknowledged.
+    pub removed_unprocessed: i64,
 }
 
 impl Metrics {
@@ -71,6 +78,9 @@ impl Metrics {
             workers_desired: Family::default(),
             workers_available: Family::default(),
             target_lag: Family::default(),
+            oldest_unprocessed_age: Family::default(),
+            max_age: Family::default(),
+            removed_unprocessed: Family::default(),
             nats_connections: Gauge::default(),
             leader: Gauge::default(),
         };
@@ -143,6 +153,21 @@ impl Metrics {
             "spec.workers.scaling.targetLagPerReplica: the lag one worker pod is expected to handle",
             self.target_lag.clone(),
         );
+        r.register(
+            "pipeline_oldest_unprocessed_age_seconds",
+            "Seconds since the oldest order not yet processed was stored (0: none waiting); the input stream removes it unprocessed at its maxAge",
+            self.oldest_unprocessed_age.clone(),
+        );
+        r.register(
+            "pipeline_max_age_seconds",
+            "spec.stream.maxAge in seconds (0: none)",
+            self.max_age.clone(),
+        );
+        r.register(
+            "pipeline_inputs_removed_unprocessed",
+            "Orders the input stream's limits removed before they were processed (lost), not yet acknowledged with the orderpipeline.dev/removed-unprocessed-acknowledged annotation",
+            self.removed_unprocessed.clone(),
+        );
     }
 
     /// The operator process's state: leadership and the NATS connections it holds.
@@ -185,6 +210,13 @@ impl Metrics {
         self.target_lag
             .get_or_create(&l)
             .set(f.target_lag_per_replica);
+        self.oldest_unprocessed_age
+            .get_or_create(&l)
+            .set(f.oldest_unprocessed_age_seconds);
+        self.max_age.get_or_create(&l).set(f.max_age_seconds);
+        self.removed_unprocessed
+            .get_or_create(&l)
+            .set(f.removed_unprocessed);
     }
 
     /// A blocked reconcile: Ready is 0, the last figures stay.
@@ -208,6 +240,9 @@ impl Metrics {
             &self.workers_desired,
             &self.workers_available,
             &self.target_lag,
+            &self.oldest_unprocessed_age,
+            &self.max_age,
+            &self.removed_unprocessed,
         ] {
             f.remove(&l);
         }

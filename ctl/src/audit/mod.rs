@@ -13,6 +13,7 @@ use orderpipeline_common::names;
 
 pub use check::{Audit, StoredInput, StoredOutcome, Summary, quantile};
 
+use crate::pipeline_ref::RemovedUnprocessed;
 use crate::target::{Binding, Session};
 
 /// `orderctl audit`'s flags.
@@ -33,6 +34,10 @@ pub struct Args {
     /// Set by --pipeline: honour the legacy bucket only if it still exists.
     #[arg(skip)]
     pub legacy_if_present: bool,
+    /// Set by --pipeline: the orders the operator counted as removed by the
+    /// stream's limits before they were processed (`None`: none).
+    #[arg(skip)]
+    pub removed: Option<Option<RemovedUnprocessed>>,
 }
 
 impl Args {
@@ -44,6 +49,7 @@ impl Args {
             self.legacy_state_bucket = Some(p.state_bucket.clone());
             self.legacy_if_present = true;
         }
+        self.removed = Some(p.removed_unprocessed.clone());
         Ok(())
     }
 }
@@ -55,7 +61,7 @@ pub async fn run(s: &Session, args: Args) -> anyhow::Result<()> {
     {
         a.honour_legacy_records(&s.js, bucket).await?;
     }
-    let report = Report::of(&a, args.latency_from_seq);
+    let report = Report::of(&a, args.latency_from_seq, args.removed);
     if s.json {
         s.print_json(&report.json())?;
     } else {
@@ -79,6 +85,9 @@ async fn legacy_bucket_exists(s: &Session, bucket: &str, if_present: bool) -> an
 /// What `orderctl audit` prints.
 struct Report {
     summary: Summary,
+    /// What the operator counted (`None`: not bound to an OrderPipeline, so
+    /// unknown).
+    removed: Option<Option<RemovedUnprocessed>>,
     violations: Vec<String>,
     latencies: usize,
     p50: Option<f64>,
@@ -86,11 +95,16 @@ struct Report {
 }
 
 impl Report {
-    fn of(a: &Audit, latency_from_seq: u64) -> Self {
+    fn of(a: &Audit, latency_from_seq: u64, removed: Option<Option<RemovedUnprocessed>>) -> Self {
         let lat = a.latencies_ms(latency_from_seq);
+        let mut violations = a.violations();
+        if let Some(Some(r)) = &removed {
+            violations.insert(0, removed_violation(r));
+        }
         Self {
             summary: a.summary(),
-            violations: a.violations(),
+            removed,
+            violations,
             latencies: lat.len(),
             p50: quantile(&lat, 0.5),
             p99: quantile(&lat, 0.99),
@@ -99,6 +113,7 @@ impl Report {
 
     fn json(&self) -> serde_json::Value {
         serde_json::json!({"summary": self.summary, "violations": self.violations,
+            "removed_unprocessed": self.removed.as_ref().map(|r| r.as_ref().map_or(0, |r| r.count)),
             "latency_ms": {"inputs": self.latencies, "p50": self.p50, "p99": self.p99}})
     }
 
@@ -115,6 +130,7 @@ impl Report {
             format!("duplicates suppressed  {}", s.duplicates_suppressed),
             format!("still pending          {}", s.pending),
             format!("lost                   {}", s.lost),
+            format!("removed unprocessed    {}", removed_line(&self.removed)),
             format!("processed twice        {}", s.processed_twice),
             format!("two outcomes           {}", s.two_outcomes),
             format!(
@@ -135,6 +151,33 @@ impl Report {
     }
 }
 
+/// The count the operator keeps of orders the stream's limits removed before
+/// they were processed: the stream keeps nothing of them, so only the operator
+/// (which watched it happen) can say.
+fn removed_line(r: &Option<Option<RemovedUnprocessed>>) -> String {
+    match r {
+        None => "unknown without --pipeline (the operator counts the orders the stream's limits remove before they are processed)".into(),
+        Some(None) => "0".into(),
+        Some(Some(r)) => format!(
+            "{}{} (removed by the input stream's limits before they were processed, {} to {}; counted by the operator)",
+            if r.exact { "" } else { "at least " },
+            r.count,
+            r.first,
+            r.last
+        ),
+    }
+}
+
+fn removed_violation(r: &RemovedUnprocessed) -> String {
+    format!(
+        "removed unprocessed: {}{} order(s) were removed by the input stream's limits (maxAge, maxBytes) before they were processed, between {} and {}: they have no outcome. `kubectl describe orderpipeline` shows how to acknowledge them once handled",
+        if r.exact { "" } else { "at least " },
+        r.count,
+        r.first,
+        r.last
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +190,7 @@ mod tests {
                 lost: 1,
                 ..Default::default()
             },
+            removed: Some(None),
             violations: vec!["lost: stored inputs without an outcome: 1, e.g. [\"seq 3\"]".into()],
             latencies: 2,
             p50: Some(1.0),
@@ -162,5 +206,35 @@ mod tests {
             )
         );
         assert_eq!(r.json()["summary"]["lost"], 1);
+    }
+
+    #[test]
+    fn orders_the_operator_saw_removed_unprocessed_are_a_violation() {
+        let a = Audit::default();
+        let r = RemovedUnprocessed {
+            count: 4,
+            exact: true,
+            first: "2026-12-07T01:00:00Z".into(),
+            last: "2026-12-07T01:00:03Z".into(),
+        };
+        let report = Report::of(&a, 1, Some(Some(r.clone())));
+        assert_eq!(report.violations.len(), 1);
+        assert!(report.violations[0].starts_with("removed unprocessed: 4 order(s)"));
+        let out = report.human();
+        assert!(
+            out.contains("\nremoved unprocessed    4 (removed by the input stream's limits"),
+            "{out}"
+        );
+        assert_eq!(report.json()["removed_unprocessed"], 4);
+        let at_least = Report::of(&a, 1, Some(Some(RemovedUnprocessed { exact: false, ..r })));
+        assert!(at_least.violations[0].contains(": at least 4 order(s)"));
+        assert!(Report::of(&a, 1, Some(None)).violations.is_empty());
+        let unbound = Report::of(&a, 1, None);
+        assert!(unbound.violations.is_empty());
+        assert!(
+            unbound
+                .human()
+                .contains("removed unprocessed    unknown without --pipeline")
+        );
     }
 }

@@ -41,8 +41,20 @@ pub struct Context {
     /// The status each pipeline has as this process last wrote or read it, with
     /// the pipeline's uid: the next reconcile starts from it without a read.
     pub(crate) statuses: std::sync::Mutex<HashMap<String, (Option<String>, OrderPipelineStatus)>>,
+    /// Per pipeline: its last consumer read and the deliveries the server ended
+    /// because their input was removed (see [`retention`]).
+    pub(crate) retention: Arc<std::sync::Mutex<HashMap<String, Track>>>,
     /// Set by the reconcile tests: every pipeline's JetStream is this fake.
     pub(crate) jetstream_override: Option<Arc<dyn JetStream>>,
+}
+
+/// What the operator remembers of one pipeline between reconciles to count its
+/// removed, unprocessed inputs.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Track {
+    last: Option<retention::Observation>,
+    /// `MSG_TERMINATED` advisories for a removed input, not yet in the status.
+    terminated: u64,
 }
 
 impl Context {
@@ -66,6 +78,7 @@ impl Context {
             removals: std::sync::OnceLock::new(),
             applied: Default::default(),
             statuses: Default::default(),
+            retention: Default::default(),
             jetstream_override: None,
         }
     }
@@ -161,13 +174,36 @@ impl Context {
         if !pool.conns.contains_key(conn_key)
             && let (Some(store), Some(tx)) = (self.pipelines.get(), self.removals.get())
         {
-            let l = listen_for_removals(c.clone(), store.clone(), tx.clone());
+            let l =
+                listen_for_removals(c.clone(), store.clone(), tx.clone(), self.retention.clone());
             pool.listeners.insert(conn_key.to_string(), l);
         }
         let c = pool.conns.entry(conn_key.to_string()).or_insert(c).clone();
         pool.users.insert(pipeline.into(), conn_key.into());
         self.metrics.nats_connections.set(pool.conns.len() as i64);
         Ok(c)
+    }
+
+    /// The inputs of pipeline `key` removed unprocessed since its last read:
+    /// the advisories received meanwhile and the never-delivered ones `now`
+    /// shows gone. `now` becomes the baseline of the next call.
+    pub(crate) fn removed_since_last_read(
+        &self,
+        key: &str,
+        now: &retention::Observation,
+    ) -> retention::Removed {
+        let mut all = self.retention.lock().unwrap();
+        let t = all.entry(key.to_string()).or_default();
+        let mut removed = match &t.last {
+            Some(prev) => retention::removed_undelivered(prev, now),
+            None => retention::Removed {
+                count: 0,
+                exact: true,
+            },
+        };
+        removed.count += std::mem::take(&mut t.terminated);
+        t.last = Some(*now);
+        removed
     }
 
     /// Every pipeline the controller knows (for the conflict check).
@@ -190,6 +226,7 @@ impl Context {
     pub(crate) async fn release_nats(&self, pipeline: &str) {
         self.applied.lock().unwrap().remove(pipeline);
         self.statuses.lock().unwrap().remove(pipeline);
+        self.retention.lock().unwrap().remove(pipeline);
         let mut pool = self.nats.lock().await;
         pool.release(pipeline);
         self.metrics.nats_connections.set(pool.conns.len() as i64);
@@ -266,6 +303,35 @@ pub(crate) fn removed_for(
         .collect()
 }
 
+/// The pipelines whose input a `MSG_TERMINATED` advisory on `subject` says was
+/// removed from the stream while delivered and unacknowledged (not the ones
+/// being deleted).
+pub(crate) fn terminated_for(
+    subject: &str,
+    payload: &[u8],
+    pipelines: &[Arc<OrderPipeline>],
+) -> Vec<kube::runtime::reflector::ObjectRef<OrderPipeline>> {
+    let Some(rest) = subject.strip_prefix("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.") else {
+        return Vec::new();
+    };
+    let Some((stream, consumer)) = rest.split_once('.') else {
+        return Vec::new();
+    };
+    let reason = serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()
+        .and_then(|v| v.get("reason")?.as_str().map(str::to_string))
+        .unwrap_or_default();
+    if !retention::TERMINATED_BY_REMOVAL.contains(&reason.as_str()) {
+        return Vec::new();
+    }
+    pipelines
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| p.spec.stream.name == stream && p.spec.consumer.name == consumer)
+        .map(|p| kube::runtime::reflector::ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
 /// Listens on `client` for removed streams and consumers and asks for a
 /// reconcile of the pipelines they belonged to: drift is repaired at once, not
 /// at the next resync.
@@ -275,11 +341,12 @@ fn listen_for_removals(
     triggers: tokio::sync::mpsc::UnboundedSender<
         kube::runtime::reflector::ObjectRef<OrderPipeline>,
     >,
+    retention: Arc<std::sync::Mutex<HashMap<String, Track>>>,
 ) -> tokio::task::AbortHandle {
     use futures::StreamExt as _;
     tokio::spawn(async move {
         let mut subs = Vec::new();
-        for subject in REMOVAL_ADVISORIES {
+        for subject in REMOVAL_ADVISORIES.into_iter().chain([retention::TERMINATED_ADVISORIES]) {
             match client.subscribe(subject).await {
                 Ok(s) => subs.push(s),
                 Err(e) => {
@@ -291,7 +358,13 @@ fn listen_for_removals(
         }
         let mut all = futures::stream::select_all(subs);
         while let Some(m) = all.next().await {
-            for p in removed_for(m.subject.as_str(), &pipelines.state()) {
+            let lost = terminated_for(m.subject.as_str(), &m.payload, &pipelines.state());
+            for p in &lost {
+                tracing::warn!(pipeline = %p, subject = %m.subject, "an input was removed from the stream before it was processed");
+                let key = format!("{}/{}", p.namespace.as_deref().unwrap_or_default(), p.name);
+                retention.lock().unwrap().entry(key).or_default().terminated += 1;
+            }
+            for p in lost.into_iter().chain(removed_for(m.subject.as_str(), &pipelines.state())) {
                 tracing::info!(pipeline = %p, subject = %m.subject, "a JetStream object of the pipeline was removed; reconciling");
                 if triggers.send(p).is_err() {
                     return;
@@ -347,5 +420,28 @@ mod removal_tests {
         assert!(names("$JS.EVENT.ADVISORY.STREAM.DELETED.NOPE").is_empty());
         assert!(names("$JS.EVENT.ADVISORY.STREAM.DELETED.GONE").is_empty());
         assert!(names("$JS.EVENT.ADVISORY.STREAM.CREATED.SHOP").is_empty());
+    }
+
+    #[test]
+    fn a_terminated_delivery_counts_only_when_its_input_was_removed() {
+        let shop = pipeline("shop", "SHOP");
+        let all = [shop.clone(), pipeline("orders", "ORDERS")];
+        let consumer = crate::render::plan(&shop).unwrap().topology.consumer;
+        let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.SHOP.{consumer}");
+        let names = |subject: &str, reason: &str| {
+            let payload = serde_json::json!({"stream_seq": 7, "reason": reason}).to_string();
+            terminated_for(subject, payload.as_bytes(), &all)
+                .into_iter()
+                .map(|r| r.name)
+                .collect::<Vec<_>>()
+        };
+        for reason in retention::TERMINATED_BY_REMOVAL {
+            assert_eq!(names(&subject, reason), ["shop"], "{reason}");
+        }
+        // A worker's own term (a reason of its own), another consumer, garbage.
+        assert!(names(&subject, "poison").is_empty());
+        let other = "$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.SHOP.other";
+        assert!(names(other, retention::TERMINATED_BY_REMOVAL[0]).is_empty());
+        assert!(terminated_for(&subject, b"not json", &all).is_empty());
     }
 }

@@ -13,7 +13,7 @@ use crate::crd::{OrderPipeline, OrderPipelineStatus};
 use crate::render::{self, Credentials, SecretsView};
 
 use super::apply::jetstream::Seen;
-use super::jetstream_api::{JetStream, StreamView};
+use super::jetstream_api::{ConsumerView, JetStream, JsError, StreamView};
 use super::*;
 
 /// The pipeline's status as stored: the one this process last wrote or read
@@ -239,6 +239,13 @@ pub(crate) struct Figures {
     pub(crate) stream: crate::crd::StreamStatus,
     pub(crate) consumer: crate::crd::ConsumerStatus,
     pub(crate) dead_letters: i64,
+    /// The consumer's position and the stream's sequences, for counting the
+    /// inputs removed unprocessed (see [`super::retention`]).
+    pub(crate) observation: super::retention::Observation,
+    /// Seconds since the oldest unprocessed input was stored; `None`: none.
+    pub(crate) oldest_unprocessed_age_seconds: Option<i64>,
+    /// The live input stream's maxAge in seconds (0: none).
+    pub(crate) max_age_seconds: i64,
 }
 
 pub(crate) async fn read_figures(
@@ -275,6 +282,9 @@ pub(crate) async fn read_figures(
         None => js.stream(&format!("KV_{}", t.bucket)).await,
     };
     let legacy_records = bucket.ok().map(|b| b.map_or(0, |b| b.messages));
+    let oldest_unprocessed_age_seconds = oldest_unprocessed_age(js, t, &st, &c)
+        .await
+        .map_err(|e| format!("reading the oldest unprocessed order in {}: {e}", t.stream))?;
     Ok(Figures {
         consumer_paused: c.paused,
         legacy_records,
@@ -290,7 +300,39 @@ pub(crate) async fn read_figures(
             redelivered: i64::try_from(c.redelivered).unwrap_or(i64::MAX),
         },
         dead_letters: i64_of(dead),
+        observation: super::retention::Observation {
+            cursor: c.cursor,
+            pending: c.pending,
+            ack_pending: u64::try_from(c.ack_pending).unwrap_or(u64::MAX),
+            first_seq: st.first_sequence,
+            last_seq: st.last_sequence,
+        },
+        oldest_unprocessed_age_seconds,
+        max_age_seconds: i64::try_from(st.config.max_age.as_secs()).unwrap_or(i64::MAX),
     })
+}
+
+/// The age of the first input above the consumer's ack floor (every input at
+/// or below it is acknowledged, so this one is not): one request, made only
+/// when the consumer has inputs pending.
+async fn oldest_unprocessed_age(
+    js: &dyn JetStream,
+    t: &Topology,
+    st: &StreamView,
+    c: &ConsumerView,
+) -> Result<Option<i64>, JsError> {
+    if c.pending == 0 && c.ack_pending == 0 {
+        return Ok(None);
+    }
+    let from = (c.cursor.ack_floor_stream_seq + 1).max(st.first_sequence);
+    let filter = c.config.filter_subject.as_str();
+    let Some(stored) = js.stored_at(&t.stream, filter, from).await? else {
+        return Ok(None);
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    Ok(Some((now - stored).max(0)))
 }
 
 /// A small, dependency-free FNV-1a based digest for the Secrets checksum (not a

@@ -22,6 +22,21 @@ pub(crate) struct ConsumerView {
     pub(crate) ack_pending: usize,
     pub(crate) redelivered: usize,
     pub(crate) paused: bool,
+    /// Where the consumer stands: the last stream sequence it delivered, its
+    /// deliveries so far (redeliveries included), and its ack floor.
+    pub(crate) cursor: Cursor,
+}
+
+/// A consumer's position in its stream (see [`super::retention`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Cursor {
+    /// `delivered.stream_seq`: inputs above it were never delivered.
+    pub(crate) delivered_stream_seq: u64,
+    /// `delivered.consumer_seq`: one per delivery, redeliveries included; a
+    /// skip over removed messages does not move it.
+    pub(crate) deliveries: u64,
+    /// `ack_floor.stream_seq`: every input at or below it was acknowledged.
+    pub(crate) ack_floor_stream_seq: u64,
 }
 
 /// Why a JetStream request failed: NATS did not answer (or the connection is
@@ -58,6 +73,14 @@ pub(crate) trait JetStream: Send + Sync {
     /// Creates the consumer or rewrites its configuration.
     async fn put_consumer(&self, stream: &str, cfg: consumer::pull::Config) -> Result<(), JsError>;
     async fn set_paused(&self, stream: &str, name: &str, paused: bool) -> Result<(), JsError>;
+    /// When the first message on `subject` at or after `from_seq` was stored
+    /// (unix seconds); `None` when there is none.
+    async fn stored_at(
+        &self,
+        stream: &str,
+        subject: &str,
+        from_seq: u64,
+    ) -> Result<Option<i64>, JsError>;
     /// Creates the KV bucket or updates its settings.
     async fn put_bucket(&self, cfg: kv::Config) -> Result<(), JsError>;
     /// `false`: it was not there.
@@ -129,6 +152,11 @@ impl JetStream for Live {
                 ack_pending: c.num_ack_pending,
                 redelivered: c.num_redelivered,
                 paused: c.paused,
+                cursor: Cursor {
+                    delivered_stream_seq: c.delivered.stream_sequence,
+                    deliveries: c.delivered.consumer_sequence,
+                    ack_floor_stream_seq: c.ack_floor.stream_sequence,
+                },
             })),
             Err(e) if orderpipeline_common::nats::is_not_found(&e) => Ok(None),
             Err(e) => Err(JsError::of(&e)),
@@ -161,6 +189,27 @@ impl JetStream for Live {
         Ok(())
     }
 
+    async fn stored_at(
+        &self,
+        stream: &str,
+        subject: &str,
+        from_seq: u64,
+    ) -> Result<Option<i64>, JsError> {
+        let s = self
+            .0
+            .get_stream_no_info(stream)
+            .await
+            .map_err(|e| JsError::of(&e))?;
+        match s
+            .get_first_raw_message_by_subject(subject, from_seq.max(1))
+            .await
+        {
+            Ok(m) => Ok(Some(m.time.unix_timestamp())),
+            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(JsError::of(&e)),
+        }
+    }
+
     async fn put_bucket(&self, cfg: kv::Config) -> Result<(), JsError> {
         self.0
             .create_or_update_key_value(cfg)
@@ -189,6 +238,8 @@ pub(crate) struct Fake {
         std::sync::Mutex<std::collections::BTreeMap<(String, String), ConsumerView>>,
     pub(crate) outage: std::sync::atomic::AtomicBool,
     pub(crate) requests: std::sync::Mutex<Vec<String>>,
+    /// What `stored_at` answers (unix seconds), whatever it is asked.
+    pub(crate) oldest_stored_at: std::sync::Mutex<Option<i64>>,
 }
 
 #[cfg(test)]
@@ -285,6 +336,16 @@ impl JetStream for Fake {
             c.paused = paused;
         }
         Ok(())
+    }
+
+    async fn stored_at(
+        &self,
+        stream: &str,
+        subject: &str,
+        from_seq: u64,
+    ) -> Result<Option<i64>, JsError> {
+        self.call(format!("read first {subject} in {stream} from {from_seq}"))?;
+        Ok(*self.oldest_stored_at.lock().unwrap())
     }
 
     async fn put_bucket(&self, cfg: kv::Config) -> Result<(), JsError> {

@@ -9,6 +9,7 @@ mod dereference;
 mod error;
 mod jetstream_api;
 mod plan;
+mod retention;
 mod status;
 #[cfg(test)]
 mod tests;
@@ -137,6 +138,10 @@ async fn steps(
         }
     }
     let figures = read_figures(js, &plan.topology, seen).await;
+    let removed = match &figures {
+        Ok(f) => ctx.removed_since_last_read(&key_of(p), &f.observation),
+        Err(_) => retention::Removed::default(),
+    };
     if !observe {
         ensure_paused(p, ctx, js, &plan.topology, &figures).await?;
     }
@@ -157,6 +162,9 @@ async fn steps(
     }
     // Status: built from what was observed, Events for what changed, one write.
     let observed = status::Observed {
+        pipeline: p,
+        removed,
+        now: Time(now),
         generation: p.metadata.generation,
         paused: p.spec.paused,
         plan: &plan,

@@ -145,12 +145,20 @@ pub(crate) fn figures_of(p: &OrderPipeline, s: &OrderPipelineStatus) -> Pipeline
         workers_desired: w.map_or(0, |w| i64::from(w.desired)),
         workers_available: w.map_or(0, |w| i64::from(w.available)),
         target_lag_per_replica: p.spec.workers.scaling.target_lag_per_replica,
+        oldest_unprocessed_age_seconds: s.oldest_unprocessed_age_seconds.unwrap_or(0),
+        max_age_seconds: orderpipeline_common::duration::parse_duration(&p.spec.stream.max_age)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+        removed_unprocessed: retention::unacknowledged(p, s),
     }
 }
 
 /// What a full reconcile observed, for the status (everything the pure build
 /// needs, nothing it must fetch).
 pub(crate) struct Observed<'a> {
+    pub(crate) pipeline: &'a OrderPipeline,
+    /// Inputs removed unprocessed since the last reconcile.
+    pub(crate) removed: super::retention::Removed,
+    pub(crate) now: Time,
     pub(crate) generation: Option<i64>,
     pub(crate) paused: bool,
     pub(crate) plan: &'a Plan,
@@ -193,7 +201,16 @@ pub(crate) fn build(old: &OrderPipelineStatus, o: &Observed) -> OrderPipelineSta
             status.consumer = Some(f.consumer.clone());
             status.lag = Some(lag(&f.consumer));
             status.dead_letters = Some(f.dead_letters);
+            status.oldest_unprocessed_age_seconds = f.oldest_unprocessed_age_seconds;
+            status.removed_unprocessed =
+                retention::fold(old.removed_unprocessed.as_ref(), o.removed, &o.now);
             conds.extend(topology_ready(&o.plan.topology, generation));
+            conds.push(retention::condition(
+                o.pipeline,
+                &status,
+                f.max_age_seconds,
+                generation,
+            ));
             true
         }
         Err(e) => {
@@ -389,6 +406,7 @@ pub(crate) fn notes(
             message: c.message,
         });
     }
+    out.extend(retention_notes(old, new));
     if let (Some(new), Some(prev)) = (new.dead_letters, old.dead_letters)
         && new > prev
     {
@@ -401,6 +419,37 @@ pub(crate) fn notes(
         });
     }
     out
+}
+
+/// A Warning when more inputs were removed unprocessed, and when the oldest
+/// unprocessed order turns half `maxAge` old; each with InputsRetained's message.
+fn retention_notes(old: &OrderPipelineStatus, new: &OrderPipelineStatus) -> Vec<Note> {
+    let retained = |s: &OrderPipelineStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == types::INPUTS_RETAINED)
+            .cloned()
+    };
+    let count = |s: &OrderPipelineStatus| s.removed_unprocessed.as_ref().map_or(0, |r| r.count);
+    let Some(c) = retained(new) else {
+        return Vec::new();
+    };
+    let was = retained(old).map(|c| c.reason);
+    if count(new) > count(old) && c.reason == reasons::INPUTS_REMOVED_UNPROCESSED {
+        vec![Note {
+            kind: Kind::InputsRemovedUnprocessed,
+            message: c.message,
+        }]
+    } else if c.reason == reasons::OLDEST_UNPROCESSED_AGING
+        && was.as_deref() != Some(reasons::OLDEST_UNPROCESSED_AGING)
+    {
+        vec![Note {
+            kind: Kind::OldestUnprocessedAging,
+            message: c.message,
+        }]
+    } else {
+        Vec::new()
+    }
 }
 
 #[cfg(test)]
@@ -445,6 +494,9 @@ status: {{replicas: {desired}, readyReplicas: {available}, availableReplicas: {a
                 redelivered: 0,
             },
             dead_letters,
+            observation: Default::default(),
+            oldest_unprocessed_age_seconds: Some(30),
+            max_age_seconds: 7 * 86_400,
         })
     }
 
@@ -478,6 +530,9 @@ status: {{replicas: {desired}, readyReplicas: {available}, availableReplicas: {a
         build(
             &OrderPipelineStatus::default(),
             &Observed {
+                pipeline: &p,
+                removed: Default::default(),
+                now: Time(k8s_openapi::jiff::Timestamp::now()),
                 generation: p.metadata.generation,
                 paused: false,
                 plan,
@@ -489,6 +544,87 @@ status: {{replicas: {desired}, readyReplicas: {available}, availableReplicas: {a
                 scaled_at: None,
             },
         )
+    }
+
+    #[test]
+    fn inputs_removed_unprocessed_turn_inputs_retained_false_until_acknowledged() {
+        let mut p = sample();
+        p.metadata.name = Some("orders".into());
+        let plan = crate::render::plan(&p).unwrap();
+        let (r, d) = (manual(Some(1)), deployment(1, 1));
+        let observe = |p: &OrderPipeline, old: &OrderPipelineStatus, age, removed: u64| {
+            let mut f = figures(0).unwrap();
+            f.oldest_unprocessed_age_seconds = age;
+            f.max_age_seconds = 60;
+            build(
+                old,
+                &Observed {
+                    pipeline: p,
+                    removed: super::retention::Removed {
+                        count: removed,
+                        exact: true,
+                    },
+                    now: Time(k8s_openapi::jiff::Timestamp::now()),
+                    generation: p.metadata.generation,
+                    paused: false,
+                    plan: &plan,
+                    replicas: &r,
+                    figures: &Ok(f),
+                    deployment: &d,
+                    selector: "app=w".into(),
+                    secrets_checksum: None,
+                    scaled_at: None,
+                },
+            )
+        };
+        let fresh = observe(&p, &OrderPipelineStatus::default(), Some(10), 0);
+        assert_eq!(
+            condition(&fresh, types::INPUTS_RETAINED),
+            ("True", "InputsRetained")
+        );
+        assert!(notes(&OrderPipelineStatus::default(), &fresh, "DLQ").is_empty());
+        // Half maxAge: a warning before anything is lost, once.
+        let aging = observe(&p, &fresh, Some(30), 0);
+        assert_eq!(
+            condition(&aging, types::INPUTS_RETAINED),
+            ("False", "OldestUnprocessedAging")
+        );
+        let n = notes(&fresh, &aging, "DLQ");
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[0].kind, Kind::OldestUnprocessedAging);
+        assert!(n[0].message.contains("30s old"), "{}", n[0].message);
+        assert!(notes(&aging, &observe(&p, &aging, Some(31), 0), "DLQ").is_empty());
+        // Removed: the loss, counted, with a Warning naming how many.
+        let lost = observe(&p, &aging, None, 4);
+        assert_eq!(lost.removed_unprocessed.as_ref().unwrap().count, 4);
+        assert_eq!(
+            condition(&lost, types::INPUTS_RETAINED),
+            ("False", "InputsRemovedUnprocessed")
+        );
+        let n = notes(&aging, &lost, "DLQ");
+        assert_eq!(n[0].kind, Kind::InputsRemovedUnprocessed);
+        assert!(
+            n[0].message.starts_with("4 order(s) were removed"),
+            "{}",
+            n[0].message
+        );
+        assert!(n[0].message.contains("removed-unprocessed-acknowledged=4"));
+        // It stays False on later reconciles, until a person acknowledges it.
+        let later = observe(&p, &lost, None, 0);
+        assert_eq!(later.removed_unprocessed, lost.removed_unprocessed);
+        assert_eq!(condition(&later, types::INPUTS_RETAINED).0, "False");
+        assert!(notes(&lost, &later, "DLQ").is_empty());
+        p.metadata.annotations = Some(
+            [(
+                super::retention::ACKNOWLEDGED_ANNOTATION.to_string(),
+                "4".to_string(),
+            )]
+            .into(),
+        );
+        let acked = observe(&p, &later, None, 0);
+        assert_eq!(condition(&acked, types::INPUTS_RETAINED).0, "True");
+        assert_eq!(figures_of(&p, &acked).removed_unprocessed, 0);
+        assert_eq!(figures_of(&sample(), &acked).removed_unprocessed, 4);
     }
 
     #[test]
