@@ -1925,8 +1925,8 @@ async fn wait_status(
     .with_context(|| format!("operator log:\n{}", s.operator.log_text()))
 }
 
-/// Issue 23, item 4: a pipeline paused for longer than its maxAge (6 s here)
-/// loses the orders waiting in it, since JetStream removes them by age whether
+/// Issue 23, item 4: a pipeline paused for longer than its maxAge (6 s here),
+/// with the hold turned off (`holdUnprocessed: false`), loses the orders waiting in it, since JetStream removes them by age whether
 /// acknowledged or not. The stream keeps nothing of them, so before the operator
 /// counted them the audit said "lost 0". Now the age of the oldest one warns at
 /// half maxAge, and the loss is on the status, in `kubectl describe`, a Warning
@@ -1935,33 +1935,7 @@ async fn wait_status(
 async fn a_pipeline_paused_longer_than_its_max_age_shows_the_orders_it_lost() -> anyhow::Result<()>
 {
     let s = setup("op-aged").await?;
-    let mut p = sample(&s.nats.url())?;
-    p.spec.stream.max_age = "6s".into();
-    p.spec.stream.duplicate_window = "1s".into();
-    p.spec.paused = true;
-    s.api.create(&PostParams::default(), &p).await?;
-    wait_status(&s, "paused, InputsRetained", Duration::from_secs(60), |p| {
-        condition(p, "InputsRetained").is_some_and(|c| c.status == "True")
-            && condition(p, "Paused").is_some_and(|c| c.status == "True")
-    })
-    .await?;
-    let report = orderpipeline_ctl::publish_orders(
-        &s.js,
-        &orderpipeline_ctl::PublishOptions {
-            subject: "ORDER.created".into(),
-            count: 5,
-            rate: 0.0,
-            invalid_ratio: 0.0,
-            duplicate_ratio: 0.0,
-            prefix: "aged".into(),
-            window: 8,
-            ack_timeout: Duration::from_secs(5),
-            progress: false,
-            poison: 0,
-        },
-    )
-    .await?;
-    assert_eq!(report.valid_ids.len(), 5);
+    assert_eq!(paused_with_five_orders(&s, false).await?.len(), 5);
     // Half maxAge: the warning, while nothing is lost yet.
     let aging = wait_status(&s, "OldestUnprocessedAging", Duration::from_secs(30), |p| {
         condition(p, "InputsRetained").is_some_and(|c| c.reason == "OldestUnprocessedAging")
@@ -2053,5 +2027,98 @@ async fn a_pipeline_paused_longer_than_its_max_age_shows_the_orders_it_lost() ->
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", stderr_of(&out));
     assert!(stdout.contains("removed unprocessed    0\n"), "{stdout}");
+    s.ns.delete().await
+}
+
+/// Five orders published into a paused pipeline whose stream has `maxAge: 6s`.
+async fn paused_with_five_orders(s: &Setup, hold: bool) -> anyhow::Result<Vec<String>> {
+    let mut p = sample(&s.nats.url())?;
+    p.spec.stream.max_age = "6s".into();
+    p.spec.stream.duplicate_window = "1s".into();
+    p.spec.stream.hold_unprocessed = hold;
+    p.spec.paused = true;
+    s.api.create(&PostParams::default(), &p).await?;
+    wait_status(s, "paused, InputsRetained", Duration::from_secs(60), |p| {
+        condition(p, "InputsRetained").is_some_and(|c| c.status == "True")
+            && condition(p, "Paused").is_some_and(|c| c.status == "True")
+    })
+    .await?;
+    let report = orderpipeline_ctl::publish_orders(
+        &s.js,
+        &orderpipeline_ctl::PublishOptions {
+            subject: "ORDER.created".into(),
+            count: 5,
+            rate: 0.0,
+            invalid_ratio: 0.0,
+            duplicate_ratio: 0.0,
+            prefix: "held".into(),
+            window: 8,
+            ack_timeout: Duration::from_secs(5),
+            progress: false,
+            poison: 0,
+        },
+    )
+    .await?;
+    Ok(report.valid_ids)
+}
+
+/// Issue 23, item 4, avoided by default: with `holdUnprocessed` (the default) the
+/// same pause loses nothing. The operator doubles the stream's maxAge each time
+/// the oldest unprocessed order reaches half of it, so after more than three
+/// times the spec's maxAge all five are still there; unpaused, they are processed
+/// once, and maxAge goes back to the spec's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_paused_longer_than_its_max_age_loses_nothing_by_default() -> anyhow::Result<()>
+{
+    let s = setup("op-held").await?;
+    let ids = paused_with_five_orders(&s, true).await?;
+    assert_eq!(ids.len(), 5);
+    let held = wait_status(&s, "an order 20 s old", Duration::from_secs(60), |p| {
+        p.status
+            .as_ref()
+            .and_then(|st| st.oldest_unprocessed_age_seconds)
+            .is_some_and(|a| a >= 20)
+    })
+    .await?;
+    let st = held.status.clone().unwrap_or_default();
+    assert_eq!(st.removed_unprocessed, None, "{st:?}");
+    assert!(st.held_max_age_seconds.is_some_and(|h| h > 20), "{st:?}");
+    let c = condition(&held, "InputsRetained").unwrap();
+    assert_eq!(c.reason, "OldestUnprocessedAging");
+    assert!(
+        c.message
+            .contains("the operator holds the stream's maxAge at"),
+        "{}",
+        c.message
+    );
+    let info = s.js.get_stream("ORDERS").await?.info().await?.clone();
+    assert_eq!(info.state.messages, 5, "{:?}", info.state);
+    assert!(
+        info.config.max_age > Duration::from_secs(20),
+        "{:?}",
+        info.config.max_age
+    );
+    // A maxAge the hold moved is no drift.
+    assert!(!event_reasons(&s.ns.name).await?.contains("DriftCorrected"));
+    s.api
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"spec": {"paused": false}})),
+        )
+        .await?;
+    wait_drained(&s.js, "ORDERS", "order-workers").await?;
+    let audit =
+        orderpipeline_ctl::audit::Audit::collect(&s.js, "ORDERS", "ORDERS_DLQ", "order-workers")
+            .await?;
+    audit.assert_exactly_once(&ids, &[])?;
+    wait_max_age(&s.js, "ORDERS", Duration::from_secs(6)).await?;
+    let back = wait_status(&s, "the hold released", Duration::from_secs(30), |p| {
+        p.status
+            .as_ref()
+            .is_some_and(|st| st.held_max_age_seconds.is_none())
+    })
+    .await?;
+    assert_eq!(condition(&back, "InputsRetained").unwrap().status, "True");
     s.ns.delete().await
 }

@@ -331,6 +331,19 @@ pub struct StreamSpec {
     /// lost, so the default (false) reports ImmutableFieldChanged instead.
     #[serde(default)]
     pub recreate_on_immutable_change: bool,
+    /// Keep orders that wait from being removed by maxAge unprocessed: once the
+    /// oldest unprocessed order is half of maxAge old, the operator doubles the
+    /// stream's maxAge (again each time it reaches half of that), and puts
+    /// maxAge back once the backlog is younger than half of it. The stream then
+    /// keeps everything that much longer (maxBytes still applies). false:
+    /// maxAge applies as set, and orders that outlive it are counted as lost
+    /// (status.removedUnprocessed).
+    #[serde(default = "default_true")]
+    pub hold_unprocessed: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for StreamSpec {
@@ -346,6 +359,7 @@ impl Default for StreamSpec {
             duplicate_window: default_duplicate_window(),
             deletion_policy: DeletionPolicy::default(),
             recreate_on_immutable_change: false,
+            hold_unprocessed: true,
         }
     }
 }
@@ -802,6 +816,11 @@ pub struct OrderPipelineStatus {
     /// stream removes it unprocessed when this reaches `maxAge`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_unprocessed_age_seconds: Option<i64>,
+    /// The maxAge (seconds) the operator holds the input stream at, above
+    /// spec.stream.maxAge, while orders wait (spec.stream.holdUnprocessed);
+    /// absent when the spec's maxAge applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_max_age_seconds: Option<i64>,
     /// Orders the input stream's limits removed before they were processed
     /// (lost), counted by the operator; see the InputsRetained condition.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -244,8 +244,6 @@ pub(crate) struct Figures {
     pub(crate) observation: super::retention::Observation,
     /// Seconds since the oldest unprocessed input was stored; `None`: none.
     pub(crate) oldest_unprocessed_age_seconds: Option<i64>,
-    /// The live input stream's maxAge in seconds (0: none).
-    pub(crate) max_age_seconds: i64,
 }
 
 pub(crate) async fn read_figures(
@@ -308,7 +306,6 @@ pub(crate) async fn read_figures(
             last_seq: st.last_sequence,
         },
         oldest_unprocessed_age_seconds,
-        max_age_seconds: i64::try_from(st.config.max_age.as_secs()).unwrap_or(i64::MAX),
     })
 }
 

@@ -118,6 +118,14 @@ async fn steps(
 ) -> Result<Action, Stop> {
     // Plan (pure): the spec, checked against itself and the other pipelines.
     let mut plan = plan::checked(p, &ctx.other_pipelines())?;
+    // Hold maxAge above the oldest unprocessed order (spec.stream.holdUnprocessed).
+    let t = &mut plan.topology;
+    t.max_age = retention::held_max_age(
+        p.spec.stream.hold_unprocessed,
+        t.max_age,
+        old.oldest_unprocessed_age_seconds,
+    );
+    let hold_moved = retention::held_seconds(p, t.max_age) != old.held_max_age_seconds;
     // Dereference: the Secrets and the NATS connection.
     let world = dereference::world(p, ctx).await?;
     let observe = p.spec.management_policy == ManagementPolicy::Observe;
@@ -126,7 +134,8 @@ async fn steps(
     // What it read of the objects it left unchanged is not read again.
     let mut seen = apply::jetstream::Seen::default();
     if !observe {
-        let drift = plan::is_drift(p, old);
+        // A maxAge the hold moved is the operator's change, not drift.
+        let drift = plan::is_drift(p, old) && !hold_moved;
         match ensure_topology(p, ctx, js, &plan.topology, drift).await {
             Ok(s) => seen = s,
             Err(b) => {

@@ -97,6 +97,40 @@ pub(crate) fn removed_undelivered(prev: &Observation, now: &Observation) -> Remo
     }
 }
 
+/// The maxAge to hold the input stream at (`spec.stream.holdUnprocessed`):
+/// `max_age` doubled until the oldest unprocessed order (`oldest` seconds, as
+/// the last reconcile saw it) is younger than half of it, so it is never the
+/// next to go; `max_age` itself once the backlog is younger than half of it.
+/// Stable between reconciles: it moves only when the age crosses a half.
+pub(crate) fn held_max_age(
+    hold: bool,
+    max_age: std::time::Duration,
+    oldest: Option<i64>,
+) -> std::time::Duration {
+    let age = std::time::Duration::from_secs(u64::try_from(oldest.unwrap_or(0)).unwrap_or(0));
+    let mut held = max_age;
+    while hold
+        && !held.is_zero()
+        && age * 2 >= held
+        && held < std::time::Duration::from_secs(1 << 40)
+    {
+        held *= 2;
+    }
+    held
+}
+
+/// spec.stream.maxAge in seconds (0: none).
+pub(crate) fn spec_max_age_seconds(p: &OrderPipeline) -> i64 {
+    orderpipeline_common::duration::parse_duration(&p.spec.stream.max_age)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// `status.heldMaxAgeSeconds`: the held maxAge when it is above the spec's.
+pub(crate) fn held_seconds(p: &OrderPipeline, applied: std::time::Duration) -> Option<i64> {
+    let spec = orderpipeline_common::duration::parse_duration(&p.spec.stream.max_age).ok()?;
+    (applied > spec).then(|| i64::try_from(applied.as_secs()).unwrap_or(i64::MAX))
+}
+
 /// `old` with `removed` added (at `now`); unchanged when nothing was removed.
 pub(crate) fn fold(
     old: Option<&RemovedUnprocessed>,
@@ -183,14 +217,24 @@ pub(crate) fn condition(
         );
     }
     if max_age_seconds > 0 && age.saturating_mul(2) >= max_age_seconds {
+        let fate = match s.held_max_age_seconds {
+            Some(held) => format!(
+                "the operator holds the stream's maxAge at {} (spec.stream.holdUnprocessed) until the backlog is younger than half of {}; the stream keeps everything that long meanwhile",
+                human(held),
+                human(max_age_seconds)
+            ),
+            None => format!(
+                "at {} the stream removes it unprocessed",
+                human(max_age_seconds)
+            ),
+        };
         return conditions::condition(
             types::INPUTS_RETAINED,
             false,
             reasons::OLDEST_UNPROCESSED_AGING,
             format!(
-                "the oldest unprocessed order is {} old, half or more of the input stream's {limit}: at {} the stream removes it unprocessed. Unpause or scale up the workers, or raise spec.stream.maxAge",
+                "the oldest unprocessed order is {} old, half or more of the input stream's {limit}: {fate}. Unpause or scale up the workers, or raise spec.stream.maxAge",
                 human(age),
-                human(max_age_seconds)
             ),
             generation,
         );
@@ -326,6 +370,29 @@ mod tests {
         assert_eq!((two.count, two.exact), (5, false));
         assert_eq!((two.first.clone(), two.last.clone()), (t1, t2.clone()));
         assert_eq!(fold(Some(&two), none, &t2), Some(two));
+    }
+
+    #[test]
+    fn the_held_max_age_doubles_past_the_oldest_order_and_comes_back() {
+        let d = std::time::Duration::from_secs;
+        // (hold, maxAge, oldest unprocessed, held)
+        let cases = [
+            (true, d(60), None, d(60)),
+            (true, d(60), Some(29), d(60)),
+            (true, d(60), Some(30), d(120)),
+            (true, d(60), Some(59), d(120)),
+            (true, d(60), Some(60), d(240)),
+            (true, d(60), Some(1000), d(3840)),
+            (false, d(60), Some(1000), d(60)),
+            (true, d(0), Some(1000), d(0)),
+        ];
+        for (hold, max_age, oldest, want) in cases {
+            assert_eq!(
+                held_max_age(hold, max_age, oldest),
+                want,
+                "{hold} {max_age:?} {oldest:?}"
+            );
+        }
     }
 
     #[test]

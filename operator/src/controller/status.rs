@@ -146,8 +146,7 @@ pub(crate) fn figures_of(p: &OrderPipeline, s: &OrderPipelineStatus) -> Pipeline
         workers_available: w.map_or(0, |w| i64::from(w.available)),
         target_lag_per_replica: p.spec.workers.scaling.target_lag_per_replica,
         oldest_unprocessed_age_seconds: s.oldest_unprocessed_age_seconds.unwrap_or(0),
-        max_age_seconds: orderpipeline_common::duration::parse_duration(&p.spec.stream.max_age)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+        max_age_seconds: retention::spec_max_age_seconds(p),
         removed_unprocessed: retention::unacknowledged(p, s),
     }
 }
@@ -195,29 +194,7 @@ pub(crate) fn build(old: &OrderPipelineStatus, o: &Observed) -> OrderPipelineSta
         paused_condition(o.paused, generation),
         scaling_condition(o, r),
     ];
-    let figures_ok = match o.figures {
-        Ok(f) => {
-            status.stream = Some(f.stream.clone());
-            status.consumer = Some(f.consumer.clone());
-            status.lag = Some(lag(&f.consumer));
-            status.dead_letters = Some(f.dead_letters);
-            status.oldest_unprocessed_age_seconds = f.oldest_unprocessed_age_seconds;
-            status.removed_unprocessed =
-                retention::fold(old.removed_unprocessed.as_ref(), o.removed, &o.now);
-            conds.extend(topology_ready(&o.plan.topology, generation));
-            conds.push(retention::condition(
-                o.pipeline,
-                &status,
-                f.max_age_seconds,
-                generation,
-            ));
-            true
-        }
-        Err(e) => {
-            conds.extend(topology_not_ready(reasons::JETSTREAM_ERROR, e, generation));
-            false
-        }
-    };
+    let figures_ok = with_figures(&mut status, &mut conds, old, o);
     let (workers, workers_condition) = workers(o.deployment, generation);
     status.workers_ready = Some(format!("{}/{}", workers.ready, workers.desired));
     status.replicas = Some(
@@ -262,6 +239,40 @@ pub(crate) fn build(old: &OrderPipelineStatus, o: &Observed) -> OrderPipelineSta
     status.workers = Some(workers);
     status.conditions = conditions::merge(&old.conditions, conds);
     status
+}
+
+/// The JetStream figures into `status` and their conditions (StreamReady,
+/// ConsumerReady, InputsRetained); `false` when they could not be read.
+fn with_figures(
+    status: &mut OrderPipelineStatus,
+    conds: &mut Vec<Condition>,
+    old: &OrderPipelineStatus,
+    o: &Observed,
+) -> bool {
+    let generation = o.generation;
+    match o.figures {
+        Ok(f) => {
+            status.stream = Some(f.stream.clone());
+            status.consumer = Some(f.consumer.clone());
+            status.lag = Some(lag(&f.consumer));
+            status.dead_letters = Some(f.dead_letters);
+            status.oldest_unprocessed_age_seconds = f.oldest_unprocessed_age_seconds;
+            status.held_max_age_seconds =
+                retention::held_seconds(o.pipeline, o.plan.topology.max_age);
+            status.removed_unprocessed =
+                retention::fold(old.removed_unprocessed.as_ref(), o.removed, &o.now);
+            conds.extend(topology_ready(&o.plan.topology, generation));
+            let max_age = retention::spec_max_age_seconds(o.pipeline);
+            conds.push(retention::condition(
+                o.pipeline, status, max_age, generation,
+            ));
+            true
+        }
+        Err(e) => {
+            conds.extend(topology_not_ready(reasons::JETSTREAM_ERROR, e, generation));
+            false
+        }
+    }
 }
 
 /// The worker figures, all from the Deployment, and WorkersAvailable.
@@ -496,7 +507,6 @@ status: {{replicas: {desired}, readyReplicas: {available}, availableReplicas: {a
             dead_letters,
             observation: Default::default(),
             oldest_unprocessed_age_seconds: Some(30),
-            max_age_seconds: 7 * 86_400,
         })
     }
 
@@ -550,12 +560,12 @@ status: {{replicas: {desired}, readyReplicas: {available}, availableReplicas: {a
     fn inputs_removed_unprocessed_turn_inputs_retained_false_until_acknowledged() {
         let mut p = sample();
         p.metadata.name = Some("orders".into());
+        p.spec.stream.max_age = "60s".into();
         let plan = crate::render::plan(&p).unwrap();
         let (r, d) = (manual(Some(1)), deployment(1, 1));
         let observe = |p: &OrderPipeline, old: &OrderPipelineStatus, age, removed: u64| {
             let mut f = figures(0).unwrap();
             f.oldest_unprocessed_age_seconds = age;
-            f.max_age_seconds = 60;
             build(
                 old,
                 &Observed {
