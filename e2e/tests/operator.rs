@@ -2122,3 +2122,73 @@ async fn a_pipeline_paused_longer_than_its_max_age_loses_nothing_by_default() ->
     assert_eq!(condition(&back, "InputsRetained").unwrap().status, "True");
     s.ns.delete().await
 }
+
+/// Issue 23, item 4, the delivered half: an input a worker holds (its downstream
+/// hangs) that is removed from the stream ends its delivery with nats-server's
+/// MSG_TERMINATED advisory, and the operator counts it from that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_removed_while_a_worker_holds_it_is_counted_from_the_advisory()
+-> anyhow::Result<()> {
+    let s = setup("op-term").await?;
+    // A downstream that accepts and never answers: the worker holds the order.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/orders", hang.local_addr()?);
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((c, _)) = hang.accept().await {
+            open.push(c);
+        }
+    });
+    let mut p = sample(&s.nats.url())?;
+    p.spec.workers.downstream_url = Some(url);
+    p.spec.workers.downstream_timeout = "120s".into();
+    p.spec.workers.replicas = 1;
+    s.api.create(&PostParams::default(), &p).await?;
+    wait_ready(&s, "orders", "True", None).await?;
+    let ack =
+        s.js.publish(
+            "ORDER.created",
+            orderpipeline_proto::Message::encode_to_vec(&orderpipeline_ctl::valid_order(
+                "held-1", 1,
+            ))
+            .into(),
+        )
+        .await?
+        .await?;
+    let js = s.js.clone();
+    wait_for(
+        "the worker holds the order",
+        Duration::from_secs(30),
+        || {
+            let js = js.clone();
+            async move {
+                let c = js
+                    .get_stream("ORDERS")
+                    .await?
+                    .consumer_info("order-workers")
+                    .await?;
+                Ok((c.num_ack_pending == 1).then_some(()))
+            }
+        },
+    )
+    .await?;
+    assert!(
+        s.js.get_stream("ORDERS")
+            .await?
+            .delete_message(ack.sequence)
+            .await?
+    );
+    let lost = wait_status(&s, "1 removed unprocessed", Duration::from_secs(30), |p| {
+        p.status
+            .as_ref()
+            .and_then(|st| st.removed_unprocessed.as_ref())
+            .is_some_and(|r| r.count >= 1)
+    })
+    .await?;
+    // (`exact` may be false: the head passed the consumer's cursor of the read
+    // before while it delivered, so never-delivered removals are a lower bound.)
+    let r = lost.status.unwrap().removed_unprocessed.unwrap();
+    assert_eq!(r.count, 1, "{r:?}");
+    held.abort();
+    s.ns.delete().await
+}
