@@ -34,6 +34,9 @@ pub struct Topology {
     /// Who manages these objects (`namespace/name` of the pipeline), recorded in
     /// the stream's and consumer's metadata so a foreign stream is recognised.
     pub owner: Option<String>,
+    /// The Idempotency-Key scope pinned in the input stream's metadata when it
+    /// is created (`names::IDEMPOTENCY_SCOPE_METADATA`); `None`: none pinned.
+    pub idempotency_scope: Option<String>,
 }
 
 /// Metadata key naming the pipeline that manages a stream or consumer.
@@ -61,6 +64,7 @@ impl Default for Topology {
             max_ack_pending: 1000,
             backoff: Vec::new(),
             owner: None,
+            idempotency_scope: None,
         }
     }
 }
@@ -201,8 +205,12 @@ impl Topology {
     }
 
     pub fn stream_config(&self) -> stream::Config {
+        let mut metadata = self.metadata();
+        if let Some(scope) = &self.idempotency_scope {
+            metadata.insert(names::IDEMPOTENCY_SCOPE_METADATA.into(), scope.clone());
+        }
         stream::Config {
-            metadata: self.metadata(),
+            metadata,
             name: self.stream.clone(),
             subjects: self.stream_subjects(),
             retention: self.retention,

@@ -35,7 +35,42 @@ pub struct DownstreamStub {
     pub charged: Arc<Mutex<HashMap<String, u32>>>,
     /// When each call arrived (wall clock), by order key.
     pub call_times: Arc<Mutex<HashMap<String, Vec<std::time::SystemTime>>>>,
+    /// The scopes (the Idempotency-Key before its last `:`) the calls carried.
+    pub scopes: Arc<Mutex<std::collections::BTreeSet<String>>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+type Counts = Arc<Mutex<HashMap<String, u32>>>;
+type Times = Arc<Mutex<HashMap<String, Vec<std::time::SystemTime>>>>;
+
+/// Records one call to the stub: its scope, its arrival and its number for the
+/// key; returns the order key and that number.
+fn record_call(
+    full: &str,
+    calls: &Counts,
+    times: &Times,
+    scopes: &Mutex<std::collections::BTreeSet<String>>,
+) -> (String, u32) {
+    let arrived = std::time::SystemTime::now();
+    let (scope, key) = full
+        .rsplit_once(':')
+        .map_or((String::new(), String::new()), |(s, k)| {
+            (s.to_string(), k.to_string())
+        });
+    scopes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(scope);
+    times
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(key.clone())
+        .or_default()
+        .push(arrived);
+    let mut m = calls.lock().unwrap_or_else(|p| p.into_inner());
+    let e = m.entry(key.clone()).or_insert(0);
+    *e += 1;
+    (key, *e)
 }
 
 impl DownstreamStub {
@@ -46,33 +81,21 @@ impl DownstreamStub {
         let call_times: Arc<Mutex<HashMap<String, Vec<std::time::SystemTime>>>> = Arc::default();
         let (c, ch, b) = (calls.clone(), charged.clone(), Arc::new(behaviour));
         let ct = call_times.clone();
+        let scopes: Arc<Mutex<std::collections::BTreeSet<String>>> = Arc::default();
+        let sc = scopes.clone();
         let started = std::time::Instant::now();
         let app = axum::Router::new().route(
             "/charge",
             axum::routing::post(move |headers: HeaderMap| {
                 let (c, ch, b, ct) = (c.clone(), ch.clone(), b.clone(), ct.clone());
+                let sc = sc.clone();
                 async move {
-                    let arrived = std::time::SystemTime::now();
-                    // `<pipeline>:<order key>`: recorded by order key (see calls_for).
+                    // `<scope>:<order key>`: recorded by order key (see calls_for).
                     let full = headers
                         .get("idempotency-key")
                         .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_string();
-                    let key = full
-                        .rsplit_once(':')
-                        .map_or(String::new(), |(_, k)| k.to_string());
-                    ct.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .entry(key.clone())
-                        .or_default()
-                        .push(arrived);
-                    let n = {
-                        let mut m = c.lock().unwrap_or_else(|p| p.into_inner());
-                        let e = m.entry(key.clone()).or_insert(0);
-                        *e += 1;
-                        *e
-                    };
+                        .unwrap_or("");
+                    let (key, n) = record_call(full, &c, &ct, &sc);
                     if !b.delay.is_zero() {
                         tokio::time::sleep(b.delay).await;
                     }
@@ -114,6 +137,7 @@ impl DownstreamStub {
             calls,
             charged,
             call_times,
+            scopes,
             task,
         })
     }

@@ -665,6 +665,14 @@ async fn the_service_account_cannot_act_outside_its_role() -> anyhow::Result<()>
         .await
         .expect_err("the operator only reads Secrets");
     assert!(err.to_string().contains("forbidden"), "{err}");
+    // Of the Namespaces, it reads kube-system only (its UID: the cluster identity).
+    let namespaces = Api::<Namespace>::all(sa.clone());
+    assert!(namespaces.get("kube-system").await?.metadata.uid.is_some());
+    let err = namespaces
+        .get("default")
+        .await
+        .expect_err("other Namespaces are outside the operator's role");
+    assert!(err.to_string().contains("forbidden"), "{err}");
     // Leases only in its own namespace, not e.g. the control plane's.
     let err = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(sa, "kube-system")
         .get("kube-scheduler")
@@ -2190,5 +2198,67 @@ async fn an_input_removed_while_a_worker_holds_it_is_counted_from_the_advisory()
     let r = lost.status.unwrap().removed_unprocessed.unwrap();
     assert_eq!(r.count, 1, "{r:?}");
     held.abort();
+    s.ns.delete().await
+}
+
+/// Issue 23, item 6: the downstream's Idempotency-Key carries the cluster's
+/// identity (the UID of kube-system by default), pinned in the input stream's
+/// metadata when the operator creates it, so the same pipeline in two clusters
+/// sharing a downstream never shares a key. A stream an operator created before
+/// the scope existed is pinned to the scope its workers used (`<ns>/<name>`), so
+/// orders redelivered across the upgrade keep their key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idempotency_scope_is_the_clusters_and_pinned_on_the_stream() -> anyhow::Result<()> {
+    let s = setup("op-scope").await?;
+    let uid = Api::<Namespace>::all(s.client.clone())
+        .get("kube-system")
+        .await?
+        .metadata
+        .uid
+        .context("kube-system's uid")?;
+    let ns = s.ns.name.clone();
+    // An older operator's stream: owned, no scope.
+    let old = sample_named(&s.nats.url(), "legacy", "LEGACY")?;
+    let plan = order_operator::render::plan(&old)?;
+    let mut cfg = plan.topology.stream_config();
+    cfg.metadata.insert(
+        orderpipeline_common::topology::OWNER_METADATA_KEY.into(),
+        format!("{ns}/legacy"),
+    );
+    s.js.create_stream(cfg).await?;
+    s.api.create(&PostParams::default(), &old).await?;
+    s.api
+        .create(&PostParams::default(), &sample(&s.nats.url())?)
+        .await?;
+    wait_ready(&s, "orders", "True", None).await?;
+    wait_ready(&s, "legacy", "True", None).await?;
+    let scope = |stream: &'static str| {
+        let js = s.js.clone();
+        async move {
+            let info = js.get_stream(stream).await?.info().await?.clone();
+            anyhow::Ok(
+                info.config
+                    .metadata
+                    .get(orderpipeline_common::names::IDEMPOTENCY_SCOPE_METADATA)
+                    .cloned(),
+            )
+        }
+    };
+    assert_eq!(scope("ORDERS").await?, Some(format!("{uid}/{ns}/orders")));
+    let js = s.js.clone();
+    wait_for("the legacy stream pinned", Duration::from_secs(30), || {
+        let js = js.clone();
+        let want = format!("{ns}/legacy");
+        async move {
+            let info = js.get_stream("LEGACY").await?.info().await?.clone();
+            let got = info
+                .config
+                .metadata
+                .get(orderpipeline_common::names::IDEMPOTENCY_SCOPE_METADATA)
+                .cloned();
+            Ok((got.as_deref() == Some(want.as_str())).then_some(()))
+        }
+    })
+    .await?;
     s.ns.delete().await
 }

@@ -1261,3 +1261,43 @@ async fn not_found_is_recognised_from_the_servers_code() -> anyhow::Result<()> {
     assert!(!is_not_found(&e), "{e}");
     Ok(())
 }
+
+/// Issue 23, item 6, the worker's half: the Idempotency-Key's scope is the one
+/// pinned in the input stream's metadata (by the operator: `<cluster>/<ns>/<name>`),
+/// whatever the worker's PIPELINE says, so every worker of a stream, the
+/// operator's or one run by hand, sends the same key for an order, and the same
+/// pipeline in two clusters never does. Without a pin, PIPELINE (then the stream
+/// name) is the scope, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idempotency_key_carries_the_scope_pinned_on_the_stream() -> anyhow::Result<()> {
+    let server = NatsServer::start().await?;
+    let js = jetstream::new(async_nats::connect(server.url()).await?);
+    let t = Topology {
+        idempotency_scope: Some("cluster-a/shop/orders".into()),
+        ..topology(Duration::from_secs(10))
+    };
+    t.ensure(&js).await?;
+    let stub = DownstreamStub::start(StubBehaviour::default()).await?;
+    let w = WorkerProcess::spawn(
+        &binary("order-worker")?,
+        &worker_env(
+            &server,
+            &[("DOWNSTREAM_URL", &stub.url), ("PIPELINE", "shop/orders")],
+        ),
+    )
+    .await?;
+    w.wait_ready().await?;
+    let report = ctl::publish_orders(&js, &publish_opts("scoped", 5)).await?;
+    drained(&js, Duration::from_secs(30)).await?;
+    audit(&js)
+        .await?
+        .assert_exactly_once(&report.valid_ids, &[])?;
+    let scopes = stub.scopes.lock().unwrap().clone();
+    assert_eq!(
+        scopes.into_iter().collect::<Vec<_>>(),
+        ["cluster-a/shop/orders"],
+        "{}",
+        w.log_text()
+    );
+    Ok(())
+}

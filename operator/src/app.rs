@@ -41,6 +41,38 @@ pub struct Settings {
     /// How long the Lease stays valid without renewal; a standby takes over within it.
     #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
+    /// This cluster's identity in the downstream Idempotency-Key
+    /// (`<cluster>/<namespace>/<pipeline>:<key>`), pinned in each input stream
+    /// the operator creates. Default: the UID of the kube-system namespace.
+    #[arg(long, env = "CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+}
+
+/// The cluster identity: `--cluster-id`, else the kube-system namespace's UID
+/// (unique per cluster, stable for its life).
+async fn cluster_identity(args: &Settings, client: &kube::Client) -> anyhow::Result<String> {
+    if let Some(id) = args
+        .cluster_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        anyhow::ensure!(
+            id.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')),
+            "--cluster-id/CLUSTER_ID {id:?}: use letters, digits, '-', '_' and '.' only (it becomes part of the downstream's Idempotency-Key)"
+        );
+        return Ok(id.to_string());
+    }
+    let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
+    let ns = api.get("kube-system").await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read namespace kube-system, whose UID is the default cluster identity of the downstream's Idempotency-Key ({e}); grant get on it (manifests/rbac.yaml does) or set --cluster-id/CLUSTER_ID (chart value clusterId)"
+        )
+    })?;
+    ns.metadata
+        .uid
+        .context("namespace kube-system has no UID; set --cluster-id/CLUSTER_ID")
 }
 
 /// Runs until SIGTERM/SIGINT (or until leadership is lost: an error, so that the
@@ -53,7 +85,12 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
     let metrics = Metrics::new(&mut registry);
     let leader = metrics.leader.clone();
     controller::init_metrics(&metrics);
-    let ctx = context(&args, client.clone(), metrics);
+    let cluster = cluster_identity(&args, &client).await?;
+    tracing::info!(
+        cluster,
+        "cluster identity (the downstream Idempotency-Key's scope)"
+    );
+    let ctx = context(&args, client.clone(), metrics, cluster);
     let shutdown = shutdown_on_signal();
     let http = serve_http(args.http_addr, Arc::new(registry), shutdown.clone()).await?;
     tracing::info!(namespace = ?args.namespace, addr = %args.http_addr, "order-operator starting");
@@ -74,18 +111,25 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
 }
 
 /// The controller's shared context.
-fn context(args: &Settings, client: kube::Client, metrics: Metrics) -> Arc<Context> {
+fn context(
+    args: &Settings,
+    client: kube::Client,
+    metrics: Metrics,
+    cluster: String,
+) -> Arc<Context> {
     let image = args
         .worker_image
         .clone()
         .unwrap_or_else(crate::render::default_worker_image);
-    Arc::new(Context::new(
+    let mut ctx = Context::new(
         client,
         metrics,
         image,
         args.resync_interval,
         args.pod_name.clone(),
-    ))
+    );
+    ctx.cluster_id = cluster;
+    Arc::new(ctx)
 }
 
 /// A token cancelled by SIGTERM/SIGINT.

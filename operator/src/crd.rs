@@ -578,7 +578,7 @@ pub struct WorkersSpec {
     #[serde(default)]
     pub retry: RetrySpec,
     /// Optional downstream service: each order is POSTed there as JSON with
-    /// `Idempotency-Key: <order_id>`.
+    /// `Idempotency-Key: <cluster>/<namespace>/<name>:<order key>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://"))]
     pub downstream_url: Option<String>,

@@ -4,6 +4,7 @@
 //! (`operator/fixtures/`).
 
 use async_nats::jetstream::{consumer, kv, stream};
+use orderpipeline_common::names;
 use orderpipeline_common::topology::OWNER_METADATA_KEY;
 
 /// A stream's sources as (stream, filter) pairs: the part the operator sets (the
@@ -27,9 +28,31 @@ fn first(checks: &[(bool, &'static str)]) -> Option<&'static str> {
         .find_map(|&(differs, field)| differs.then_some(field))
 }
 
+/// `want` with the Idempotency-Key scope the live stream pinned: a stream keeps
+/// the scope it was created with for its whole life (orders redelivered after
+/// the cluster identity changed keep their key). A stream an older operator
+/// created (owned, no scope) is pinned to `legacy` (`namespace/name`, the scope
+/// its workers used); one being adopted takes `want`'s. Only the input stream
+/// carries a scope.
+pub fn pin_scope(live: &stream::Config, mut want: stream::Config, legacy: &str) -> stream::Config {
+    let key = names::IDEMPOTENCY_SCOPE_METADATA;
+    if !want.metadata.contains_key(key) {
+        return want;
+    }
+    let pinned = match live.metadata.get(key) {
+        Some(s) => s.clone(),
+        None if live.metadata.contains_key(OWNER_METADATA_KEY) => legacy.to_string(),
+        None => return want,
+    };
+    want.metadata.insert(key.to_string(), pinned);
+    want
+}
+
 /// The first stream field NATS can change in place that differs from the spec.
 pub fn stream_differs(live: &stream::Config, want: &stream::Config) -> Option<&'static str> {
+    let scope = |c: &stream::Config| c.metadata.get(names::IDEMPOTENCY_SCOPE_METADATA).cloned();
     first(&[
+        (scope(live) != scope(want), "idempotency scope"),
         (live.subjects != want.subjects, "subjects"),
         (live.max_age != want.max_age, "max age"),
         (live.max_bytes != want.max_bytes, "max bytes"),
@@ -258,6 +281,39 @@ mod tests {
         );
         let e = ownership("ORDERS", &live, Some("shop/shop"), true).unwrap_err();
         assert!(e.contains("already belongs to pipeline demo/orders"), "{e}");
+    }
+
+    #[test]
+    fn the_idempotency_scope_stays_what_the_stream_was_created_with() {
+        let key = names::IDEMPOTENCY_SCOPE_METADATA;
+        let want = |scope: &str| {
+            let mut c = live_stream();
+            c.metadata
+                .insert(OWNER_METADATA_KEY.into(), "demo/orders".into());
+            c.metadata.insert(key.into(), scope.into());
+            c
+        };
+        let scope_of = |c: &stream::Config| c.metadata.get(key).cloned();
+        // Pinned by an earlier reconcile (another cluster id then): kept.
+        let live = want("c-old/demo/orders");
+        let pinned = pin_scope(&live, want("c-new/demo/orders"), "demo/orders");
+        assert_eq!(scope_of(&pinned).as_deref(), Some("c-old/demo/orders"));
+        assert_eq!(stream_differs(&live, &pinned), None);
+        // Created by an operator before the scope: its workers' scope.
+        let mut legacy = live_stream();
+        legacy
+            .metadata
+            .insert(OWNER_METADATA_KEY.into(), "demo/orders".into());
+        let pinned = pin_scope(&legacy, want("c-new/demo/orders"), "demo/orders");
+        assert_eq!(scope_of(&pinned).as_deref(), Some("demo/orders"));
+        assert_eq!(stream_differs(&legacy, &pinned), Some("idempotency scope"));
+        // Adopted (nobody's): this cluster's. The DLQ (no scope): untouched.
+        let pinned = pin_scope(&live_stream(), want("c-new/demo/orders"), "demo/orders");
+        assert_eq!(scope_of(&pinned).as_deref(), Some("c-new/demo/orders"));
+        assert_eq!(
+            pin_scope(&live, live_stream(), "demo/orders"),
+            live_stream()
+        );
     }
 
     #[test]

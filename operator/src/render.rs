@@ -224,6 +224,8 @@ fn topology(p: &OrderPipeline, d: &Durations) -> Result<Topology, InvalidSpec> {
         max_ack_pending,
         backoff: d.backoff.clone(),
         owner: Some(owner),
+        // Set by the reconcile, which knows the cluster identity.
+        idempotency_scope: None,
     };
     topology
         .validate()

@@ -119,9 +119,35 @@ impl OutcomeSubjects {
     }
 }
 
-/// The `Idempotency-Key` sent to the downstream service: scoped by pipeline
-/// (`namespace/name`) and carrying the encoded key, so two pipelines sharing a
-/// downstream never collide and any id is a valid header value.
+/// The input stream's metadata key that pins the Idempotency-Key's scope for
+/// the stream's whole life: `<cluster>/<namespace>/<pipeline>` for a stream the
+/// operator created, `<namespace>/<pipeline>` for one created before the scope
+/// carried a cluster identity (the keys its orders were already called with).
+/// Workers take the scope from here, so orders redelivered after the
+/// operator's cluster identity changed keep their key.
+pub const IDEMPOTENCY_SCOPE_METADATA: &str = "orderpipeline.dev/idempotency-scope";
+
+/// The Idempotency-Key scope a worker uses: the stream's pinned one (see
+/// [`IDEMPOTENCY_SCOPE_METADATA`]), else its `PIPELINE` setting, else the
+/// stream's name.
+pub fn idempotency_scope(
+    stream_metadata: &std::collections::HashMap<String, String>,
+    pipeline: Option<&str>,
+    stream: &str,
+) -> String {
+    stream_metadata
+        .get(IDEMPOTENCY_SCOPE_METADATA)
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+        .or(pipeline)
+        .unwrap_or(stream)
+        .to_string()
+}
+
+/// The `Idempotency-Key` sent to the downstream service: scoped (by cluster and
+/// pipeline, see [`idempotency_scope`]) and carrying the encoded key, so two
+/// pipelines, or the same pipeline in two clusters, sharing a downstream never
+/// collide, and any id is a valid header value.
 pub fn idempotency_key(pipeline: &str, key: &str) -> String {
     let scope: String = pipeline
         .bytes()
@@ -237,5 +263,31 @@ mod tests {
         assert_eq!(idempotency_key("shop/eu", "o1"), "shop/eu:o1");
         assert_ne!(idempotency_key("a/b", "o1"), idempotency_key("a/c", "o1"));
         assert_eq!(idempotency_key("a b/c", "k"), "a%20b/c:k");
+        assert_eq!(
+            idempotency_key("1b4e28ba-2fa1/shop/eu", "o1"),
+            "1b4e28ba-2fa1/shop/eu:o1"
+        );
+    }
+
+    #[test]
+    fn the_scope_is_the_streams_pin_then_the_pipeline_then_the_stream() {
+        let pinned: std::collections::HashMap<String, String> = [(
+            IDEMPOTENCY_SCOPE_METADATA.to_string(),
+            "c1/shop/eu".to_string(),
+        )]
+        .into();
+        let none = std::collections::HashMap::new();
+        assert_eq!(
+            idempotency_scope(&pinned, Some("shop/eu"), "ORDERS"),
+            "c1/shop/eu"
+        );
+        assert_eq!(
+            idempotency_scope(&none, Some("shop/eu"), "ORDERS"),
+            "shop/eu"
+        );
+        assert_eq!(idempotency_scope(&none, None, "ORDERS"), "ORDERS");
+        let empty: std::collections::HashMap<String, String> =
+            [(IDEMPOTENCY_SCOPE_METADATA.to_string(), String::new())].into();
+        assert_eq!(idempotency_scope(&empty, None, "ORDERS"), "ORDERS");
     }
 }

@@ -94,7 +94,10 @@ pub struct Config {
     #[arg(long, env = "LEGACY_STATE_BUCKET")]
     pub legacy_state_bucket: Option<String>,
     /// The pipeline this worker serves (`namespace/name`): scopes the downstream
-    /// `Idempotency-Key`. Defaults to the stream's name.
+    /// `Idempotency-Key` when the input stream pins no scope in its metadata
+    /// (`orderpipeline.dev/idempotency-scope`, set by the operator and by
+    /// `--create-topology`, which pins this value). Defaults to the stream's
+    /// name. Make it unique across clusters that share a downstream.
     #[arg(long, env = "PIPELINE")]
     pub pipeline: Option<String>,
 
@@ -120,7 +123,7 @@ pub struct Config {
     #[arg(long, env = "MAX_PAYLOAD_BYTES", default_value = "1048576", value_parser = parse_payload_bytes)]
     pub max_payload_bytes: usize,
 
-    /// Optional downstream service: each order is POSTed there as JSON with `Idempotency-Key: <pipeline>:<order key>`.
+    /// Optional downstream service: each order is POSTed there as JSON with `Idempotency-Key: <scope>:<order key>` (see PIPELINE).
     #[arg(long, env = "DOWNSTREAM_URL", value_parser = parse_downstream_url)]
     pub downstream_url: Option<String>,
     /// Timeout of one downstream call.
@@ -175,11 +178,6 @@ impl Config {
                 self.input_subject
             )
         })
-    }
-
-    /// The idempotency scope: PIPELINE, or the stream's name.
-    pub fn pipeline(&self) -> String {
-        self.pipeline.clone().unwrap_or_else(|| self.stream.clone())
     }
 
     pub fn worker_name(&self) -> String {

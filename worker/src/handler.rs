@@ -50,6 +50,9 @@ pub struct Ctx {
     pub worker: String,
     /// The consumer's ack wait: in-progress acks are sent well within it.
     pub ack_wait: Duration,
+    /// The Idempotency-Key's scope (the stream's pin, see
+    /// `names::idempotency_scope`).
+    pub idempotency_scope: String,
 }
 
 /// How a message ended.
@@ -831,7 +834,7 @@ async fn call_downstream(
     key: &str,
 ) -> (CallClass, String) {
     let attempts = ctx.cfg.retry_attempts;
-    let idempotency_key = names::idempotency_key(&ctx.cfg.pipeline(), key);
+    let idempotency_key = names::idempotency_key(&ctx.idempotency_scope, key);
     let mut last = String::new();
     for attempt in 1..=attempts {
         let span = tracing::info_span!(

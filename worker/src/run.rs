@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream;
 use futures::{FutureExt as _, StreamExt as _};
-use orderpipeline_common::names::OutcomeSubjects;
+use orderpipeline_common::names::{self, OutcomeSubjects};
 use orderpipeline_common::nats::NatsConnectError;
 use orderpipeline_common::topology::{self, Bound, Topology};
 use prometheus_client::registry::Registry;
@@ -42,6 +42,7 @@ pub fn topology_from(cfg: &Config) -> Topology {
         consumer: cfg.consumer.clone(),
         filter_subject: cfg.input_subject.clone(),
         dlq_stream: cfg.dlq_stream.clone(),
+        idempotency_scope: Some(cfg.pipeline.clone().unwrap_or_else(|| cfg.stream.clone())),
         ..Topology::default()
     }
 }
@@ -310,12 +311,17 @@ impl Consumer {
             None => None,
         };
         let batch = self.batch_size(&b);
+        let scope = names::idempotency_scope(
+            &b.stream_config.metadata,
+            self.cfg.pipeline.as_deref(),
+            &self.cfg.stream,
+        );
         let ctx = Arc::new(self.handler_context(
             b.stream,
             b.dlq,
             b.stream_created_ns,
             legacy,
-            b.consumer_info.config.ack_wait,
+            (b.consumer_info.config.ack_wait, scope),
         ));
         self.bound_once = true;
         self.readiness.set_ready();
@@ -342,7 +348,7 @@ impl Consumer {
         dlq: jetstream::stream::Stream,
         stream_created_ns: u128,
         legacy: Option<jetstream::kv::Store>,
-        ack_wait: Duration,
+        (ack_wait, idempotency_scope): (Duration, String),
     ) -> Ctx {
         Ctx {
             cfg: self.cfg.clone(),
@@ -356,6 +362,7 @@ impl Consumer {
             downstream: self.downstream.clone(),
             worker: self.worker.clone(),
             ack_wait,
+            idempotency_scope,
         }
     }
 

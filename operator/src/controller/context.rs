@@ -21,6 +21,9 @@ pub struct Context {
     pub metrics: Metrics,
     pub default_image: String,
     pub resync: Duration,
+    /// This cluster's identity, the first part of the Idempotency-Key scope
+    /// pinned in the input streams the operator creates.
+    pub cluster_id: String,
     /// NATS connections, shared by the pipelines that use the same server and
     /// credentials.
     pub(crate) nats: Mutex<NatsPool>,
@@ -72,6 +75,7 @@ impl Context {
             metrics,
             default_image,
             resync,
+            cluster_id: "cluster".into(),
             nats: Mutex::new(NatsPool::default()),
             pipelines: std::sync::OnceLock::new(),
             deployments: std::sync::OnceLock::new(),

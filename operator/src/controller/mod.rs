@@ -126,6 +126,8 @@ async fn steps(
         old.oldest_unprocessed_age_seconds,
     );
     let hold_moved = retention::held_seconds(p, t.max_age) != old.held_max_age_seconds;
+    // A stream created now pins this cluster's scope (an existing one keeps its own).
+    t.idempotency_scope = Some(format!("{}/{}", ctx.cluster_id, key_of(p)));
     // Dereference: the Secrets and the NATS connection.
     let world = dereference::world(p, ctx).await?;
     let observe = p.spec.management_policy == ManagementPolicy::Observe;

@@ -162,6 +162,7 @@ async fn update_stream(
     what: Object,
 ) -> Result<bool, NotReady> {
     let (p, name) = (r.p, cfg.name.clone());
+    let cfg = drift::pin_scope(live, cfg, &key_of(p));
     let adopt_allowed = p.spec.management_policy == ManagementPolicy::Adopt;
     let adopt = drift::ownership(&name, live, t.owner.as_deref(), adopt_allowed)
         .map_err(|msg| NotReady::new(Cause::StreamConflict, msg))?;
