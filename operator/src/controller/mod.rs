@@ -153,6 +153,12 @@ async fn steps(
         Ok(f) => ctx.removed_since_last_read(&key_of(p), &f.observation),
         Err(_) => retention::Removed::default(),
     };
+    if let (false, Ok(f)) = (observe, &figures) {
+        let oldest = f.oldest_unprocessed_age_seconds;
+        if let Err(e) = retention::hold_now(p, js, &mut plan.topology, oldest).await {
+            tracing::warn!(pipeline = %key_of(p), error = %e, "could not raise maxAge for the oldest unprocessed order; the next reconcile tries again");
+        }
+    }
     if !observe {
         ensure_paused(p, ctx, js, &plan.topology, &figures).await?;
     }

@@ -125,6 +125,34 @@ pub(crate) fn spec_max_age_seconds(p: &OrderPipeline) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
+/// Raises the input stream's maxAge at once when the oldest unprocessed order
+/// read in this reconcile needs more than the topology applied (which was
+/// planned from the previous reconcile's reading): the hold reacts within one
+/// resync interval, not two. Only the live maxAge changes; `t` records it.
+/// Lowering waits for the next reconcile's plan.
+pub(crate) async fn hold_now(
+    p: &OrderPipeline,
+    js: &dyn super::jetstream_api::JetStream,
+    t: &mut orderpipeline_common::topology::Topology,
+    oldest: Option<i64>,
+) -> Result<(), super::jetstream_api::JsError> {
+    let want = held_max_age(p.spec.stream.hold_unprocessed, t.max_age, oldest);
+    if want <= t.max_age {
+        return Ok(());
+    }
+    let Some(live) = js.stream(&t.stream).await? else {
+        return Ok(());
+    };
+    if live.config.max_age < want {
+        let mut cfg = live.config;
+        cfg.max_age = want;
+        js.update_stream(cfg).await?;
+        tracing::info!(stream = %t.stream, max_age = ?want, "holding maxAge above the oldest unprocessed order");
+    }
+    t.max_age = want;
+    Ok(())
+}
+
 /// `status.heldMaxAgeSeconds`: the held maxAge when it is above the spec's.
 pub(crate) fn held_seconds(p: &OrderPipeline, applied: std::time::Duration) -> Option<i64> {
     let spec = orderpipeline_common::duration::parse_duration(&p.spec.stream.max_age).ok()?;
