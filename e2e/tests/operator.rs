@@ -185,7 +185,8 @@ async fn the_sample_becomes_ready_with_matching_jetstream_objects_and_workers() 
             "ORDER.*",
             "ORDER.processed.*",
             "ORDER.rejected.*",
-            "ORDER.deadlettered.*"
+            "ORDER.deadlettered.*",
+            "ORDER.kept.*"
         ]
     );
     let dlq_cfg =

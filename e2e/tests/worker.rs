@@ -1104,10 +1104,11 @@ async fn an_old_letter_replayed_after_its_stream_was_recreated_touches_no_other_
         "B keeps its own outcome\n{}",
         w.log_text()
     );
-    assert_eq!(
-        chain_of(&audit, &a),
-        ["processed"],
-        "A processed once, under its own key"
+    // (Copies of A stored after its outcome keep it: `kept`, no outcome of their own.)
+    let chain = chain_of(&audit, &a);
+    assert!(
+        chain.first() == Some(&"processed") && chain[1..].iter().all(|k| *k == "kept"),
+        "A processed once, under its own key: {chain:?}"
     );
     assert!(healthy.charged(&a) && !healthy.charged(&b));
     let (_, metrics) = http_get(&format!("http://127.0.0.1:{}/metrics", w.http_port))
@@ -1299,5 +1300,65 @@ async fn the_idempotency_key_carries_the_scope_pinned_on_the_stream() -> anyhow:
         "{}",
         w.log_text()
     );
+    Ok(())
+}
+
+/// Issue 23, item 3: an order stored a second time after its outcome (a
+/// producer's re-send after the duplicate window) keeps that outcome alive: the
+/// second copy writes `ORDER.kept.<key>` over it, so the key's last message is
+/// newer than every copy. When the first copy and its outcome are removed (aged
+/// out; here `rmm`, as maxAge would) and the consumer is recreated (delivering
+/// everything stored again), the second copy finds the kept outcome: no second
+/// downstream call, no second OrderProcessed. Before, it found nothing and was
+/// processed and charged again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_copy_keeps_the_outcome_when_the_first_is_removed() -> anyhow::Result<()> {
+    let (server, js) = setup(Duration::from_secs(5)).await?;
+    let stub = DownstreamStub::start(StubBehaviour::default()).await?;
+    let w = WorkerProcess::spawn(
+        &binary("order-worker")?,
+        &worker_env(&server, &[("DOWNSTREAM_URL", &stub.url)]),
+    )
+    .await?;
+    w.wait_ready().await?;
+    let id = format!("kept-{}", random_suffix());
+    let order = ctl::valid_order(&id, 1).encode_to_vec();
+    let first = publish_raw(&js, &format!("{id}-1"), order.clone()).await?;
+    drained(&js, Duration::from_secs(30)).await?;
+    let stream = js.get_stream("ORDERS").await?;
+    let outcome = stream
+        .get_last_raw_message_by_subject(&format!("ORDER.processed.{id}"))
+        .await?
+        .sequence;
+    let second = publish_raw(&js, &format!("{id}-2"), order).await?;
+    drained(&js, Duration::from_secs(30)).await?;
+    assert_eq!(stub.calls_for(&id), 1);
+    // The first copy and its outcome go, as maxAge would take them.
+    for seq in [first, outcome] {
+        assert!(stream.delete_message(seq).await?);
+    }
+    // A consumer recreated (DeliverPolicy All) delivers the second copy again.
+    stream.delete_consumer("order-workers").await?;
+    topology(Duration::from_secs(5)).ensure(&js).await?;
+    w.wait_ready().await?;
+    drained(&js, Duration::from_secs(30)).await?;
+    assert_eq!(
+        stub.calls_for(&id),
+        1,
+        "the second copy was charged again: {}",
+        w.log_text()
+    );
+    let kept = stream
+        .get_last_raw_message_by_subject(&format!("ORDER.*.{id}"))
+        .await?;
+    assert_eq!(
+        kept.subject.as_str(),
+        format!("ORDER.kept.{id}"),
+        "{}",
+        w.log_text()
+    );
+    let a = audit(&js).await?;
+    assert_eq!(a.violations(), Vec::<String>::new());
+    assert!(second > outcome);
     Ok(())
 }

@@ -807,7 +807,8 @@ spec:
                 "SHOP.*",
                 "SHOP.processed.*",
                 "SHOP.rejected.*",
-                "SHOP.deadlettered.*"
+                "SHOP.deadlettered.*",
+                "SHOP.kept.*"
             ]
         );
         let d = plan(&sample()).unwrap().topology;

@@ -46,19 +46,26 @@ pub enum OutcomeKind {
     Processed,
     Rejected,
     DeadLettered,
+    /// Not an outcome of its own: a copy of the key's final outcome, written by a
+    /// later input of the same order (stored after that outcome), so that the
+    /// key's last message is never older than any of its inputs. It carries the
+    /// outcome's event and the kind it keeps (`Orderpipeline-Keeps`).
+    Kept,
 }
 
 impl OutcomeKind {
-    pub const ALL: [OutcomeKind; 3] = [
+    pub const ALL: [OutcomeKind; 4] = [
         OutcomeKind::Processed,
         OutcomeKind::Rejected,
         OutcomeKind::DeadLettered,
+        OutcomeKind::Kept,
     ];
     pub fn token(self) -> &'static str {
         match self {
             OutcomeKind::Processed => "processed",
             OutcomeKind::Rejected => "rejected",
             OutcomeKind::DeadLettered => "deadlettered",
+            OutcomeKind::Kept => "kept",
         }
     }
     pub fn from_token(t: &str) -> Option<Self> {
@@ -200,6 +207,20 @@ pub const REPLAY_STREAM_HEADER: &str = "Orderpipeline-Replay-Stream";
 /// Header on every outcome: the input's stream sequence.
 pub const INPUT_SEQ_HEADER: &str = "Orderpipeline-Input-Seq";
 
+/// On a `kept` message: `<sequence>/<kind>`, the outcome it was written over
+/// and copies, and the kind it keeps (`processed`, `rejected`).
+pub const KEEPS_HEADER: &str = "Orderpipeline-Keeps";
+
+/// The `Orderpipeline-Keeps: <sequence>/<kind>` header, parsed.
+pub fn parse_keeps(value: &str) -> Option<(u64, OutcomeKind)> {
+    let (seq, kind) = value.trim().split_once('/')?;
+    let kind = OutcomeKind::from_token(kind)?;
+    (kind == OutcomeKind::Processed || kind == OutcomeKind::Rejected)
+        .then_some(())
+        .and(seq.parse().ok().filter(|s| *s > 0))
+        .map(|s| (s, kind))
+}
+
 /// The `Orderpipeline-Replay-Of: <marker>/<letter>` header, parsed: the
 /// dead-letter marker (input stream sequence) and the letter (DLQ sequence).
 pub fn parse_replay_of(value: &str) -> Option<(u64, u64)> {
@@ -267,6 +288,28 @@ mod tests {
             idempotency_key("1b4e28ba-2fa1/shop/eu", "o1"),
             "1b4e28ba-2fa1/shop/eu:o1"
         );
+    }
+
+    #[test]
+    fn keeps_headers_name_a_final_outcome() {
+        assert_eq!(
+            parse_keeps("12/processed"),
+            Some((12, OutcomeKind::Processed))
+        );
+        assert_eq!(
+            parse_keeps(" 3/rejected "),
+            Some((3, OutcomeKind::Rejected))
+        );
+        for bad in [
+            "12/deadlettered",
+            "12/kept",
+            "0/processed",
+            "x/processed",
+            "12",
+            "",
+        ] {
+            assert_eq!(parse_keeps(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub struct Delivery {
     pub orphan_letter: bool,
     /// Whether a downstream service is configured.
     pub downstream: bool,
+    /// This input's sequence in the stream: an outcome older than it (the same
+    /// order stored again after it had its outcome) is kept (see [`Step::Keep`]).
+    pub input_seq: u64,
 }
 
 impl Delivery {
@@ -92,6 +95,13 @@ pub enum Step {
         expect: u64,
         dead: Option<DeadReason>,
     },
+    /// The key's outcome, at `over`, is older than this input (the same order
+    /// stored again later): write a `kept` copy of it over it, so the key's last
+    /// message is newer than every input with the key and no age limit removes
+    /// the outcome while an input of the order remains. A dead letter is not
+    /// kept (its copy would be a second letter): the executor answers `Written`
+    /// without writing (see [`keeps`]).
+    Keep { over: u64 },
     /// Remove the superseded dead letter (a replay whose outcome exists).
     RemoveLetter,
     /// The input has its outcome: ack (no confirmation needed).
@@ -131,6 +141,16 @@ pub struct Machine {
     write_tries: u8,
     /// Reads after a conflict, bounded so a flapping key cannot spin.
     conflicts: u8,
+    /// Writing a `kept` copy (not this input's own outcome).
+    keeping: bool,
+}
+
+/// Whether an outcome of `kind` at the key's head is kept by a later input
+/// (processed, rejected and kept ones are; a dead letter is not: it is
+/// superseded only by its replay, and a copy would reach the DLQ as a second
+/// letter).
+pub fn keeps(kind: OutcomeKind) -> bool {
+    kind != OutcomeKind::DeadLettered
 }
 
 impl Machine {
@@ -141,6 +161,7 @@ impl Machine {
             pending: None,
             write_tries: 0,
             conflicts: 0,
+            keeping: false,
         }
     }
 
@@ -218,9 +239,13 @@ impl Machine {
             return self.proceed(last);
         }
         // The key has an outcome this delivery may not replace. For a replay
-        // that means its letter is superseded: remove it.
+        // that means its letter is superseded: remove it. An outcome older than
+        // this input is kept alive by it (bounded, like writes).
         if d.removes_letter() {
             Step::RemoveLetter
+        } else if last < d.input_seq && self.conflicts < WRITE_TRIES {
+            self.keeping = true;
+            Step::Keep { over: last }
         } else {
             Step::Ack
         }
@@ -255,6 +280,7 @@ impl Machine {
                 Some(DeadReason::Permanent),
             ),
             Event::Downstream(CallClass::Transient) => self.transient(self.expect()),
+            Event::Written if self.keeping => Step::Ack,
             Event::Written => {
                 if d.removes_letter() {
                     Step::RemoveLetter
@@ -265,6 +291,11 @@ impl Machine {
             Event::Conflict => {
                 self.conflicts += 1;
                 Step::ReadOutcome
+            }
+            Event::WriteFailed if self.keeping => {
+                // Unknown whether the copy is stored: the redelivery reads again.
+                self.write_tries += 1;
+                Step::Nak
             }
             Event::WriteFailed => {
                 self.write_tries += 1;
@@ -299,6 +330,7 @@ mod tests {
             replay_of: None,
             orphan_letter: false,
             downstream: false,
+            input_seq: 1,
         }
     }
 
@@ -322,6 +354,61 @@ mod tests {
         m.on(Event::Start);
         assert_eq!(m.on(Event::Conflict), Step::ReadOutcome);
         assert_eq!(m.on(Event::Read(Some(9))), Step::Ack);
+    }
+
+    #[test]
+    fn a_later_copy_keeps_an_older_outcome_alive() {
+        // Stored at 20, the key's outcome at 12: kept, then acked.
+        let later = Delivery {
+            input_seq: 20,
+            downstream: true,
+            ..d(1)
+        };
+        let mut m = Machine::new(Verdict::Process, later);
+        assert_eq!(m.on(Event::Start), Step::ReadOutcome);
+        assert_eq!(m.on(Event::Read(Some(12))), Step::Keep { over: 12 });
+        assert_eq!(m.on(Event::Written), Step::Ack);
+        // Someone kept it first (or wrote a newer outcome): read again, done.
+        let mut m = Machine::new(Verdict::Process, later);
+        m.on(Event::Start);
+        m.on(Event::Read(Some(12)));
+        assert_eq!(m.on(Event::Conflict), Step::ReadOutcome);
+        assert_eq!(m.on(Event::Read(Some(25))), Step::Ack);
+        // The outcome vanished meanwhile: this copy is the order's input now.
+        let mut m = Machine::new(Verdict::Process, later);
+        m.on(Event::Start);
+        m.on(Event::Read(Some(12)));
+        m.on(Event::Conflict);
+        assert_eq!(m.on(Event::Read(None)), Step::CallDownstream);
+        // An ambiguous write of the copy: the redelivery finds out.
+        let mut m = Machine::new(Verdict::Process, later);
+        m.on(Event::Start);
+        m.on(Event::Read(Some(12)));
+        assert_eq!(m.on(Event::WriteFailed), Step::Nak);
+        // Without a downstream the write conflicts first, then keeps.
+        let mut m = Machine::new(
+            Verdict::Reject,
+            Delivery {
+                input_seq: 20,
+                ..d(1)
+            },
+        );
+        assert!(matches!(m.on(Event::Start), Step::Write { expect: 0, .. }));
+        assert_eq!(m.on(Event::Conflict), Step::ReadOutcome);
+        assert_eq!(m.on(Event::Read(Some(12))), Step::Keep { over: 12 });
+        // An outcome newer than the input is not kept.
+        let mut m = Machine::new(
+            Verdict::Reject,
+            Delivery {
+                input_seq: 5,
+                ..d(1)
+            },
+        );
+        m.on(Event::Start);
+        m.on(Event::Conflict);
+        assert_eq!(m.on(Event::Read(Some(12))), Step::Ack);
+        assert!(!keeps(OutcomeKind::DeadLettered));
+        assert!(keeps(OutcomeKind::Processed) && keeps(OutcomeKind::Kept));
     }
 
     #[test]

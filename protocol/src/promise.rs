@@ -64,12 +64,25 @@ impl Breach {
     }
 }
 
-/// How many processed-or-rejected outcomes a chain holds.
+/// How many processed-or-rejected outcomes a chain holds (`kept` copies are
+/// not outcomes of their own).
 pub fn finals(chain: &[Link]) -> usize {
     chain
         .iter()
-        .filter(|l| l.kind != OutcomeKind::DeadLettered)
+        .filter(|l| matches!(l.kind, OutcomeKind::Processed | OutcomeKind::Rejected))
         .count()
+}
+
+/// Whether `later` may follow `earlier` in a chain: the replay of `earlier`'s
+/// dead letter, or a `kept` copy of `earlier`, a final or kept outcome.
+fn may_follow(earlier: Link, later: Link) -> bool {
+    let over = later.supersedes == Some(earlier.seq);
+    match (earlier.kind, later.kind) {
+        (OutcomeKind::DeadLettered, OutcomeKind::Kept) => false,
+        (OutcomeKind::DeadLettered, _) => over,
+        (_, OutcomeKind::Kept) => over,
+        _ => false,
+    }
 }
 
 /// The breaches of one key's chain (oldest first); empty when the promise holds.
@@ -86,7 +99,7 @@ pub fn check_chain(chain: &[Link]) -> Vec<Breach> {
     }
     for w in chain.windows(2) {
         let (earlier, later) = (w[0], w[1]);
-        if earlier.kind != OutcomeKind::DeadLettered || later.supersedes != Some(earlier.seq) {
+        if !may_follow(earlier, later) {
             out.push(Breach::BadSupersede { earlier, later });
         }
     }
@@ -96,7 +109,7 @@ pub fn check_chain(chain: &[Link]) -> Vec<Breach> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use OutcomeKind::{DeadLettered as D, Processed as P, Rejected as R};
+    use OutcomeKind::{DeadLettered as D, Kept as K, Processed as P, Rejected as R};
 
     fn l(seq: u64, kind: OutcomeKind, supersedes: Option<u64>) -> Link {
         Link {
@@ -115,6 +128,8 @@ mod tests {
             vec![l(3, D, None)],
             vec![l(3, D, None), l(9, P, Some(3))],
             vec![l(3, D, None), l(9, D, Some(3)), l(12, R, Some(9))],
+            vec![l(3, P, None), l(9, K, Some(3)), l(14, K, Some(9))],
+            vec![l(3, D, None), l(9, P, Some(3)), l(12, K, Some(9))],
         ] {
             assert_eq!(check_chain(&chain), vec![], "{chain:?}");
         }
@@ -154,6 +169,33 @@ mod tests {
                     earlier: l(3, D, None),
                     later: l(9, R, None),
                 }],
+            ),
+            (
+                // A dead letter "kept": it would be a second letter.
+                vec![l(3, D, None), l(9, K, Some(3))],
+                vec![Breach::BadSupersede {
+                    earlier: l(3, D, None),
+                    later: l(9, K, Some(3)),
+                }],
+            ),
+            (
+                // A kept copy written over another outcome than the one before it.
+                vec![l(3, P, None), l(9, K, Some(2))],
+                vec![Breach::BadSupersede {
+                    earlier: l(3, P, None),
+                    later: l(9, K, Some(2)),
+                }],
+            ),
+            (
+                // A final outcome after a kept one: the order's second.
+                vec![l(3, P, None), l(9, K, Some(3)), l(12, P, Some(9))],
+                vec![
+                    Breach::TwoFinals { finals: 2 },
+                    Breach::BadSupersede {
+                        earlier: l(9, K, Some(3)),
+                        later: l(12, P, Some(9)),
+                    },
+                ],
             ),
         ];
         for (chain, want) in cases {

@@ -38,7 +38,7 @@ use std::hash::Hash;
 use stateright::{Model, Property};
 
 use orderpipeline_protocol::decide::CallClass;
-use orderpipeline_protocol::machine::{Delivery, Event, Machine, OutcomeKind, Step, Verdict};
+use orderpipeline_protocol::machine::{self, Delivery, Event, Machine, OutcomeKind, Step, Verdict};
 use orderpipeline_protocol::promise;
 
 /// What may go wrong in one run, and how often.
@@ -203,6 +203,28 @@ impl State {
         }
     }
 
+    /// A v2 worker keeps the outcome at `over` with a `kept` copy (as the
+    /// handler does: a dead letter is not kept, a vanished one is a conflict).
+    fn keep_outcome(&mut self, order: u8, over: u64, fault: Fault) -> Event {
+        match self.outcomes.iter().find(|o| o.seq == over) {
+            None => Event::Conflict,
+            Some(o) if !machine::keeps(o.kind) => Event::Written,
+            Some(_) => self.write_outcome(order, OutcomeKind::Kept, over, false, fault),
+        }
+    }
+
+    /// The kind of `order`'s current outcome: its latest, seen through `kept`
+    /// copies to the outcome they keep.
+    fn current_kind(&self, order: u8) -> Option<OutcomeKind> {
+        let mut chain: Vec<&Outcome> = self.outcomes.iter().filter(|o| o.order == order).collect();
+        chain.sort_by_key(|o| o.seq);
+        chain
+            .iter()
+            .rev()
+            .find(|o| o.kind != OutcomeKind::Kept)
+            .map(|o| o.kind)
+    }
+
     /// A v2 worker removes the dead-letter copy its replayed `input` came from.
     fn remove_letter(&mut self, input: usize) -> Event {
         let of = self.inputs[input].replay_of;
@@ -259,6 +281,7 @@ impl V2 {
             replay_of: input.replay_of,
             orphan_letter: false,
             downstream: self.downstream,
+            input_seq: input.seq,
         }
     }
 
@@ -354,6 +377,7 @@ impl V2 {
             (Step::Write { kind, expect, .. }, f) => {
                 s.write_outcome(order, kind, expect, charged, f)
             }
+            (Step::Keep { over }, f) => s.keep_outcome(order, over, f),
             (Step::RemoveLetter, Fault::None) => s.remove_letter(input),
             (Step::RemoveLetter, _) => Event::RemoveFailed,
             (Step::Ack, f) => {
@@ -439,7 +463,7 @@ impl Model for V2 {
                     w,
                     fault: Fault::Fail,
                 }),
-                Step::Write { .. } if failures => {
+                Step::Write { .. } | Step::Keep { .. } if failures => {
                     out.push(Action::Run {
                         w,
                         fault: Fault::Fail,
@@ -537,12 +561,7 @@ fn final_outcomes_hold(s: &State) -> bool {
                 || s.last_on(o.order) == Some(o.seq)
         })
         && s.charged.iter().all(|order| {
-            s.suspect.contains(order)
-                || s.outcomes
-                    .iter()
-                    .filter(|o| o.order == *order)
-                    .max_by_key(|o| o.seq)
-                    .is_some_and(|o| o.kind == OutcomeKind::Processed)
+            s.suspect.contains(order) || s.current_kind(*order) == Some(OutcomeKind::Processed)
         })
 }
 

@@ -327,6 +327,7 @@ async fn process(
                 .map(|r| r.marker),
             orphan_letter: replay.as_ref().is_some_and(|r| r.key.is_none()),
             downstream: ctx.downstream.is_some(),
+            input_seq: delivery.stream_seq,
         },
     );
     let mut attempt = Attempt::new(ctx, msg, delivery, input, replay);
@@ -414,6 +415,7 @@ impl<'a> Attempt<'a> {
             Step::ReadOutcome => Ok(self.read().await),
             Step::CallDownstream => Ok(self.call().await),
             Step::Write { kind, expect, dead } => Ok(self.write(kind, expect, dead).await),
+            Step::Keep { over } => Ok(self.keep(over).await),
             Step::RemoveLetter => Ok(self.remove_letter().await),
             Step::Ack => Err(self.ack().await),
             Step::Nak => {
@@ -477,6 +479,50 @@ impl<'a> Attempt<'a> {
         }
     }
 
+    /// Writes a `kept` copy of the key's outcome at `over`, which is older than
+    /// this input (see `Step::Keep`): `Conflict` when that outcome is no longer
+    /// the key's last (or gone), `Written` without a write when it is a dead
+    /// letter (not kept).
+    async fn keep(&mut self, over: u64) -> Event {
+        use async_nats::jetstream::stream::RawMessageErrorKind;
+        let original = match self.ctx.stream.get_raw_message(over).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return Event::Conflict,
+            Err(e) => {
+                self.last_error = format!("reading the outcome {over} to keep: {e}");
+                return Event::WriteFailed;
+            }
+        };
+        let kept = match self.ctx.outcomes.parse(&original.subject) {
+            Some((OutcomeKind::Kept, _)) => original
+                .headers
+                .get(names::KEEPS_HEADER)
+                .and_then(|v| names::parse_keeps(v.as_str()))
+                .map(|(_, k)| k),
+            Some((kind, _)) => Some(kind),
+            None => None,
+        };
+        let Some(kind) = kept.filter(|k| orderpipeline_protocol::machine::keeps(*k)) else {
+            return Event::Written;
+        };
+        match write_kept(self, over, kind, original.payload).await {
+            WriteResult::Written => {
+                tracing::info!(
+                    over,
+                    kind = kind.token(),
+                    "the order's outcome predates this input: kept it"
+                );
+                Event::Written
+            }
+            WriteResult::Conflict => Event::Conflict,
+            WriteResult::Failed(e) => {
+                tracing::warn!(error = %e, "writing the kept copy failed; it may or may not be stored");
+                self.last_error = e;
+                Event::WriteFailed
+            }
+        }
+    }
+
     async fn remove_letter(&mut self) -> Event {
         let Some(r) = &self.replay else {
             return Event::Removed;
@@ -532,7 +578,8 @@ fn ended_as(written: Option<OutcomeKind>) -> Outcome {
         Some(OutcomeKind::Processed) => Outcome::Processed,
         Some(OutcomeKind::Rejected) => Outcome::Rejected,
         Some(OutcomeKind::DeadLettered) => Outcome::DeadLettered,
-        None => Outcome::Duplicate,
+        // A kept copy is the key's earlier outcome, not this input's.
+        Some(OutcomeKind::Kept) | None => Outcome::Duplicate,
     }
 }
 
@@ -698,6 +745,41 @@ async fn write_outcome(
     .await
 }
 
+/// Publishes the `kept` copy of outcome `over` (of `kind`, with its event
+/// `payload`) on `<prefix>.kept.<key>`, accepted only while `over` is the key's
+/// last outcome.
+async fn write_kept(a: &Attempt<'_>, over: u64, kind: OutcomeKind, payload: Bytes) -> WriteResult {
+    let ctx = a.ctx;
+    let subject = ctx.outcomes.subject(OutcomeKind::Kept, &a.key);
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "Nats-Expected-Last-Subject-Sequence-Subject",
+        ctx.outcomes.any_kind(&a.key).as_str(),
+    );
+    headers.insert(
+        names::INPUT_SEQ_HEADER,
+        a.delivery.stream_seq.to_string().as_str(),
+    );
+    headers.insert(
+        names::KEEPS_HEADER,
+        format!("{over}/{}", kind.token()).as_str(),
+    );
+    trace::inject_current(&mut headers);
+    let publish = jetstream::message::PublishMessage::build()
+        .headers(headers)
+        .expected_last_subject_sequence(over)
+        .payload(payload);
+    let ack = match ctx.js.send_publish(subject.clone(), publish).await {
+        Ok(fut) => fut.await,
+        Err(e) => return WriteResult::Failed(format!("publishing to {subject}: {e}")),
+    };
+    match ack {
+        Ok(_) => WriteResult::Written,
+        Err(e) if is_wrong_last_sequence(&e) => WriteResult::Conflict,
+        Err(e) => WriteResult::Failed(format!("publishing to {subject}: {e}")),
+    }
+}
+
 /// The outcome's headers: the key's subjects for the conditional write, the
 /// input's sequence, the letter a replay supersedes (only when it writes over
 /// it: a replay whose letter vanished writes over nothing), on a dead letter its
@@ -767,6 +849,9 @@ fn outcome_payload(
             .encode_to_vec()
         }
         OutcomeKind::DeadLettered => dead_letter(),
+        // Never written through `Step::Write`: a kept copy carries the payload
+        // of the outcome it keeps (see `write_kept`).
+        OutcomeKind::Kept => Vec::new(),
     }
 }
 

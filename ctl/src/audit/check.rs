@@ -125,7 +125,7 @@ impl Audit {
                     OutcomeKind::Rejected => {
                         *self.rejected.entry(o.order_id.clone()).or_default() += 1
                     }
-                    OutcomeKind::DeadLettered => {}
+                    OutcomeKind::DeadLettered | OutcomeKind::Kept => {}
                 }
             }
         }
@@ -212,6 +212,10 @@ impl Audit {
                             .map(|o| (o.seq, o.kind.token()))
                             .collect::<Vec<_>>()
                     )),
+                    // What the first outcome was written over aged out of the
+                    // stream (below its first sequence): archived, not a breach.
+                    Breach::FirstSupersedes { first }
+                        if first.supersedes.is_some_and(|s| s < self.first_seq) => {}
                     Breach::FirstSupersedes { .. } | Breach::BadSupersede { .. } => {
                         bad_supersede.push(format!("{key}: {}", b.describe()))
                     }
@@ -627,6 +631,56 @@ mod tests {
             v.iter()
                 .any(|l| l.starts_with("dead letters with no input")),
             "{v:?}"
+        );
+    }
+
+    /// An order stored again after its outcome keeps it (`kept`): one outcome,
+    /// still one once the first copy and its outcome aged out; a kept copy
+    /// written over what is still in the stream but is not its predecessor is a
+    /// breach, and a final outcome after a kept one is a second outcome.
+    #[test]
+    fn kept_copies_are_no_second_outcome_and_survive_ageing() {
+        let mut a = healthy();
+        a.stored_inputs.push(input(20, "a"));
+        let mut kept = outcome(21, OutcomeKind::Kept, "a", Some(5));
+        kept.input_seq = Some(20);
+        let a_chain = a.chains.get_mut("a").unwrap();
+        let first = a_chain[0].seq;
+        kept.replay_of = Some(first);
+        a_chain.push(kept.clone());
+        assert_eq!(a.violations(), Vec::<String>::new());
+        assert_eq!(finals(&a.chains["a"]), 1);
+        // The first copy and its outcome aged out: the kept copy stands alone.
+        a.first_seq = first + 1;
+        a.stored_inputs.retain(|i| i.seq > first);
+        a.chains.get_mut("a").unwrap().retain(|o| o.seq > first);
+        assert_eq!(a.violations(), Vec::<String>::new());
+        // Written over something still stored that is not its predecessor.
+        let mut b = healthy();
+        let mut stray = kept.clone();
+        stray.replay_of = Some(99);
+        b.stored_inputs.push(input(20, "a"));
+        b.chains.get_mut("a").unwrap().push(stray);
+        assert!(
+            b.violations()
+                .iter()
+                .any(|l| l.starts_with("outcomes written over another outcome")),
+            "{:?}",
+            b.violations()
+        );
+        // A processed outcome after a kept one: two outcomes.
+        let mut c = healthy();
+        c.stored_inputs.push(input(20, "a"));
+        c.chains.get_mut("a").unwrap().push(kept.clone());
+        let mut again = outcome(30, OutcomeKind::Processed, "a", Some(21));
+        again.input_seq = Some(20);
+        c.chains.get_mut("a").unwrap().push(again);
+        assert!(
+            c.violations()
+                .iter()
+                .any(|l| l.starts_with("inputs with two outcomes")),
+            "{:?}",
+            c.violations()
         );
     }
 

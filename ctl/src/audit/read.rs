@@ -63,6 +63,10 @@ fn replay_of(m: &jetstream::Message) -> Option<u64> {
     names::parse_replay_of(v).map(|(marker, _)| marker)
 }
 
+fn keeps(m: &jetstream::Message) -> Option<(u64, OutcomeKind)> {
+    names::parse_keeps(m.headers.as_ref()?.get(names::KEEPS_HEADER)?.as_str())
+}
+
 fn source_seq(m: &jetstream::Message) -> Option<u64> {
     orderpipeline_common::nats::source_sequence(m.headers.as_ref()?)
 }
@@ -118,13 +122,32 @@ fn stored_outcome(
             dead = Some(d);
             id
         }
+        // A copy of the final outcome it keeps, with that outcome's event.
+        OutcomeKind::Kept => match keeps(m) {
+            Some((_, OutcomeKind::Rejected)) => {
+                OrderRejected::decode(m.payload.as_ref())
+                    .with_context(|| format!("kept copy {seq} is not an OrderRejected"))?
+                    .order_id
+            }
+            Some(_) => {
+                OrderProcessed::decode(m.payload.as_ref())
+                    .with_context(|| format!("kept copy {seq} is not an OrderProcessed"))?
+                    .order_id
+            }
+            None => anyhow::bail!(
+                "kept copy {seq} has no valid {} header",
+                names::KEEPS_HEADER
+            ),
+        },
     };
     let outcome = StoredOutcome {
         seq,
         kind,
         key: key.to_string(),
         input_seq: header_u64(m, names::INPUT_SEQ_HEADER),
-        replay_of: replay_of(m),
+        // The outcome this one was written over: a replay's marker, a kept
+        // copy's original.
+        replay_of: replay_of(m).or(keeps(m).map(|(over, _)| over)),
         order_id,
         stored_at: stored_at(m),
     };
