@@ -14,9 +14,23 @@
 //! double ack), with the duplicate window as a real bound: the checker finds the
 //! order that gets two `OrderProcessed` events.
 //!
+//! Time and identity (v2): a later copy of an order stored after its outcome
+//! (a re-send within the stream's memory of the order), the stream's limits
+//! removing its oldest message (an input only once acknowledged: the operator
+//! holds `maxAge` above unprocessed inputs; a dead letter's marker stays), and
+//! the consumer recreated, delivering every stored input again. Not modelled
+//! yet: stream recreation with renumbered sequences, and an outcome ageing out
+//! while a later copy of its order waits unprocessed.
+//!
+//! Every property is shown able to fail: each `mutation_*` test breaks the
+//! protocol in one way ([`Mutation`]) and asserts the checker finds the
+//! property's counterexample (printed; listed in the durability docs).
+//!
 //! Properties (both models):
-//! - always: at most one processed-or-rejected outcome per order, and every
-//!   outcome other than the order's latest is a dead letter superseded by a replay;
+//! - always: at most one processed-or-rejected outcome per order, over the
+//!   stream's whole life (also once limits removed the first), and every outcome
+//!   other than the order's latest is a dead letter superseded by a replay or a
+//!   final outcome kept by a later copy;
 //! - always: no downstream call starts after the order's outcome exists, unless
 //!   another delivery of the same order was in flight between this one's read
 //!   of the outcome and its call (two deliveries of one order can overlap after an ack wait expires,
@@ -53,6 +67,14 @@ pub struct Budget {
     pub replays: u8,
     /// V1 only: the duplicate window may pass this many times.
     pub windows: u8,
+    /// Later copies of an order the producer stores (re-sent after the
+    /// duplicate window, or under another message id).
+    pub copies: u8,
+    /// Messages the stream's limits remove, oldest first (`maxAge`).
+    pub removals: u8,
+    /// Times the consumer is deleted and created again (it delivers every
+    /// stored input again: `DeliverPolicy: all`).
+    pub recreations: u8,
 }
 
 /// One input the stream stored.
@@ -66,6 +88,9 @@ pub struct Input {
     pub acked: bool,
     pub delivered: u64,
     pub in_flight: u8,
+    /// Removed from the stream by its limits (only once acknowledged: the
+    /// operator holds `maxAge` above unprocessed inputs).
+    pub removed: bool,
 }
 
 /// An outcome message in the stream.
@@ -78,6 +103,8 @@ pub struct Outcome {
     pub over: u64,
     /// For dead letters: the DLQ copy was removed after a replay superseded it.
     pub letter_removed: bool,
+    /// For a kept copy: the kind of the outcome it keeps.
+    pub keeps: Option<OutcomeKind>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -108,10 +135,47 @@ pub struct State {
     /// the order may end dead-lettered (a replay completes it; the key makes the
     /// repeated call safe).
     pub suspect: Vec<u8>,
+    /// Every processed-or-rejected outcome ever written, by order: the promise
+    /// over the stream's whole life, also once limits removed some.
+    pub finals_written: Vec<u8>,
+    /// Outcomes the limits removed: sequence, order, and the kind it was (or
+    /// kept). An outcome written over one of them is written over what aged
+    /// out, as in the audit's archive.
+    pub aged_out: Vec<(u64, u8, OutcomeKind)>,
     pub budget: Budget,
 }
 
+/// The stream's oldest message.
+enum Oldest {
+    Input(usize),
+    Outcome(usize),
+}
+
 impl State {
+    /// The oldest stored message, when limits may remove it: an acknowledged
+    /// input (the hold keeps unprocessed ones) or a final or kept outcome (a
+    /// dead letter's marker stays: its letter's replay names it).
+    fn oldest(&self) -> Option<Oldest> {
+        let input = self
+            .inputs
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| !i.removed)
+            .min_by_key(|(_, i)| i.seq);
+        let outcome = self.outcomes.iter().enumerate().min_by_key(|(_, o)| o.seq);
+        match (input, outcome) {
+            (Some((i, input)), o) if o.is_none_or(|(_, o)| input.seq < o.seq) => {
+                (input.acked && input.in_flight == 0).then_some(Oldest::Input(i))
+            }
+            (_, Some((o, outcome))) => machine::keeps(outcome.kind).then_some(Oldest::Outcome(o)),
+            _ => None,
+        }
+    }
+
+    fn quiet(&self) -> bool {
+        self.workers.is_empty()
+    }
+
     fn last_on(&self, order: u8) -> Option<u64> {
         self.outcomes
             .iter()
@@ -193,7 +257,11 @@ impl State {
                 kind,
                 over: expect,
                 letter_removed: false,
+                keeps: None,
             });
+            if matches!(kind, OutcomeKind::Processed | OutcomeKind::Rejected) {
+                self.finals_written.push(order);
+            }
             self.next_seq += 1;
             if fault == Fault::StoredButLost {
                 Event::WriteFailed
@@ -206,11 +274,18 @@ impl State {
     /// A v2 worker keeps the outcome at `over` with a `kept` copy (as the
     /// handler does: a dead letter is not kept, a vanished one is a conflict).
     fn keep_outcome(&mut self, order: u8, over: u64, fault: Fault) -> Event {
-        match self.outcomes.iter().find(|o| o.seq == over) {
-            None => Event::Conflict,
-            Some(o) if !machine::keeps(o.kind) => Event::Written,
-            Some(_) => self.write_outcome(order, OutcomeKind::Kept, over, false, fault),
+        let Some(original) = self.outcomes.iter().find(|o| o.seq == over).cloned() else {
+            return Event::Conflict;
+        };
+        if !machine::keeps(original.kind) {
+            return Event::Written;
         }
+        let stored = self.outcomes.len();
+        let event = self.write_outcome(order, OutcomeKind::Kept, over, false, fault);
+        if let Some(kept) = self.outcomes.get_mut(stored) {
+            kept.keeps = original.keeps.or(Some(original.kind));
+        }
+        event
     }
 
     /// The kind of `order`'s current outcome: its latest, seen through `kept`
@@ -218,11 +293,14 @@ impl State {
     fn current_kind(&self, order: u8) -> Option<OutcomeKind> {
         let mut chain: Vec<&Outcome> = self.outcomes.iter().filter(|o| o.order == order).collect();
         chain.sort_by_key(|o| o.seq);
-        chain
-            .iter()
-            .rev()
-            .find(|o| o.kind != OutcomeKind::Kept)
-            .map(|o| o.kind)
+        chain.last().map(|o| o.keeps.unwrap_or(o.kind)).or_else(|| {
+            // All aged out: the last one it had.
+            self.aged_out
+                .iter()
+                .rev()
+                .find(|(_, o, _)| *o == order)
+                .map(|(_, _, k)| *k)
+        })
     }
 
     /// A v2 worker removes the dead-letter copy its replayed `input` came from.
@@ -243,6 +321,24 @@ pub struct V2 {
     pub max_deliveries: u32,
     pub downstream: bool,
     pub budget: Budget,
+    /// A deliberately broken variant of the protocol, to show a property can fail.
+    pub mutation: Option<Mutation>,
+}
+
+/// Deliberate breakages of the worker's protocol, each of which one property
+/// must catch (tests `mutation_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mutation {
+    /// Outcome writes ignore the expected last sequence (no conditional write).
+    UnconditionalWrite,
+    /// The read before a downstream call always finds no outcome.
+    BlindRead,
+    /// The worker acks instead of writing its outcome.
+    AckWithoutOutcome,
+    /// The outcome goes under another order's key.
+    WrongKey,
+    /// A later copy does not keep the outcome it finds older than itself.
+    NoKeep,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -258,6 +354,12 @@ pub enum Action {
     Replay(u64),
     /// V1 only: the stream's duplicate window passes (it forgets the ids).
     WindowPasses,
+    /// The producer stores this order again (between deliveries).
+    Republish(u8),
+    /// The stream's limits remove its oldest message (between deliveries).
+    AgeOut,
+    /// The consumer is recreated and delivers every stored input again.
+    RecreateConsumer,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -282,6 +384,15 @@ impl V2 {
             orphan_letter: false,
             downstream: self.downstream,
             input_seq: input.seq,
+        }
+    }
+
+    /// The step a mutation makes of `step`.
+    fn mutated(&self, step: Step) -> Step {
+        match (self.mutation, step) {
+            (Some(Mutation::AckWithoutOutcome), Step::Write { .. }) => Step::Ack,
+            (Some(Mutation::NoKeep), Step::Keep { .. }) => Step::Ack,
+            _ => step,
         }
     }
 
@@ -343,8 +454,54 @@ impl V2 {
             acked: false,
             delivered: 0,
             in_flight: 0,
+            removed: false,
         });
         s.next_seq += 1;
+        Some(s)
+    }
+
+    /// The producer stores `order` again, after everything stored so far.
+    fn republish(&self, s: &State, order: u8) -> Option<State> {
+        let mut s = s.clone();
+        s.budget.copies -= 1;
+        let original = s.inputs.iter().find(|i| i.order == order)?.clone();
+        s.inputs.push(Input {
+            replay_of: None,
+            seq: s.next_seq,
+            acked: false,
+            delivered: 0,
+            in_flight: 0,
+            removed: false,
+            ..original
+        });
+        s.next_seq += 1;
+        Some(s)
+    }
+
+    /// `maxAge` removes the stream's oldest message.
+    fn age_out(&self, s: &State) -> Option<State> {
+        let mut s = s.clone();
+        s.budget.removals -= 1;
+        match s.oldest()? {
+            Oldest::Input(i) => s.inputs[i].removed = true,
+            Oldest::Outcome(o) => {
+                let gone = s.outcomes.remove(o);
+                s.aged_out
+                    .push((gone.seq, gone.order, gone.keeps.unwrap_or(gone.kind)));
+            }
+        }
+        Some(s)
+    }
+
+    /// The consumer is deleted and created again: it delivers every stored
+    /// input again.
+    fn recreate_consumer(&self, s: &State) -> Option<State> {
+        let mut s = s.clone();
+        s.budget.recreations -= 1;
+        for i in s.inputs.iter_mut().filter(|i| !i.removed) {
+            i.acked = false;
+            i.delivered = 0;
+        }
         Some(s)
     }
 
@@ -370,7 +527,20 @@ impl V2 {
                 .enumerate()
                 .all(|(x, o)| x == w || s.inputs[o.input].order != order);
         }
+        let step = self.mutated(step);
         let event = match (step, fault) {
+            (Step::ReadOutcome, Fault::None) if self.mutation == Some(Mutation::BlindRead) => {
+                Event::Read(None)
+            }
+            (Step::Write { kind, .. }, f)
+                if self.mutation == Some(Mutation::UnconditionalWrite) =>
+            {
+                let last = s.last_on(order).unwrap_or(0);
+                s.write_outcome(order, kind, last, charged, f)
+            }
+            (Step::Write { kind, expect, .. }, f) if self.mutation == Some(Mutation::WrongKey) => {
+                s.write_outcome(order.wrapping_add(100), kind, expect, charged, f)
+            }
             (Step::ReadOutcome, Fault::None) => Event::Read(s.last_on(order)),
             (Step::ReadOutcome, _) => Event::ReadFailed,
             (Step::CallDownstream, f) => s.call_downstream(input, alone_at_read, &mut charged, f),
@@ -423,6 +593,7 @@ impl Model for V2 {
                 acked: false,
                 delivered: 0,
                 in_flight: 0,
+                removed: false,
             })
             .collect::<Vec<_>>();
         vec![State {
@@ -433,6 +604,8 @@ impl Model for V2 {
             charged: Vec::new(),
             late_call: false,
             suspect: Vec::new(),
+            finals_written: Vec::new(),
+            aged_out: Vec::new(),
             budget: self.budget,
         }]
     }
@@ -446,6 +619,7 @@ impl Model for V2 {
                 + 1
                 + u64::from(b.failures + b.crashes + b.lost_acks + b.overlaps);
             if !input.acked
+                && !input.removed
                 && input.delivered < cap
                 && (input.in_flight == 0 || s.budget.overlaps > 0)
             {
@@ -503,11 +677,40 @@ impl Model for V2 {
                 }
             }
         }
+        // Time passing, between deliveries: a later copy of an order, the
+        // oldest message aged out, the consumer recreated.
+        if s.quiet() {
+            // A re-send within the stream's memory of the order (its input or
+            // an outcome still stored); after that, it is a new order to the
+            // stream, whose deduplication horizon is its retention.
+            if s.budget.copies > 0 {
+                let mut orders: Vec<u8> = self.inputs.iter().map(|(o, _)| *o).collect();
+                orders.dedup();
+                orders.retain(|o| {
+                    s.last_on(*o).is_some() || s.inputs.iter().any(|i| i.order == *o && !i.removed)
+                });
+                out.extend(orders.into_iter().map(Action::Republish));
+            }
+            // Limits remove messages only while every stored input is processed:
+            // the operator holds maxAge above the oldest unprocessed one. (Not
+            // modelled: an outcome older than a waiting later copy of its order
+            // can age out while that copy waits; see the durability docs.)
+            let processed = s.inputs.iter().all(|i| i.acked || i.removed);
+            if s.budget.removals > 0 && processed && s.oldest().is_some() {
+                out.push(Action::AgeOut);
+            }
+            if s.budget.recreations > 0 && s.inputs.iter().all(|i| i.acked || i.removed) {
+                out.push(Action::RecreateConsumer);
+            }
+        }
     }
 
     fn next_state(&self, s: &State, action: Action) -> Option<State> {
         match action {
             Action::WindowPasses => None,
+            Action::Republish(order) => self.republish(s, order),
+            Action::AgeOut => self.age_out(s),
+            Action::RecreateConsumer => self.recreate_consumer(s),
             Action::Deliver(i) => self.deliver(s, i),
             Action::Crash(w) => self.crash(s, w),
             Action::Replay(seq) => self.replay(s, seq),
@@ -524,7 +727,7 @@ impl Model for V2 {
 fn outcome_properties<M: Model<State = State>>() -> Vec<Property<M>> {
     vec![
         Property::always("at most one outcome per order", |_, s: &State| {
-            chains_are_sound(s)
+            chains_are_sound(s) && finals_once(s)
         }),
         Property::always(
             "no downstream call after the outcome exists",
@@ -541,11 +744,11 @@ fn outcome_properties<M: Model<State = State>>() -> Vec<Property<M>> {
                 // Quiet: no delivery in flight and none left to make (a path can still
                 // go on with a replay, which starts a new input).
                 let quiet = s.workers.is_empty() && s.inputs.iter().all(|i| i.in_flight == 0);
-                !quiet || !s.inputs.iter().all(|i| i.acked) || final_outcomes_hold(s)
+                !quiet || !s.inputs.iter().all(|i| i.acked || i.removed) || final_outcomes_hold(s)
             },
         ),
         Property::eventually("every stored input is acked", |_, s: &State| {
-            s.inputs.iter().all(|i| i.acked) && final_outcomes_hold(s)
+            s.inputs.iter().all(|i| i.acked || i.removed) && final_outcomes_hold(s)
         }),
     ]
 }
@@ -553,7 +756,10 @@ fn outcome_properties<M: Model<State = State>>() -> Vec<Property<M>> {
 /// At the end: each stored input's order has an outcome, each live dead letter is
 /// its order's current outcome, and the downstream charged only processed orders.
 fn final_outcomes_hold(s: &State) -> bool {
-    s.inputs.iter().all(|i| s.last_on(i.order).is_some())
+    s.inputs
+        .iter()
+        .filter(|i| !i.removed)
+        .all(|i| s.last_on(i.order).is_some())
         && chains_are_sound(s)
         && s.outcomes.iter().all(|o| {
             o.kind != OutcomeKind::DeadLettered
@@ -563,6 +769,17 @@ fn final_outcomes_hold(s: &State) -> bool {
         && s.charged.iter().all(|order| {
             s.suspect.contains(order) || s.current_kind(*order) == Some(OutcomeKind::Processed)
         })
+}
+
+/// Over the stream's whole life, at most one processed-or-rejected outcome was
+/// written per order (the chains show only what the limits left).
+fn finals_once(s: &State) -> bool {
+    let mut seen = Vec::new();
+    s.finals_written.iter().all(|o| {
+        let first = !seen.contains(o);
+        seen.push(*o);
+        first
+    })
 }
 
 /// Per order, the promise over its outcome chain ([`promise::check_chain`], the
@@ -583,7 +800,11 @@ fn chains_are_sound(s: &State) -> bool {
             })
             .collect();
         chain.sort_by_key(|l| l.seq);
-        promise::check_chain(&chain).is_empty()
+        promise::check_chain(&chain).iter().all(|b| {
+            // What the first was written over aged out: archived, as in the audit.
+            matches!(b, promise::Breach::FirstSupersedes { first }
+                if first.supersedes.is_some_and(|x| s.aged_out.iter().any(|(seq, _, _)| *seq == x)))
+        })
     })
 }
 
@@ -670,6 +891,7 @@ impl V1State {
                 kind,
                 over,
                 letter_removed: false,
+                keeps: None,
             });
             self.base.next_seq += 1;
             self.dedup.push(order);
@@ -695,6 +917,7 @@ impl V1State {
             kind: OutcomeKind::DeadLettered,
             over,
             letter_removed: false,
+            keeps: None,
         });
         self.base.next_seq += 1;
         match self.kv_final.iter_mut().find(|(o, _)| *o == order) {
@@ -793,6 +1016,7 @@ impl Model for V1 {
             max_deliveries: self.max_deliveries,
             downstream: true,
             budget: self.budget,
+            mutation: None,
         };
         v2.init_states()
             .into_iter()
@@ -840,7 +1064,10 @@ impl Model for V1 {
             Action::Deliver(i) => self.deliver(s, i),
             Action::Crash(w) => self.crash(s, w),
             Action::WindowPasses => self.window_passes(s),
-            Action::Replay(_) => None,
+            Action::Replay(_)
+            | Action::Republish(_)
+            | Action::AgeOut
+            | Action::RecreateConsumer => None,
             Action::Run { w, fault } => self.run(s, w, fault),
         }
     }
@@ -862,6 +1089,9 @@ pub fn default_budget() -> Budget {
         overlaps: 1,
         replays: 1,
         windows: 0,
+        copies: 0,
+        removals: 0,
+        recreations: 0,
     }
 }
 
@@ -891,6 +1121,7 @@ mod tests {
                 max_deliveries: 2,
                 downstream: true,
                 budget: default_budget(),
+                mutation: None,
             },
         );
     }
@@ -909,8 +1140,9 @@ mod tests {
                     lost_acks: 1,
                     overlaps: 1,
                     replays: 1,
-                    windows: 0,
+                    ..default_budget()
                 },
+                mutation: None,
             },
         );
     }
@@ -924,6 +1156,7 @@ mod tests {
                 max_deliveries: 2,
                 downstream: false,
                 budget: default_budget(),
+                mutation: None,
             },
         );
     }
@@ -942,8 +1175,180 @@ mod tests {
                     replays: 2,
                     ..default_budget()
                 },
+                mutation: None,
             },
         );
+    }
+
+    /// Time and identity: a later copy of the order stored after its outcome,
+    /// the oldest messages aged out (inputs only once acknowledged), the consumer
+    /// recreated so every stored input is delivered again.
+    #[test]
+    fn v2_a_later_copy_outlives_the_first_and_its_outcome() {
+        check_v2(
+            "two orders, a later copy, 4 messages aged out, the consumer recreated, 1 crash, 1 failure, 1 lost ack",
+            V2 {
+                inputs: vec![(0, Verdict::Process), (1, Verdict::Reject)],
+                max_deliveries: 2,
+                downstream: true,
+                budget: Budget {
+                    crashes: 1,
+                    failures: 1,
+                    lost_acks: 1,
+                    overlaps: 0,
+                    replays: 0,
+                    windows: 0,
+                    copies: 1,
+                    removals: 4,
+                    recreations: 1,
+                },
+                mutation: None,
+            },
+        );
+    }
+
+    /// The counterexample the checker finds for `property` in `model`, one line
+    /// per action, with the outcomes ever written at its end.
+    fn counterexample(model: V2, property: &'static str) -> Vec<String> {
+        // One thread: breadth first in order, so the path is a shortest one.
+        let checker = model.clone().checker().threads(1).spawn_bfs().join();
+        let path = checker
+            .discovery(property)
+            .unwrap_or_else(|| panic!("{:?}: no counterexample for {property:?}", model.mutation));
+        let mut steps = path.into_vec();
+        // The path ends where the invariant first fails (the checker may report
+        // it further on).
+        let holds = model
+            .properties()
+            .into_iter()
+            .find(|p| p.name == property)
+            .expect("the property")
+            .condition;
+        if let Some(first) = steps.iter().position(|(st, _)| !holds(&model, st)) {
+            steps.truncate(first + 1);
+        }
+        let mut lines = Vec::new();
+        for (state, action) in &steps {
+            let Some(action) = action else { continue };
+            lines.push(match action {
+                Action::Deliver(i) => {
+                    format!("the consumer delivers input {}", state.inputs[*i].seq)
+                }
+                Action::Run { w, fault } => {
+                    let worker = &state.workers[*w];
+                    format!(
+                        "worker (input {}): {:?}{}",
+                        state.inputs[worker.input].seq,
+                        model.mutated(worker.step),
+                        match fault {
+                            Fault::None => String::new(),
+                            f => format!(" ({f:?})"),
+                        }
+                    )
+                }
+                Action::Crash(w) => format!("a worker dies during {:?}", state.workers[*w].step),
+                Action::Republish(o) => format!("the producer stores order {o} again"),
+                Action::AgeOut => "maxAge removes the oldest message".to_string(),
+                Action::RecreateConsumer => "the consumer is recreated".to_string(),
+                other => format!("{other:?}"),
+            });
+        }
+        let last = &steps.last().expect("a path").0;
+        lines.push(format!(
+            "=> outcomes stored {:?}; processed-or-rejected written over time for orders {:?}",
+            last.outcomes
+                .iter()
+                .map(|o| (o.seq, o.kind.token()))
+                .collect::<Vec<_>>(),
+            last.finals_written
+        ));
+        eprintln!(
+            "mutation {:?} breaks {property:?}; counterexample:\n  {}",
+            model.mutation.unwrap(),
+            lines.join("\n  ")
+        );
+        lines
+    }
+
+    fn one_order(mutation: Mutation, budget: Budget) -> V2 {
+        V2 {
+            inputs: vec![(0, Verdict::Process)],
+            max_deliveries: 2,
+            downstream: true,
+            budget,
+            mutation: Some(mutation),
+        }
+    }
+
+    fn quiet_budget() -> Budget {
+        Budget {
+            crashes: 0,
+            failures: 0,
+            lost_acks: 0,
+            overlaps: 0,
+            replays: 0,
+            ..default_budget()
+        }
+    }
+
+    #[test]
+    fn mutation_unconditional_write_breaks_at_most_one_outcome() {
+        let budget = Budget {
+            overlaps: 1,
+            ..quiet_budget()
+        };
+        let lines = counterexample(
+            one_order(Mutation::UnconditionalWrite, budget),
+            "at most one outcome per order",
+        );
+        assert!(
+            lines.iter().filter(|l| l.contains("Write")).count() >= 2,
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn mutation_blind_read_breaks_no_call_after_the_outcome() {
+        let budget = Budget {
+            lost_acks: 1,
+            ..quiet_budget()
+        };
+        let lines = counterexample(
+            one_order(Mutation::BlindRead, budget),
+            "no downstream call after the outcome exists",
+        );
+        assert!(lines.iter().any(|l| l.contains("LostAck")), "{lines:?}");
+    }
+
+    #[test]
+    fn mutation_ack_without_outcome_breaks_exactly_one_outcome_when_quiet() {
+        counterexample(
+            one_order(Mutation::AckWithoutOutcome, quiet_budget()),
+            "when all is quiet every stored input is acked with exactly one outcome",
+        );
+    }
+
+    #[test]
+    fn mutation_wrong_key_breaks_outcomes_only_for_stored_inputs() {
+        counterexample(
+            one_order(Mutation::WrongKey, quiet_budget()),
+            "outcomes only for stored inputs",
+        );
+    }
+
+    #[test]
+    fn mutation_no_keep_breaks_at_most_one_outcome_over_time() {
+        let budget = Budget {
+            copies: 1,
+            removals: 2,
+            recreations: 1,
+            ..quiet_budget()
+        };
+        let lines = counterexample(
+            one_order(Mutation::NoKeep, budget),
+            "at most one outcome per order",
+        );
+        assert!(lines.iter().any(|l| l.contains("recreated")), "{lines:?}");
     }
 
     #[test]
@@ -958,6 +1363,7 @@ mod tests {
                 overlaps: 0,
                 replays: 0,
                 windows: 1,
+                ..default_budget()
             },
         }
         .checker()
@@ -980,7 +1386,7 @@ mod tests {
                     state.v1_workers[*w].1,
                     if *fault == Fault::Fail { " fails" } else { "" }
                 ),
-                Action::Replay(_) => "replay".to_string(),
+                other => format!("{other:?}"),
             });
         }
         let Some((last, _)) = steps.last() else {
