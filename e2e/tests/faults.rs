@@ -242,9 +242,9 @@ fn check_downstream(
         }
         let last = audit.chains.get(&key).and_then(|c| c.last());
         anyhow::ensure!(
-            last.is_some_and(|o| o.kind == OutcomeKind::Processed),
+            last.is_some_and(|o| o.outcome_kind() == OutcomeKind::Processed),
             "the downstream charged order key {key} whose outcome is {:?}",
-            last.map(|o| o.kind)
+            last.map(|o| o.outcome_kind())
         );
         if let (Some(o), Some(call)) = (last, d.last_call(&key)) {
             // The first outcome of the chain is the one no call may follow.
@@ -860,9 +860,9 @@ async fn fault_9_a_5000_byte_order_id_among_normal_orders_disturbs_no_connection
         .find(|o| o.order_id == long_id)
         .context("the long id's outcome")?;
     anyhow::ensure!(
-        rejected.kind == orderpipeline_common::names::OutcomeKind::Rejected,
+        rejected.outcome_kind() == orderpipeline_common::names::OutcomeKind::Rejected,
         "the 5000-byte id is rejected, not {:?}",
-        rejected.kind
+        rejected.outcome_kind()
     );
     r.invalid_ids.push(long_id);
     report("long-order-id", &audit, &[&r], 0, None, started)

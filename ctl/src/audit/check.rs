@@ -19,8 +19,11 @@ pub struct StoredOutcome {
     pub key: String,
     /// The input whose delivery wrote it.
     pub input_seq: Option<u64>,
-    /// For a replay's outcome: the dead-letter marker it supersedes.
+    /// The outcome it was written over: a replay's dead-letter marker, a kept
+    /// copy's original.
     pub replay_of: Option<u64>,
+    /// For a kept copy: the kind of the outcome it keeps.
+    pub keeps: Option<OutcomeKind>,
     /// The order id in the event (empty for undecodable inputs).
     pub order_id: String,
     /// When the stream stored it.
@@ -69,6 +72,12 @@ pub struct Audit {
 }
 
 impl StoredOutcome {
+    /// The order's outcome this message stands for: its own kind, or for a
+    /// kept copy the kind it keeps.
+    pub fn outcome_kind(&self) -> OutcomeKind {
+        self.keeps.unwrap_or(self.kind)
+    }
+
     /// The outcome as a link of its key's chain.
     pub fn link(&self) -> Link {
         Link {
@@ -117,8 +126,15 @@ impl Audit {
                     .or_default()
                     .push(d);
             }
+            // A kept copy counts only when the outcome it keeps aged out (it
+            // is then the order's one outcome in the stream).
+            let own_final = finals(chain) > 0;
             for o in chain {
-                match o.kind {
+                let kind = match o.kind {
+                    OutcomeKind::Kept if !own_final => o.outcome_kind(),
+                    k => k,
+                };
+                match kind {
                     OutcomeKind::Processed => {
                         *self.processed.entry(o.order_id.clone()).or_default() += 1
                     }
@@ -500,6 +516,7 @@ mod tests {
             key: key.into(),
             input_seq: Some(1),
             replay_of,
+            keeps: (kind == OutcomeKind::Kept).then_some(OutcomeKind::Processed),
             order_id: key.into(),
             stored_at: UNIX_EPOCH + Duration::from_millis(seq),
         }

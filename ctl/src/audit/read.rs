@@ -148,6 +148,7 @@ fn stored_outcome(
         // The outcome this one was written over: a replay's marker, a kept
         // copy's original.
         replay_of: replay_of(m).or(keeps(m).map(|(over, _)| over)),
+        keeps: keeps(m).map(|(_, kind)| kind),
         order_id,
         stored_at: stored_at(m),
     };
