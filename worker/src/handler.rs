@@ -726,48 +726,24 @@ async fn write_outcome(
         messaging.destination.name = subject.as_str(),
         outcome.expect = expect,
     );
-    async {
-        let publish = jetstream::message::PublishMessage::build()
-            .headers(outcome_headers(a, kind, expect))
-            .expected_last_subject_sequence(expect)
-            .payload(Bytes::from(payload));
-        let ack = match ctx.js.send_publish(subject.clone(), publish).await {
-            Ok(fut) => fut.await,
-            Err(e) => return WriteResult::Failed(format!("publishing to {subject}: {e}")),
-        };
-        match ack {
-            Ok(_) => WriteResult::Written,
-            Err(e) if is_wrong_last_sequence(&e) => WriteResult::Conflict,
-            Err(e) => WriteResult::Failed(format!("publishing to {subject}: {e}")),
-        }
-    }
-    .instrument(span)
-    .await
+    let headers = outcome_headers(a, kind, expect);
+    publish_over(ctx, subject, headers, expect, Bytes::from(payload))
+        .instrument(span)
+        .await
 }
 
-/// Publishes the `kept` copy of outcome `over` (of `kind`, with its event
-/// `payload`) on `<prefix>.kept.<key>`, accepted only while `over` is the key's
-/// last outcome.
-async fn write_kept(a: &Attempt<'_>, over: u64, kind: OutcomeKind, payload: Bytes) -> WriteResult {
-    let ctx = a.ctx;
-    let subject = ctx.outcomes.subject(OutcomeKind::Kept, &a.key);
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        "Nats-Expected-Last-Subject-Sequence-Subject",
-        ctx.outcomes.any_kind(&a.key).as_str(),
-    );
-    headers.insert(
-        names::INPUT_SEQ_HEADER,
-        a.delivery.stream_seq.to_string().as_str(),
-    );
-    headers.insert(
-        names::KEEPS_HEADER,
-        format!("{over}/{}", kind.token()).as_str(),
-    );
-    trace::inject_current(&mut headers);
+/// Publishes to `subject`, accepted by the stream only if the key's last
+/// outcome sequence is `expect` (the headers name the key's subjects).
+async fn publish_over(
+    ctx: &Ctx,
+    subject: String,
+    headers: HeaderMap,
+    expect: u64,
+    payload: Bytes,
+) -> WriteResult {
     let publish = jetstream::message::PublishMessage::build()
         .headers(headers)
-        .expected_last_subject_sequence(over)
+        .expected_last_subject_sequence(expect)
         .payload(payload);
     let ack = match ctx.js.send_publish(subject.clone(), publish).await {
         Ok(fut) => fut.await,
@@ -780,12 +756,23 @@ async fn write_kept(a: &Attempt<'_>, over: u64, kind: OutcomeKind, payload: Byte
     }
 }
 
-/// The outcome's headers: the key's subjects for the conditional write, the
-/// input's sequence, the letter a replay supersedes (only when it writes over
-/// it: a replay whose letter vanished writes over nothing), on a dead letter its
-/// key and the stream's identity (a replay names its letter by them), and the
-/// trace context.
-fn outcome_headers(a: &Attempt<'_>, kind: OutcomeKind, expect: u64) -> HeaderMap {
+/// Publishes the `kept` copy of outcome `over` (of `kind`, with its event
+/// `payload`) on `<prefix>.kept.<key>`, accepted only while `over` is the key's
+/// last outcome.
+async fn write_kept(a: &Attempt<'_>, over: u64, kind: OutcomeKind, payload: Bytes) -> WriteResult {
+    let subject = a.ctx.outcomes.subject(OutcomeKind::Kept, &a.key);
+    let mut headers = key_headers(a);
+    headers.insert(
+        names::KEEPS_HEADER,
+        format!("{over}/{}", kind.token()).as_str(),
+    );
+    trace::inject_current(&mut headers);
+    publish_over(a.ctx, subject, headers, over, payload).await
+}
+
+/// The headers of every write on the key: its subjects for the conditional
+/// write, and the input's sequence.
+fn key_headers(a: &Attempt<'_>) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(
         "Nats-Expected-Last-Subject-Sequence-Subject",
@@ -795,6 +782,16 @@ fn outcome_headers(a: &Attempt<'_>, kind: OutcomeKind, expect: u64) -> HeaderMap
         names::INPUT_SEQ_HEADER,
         a.delivery.stream_seq.to_string().as_str(),
     );
+    headers
+}
+
+/// The outcome's headers: the key's subjects for the conditional write, the
+/// input's sequence, the letter a replay supersedes (only when it writes over
+/// it: a replay whose letter vanished writes over nothing), on a dead letter its
+/// key and the stream's identity (a replay names its letter by them), and the
+/// trace context.
+fn outcome_headers(a: &Attempt<'_>, kind: OutcomeKind, expect: u64) -> HeaderMap {
+    let mut headers = key_headers(a);
     if let Some(r) = a.replay.as_ref().filter(|r| r.marker == expect) {
         headers.insert(
             names::REPLAY_OF_HEADER,

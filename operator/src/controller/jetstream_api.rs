@@ -95,6 +95,16 @@ pub(crate) fn pause_forever() -> time::OffsetDateTime {
 /// JetStream on a real connection.
 pub(crate) struct Live(pub(crate) jetstream::Context);
 
+impl Live {
+    /// A handle on stream `name`, without a request for its info.
+    async fn handle(&self, name: &str) -> Result<stream::Stream<()>, JsError> {
+        self.0
+            .get_stream_no_info(name)
+            .await
+            .map_err(|e| JsError::of(&e))
+    }
+}
+
 #[async_trait::async_trait]
 impl JetStream for Live {
     async fn stream(&self, name: &str) -> Result<Option<StreamView>, JsError> {
@@ -140,11 +150,7 @@ impl JetStream for Live {
 
     async fn consumer(&self, stream: &str, name: &str) -> Result<Option<ConsumerView>, JsError> {
         // CONSUMER.INFO alone (a missing stream answers "not found" there too).
-        let s = self
-            .0
-            .get_stream_no_info(stream)
-            .await
-            .map_err(|e| JsError::of(&e))?;
+        let s = self.handle(stream).await?;
         match s.consumer_info(name).await {
             Ok(c) => Ok(Some(ConsumerView {
                 config: c.config.clone(),
@@ -164,21 +170,13 @@ impl JetStream for Live {
     }
 
     async fn put_consumer(&self, stream: &str, cfg: consumer::pull::Config) -> Result<(), JsError> {
-        let s = self
-            .0
-            .get_stream_no_info(stream)
-            .await
-            .map_err(|e| JsError::of(&e))?;
+        let s = self.handle(stream).await?;
         s.create_consumer(cfg).await.map_err(|e| JsError::of(&e))?;
         Ok(())
     }
 
     async fn set_paused(&self, stream: &str, name: &str, paused: bool) -> Result<(), JsError> {
-        let s = self
-            .0
-            .get_stream_no_info(stream)
-            .await
-            .map_err(|e| JsError::of(&e))?;
+        let s = self.handle(stream).await?;
         if paused {
             s.pause_consumer(name, pause_forever())
                 .await
@@ -195,11 +193,7 @@ impl JetStream for Live {
         subject: &str,
         from_seq: u64,
     ) -> Result<Option<i64>, JsError> {
-        let s = self
-            .0
-            .get_stream_no_info(stream)
-            .await
-            .map_err(|e| JsError::of(&e))?;
+        let s = self.handle(stream).await?;
         match s
             .get_first_raw_message_by_subject(subject, from_seq.max(1))
             .await
