@@ -29,6 +29,21 @@ pub fn derived_state_bucket(stream: &str) -> String {
     format!("{stream}_STATE")
 }
 
+/// The annotation on an OrderPipeline with which a person acknowledges the
+/// orders its stream's limits removed unprocessed: the count handled.
+pub const REMOVED_ACKNOWLEDGED_ANNOTATION: &str =
+    "orderpipeline.dev/removed-unprocessed-acknowledged";
+
+/// Orders removed unprocessed (`count`, from the status) that the annotation's
+/// value (`acknowledged`, when set) does not cover; a value that is not a
+/// number acknowledges nothing.
+pub fn unacknowledged(count: i64, acknowledged: Option<&str>) -> i64 {
+    let acked = acknowledged
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .unwrap_or(0);
+    (count - acked).max(0)
+}
+
 /// The header JetStream deduplicates on.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 

@@ -4,6 +4,7 @@
 use anyhow::Context as _;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use orderpipeline_common::names;
+use orderpipeline_common::names::REMOVED_ACKNOWLEDGED_ANNOTATION as ACKNOWLEDGED_ANNOTATION;
 use serde_json::Value;
 
 /// Everything `orderctl` needs to find a pipeline's objects on NATS.
@@ -40,10 +41,6 @@ pub struct RemovedUnprocessed {
     pub last: String,
 }
 
-/// The annotation that acknowledges removed orders (the operator's
-/// `retention::ACKNOWLEDGED_ANNOTATION`).
-const ACKNOWLEDGED_ANNOTATION: &str = "orderpipeline.dev/removed-unprocessed-acknowledged";
-
 impl RemovedUnprocessed {
     /// From the resource as the API server returns it; `None` when none are
     /// unacknowledged.
@@ -52,10 +49,8 @@ impl RemovedUnprocessed {
         let acked = obj
             .pointer("/metadata/annotations")
             .and_then(|a| a.get(ACKNOWLEDGED_ANNOTATION))
-            .and_then(Value::as_str)
-            .and_then(|v| v.trim().parse::<i64>().ok())
-            .unwrap_or(0);
-        let count = r.get("count")?.as_i64()? - acked;
+            .and_then(Value::as_str);
+        let count = names::unacknowledged(r.get("count")?.as_i64()?, acked);
         (count > 0).then(|| Self {
             count,
             exact: r.get("exact").and_then(Value::as_bool).unwrap_or(false),

@@ -112,6 +112,32 @@ fn condition<'a>(
         .find(|c| c.type_ == type_)
 }
 
+/// `count` valid orders `<prefix>-<n>` on ORDER.created, `window` awaiting
+/// their PubAck at once.
+async fn publish_valid(
+    js: &jetstream::Context,
+    prefix: &str,
+    count: u64,
+    window: usize,
+) -> anyhow::Result<orderpipeline_ctl::PublishReport> {
+    orderpipeline_ctl::publish_orders(
+        js,
+        &orderpipeline_ctl::PublishOptions {
+            subject: "ORDER.created".into(),
+            count,
+            rate: 0.0,
+            invalid_ratio: 0.0,
+            duplicate_ratio: 0.0,
+            prefix: prefix.into(),
+            window,
+            ack_timeout: Duration::from_secs(5),
+            progress: false,
+            poison: 0,
+        },
+    )
+    .await
+}
+
 /// Waits until Ready has `status` (and `reason`, when given).
 async fn wait_ready(
     s: &Setup,
@@ -958,22 +984,7 @@ async fn pause_scales_to_zero_and_pauses_the_consumer_and_unpause_resumes() -> a
     })
     .await?;
     // Orders published while paused wait in the stream.
-    let report = orderpipeline_ctl::publish_orders(
-        &s.js,
-        &orderpipeline_ctl::PublishOptions {
-            subject: "ORDER.created".into(),
-            count: 50,
-            rate: 0.0,
-            invalid_ratio: 0.0,
-            duplicate_ratio: 0.0,
-            prefix: "paused".into(),
-            window: 64,
-            ack_timeout: Duration::from_secs(5),
-            progress: false,
-            poison: 0,
-        },
-    )
-    .await?;
+    let report = publish_valid(&s.js, "paused", 50, 64).await?;
     s.api
         .patch(
             "orders",
@@ -2076,22 +2087,7 @@ async fn paused_with_five_orders(
             && condition(p, "Paused").is_some_and(|c| c.status == "True")
     })
     .await?;
-    let report = orderpipeline_ctl::publish_orders(
-        &s.js,
-        &orderpipeline_ctl::PublishOptions {
-            subject: "ORDER.created".into(),
-            count: 5,
-            rate: 0.0,
-            invalid_ratio: 0.0,
-            duplicate_ratio: 0.0,
-            prefix: "held".into(),
-            window: 8,
-            ack_timeout: Duration::from_secs(5),
-            progress: false,
-            poison: 0,
-        },
-    )
-    .await?;
+    let report = publish_valid(&s.js, "held", 5, 8).await?;
     Ok(report.valid_ids)
 }
 

@@ -104,6 +104,7 @@ fn stored_outcome(
 ) -> anyhow::Result<(StoredOutcome, Option<DeadLetter>)> {
     let seq = stream_seq(m);
     let mut dead = None;
+    let kept = keeps(m);
     let order_id = match kind {
         OutcomeKind::Processed => {
             OrderProcessed::decode(m.payload.as_ref())
@@ -123,7 +124,7 @@ fn stored_outcome(
             id
         }
         // A copy of the final outcome it keeps, with that outcome's event.
-        OutcomeKind::Kept => match keeps(m) {
+        OutcomeKind::Kept => match kept {
             Some((_, OutcomeKind::Rejected)) => {
                 OrderRejected::decode(m.payload.as_ref())
                     .with_context(|| format!("kept copy {seq} is not an OrderRejected"))?
@@ -147,8 +148,8 @@ fn stored_outcome(
         input_seq: header_u64(m, names::INPUT_SEQ_HEADER),
         // The outcome this one was written over: a replay's marker, a kept
         // copy's original.
-        replay_of: replay_of(m).or(keeps(m).map(|(over, _)| over)),
-        keeps: keeps(m).map(|(_, kind)| kind),
+        replay_of: replay_of(m).or(kept.map(|(over, _)| over)),
+        keeps: kept.map(|(_, kind)| kind),
         order_id,
         stored_at: stored_at(m),
     };

@@ -244,6 +244,8 @@ pub(crate) struct Figures {
     pub(crate) observation: super::retention::Observation,
     /// Seconds since the oldest unprocessed input was stored; `None`: none.
     pub(crate) oldest_unprocessed_age_seconds: Option<i64>,
+    /// The input stream's configuration as read (the hold changes its maxAge).
+    pub(crate) stream_config: async_nats::jetstream::stream::Config,
 }
 
 pub(crate) async fn read_figures(
@@ -306,6 +308,7 @@ pub(crate) async fn read_figures(
             last_seq: st.last_sequence,
         },
         oldest_unprocessed_age_seconds,
+        stream_config: st.config,
     })
 }
 

@@ -154,8 +154,8 @@ async fn steps(
         Err(_) => retention::Removed::default(),
     };
     if let (false, Ok(f)) = (observe, &figures) {
-        let oldest = f.oldest_unprocessed_age_seconds;
-        if let Err(e) = retention::hold_now(p, js, &mut plan.topology, oldest).await {
+        let (live, oldest) = (&f.stream_config, f.oldest_unprocessed_age_seconds);
+        if let Err(e) = retention::hold_now(p, js, &mut plan.topology, live, oldest).await {
             tracing::warn!(pipeline = %key_of(p), error = %e, "could not raise maxAge for the oldest unprocessed order; the next reconcile tries again");
         }
     }

@@ -2,9 +2,9 @@
 //!
 //! JetStream (2.12) removes a message when it reaches `maxAge`, or when the
 //! stream is over `maxBytes` with `discard: old`, whether or not a consumer has
-//! acknowledged it, and sends no advisory for a removal by a limit. Nothing in
-//! the stream is left of such an order, so the audit of the stored messages
-//! cannot see it: the operator counts it from two sources.
+//! acknowledged it; only a delivered, unacknowledged one gets an advisory.
+//! Nothing in the stream is left of such an order, so the audit of the stored
+//! messages cannot see it: the operator counts it from two sources.
 //!
 //! - **Delivered, not yet acknowledged**: the server ends the delivery with a
 //!   `MSG_TERMINATED` advisory whose reason names the removal
@@ -40,7 +40,7 @@ pub(crate) const TERMINATED_ADVISORIES: &str = "$JS.EVENT.ADVISORY.CONSUMER.MSG_
 
 /// The annotation with which a person acknowledges removed orders: its value
 /// is the count they have handled.
-pub const ACKNOWLEDGED_ANNOTATION: &str = "orderpipeline.dev/removed-unprocessed-acknowledged";
+pub use orderpipeline_common::names::REMOVED_ACKNOWLEDGED_ANNOTATION as ACKNOWLEDGED_ANNOTATION;
 
 /// One read of the consumer and its stream.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -128,23 +128,22 @@ pub(crate) fn spec_max_age_seconds(p: &OrderPipeline) -> i64 {
 /// Raises the input stream's maxAge at once when the oldest unprocessed order
 /// read in this reconcile needs more than the topology applied (which was
 /// planned from the previous reconcile's reading): the hold reacts within one
-/// resync interval, not two. Only the live maxAge changes; `t` records it.
-/// Lowering waits for the next reconcile's plan.
+/// resync interval, not two. Only the live maxAge changes (`live`: the stream's
+/// configuration as this reconcile read it); `t` records it. Lowering waits
+/// for the next reconcile's plan.
 pub(crate) async fn hold_now(
     p: &OrderPipeline,
     js: &dyn super::jetstream_api::JetStream,
     t: &mut orderpipeline_common::topology::Topology,
+    live: &async_nats::jetstream::stream::Config,
     oldest: Option<i64>,
 ) -> Result<(), super::jetstream_api::JsError> {
     let want = held_max_age(p.spec.stream.hold_unprocessed, t.max_age, oldest);
     if want <= t.max_age {
         return Ok(());
     }
-    let Some(live) = js.stream(&t.stream).await? else {
-        return Ok(());
-    };
-    if live.config.max_age < want {
-        let mut cfg = live.config;
+    if live.max_age < want {
+        let mut cfg = live.clone();
         cfg.max_age = want;
         js.update_stream(cfg).await?;
         tracing::info!(stream = %t.stream, max_age = ?want, "holding maxAge above the oldest unprocessed order");
@@ -155,8 +154,8 @@ pub(crate) async fn hold_now(
 
 /// `status.heldMaxAgeSeconds`: the held maxAge when it is above the spec's.
 pub(crate) fn held_seconds(p: &OrderPipeline, applied: std::time::Duration) -> Option<i64> {
-    let spec = orderpipeline_common::duration::parse_duration(&p.spec.stream.max_age).ok()?;
-    (applied > spec).then(|| i64::try_from(applied.as_secs()).unwrap_or(i64::MAX))
+    let applied = i64::try_from(applied.as_secs()).unwrap_or(i64::MAX);
+    (applied > spec_max_age_seconds(p)).then_some(applied)
 }
 
 /// `old` with `removed` added (at `now`); unchanged when nothing was removed.
@@ -188,14 +187,13 @@ pub(crate) fn fold(
 /// The removed orders no one has acknowledged yet (see [`ACKNOWLEDGED_ANNOTATION`]).
 pub(crate) fn unacknowledged(p: &OrderPipeline, s: &OrderPipelineStatus) -> i64 {
     let count = s.removed_unprocessed.as_ref().map_or(0, |r| r.count);
-    let acked = p
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ACKNOWLEDGED_ANNOTATION))
-        .and_then(|v| v.trim().parse::<i64>().ok())
-        .unwrap_or(0);
-    (count - acked).max(0)
+    let acked = p.metadata.annotations.as_ref();
+    orderpipeline_common::names::unacknowledged(
+        count,
+        acked
+            .and_then(|a| a.get(ACKNOWLEDGED_ANNOTATION))
+            .map(String::as_str),
+    )
 }
 
 /// `seconds` as `1d2h`, `3h4m`, `5m6s` or `7s`.

@@ -507,6 +507,7 @@ status: {{replicas: {desired}, readyReplicas: {available}, availableReplicas: {a
             dead_letters,
             observation: Default::default(),
             oldest_unprocessed_age_seconds: Some(30),
+            stream_config: Default::default(),
         })
     }
 
