@@ -944,7 +944,7 @@ async fn a_replay_whose_marker_vanishes_mid_flight_still_ends_with_one_outcome()
     // Dead-lettered first: the downstream refuses the order for good.
     let id = format!("dl-gone-{}", random_suffix());
     let marker = dead_letter_one(&server, &js, &id).await?;
-    let letter = letter_of(&js, marker).await?;
+    let letter = letter_of(&js, marker, &id).await?;
 
     // The replay meets a slow downstream; the marker goes while it waits.
     let slow = DownstreamStub::start(StubBehaviour {
@@ -1014,15 +1014,22 @@ async fn dead_letter_one(
         .sequence)
 }
 
-/// Waits for the letter the DLQ stream copied from `marker` (it sources the
-/// letters asynchronously: one may arrive just after its input is acked).
-async fn letter_of(js: &jetstream::Context, marker: u64) -> anyhow::Result<ctl::StoredDeadLetter> {
+/// Waits for `order_id`'s letter the DLQ stream copied from `marker` (it
+/// sources the letters asynchronously: one may arrive just after its input is
+/// acked, and after the input stream is recreated only once the source's 10 s
+/// health check notices the new stream).
+async fn letter_of(
+    js: &jetstream::Context,
+    marker: u64,
+    order_id: &str,
+) -> anyhow::Result<ctl::StoredDeadLetter> {
     wait_for(
-        "the letter in ORDERS_DLQ",
-        Duration::from_secs(10),
+        &format!("the letter of {order_id} (marker {marker}) in ORDERS_DLQ"),
+        Duration::from_secs(60),
         || async {
             let l = ctl::dlq_list(js, "ORDERS_DLQ", 100).await?;
-            Ok(l.into_iter().find(|l| l.marker == Some(marker)))
+            Ok(l.into_iter()
+                .find(|l| l.marker == Some(marker) && l.letter.order_id == order_id))
         },
     )
     .await
@@ -1052,16 +1059,19 @@ async fn an_old_letter_replayed_after_its_stream_was_recreated_touches_no_other_
         format!("dl-b-{}", random_suffix()),
     );
     let a_marker = dead_letter_one(&server, &js, &a).await?;
-    let letter_a = letter_of(&js, a_marker).await?;
+    let letter_a = letter_of(&js, a_marker, &a).await?;
     let old_created = orderpipeline_common::topology::unix_ns(
         js.get_stream("ORDERS").await?.info().await?.created,
     );
     js.delete_stream("ORDERS").await?;
     topology(Duration::from_secs(5)).ensure(&js).await?;
-    // (B's letter does not reach the DLQ: a sourcing stream ignores the
-    // sequences it copied before, nats-server #6206.)
     let b_marker = dead_letter_one(&server, &js, &b).await?;
     assert_eq!(b_marker, a_marker, "B's marker took the sequence of A's");
+    // B's letter reaches the DLQ although its sequence is one the DLQ copied
+    // before (nats-server 2.15 re-sources a recreated origin; 2.12 skipped it,
+    // nats-server #6206), and it is B's, beside A's.
+    let letter_b = letter_of(&js, b_marker, &b).await?;
+    assert_ne!(letter_b.dlq_sequence, letter_a.dlq_sequence);
 
     let healthy = DownstreamStub::start(StubBehaviour::default()).await?;
     let w = WorkerProcess::spawn(
@@ -1202,7 +1212,7 @@ async fn a_letter_whose_marker_aged_out_is_replayed_and_removed() -> anyhow::Res
     let (server, js) = setup(Duration::from_secs(5)).await?;
     let id = format!("dl-old-{}", random_suffix());
     let marker = dead_letter_one(&server, &js, &id).await?;
-    let letter = letter_of(&js, marker).await?;
+    let letter = letter_of(&js, marker, &id).await?;
     // The input and its marker age out.
     js.get_stream("ORDERS")
         .await?

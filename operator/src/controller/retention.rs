@@ -1,6 +1,6 @@
 //! Orders that the input stream's limits remove before they are processed.
 //!
-//! JetStream (2.12) removes a message when it reaches `maxAge`, or when the
+//! JetStream removes a message when it reaches `maxAge`, or when the
 //! stream is over `maxBytes` with `discard: old`, whether or not a consumer has
 //! acknowledged it; only a delivered, unacknowledged one gets an advisory.
 //! Nothing in the stream is left of such an order, so the audit of the stored
@@ -27,7 +27,7 @@ use super::jetstream_api::Cursor;
 use crate::conditions::{self, reasons, types};
 use crate::crd::{OrderPipeline, OrderPipelineStatus, RemovedUnprocessed};
 
-/// The reasons nats-server 2.12 gives when a delivered, unacknowledged
+/// The reasons nats-server (2.12 to 2.15) gives when a delivered, unacknowledged
 /// message is removed from the stream (`consumer.go`: a limit, or a delete or
 /// purge of a message still pending).
 pub(crate) const TERMINATED_BY_REMOVAL: [&str; 2] = [
