@@ -63,9 +63,7 @@ setup-node:
 # an API server restart, ...) against their own environment. make test runs short
 # versions of the same scenarios.
 test-faults: tools
-	cargo build --workspace --locked
-	hack/build-v1-worker >/dev/null
-	ORDERPIPE_FAULTS=long hack/with-env cargo test -p orderpipeline-e2e --test faults --locked
+	hack/test-faults
 
 # Throughput next to the raw JetStream baseline, measured in the same run.
 bench: tools

@@ -1200,3 +1200,257 @@ async fn fault_13_upgrade_from_v1_workers_under_traffic() -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+/// 14: weeks of a pipeline's life compressed into seconds (the input stream's
+/// `maxAge` 12 s, the duplicate window 1 s), workers SIGKILLed throughout:
+/// orders dead-lettered whose markers age out before their letters are
+/// replayed; orders stored again past the window whose first copy and outcome
+/// age out while the later copy stays, then a consumer recreated that delivers
+/// those copies again. A mirror of the input stream with no limits keeps every
+/// message the stream ever held: every key's whole chain holds the promise (one
+/// final outcome), and the audit of the aged stream finds no violation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_14_weeks_compressed_into_seconds() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let server = NatsServer::start().await?;
+    let js = jetstream::new(async_nats::connect(server.url()).await?);
+    aged_topology(&js).await?;
+    let suffix = random_suffix();
+    // The downstream refuses the `d` orders for good: they are dead-lettered.
+    let refusing = DownstreamStub::start(StubBehaviour {
+        refuse_prefix: Some(format!("d{suffix}")),
+        ..Default::default()
+    })
+    .await?;
+    let bin = binary("order-worker")?;
+    let env = worker_env(&server.url(), &[("DOWNSTREAM_URL", refusing.url.clone())]);
+    let mut workers = ready_workers(&bin, &env, 3).await?;
+    let mut o = opts(&format!("d{suffix}"), orders(20, 100));
+    (o.invalid_ratio, o.duplicate_ratio) = (0.0, 0.0);
+    let doomed = ctl::publish_orders(&js, &o).await?;
+    let mut o = opts(&format!("w{suffix}"), orders(600, 4_000));
+    o.rate = if long() { 400.0 } else { 200.0 };
+    let kills = killing_workers(&mut workers, &bin, &env, || async {
+        let r = ctl::publish_orders(&js, &o).await?;
+        drained(&js, Duration::from_secs(120)).await?;
+        Ok(r)
+    })
+    .await?;
+    let r = kills.0?;
+    // 4 s later the producer sends the last 50 orders again, under other ids,
+    // while their outcomes are stored: later copies, each keeping its order's
+    // outcome.
+    hold_fault(Duration::from_secs(4)).await;
+    let copies = &r.valid_ids[r.valid_ids.len() - 50..];
+    let first_copy = resend(&js, copies).await?;
+    drained(&js, Duration::from_secs(60)).await?;
+    // Everything stored before the copies ages out (their first inputs, their
+    // outcomes, the dead letters' markers); then a recreated consumer
+    // (DeliverPolicy::All) hands the workers the copies again.
+    wait_for("the first copies to age out", AGED_MAX_AGE * 3, || async {
+        let mut s = js.get_stream("ORDERS").await?;
+        Ok((s.info().await?.state.first_sequence >= first_copy).then_some(()))
+    })
+    .await?;
+    js.get_stream("ORDERS")
+        .await?
+        .delete_consumer("order-workers")
+        .await?;
+    aged_topology(&js).await?;
+    wait_for(
+        "the copies delivered again",
+        Duration::from_secs(60),
+        || async {
+            let s = js.get_stream("ORDERS").await?;
+            let c = s.consumer_info("order-workers").await?;
+            let again = c.delivered.stream_sequence >= first_copy + copies.len() as u64 - 1;
+            Ok((again && c.num_pending == 0 && c.num_ack_pending == 0).then_some(()))
+        },
+    )
+    .await?;
+    // The downstream is mended; every letter is replayed (its marker is gone)
+    // while workers are killed.
+    let healthy = DownstreamStub::start(StubBehaviour::default()).await?;
+    for w in &mut workers {
+        w.kill().await?;
+    }
+    let env = worker_env(&server.url(), &[("DOWNSTREAM_URL", healthy.url.clone())]);
+    let mut workers = ready_workers(&bin, &env, 3).await?;
+    let letters = ctl::dlq_list(&js, "ORDERS_DLQ", 10_000).await?;
+    anyhow::ensure!(
+        letters.len() == doomed.valid_ids.len(),
+        "{} letters for {} refused orders",
+        letters.len(),
+        doomed.valid_ids.len()
+    );
+    let replays = killing_workers(&mut workers, &bin, &env, || async {
+        for l in &letters {
+            ctl::dlq_replay(&js, "ORDERS_DLQ", l.dlq_sequence).await?;
+        }
+        drained(&js, Duration::from_secs(120)).await?;
+        wait_dlq_empty(&js, "ORDERS_DLQ", Duration::from_secs(60)).await
+    })
+    .await?;
+    replays.0?;
+    let kills = kills.1 + replays.1;
+
+    // The aged stream: no violation.
+    let audit = audit(&js).await?;
+    let s = audit.summary();
+    anyhow::ensure!(
+        audit.violations().is_empty(),
+        "the aged stream's audit: {:?}",
+        audit.violations()
+    );
+    // The stream's whole life: one final outcome per key, the right one.
+    let history = whole_life(&js).await?;
+    let two = history.keys_with_two_finals();
+    anyhow::ensure!(
+        two.is_empty(),
+        "over the stream's whole life, two outcomes: {two:?}"
+    );
+    use orderpipeline_common::names::{OutcomeKind, order_key};
+    let last = |id: &String| {
+        order_key(id)
+            .and_then(|k| history.chains.get(&k))
+            .and_then(|c| c.last())
+            .map(|o| o.outcome_kind())
+    };
+    for (ids, want) in [
+        (&r.valid_ids, OutcomeKind::Processed),
+        (&doomed.valid_ids, OutcomeKind::Processed),
+        (&r.invalid_ids, OutcomeKind::Rejected),
+    ] {
+        for id in ids {
+            anyhow::ensure!(
+                last(id) == Some(want),
+                "{id}: {:?}, want {want:?}",
+                last(id)
+            );
+        }
+    }
+    for id in &doomed.valid_ids {
+        anyhow::ensure!(healthy.charged(id), "replayed order {id} never charged");
+    }
+    for id in copies {
+        let chain = order_key(id).and_then(|k| history.chains.get(&k));
+        anyhow::ensure!(
+            chain.is_some_and(|c| c.iter().any(|o| o.kind == OutcomeKind::Kept)),
+            "the copy of {id} kept no outcome (sent after its outcome aged out?): {chain:?}"
+        );
+    }
+    let line = format!(
+        "fault weeks-compressed ({kills} kills): published {} later copies {} letters replayed {} keys over the whole life {} archived outcomes {} violations 0 wall {:.1}s\n",
+        r.valid_ids.len() + r.invalid_ids.len() + doomed.valid_ids.len(),
+        copies.len(),
+        letters.len(),
+        history.chains.len(),
+        s.archived_outcomes,
+        started.elapsed().as_secs_f64()
+    );
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    Ok(())
+}
+
+/// The input stream's `maxAge` in the weeks-compressed scenario.
+const AGED_MAX_AGE: Duration = Duration::from_secs(12);
+
+/// The pipeline's topology with `maxAge` [`AGED_MAX_AGE`] and a 1 s duplicate
+/// window, and a mirror of the input stream (`HISTORY`) without limits that
+/// keeps every message the input stream ever held.
+async fn aged_topology(js: &jetstream::Context) -> anyhow::Result<()> {
+    Topology {
+        ack_wait: Duration::from_secs(3),
+        max_age: AGED_MAX_AGE,
+        duplicate_window: Duration::from_secs(1),
+        ..Topology::default()
+    }
+    .ensure(js)
+    .await?;
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: "HISTORY".into(),
+        mirror: Some(jetstream::stream::Source {
+            name: "ORDERS".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await?;
+    Ok(())
+}
+
+/// Every outcome the input stream ever held, read from its mirror once the
+/// mirror has caught up.
+async fn whole_life(js: &jetstream::Context) -> anyhow::Result<Audit> {
+    let last = js
+        .get_stream("ORDERS")
+        .await?
+        .info()
+        .await?
+        .state
+        .last_sequence;
+    wait_for(
+        "the mirror to catch up",
+        Duration::from_secs(30),
+        || async {
+            let mut h = js.get_stream("HISTORY").await?;
+            Ok((h.info().await?.state.last_sequence >= last).then_some(()))
+        },
+    )
+    .await?;
+    let subjects = orderpipeline_common::names::OutcomeSubjects::for_filter("ORDER.created")
+        .context("outcome subjects")?;
+    let (chains, _) = ctl::audit::read::outcome_chains(js, "HISTORY", &subjects).await?;
+    Ok(Audit {
+        chains,
+        first_seq: 1,
+        ..Default::default()
+    })
+}
+
+/// Runs `work` while SIGKILLing one of `workers` every second; its result and
+/// the kills.
+async fn killing_workers<T, F, Fut>(
+    workers: &mut [WorkerProcess],
+    bin: &std::path::Path,
+    env: &[(&'static str, String)],
+    work: F,
+) -> anyhow::Result<(anyhow::Result<T>, u32)>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let work = work();
+    tokio::pin!(work);
+    let mut kills = 0;
+    loop {
+        tokio::select! {
+            r = &mut work => return Ok((r, kills)),
+            () = hold_fault(Duration::from_secs(1)) => {
+                kill_one_at_random(workers, bin, env).await?;
+                kills += 1;
+            }
+        }
+    }
+}
+
+/// Publishes each of `ids` again under another message id (stored: past the
+/// window); the sequence of the first.
+async fn resend(js: &jetstream::Context, ids: &[String]) -> anyhow::Result<u64> {
+    let mut first = None;
+    for (n, id) in ids.iter().enumerate() {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", format!("{id}-again").as_str());
+        let ack = js
+            .publish_with_headers(
+                "ORDER.created",
+                h,
+                ctl::valid_order(id, n as u64).encode_to_vec().into(),
+            )
+            .await?
+            .await?;
+        anyhow::ensure!(!ack.duplicate, "{id} again: a duplicate");
+        first.get_or_insert(ack.sequence);
+    }
+    first.context("nothing to send again")
+}

@@ -54,6 +54,7 @@ use stateright::{Model, Property};
 use orderpipeline_protocol::decide::CallClass;
 use orderpipeline_protocol::machine::{self, Delivery, Event, Machine, OutcomeKind, Step, Verdict};
 use orderpipeline_protocol::promise;
+use orderpipeline_protocol::replay::{self, AtMarker};
 
 /// What may go wrong in one run, and how often.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -75,6 +76,9 @@ pub struct Budget {
     /// Times the consumer is deleted and created again (it delivers every
     /// stored input again: `DeliverPolicy: all`).
     pub recreations: u8,
+    /// Times the input stream is deleted and created again: its messages go,
+    /// sequences restart at 1, the dead-letter stream keeps its letters.
+    pub stream_recreations: u8,
 }
 
 /// One input the stream stored.
@@ -83,7 +87,9 @@ pub struct Input {
     /// The order (inputs with the same order share it).
     pub order: u8,
     pub verdict: Verdict,
-    pub replay_of: Option<u64>,
+    /// A replay's claim: the marker's sequence and the identity of the stream
+    /// it was in (`Orderpipeline-Replay-Of`, `-Replay-Stream`).
+    pub claim: Option<(u64, u8)>,
     pub seq: u64,
     pub acked: bool,
     pub delivered: u64,
@@ -101,8 +107,9 @@ pub struct Outcome {
     pub kind: OutcomeKind,
     /// The last outcome sequence the write expected (0 = none).
     pub over: u64,
-    /// For dead letters: the DLQ copy was removed after a replay superseded it.
-    pub letter_removed: bool,
+    /// The order its event carries (its key's order, unless a write took
+    /// another order's key).
+    pub carries: u8,
     /// For a kept copy: the kind of the outcome it keeps.
     pub keeps: Option<OutcomeKind>,
 }
@@ -117,6 +124,22 @@ pub struct Worker {
     pub alone_at_read: bool,
     /// This delivery's downstream call charged the order.
     pub charged: bool,
+    /// The order whose key this delivery reads and writes (its input's, or the
+    /// letter's a replay supersedes).
+    pub key: u8,
+    /// The dead-letter marker this delivery may write over (a judged replay).
+    pub replay_of: Option<u64>,
+}
+
+/// A copy in the dead-letter stream of a marker in the input stream.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Letter {
+    pub order: u8,
+    pub marker: u64,
+    /// The identity of the input stream the marker was in.
+    pub stream: u8,
+    /// Removed after its replay's outcome was stored.
+    pub removed: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -141,7 +164,11 @@ pub struct State {
     /// Outcomes the limits removed: sequence, order, and the kind it was (or
     /// kept). An outcome written over one of them is written over what aged
     /// out, as in the audit's archive.
-    pub aged_out: Vec<(u64, u8, OutcomeKind)>,
+    pub aged_out: Vec<(u8, u64, u8, OutcomeKind)>,
+    /// The dead-letter stream.
+    pub letters: Vec<Letter>,
+    /// The input stream's identity (its creation: a recreated stream has another).
+    pub stream: u8,
     pub budget: Budget,
 }
 
@@ -196,14 +223,13 @@ impl State {
     /// `Fault::Refused` is a permanent refusal, any other fault a transient failure.
     fn call_downstream(
         &mut self,
-        input: usize,
+        order: u8,
+        base: u64,
         alone_at_read: bool,
         charged: &mut bool,
         fault: Fault,
     ) -> Event {
-        let order = self.inputs[input].order;
-        // An outcome other than the letter a replay may supersede.
-        let base = self.inputs[input].replay_of.unwrap_or(0);
+        // An outcome other than the letter a replay may supersede (`base`).
         if alone_at_read && self.last_on(order).unwrap_or(0) != base {
             self.late_call = true;
         }
@@ -237,6 +263,7 @@ impl State {
     fn write_outcome(
         &mut self,
         order: u8,
+        carries: u8,
         kind: OutcomeKind,
         expect: u64,
         charged: bool,
@@ -256,11 +283,21 @@ impl State {
                 seq: self.next_seq,
                 kind,
                 over: expect,
-                letter_removed: false,
+                carries,
                 keeps: None,
             });
             if matches!(kind, OutcomeKind::Processed | OutcomeKind::Rejected) {
                 self.finals_written.push(order);
+            }
+            if kind == OutcomeKind::DeadLettered {
+                // The dead-letter stream sources it (nats-server 2.15 also from
+                // a recreated stream).
+                self.letters.push(Letter {
+                    order,
+                    marker: self.next_seq,
+                    stream: self.stream,
+                    removed: false,
+                });
             }
             self.next_seq += 1;
             if fault == Fault::StoredButLost {
@@ -273,7 +310,7 @@ impl State {
 
     /// A v2 worker keeps the outcome at `over` with a `kept` copy (as the
     /// handler does: a dead letter is not kept, a vanished one is a conflict).
-    fn keep_outcome(&mut self, order: u8, over: u64, fault: Fault) -> Event {
+    fn keep_outcome(&mut self, order: u8, carries: u8, over: u64, fault: Fault) -> Event {
         let Some(original) = self.outcomes.iter().find(|o| o.seq == over).cloned() else {
             return Event::Conflict;
         };
@@ -281,7 +318,7 @@ impl State {
             return Event::Written;
         }
         let stored = self.outcomes.len();
-        let event = self.write_outcome(order, OutcomeKind::Kept, over, false, fault);
+        let event = self.write_outcome(order, carries, OutcomeKind::Kept, over, false, fault);
         if let Some(kept) = self.outcomes.get_mut(stored) {
             kept.keeps = original.keeps.or(Some(original.kind));
         }
@@ -298,18 +335,44 @@ impl State {
             self.aged_out
                 .iter()
                 .rev()
-                .find(|(_, o, _)| *o == order)
-                .map(|(_, _, k)| *k)
+                .find(|(_, _, o, _)| *o == order)
+                .map(|(_, _, _, k)| *k)
         })
     }
 
-    /// A v2 worker removes the dead-letter copy its replayed `input` came from.
+    /// A v2 worker removes the dead-letter copy its replayed `input` names.
     fn remove_letter(&mut self, input: usize) -> Event {
-        let of = self.inputs[input].replay_of;
-        if let Some(o) = self.outcomes.iter_mut().find(|o| Some(o.seq) == of) {
-            o.letter_removed = true;
+        let claim = self.inputs[input].claim;
+        if let Some(l) = self
+            .letters
+            .iter_mut()
+            .find(|l| Some((l.marker, l.stream)) == claim)
+        {
+            l.removed = true;
         }
         Event::Removed
+    }
+
+    /// What the input stream holds at `seq`, as the worker reads it.
+    fn at(&self, seq: u64) -> (AtMarker<'static>, Option<u8>) {
+        if let Some(o) = self.outcomes.iter().find(|o| o.seq == seq) {
+            (
+                AtMarker::Outcome(o.kind, KEYS[o.order as usize]),
+                Some(o.order),
+            )
+        } else if self.inputs.iter().any(|i| i.seq == seq && !i.removed) {
+            (AtMarker::Other, None)
+        } else {
+            (AtMarker::Nothing, None)
+        }
+    }
+
+    /// A letter the live stream holds no replay of yet: its marker is its
+    /// order's current outcome, or gone with its stream or by age.
+    fn replayable(&self, l: &Letter) -> bool {
+        let marker_stored =
+            l.stream == self.stream && self.outcomes.iter().any(|o| o.seq == l.marker);
+        !l.removed && (!marker_stored || self.last_on(l.order) == Some(l.marker))
     }
 }
 
@@ -323,6 +386,8 @@ pub struct V2 {
     pub budget: Budget,
     /// A deliberately broken variant of the protocol, to show a property can fail.
     pub mutation: Option<Mutation>,
+    /// Inputs the producer stores into the input stream once it is recreated.
+    pub after_recreation: Vec<(u8, Verdict)>,
 }
 
 /// Deliberate breakages of the worker's protocol, each of which one property
@@ -339,6 +404,17 @@ pub enum Mutation {
     WrongKey,
     /// A later copy does not keep the outcome it finds older than itself.
     NoKeep,
+    /// A replay names its letter by the marker's sequence alone and takes the
+    /// key from whatever letter is at that sequence (before issue 23), and
+    /// orderctl replays letters of an earlier stream with their old sequence.
+    SequenceOnly,
+}
+
+/// The key of each order (their ids differ).
+const KEYS: [&str; 4] = ["A", "B", "C", "D"];
+
+fn key_of(order: u8) -> &'static str {
+    KEYS.get(usize::from(order)).copied().unwrap_or("other")
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -350,8 +426,8 @@ pub enum Action {
         fault: Fault,
     },
     Crash(usize),
-    /// `orderctl dlq replay` of the dead letter at this outcome sequence.
-    Replay(u64),
+    /// `orderctl dlq replay` of the letter at this index of the DLQ.
+    Replay(usize),
     /// V1 only: the stream's duplicate window passes (it forgets the ids).
     WindowPasses,
     /// The producer stores this order again (between deliveries).
@@ -360,6 +436,8 @@ pub enum Action {
     AgeOut,
     /// The consumer is recreated and delivers every stored input again.
     RecreateConsumer,
+    /// The input stream is deleted and created again (the DLQ kept).
+    RecreateStream,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -376,15 +454,41 @@ pub enum Fault {
 }
 
 impl V2 {
-    fn delivery(&self, input: &Input) -> Delivery {
-        Delivery {
+    /// The delivery of input `i` as the worker sees it: a replay is judged
+    /// ([`replay::judge`]) against the stream's identity and what it holds at
+    /// the marker; the key it reads and writes, and the marker it may write over.
+    fn delivery(&self, s: &State, i: usize) -> (Delivery, u8, Option<u64>) {
+        let input = &s.inputs[i];
+        let (mut key, mut replay_of, mut orphan_letter) = (input.order, None, false);
+        if let Some((marker, stream)) = input.claim {
+            let (at, holder) = s.at(marker);
+            if self.mutation == Some(Mutation::SequenceOnly) {
+                if let (AtMarker::Outcome(OutcomeKind::DeadLettered, _), Some(h)) = (at, holder) {
+                    (key, replay_of) = (h, Some(marker));
+                }
+            } else {
+                let claim = replay::Claim {
+                    marker,
+                    letter: 0,
+                    stream_created: Some(u128::from(stream)),
+                    key: Some(key_of(input.order).to_string()),
+                };
+                match replay::judge(&claim, u128::from(s.stream), at, Some(key_of(input.order))) {
+                    Ok(Some(_)) => replay_of = Some(marker),
+                    Ok(None) => orphan_letter = true,
+                    Err(_) => {}
+                }
+            }
+        }
+        let delivery = Delivery {
             delivered: input.delivered,
             max_deliveries: self.max_deliveries,
-            replay_of: input.replay_of,
-            orphan_letter: false,
+            replay_of,
+            orphan_letter,
             downstream: self.downstream,
             input_seq: input.seq,
-        }
+        };
+        (delivery, key, replay_of)
     }
 
     /// The step a mutation makes of `step`.
@@ -414,7 +518,8 @@ impl V2 {
                 }
             }
         }
-        let mut machine = Machine::new(s.inputs[i].verdict, self.delivery(&s.inputs[i]));
+        let (delivery, key, replay_of) = self.delivery(&s, i);
+        let mut machine = Machine::new(s.inputs[i].verdict, delivery);
         let step = machine.on(Event::Start);
         s.workers.push(Worker {
             input: i,
@@ -422,6 +527,8 @@ impl V2 {
             step,
             alone_at_read: false,
             charged: false,
+            key,
+            replay_of,
         });
         Some(s)
     }
@@ -438,18 +545,21 @@ impl V2 {
         Some(s)
     }
 
-    /// `orderctl dlq replay` of the dead letter at outcome sequence `seq`.
-    fn replay(&self, s: &State, seq: u64) -> Option<State> {
+    /// `orderctl dlq replay` of letter `l`: a replay naming its marker and
+    /// stream; a letter of an earlier stream is stored as a new input and
+    /// removed (`SequenceOnly`: named by its old sequence all the same).
+    fn replay(&self, s: &State, l: usize) -> Option<State> {
         let mut s = s.clone();
         s.budget.replays -= 1;
-        let letter = s.outcomes.iter().find(|o| o.seq == seq)?.clone();
+        let letter = s.letters[l].clone();
         let original = s.inputs.iter().find(|i| i.order == letter.order)?.clone();
+        let earlier = letter.stream != s.stream && self.mutation != Some(Mutation::SequenceOnly);
         // The replay is a new input; the downstream is healthy by then, so
         // model its verdict as the original's.
         s.inputs.push(Input {
             order: letter.order,
             verdict: original.verdict,
-            replay_of: Some(seq),
+            claim: (!earlier).then_some((letter.marker, letter.stream)),
             seq: s.next_seq,
             acked: false,
             delivered: 0,
@@ -457,6 +567,39 @@ impl V2 {
             removed: false,
         });
         s.next_seq += 1;
+        if earlier {
+            s.letters[l].removed = true;
+        }
+        Some(s)
+    }
+
+    /// The input stream is deleted and created again (all processed): its
+    /// messages go, sequences restart, the producer stores `after_recreation`.
+    fn recreate_stream(&self, s: &State) -> Option<State> {
+        let mut s = s.clone();
+        s.budget.stream_recreations -= 1;
+        for i in s.inputs.iter_mut() {
+            i.removed = true;
+        }
+        for gone in std::mem::take(&mut s.outcomes) {
+            let kind = gone.keeps.unwrap_or(gone.kind);
+            s.aged_out.push((s.stream, gone.seq, gone.order, kind));
+        }
+        s.stream += 1;
+        s.next_seq = 1;
+        for (order, verdict) in &self.after_recreation {
+            s.inputs.push(Input {
+                order: *order,
+                verdict: *verdict,
+                claim: None,
+                seq: s.next_seq,
+                acked: false,
+                delivered: 0,
+                in_flight: 0,
+                removed: false,
+            });
+            s.next_seq += 1;
+        }
         Some(s)
     }
 
@@ -466,7 +609,7 @@ impl V2 {
         s.budget.copies -= 1;
         let original = s.inputs.iter().find(|i| i.order == order)?.clone();
         s.inputs.push(Input {
-            replay_of: None,
+            claim: None,
             seq: s.next_seq,
             acked: false,
             delivered: 0,
@@ -486,8 +629,8 @@ impl V2 {
             Oldest::Input(i) => s.inputs[i].removed = true,
             Oldest::Outcome(o) => {
                 let gone = s.outcomes.remove(o);
-                s.aged_out
-                    .push((gone.seq, gone.order, gone.keeps.unwrap_or(gone.kind)));
+                let kind = gone.keeps.unwrap_or(gone.kind);
+                s.aged_out.push((s.stream, gone.seq, gone.order, kind));
             }
         }
         Some(s)
@@ -518,8 +661,11 @@ impl V2 {
             step,
             mut alone_at_read,
             mut charged,
+            key,
+            replay_of,
         } = s.workers[w].clone();
-        let order = s.inputs[input].order;
+        // The key it reads and writes; its event carries its input's order.
+        let (order, carries) = (key, s.inputs[input].order);
         if step == Step::ReadOutcome {
             alone_at_read = s
                 .workers
@@ -536,18 +682,21 @@ impl V2 {
                 if self.mutation == Some(Mutation::UnconditionalWrite) =>
             {
                 let last = s.last_on(order).unwrap_or(0);
-                s.write_outcome(order, kind, last, charged, f)
+                s.write_outcome(order, carries, kind, last, charged, f)
             }
             (Step::Write { kind, expect, .. }, f) if self.mutation == Some(Mutation::WrongKey) => {
-                s.write_outcome(order.wrapping_add(100), kind, expect, charged, f)
+                s.write_outcome(order.wrapping_add(100), carries, kind, expect, charged, f)
             }
             (Step::ReadOutcome, Fault::None) => Event::Read(s.last_on(order)),
             (Step::ReadOutcome, _) => Event::ReadFailed,
-            (Step::CallDownstream, f) => s.call_downstream(input, alone_at_read, &mut charged, f),
-            (Step::Write { kind, expect, .. }, f) => {
-                s.write_outcome(order, kind, expect, charged, f)
+            (Step::CallDownstream, f) => {
+                let base = replay_of.unwrap_or(0);
+                s.call_downstream(order, base, alone_at_read, &mut charged, f)
             }
-            (Step::Keep { over }, f) => s.keep_outcome(order, over, f),
+            (Step::Write { kind, expect, .. }, f) => {
+                s.write_outcome(order, carries, kind, expect, charged, f)
+            }
+            (Step::Keep { over }, f) => s.keep_outcome(order, carries, over, f),
             (Step::RemoveLetter, Fault::None) => s.remove_letter(input),
             (Step::RemoveLetter, _) => Event::RemoveFailed,
             (Step::Ack, f) => {
@@ -571,6 +720,8 @@ impl V2 {
             step: next,
             alone_at_read,
             charged,
+            key,
+            replay_of,
         };
         Some(s)
     }
@@ -588,7 +739,7 @@ impl Model for V2 {
             .map(|(i, (order, verdict))| Input {
                 order: *order,
                 verdict: *verdict,
-                replay_of: None,
+                claim: None,
                 seq: i as u64 + 1,
                 acked: false,
                 delivered: 0,
@@ -606,6 +757,8 @@ impl Model for V2 {
             suspect: Vec::new(),
             finals_written: Vec::new(),
             aged_out: Vec::new(),
+            letters: Vec::new(),
+            stream: 0,
             budget: self.budget,
         }]
     }
@@ -668,12 +821,9 @@ impl Model for V2 {
             }
         }
         if s.budget.replays > 0 {
-            for o in &s.outcomes {
-                if o.kind == OutcomeKind::DeadLettered
-                    && !o.letter_removed
-                    && s.last_on(o.order) == Some(o.seq)
-                {
-                    out.push(Action::Replay(o.seq));
+            for (l, letter) in s.letters.iter().enumerate() {
+                if s.replayable(letter) {
+                    out.push(Action::Replay(l));
                 }
             }
         }
@@ -699,8 +849,11 @@ impl Model for V2 {
             if s.budget.removals > 0 && processed && s.oldest().is_some() {
                 out.push(Action::AgeOut);
             }
-            if s.budget.recreations > 0 && s.inputs.iter().all(|i| i.acked || i.removed) {
+            if s.budget.recreations > 0 && processed {
                 out.push(Action::RecreateConsumer);
+            }
+            if s.budget.stream_recreations > 0 && processed {
+                out.push(Action::RecreateStream);
             }
         }
     }
@@ -711,6 +864,7 @@ impl Model for V2 {
             Action::Republish(order) => self.republish(s, order),
             Action::AgeOut => self.age_out(s),
             Action::RecreateConsumer => self.recreate_consumer(s),
+            Action::RecreateStream => self.recreate_stream(s),
             Action::Deliver(i) => self.deliver(s, i),
             Action::Crash(w) => self.crash(s, w),
             Action::Replay(seq) => self.replay(s, seq),
@@ -738,6 +892,9 @@ fn outcome_properties<M: Model<State = State>>() -> Vec<Property<M>> {
                 .iter()
                 .all(|o| s.inputs.iter().any(|i| i.order == o.order))
         }),
+        Property::always("an outcome carries its own key's order", |_, s: &State| {
+            s.outcomes.iter().all(|o| o.carries == o.order)
+        }),
         Property::always(
             "when all is quiet every stored input is acked with exactly one outcome",
             |_, s: &State| {
@@ -763,7 +920,9 @@ fn final_outcomes_hold(s: &State) -> bool {
         && chains_are_sound(s)
         && s.outcomes.iter().all(|o| {
             o.kind != OutcomeKind::DeadLettered
-                || o.letter_removed
+                || s.letters
+                    .iter()
+                    .any(|l| l.stream == s.stream && l.marker == o.seq && l.removed)
                 || s.last_on(o.order) == Some(o.seq)
         })
         && s.charged.iter().all(|order| {
@@ -803,7 +962,7 @@ fn chains_are_sound(s: &State) -> bool {
         promise::check_chain(&chain).iter().all(|b| {
             // What the first was written over aged out: archived, as in the audit.
             matches!(b, promise::Breach::FirstSupersedes { first }
-                if first.supersedes.is_some_and(|x| s.aged_out.iter().any(|(seq, _, _)| *seq == x)))
+                if first.supersedes.is_some_and(|x| s.aged_out.iter().any(|(st, seq, _, _)| *st == s.stream && *seq == x)))
         })
     })
 }
@@ -890,7 +1049,7 @@ impl V1State {
                 seq,
                 kind,
                 over,
-                letter_removed: false,
+                carries: order,
                 keeps: None,
             });
             self.base.next_seq += 1;
@@ -916,7 +1075,7 @@ impl V1State {
             seq,
             kind: OutcomeKind::DeadLettered,
             over,
-            letter_removed: false,
+            carries: order,
             keeps: None,
         });
         self.base.next_seq += 1;
@@ -1017,6 +1176,7 @@ impl Model for V1 {
             downstream: true,
             budget: self.budget,
             mutation: None,
+            after_recreation: Vec::new(),
         };
         v2.init_states()
             .into_iter()
@@ -1067,7 +1227,8 @@ impl Model for V1 {
             Action::Replay(_)
             | Action::Republish(_)
             | Action::AgeOut
-            | Action::RecreateConsumer => None,
+            | Action::RecreateConsumer
+            | Action::RecreateStream => None,
             Action::Run { w, fault } => self.run(s, w, fault),
         }
     }
@@ -1092,6 +1253,7 @@ pub fn default_budget() -> Budget {
         copies: 0,
         removals: 0,
         recreations: 0,
+        stream_recreations: 0,
     }
 }
 
@@ -1122,6 +1284,7 @@ mod tests {
                 downstream: true,
                 budget: default_budget(),
                 mutation: None,
+                after_recreation: Vec::new(),
             },
         );
     }
@@ -1143,6 +1306,7 @@ mod tests {
                     ..default_budget()
                 },
                 mutation: None,
+                after_recreation: Vec::new(),
             },
         );
     }
@@ -1157,6 +1321,7 @@ mod tests {
                 downstream: false,
                 budget: default_budget(),
                 mutation: None,
+                after_recreation: Vec::new(),
             },
         );
     }
@@ -1176,6 +1341,7 @@ mod tests {
                     ..default_budget()
                 },
                 mutation: None,
+                after_recreation: Vec::new(),
             },
         );
     }
@@ -1201,10 +1367,49 @@ mod tests {
                     copies: 1,
                     removals: 4,
                     recreations: 1,
+                    stream_recreations: 0,
                 },
                 mutation: None,
+                after_recreation: Vec::new(),
             },
         );
+    }
+
+    /// Identity: an order dead-lettered, the input stream deleted and created
+    /// again (sequences restart, the DLQ keeps the letter), a second order
+    /// dead-lettered at the sequence the first one's marker had, and replays of
+    /// both letters: the old letter never writes the second order's outcome.
+    #[test]
+    fn v2_an_old_letter_after_the_stream_is_recreated() {
+        check_v2(
+            "two poison orders, the stream recreated between them, 2 replays, 1 crash, 1 failure, 1 lost ack",
+            old_letter(
+                None,
+                Budget {
+                    crashes: 1,
+                    failures: 1,
+                    lost_acks: 1,
+                    overlaps: 0,
+                    replays: 2,
+                    ..default_budget()
+                },
+            ),
+        );
+    }
+
+    /// Order 0 dead-lettered in the first stream, order 1 in the recreated one.
+    fn old_letter(mutation: Option<Mutation>, budget: Budget) -> V2 {
+        V2 {
+            inputs: vec![(0, Verdict::DeadLetter)],
+            max_deliveries: 1,
+            downstream: false,
+            budget: Budget {
+                stream_recreations: 1,
+                ..budget
+            },
+            mutation,
+            after_recreation: vec![(1, Verdict::DeadLetter)],
+        }
     }
 
     /// The counterexample the checker finds for `property` in `model`, one line
@@ -1250,6 +1455,16 @@ mod tests {
                 Action::Republish(o) => format!("the producer stores order {o} again"),
                 Action::AgeOut => "maxAge removes the oldest message".to_string(),
                 Action::RecreateConsumer => "the consumer is recreated".to_string(),
+                Action::RecreateStream => {
+                    "the input stream is deleted and created again".to_string()
+                }
+                Action::Replay(l) => {
+                    let letter = &state.letters[*l];
+                    format!(
+                        "orderctl replays the letter of order {} (marker {} in stream {})",
+                        letter.order, letter.marker, letter.stream
+                    )
+                }
                 other => format!("{other:?}"),
             });
         }
@@ -1262,6 +1477,15 @@ mod tests {
                 .collect::<Vec<_>>(),
             last.finals_written
         ));
+        for o in last.outcomes.iter().filter(|o| o.carries != o.order) {
+            lines.push(format!(
+                "=> outcome {} ({}) is under order {}'s key but carries order {}",
+                o.seq,
+                o.kind.token(),
+                o.order,
+                o.carries
+            ));
+        }
         eprintln!(
             "mutation {:?} breaks {property:?}; counterexample:\n  {}",
             model.mutation.unwrap(),
@@ -1277,6 +1501,7 @@ mod tests {
             downstream: true,
             budget,
             mutation: Some(mutation),
+            after_recreation: Vec::new(),
         }
     }
 
@@ -1349,6 +1574,22 @@ mod tests {
             "at most one outcome per order",
         );
         assert!(lines.iter().any(|l| l.contains("recreated")), "{lines:?}");
+    }
+
+    #[test]
+    fn mutation_sequence_only_breaks_outcomes_carry_their_order() {
+        let budget = Budget {
+            replays: 1,
+            ..quiet_budget()
+        };
+        let lines = counterexample(
+            old_letter(Some(Mutation::SequenceOnly), budget),
+            "an outcome carries its own key's order",
+        );
+        assert!(
+            lines.iter().any(|l| l.contains("created again")),
+            "{lines:?}"
+        );
     }
 
     #[test]

@@ -213,6 +213,23 @@ impl Audit {
         out
     }
 
+    /// Keys whose chain holds more than one processed-or-rejected outcome
+    /// (kept copies are not outcomes of their own), with their chains: the
+    /// promise over a pipeline's whole life, for chains read from a mirror that
+    /// keeps what the input stream's limits removed. (There a dead letter
+    /// followed by an outcome that does not name it is expected: the outcome of
+    /// a replay made after the letter's marker aged out.)
+    pub fn keys_with_two_finals(&self) -> Vec<String> {
+        self.chains
+            .iter()
+            .filter(|(_, chain)| finals(chain) > 1)
+            .map(|(key, chain)| {
+                let kinds: Vec<_> = chain.iter().map(|o| (o.seq, o.kind.token())).collect();
+                format!("{key}: {kinds:?}")
+            })
+            .collect()
+    }
+
     /// The promise over each key's chain: at most one processed-or-rejected
     /// outcome; only the replay of the current dead letter supersedes it.
     fn chain_breaches(&self) -> Vec<Found> {

@@ -2,7 +2,7 @@
 //! stream, the consumer's figures and the letters of the dead-letter stream,
 //! into the records [`super::check`] judges.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -156,6 +156,34 @@ fn stored_outcome(
     Ok((outcome, dead))
 }
 
+/// Every outcome under `outcomes` that `stream` holds, by key, oldest first,
+/// and the dead letters among them by sequence: the chains the audit judges,
+/// from the input stream or from any stream that keeps its messages with their
+/// sequences (a mirror without limits keeps what the input stream's limits
+/// removed).
+pub async fn outcome_chains(
+    js: &jetstream::Context,
+    stream: &str,
+    outcomes: &OutcomeSubjects,
+) -> anyhow::Result<(
+    BTreeMap<String, Vec<StoredOutcome>>,
+    HashMap<u64, DeadLetter>,
+)> {
+    let mut chains: BTreeMap<String, Vec<StoredOutcome>> = BTreeMap::new();
+    let mut dead = HashMap::new();
+    for m in read_all(js, stream, &format!("{}.*.*", outcomes.prefix)).await? {
+        let Some((kind, key)) = outcomes.parse(&m.subject) else {
+            continue;
+        };
+        let (o, letter) = stored_outcome(&m, kind, key)?;
+        if let Some(d) = letter {
+            dead.insert(o.seq, d);
+        }
+        chains.entry(key.to_string()).or_default().push(o);
+    }
+    Ok((chains, dead))
+}
+
 impl Audit {
     /// Reads the pipeline whose input stream is `stream` and whose consumer is
     /// `consumer` (its filter subject names the inputs and the outcome prefix).
@@ -191,17 +219,8 @@ impl Audit {
         for m in read_all(js, stream, &input_subject).await? {
             a.stored_inputs.push(stored_input(&m, created_ns));
         }
-        let mut dead: HashMap<u64, DeadLetter> = HashMap::new();
-        for m in read_all(js, stream, &format!("{}.*.*", outcomes.prefix)).await? {
-            let Some((kind, key)) = outcomes.parse(&m.subject) else {
-                continue;
-            };
-            let (o, letter) = stored_outcome(&m, kind, key)?;
-            if let Some(d) = letter {
-                dead.insert(o.seq, d);
-            }
-            a.chains.entry(key.to_string()).or_default().push(o);
-        }
+        let (chains, dead) = outcome_chains(js, stream, &outcomes).await?;
+        a.chains = chains;
         a.tally(dead);
         for m in read_all(js, dlq_stream, ">").await? {
             a.letters.push((stream_seq(&m), source_seq(&m)));
