@@ -10,7 +10,7 @@ CACHE ?= $(HOME)/.cache/orderpipeline
 export CARGO_TARGET_DIR ?= $(CACHE)/target
 export ORDERPIPE_CACHE ?= $(CACHE)
 
-.PHONY: demo demo-down image setup-node integration-real-node test test-faults bench bench-pool bench-operator bench-operator-smoke lint unit integration tools
+.PHONY: demo demo-down image setup-node integration-real-node test test-faults bench bench-growth bench-pool bench-operator bench-operator-smoke lint unit integration tools
 
 demo:
 	hack/demo
@@ -68,6 +68,12 @@ test-faults: tools
 # Throughput next to the raw JetStream baseline, measured in the same run.
 bench: tools
 	hack/bench
+
+# What a growing stream costs the NATS server (memory per stored order, drain
+# rate, restart time), next to the anchor's KV-per-order design in the same run;
+# writes its block of docs/src/benchmarks.md and docs/src/bench-growth.svg.
+bench-growth: tools
+	hack/bench-growth
 
 # One worker's orders/s against WORKER_POOL_SIZE (1, 10, 50, 200), next to the raw
 # JetStream baseline; writes its block of docs/src/benchmarks.md and docs/src/bench-pool.svg.
