@@ -329,7 +329,7 @@ fn expected(rule: &Value, pipeline: &str, value: &str) -> serde_json::Value {
 fn promtool_checks_and_unit_tests_the_alerts() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("alerts-{}", orderpipeline_e2e::random_suffix()));
     std::fs::create_dir_all(&dir)?;
-    let rules_text = rendered_rules("")?;
+    let rules_text = rendered_rules("prometheusRule.natsMemoryBudgetBytes=1000000")?;
     let rules_file = dir.join("alerts.yaml");
     std::fs::write(&rules_file, &rules_text)?;
     ok(
@@ -367,6 +367,8 @@ fn promtool_checks_and_unit_tests_the_alerts() -> anyhow::Result<()> {
         {"series": "orderoperator_pipeline_max_age_seconds{pipeline=\"shop/ok\"}", "values": "0x22"},
         {"series": "orderoperator_pipeline_oldest_unprocessed_age_seconds{pipeline=\"shop/orders\"}", "values": "0 60 120 180 240 300 360 420 480 540 600 660 0x10"},
         {"series": "orderoperator_pipeline_oldest_unprocessed_age_seconds{pipeline=\"shop/ok\"}", "values": "900x22"},
+        {"series": "orderoperator_pipeline_estimated_server_memory_bytes{pipeline=\"shop/orders\"}", "values": "400000+20000x30"},
+        {"series": "orderoperator_pipeline_estimated_server_memory_bytes{pipeline=\"shop/ok\"}", "values": "200000x30"},
     ]);
     let cases = [
         // 4 removed at minute 3, acknowledged at minute 12: critical at once, until then.
@@ -456,6 +458,18 @@ fn promtool_checks_and_unit_tests_the_alerts() -> anyhow::Result<()> {
             name: "OrderOperatorReconcileErrors",
             at: "16m",
             fires: vec![("", "")],
+        },
+        // Summed 600,000 + 20,000 a minute: above 80 % of the 1,000,000 budget
+        // from minute 11 (820,000), firing 15m later.
+        Case {
+            name: "OrderPipelinesNatsMemoryNearBudget",
+            at: "25m",
+            fires: vec![],
+        },
+        Case {
+            name: "OrderPipelinesNatsMemoryNearBudget",
+            at: "26m",
+            fires: vec![("", "1.12e+06")],
         },
         // No leader from minute 6: after 5m.
         Case {

@@ -2143,6 +2143,22 @@ async fn a_pipeline_paused_longer_than_its_max_age_loses_nothing_by_default() ->
         orderpipeline_ctl::audit::Audit::collect(&s.js, "ORDERS", "ORDERS_DLQ", "order-workers")
             .await?;
     audit.assert_exactly_once(&ids, &[])?;
+    // Capacity: the five outcomes are five subjects in the server's memory
+    // (six with the inputs' while they stay), estimated at the default 400 B.
+    wait_status(
+        &s,
+        "the outcomes' subjects in the status",
+        Duration::from_secs(8),
+        |p| {
+            p.status
+                .as_ref()
+                .and_then(|st| st.stream.as_ref())
+                .is_some_and(|st| {
+                    st.subjects >= 5 && st.estimated_server_memory_bytes == st.subjects * 400
+                })
+        },
+    )
+    .await?;
     wait_max_age(&s.js, "ORDERS", Duration::from_secs(10)).await?;
     let back = wait_status(&s, "the hold released", Duration::from_secs(30), |p| {
         p.status

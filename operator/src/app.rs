@@ -46,6 +46,12 @@ pub struct Settings {
     /// the operator creates. Default: the UID of the kube-system namespace.
     #[arg(long, env = "CLUSTER_ID")]
     pub cluster_id: Option<String>,
+    /// NATS server memory per subject of an input stream (one per retained
+    /// order), for the estimate in each pipeline's status and metrics. The
+    /// default is `make bench-growth`'s RSS per stored order on a 2-core machine
+    /// with a short duplicate window, rounded up; measure yours.
+    #[arg(long, env = "NATS_BYTES_PER_SUBJECT", default_value_t = 400)]
+    pub nats_bytes_per_subject: u64,
 }
 
 /// The cluster identity: `--cluster-id`, else the kube-system namespace's UID
@@ -129,6 +135,7 @@ fn context(
         args.pod_name.clone(),
     );
     ctx.cluster_id = cluster;
+    ctx.nats_bytes_per_subject = args.nats_bytes_per_subject;
     Arc::new(ctx)
 }
 

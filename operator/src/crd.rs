@@ -717,6 +717,15 @@ pub struct StreamStatus {
     pub first_sequence: i64,
     /// Last sequence stored.
     pub last_sequence: i64,
+    /// Distinct subjects in the input stream: one per order with an outcome,
+    /// plus the input subject. The NATS server keeps each in memory.
+    #[serde(default)]
+    pub subjects: i64,
+    /// The NATS server memory the stream's subjects hold, estimated: subjects
+    /// x the operator's `--nats-bytes-per-subject` (measure yours with `make
+    /// bench-growth`).
+    #[serde(default)]
+    pub estimated_server_memory_bytes: i64,
 }
 
 /// Consumer figures.

@@ -42,6 +42,9 @@ pub struct Metrics {
     pub oldest_unprocessed_age: Family<PipelineLabels, Gauge>,
     pub max_age: Family<PipelineLabels, Gauge>,
     pub removed_unprocessed: Family<PipelineLabels, Gauge>,
+    pub stream_subjects: Family<PipelineLabels, Gauge>,
+    pub stream_bytes: Family<PipelineLabels, Gauge>,
+    pub estimated_server_memory: Family<PipelineLabels, Gauge>,
     pub nats_connections: Gauge,
     pub leader: Gauge,
 }
@@ -61,6 +64,9 @@ pub struct PipelineFigures {
     pub max_age_seconds: i64,
     /// Removed unprocessed and not acknowledged.
     pub removed_unprocessed: i64,
+    pub stream_subjects: i64,
+    pub stream_bytes: i64,
+    pub estimated_server_memory_bytes: i64,
 }
 
 impl Metrics {
@@ -81,6 +87,9 @@ impl Metrics {
             oldest_unprocessed_age: Family::default(),
             max_age: Family::default(),
             removed_unprocessed: Family::default(),
+            stream_subjects: Family::default(),
+            stream_bytes: Family::default(),
+            estimated_server_memory: Family::default(),
             nats_connections: Gauge::default(),
             leader: Gauge::default(),
         };
@@ -168,6 +177,26 @@ impl Metrics {
             "Orders the input stream's limits removed before they were processed (lost), not yet acknowledged with the orderpipeline.dev/removed-unprocessed-acknowledged annotation",
             self.removed_unprocessed.clone(),
         );
+        self.register_capacity_metrics(r);
+    }
+
+    /// What each pipeline's retained orders cost the NATS server.
+    fn register_capacity_metrics(&self, r: &mut Registry) {
+        r.register(
+            "pipeline_stream_subjects",
+            "Distinct subjects in the input stream: one per retained order with an outcome, plus the input subject",
+            self.stream_subjects.clone(),
+        );
+        r.register(
+            "pipeline_stream_bytes",
+            "Bytes in the input stream (the server's disk, for file storage)",
+            self.stream_bytes.clone(),
+        );
+        r.register(
+            "pipeline_estimated_server_memory_bytes",
+            "NATS server memory the input stream's subjects hold, estimated: subjects x --nats-bytes-per-subject",
+            self.estimated_server_memory.clone(),
+        );
     }
 
     /// The operator process's state: leadership and the NATS connections it holds.
@@ -217,6 +246,13 @@ impl Metrics {
         self.removed_unprocessed
             .get_or_create(&l)
             .set(f.removed_unprocessed);
+        self.stream_subjects
+            .get_or_create(&l)
+            .set(f.stream_subjects);
+        self.stream_bytes.get_or_create(&l).set(f.stream_bytes);
+        self.estimated_server_memory
+            .get_or_create(&l)
+            .set(f.estimated_server_memory_bytes);
     }
 
     /// A blocked reconcile: Ready is 0, the last figures stay.
@@ -243,6 +279,9 @@ impl Metrics {
             &self.oldest_unprocessed_age,
             &self.max_age,
             &self.removed_unprocessed,
+            &self.stream_subjects,
+            &self.stream_bytes,
+            &self.estimated_server_memory,
         ] {
             f.remove(&l);
         }

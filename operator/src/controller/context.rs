@@ -24,6 +24,8 @@ pub struct Context {
     /// This cluster's identity, the first part of the Idempotency-Key scope
     /// pinned in the input streams the operator creates.
     pub cluster_id: String,
+    /// NATS server memory per input-stream subject, for the capacity estimate.
+    pub nats_bytes_per_subject: u64,
     /// NATS connections, shared by the pipelines that use the same server and
     /// credentials.
     pub(crate) nats: Mutex<NatsPool>,
@@ -76,6 +78,7 @@ impl Context {
             default_image,
             resync,
             cluster_id: "cluster".into(),
+            nats_bytes_per_subject: 400,
             nats: Mutex::new(NatsPool::default()),
             pipelines: std::sync::OnceLock::new(),
             deployments: std::sync::OnceLock::new(),

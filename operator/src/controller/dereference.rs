@@ -252,6 +252,7 @@ pub(crate) async fn read_figures(
     js: &dyn JetStream,
     t: &Topology,
     seen: Seen,
+    bytes_per_subject: u64,
 ) -> Result<Figures, String> {
     let i64_of = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let missing = |what: &str| format!("{what} does not exist (yet)");
@@ -293,6 +294,8 @@ pub(crate) async fn read_figures(
             bytes: i64_of(st.bytes),
             first_sequence: i64_of(st.first_sequence),
             last_sequence: i64_of(st.last_sequence),
+            subjects: i64_of(st.subjects),
+            estimated_server_memory_bytes: i64_of(st.subjects.saturating_mul(bytes_per_subject)),
         },
         consumer: crate::crd::ConsumerStatus {
             pending: i64_of(c.pending),

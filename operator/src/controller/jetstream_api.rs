@@ -12,6 +12,9 @@ pub(crate) struct StreamView {
     pub(crate) bytes: u64,
     pub(crate) first_sequence: u64,
     pub(crate) last_sequence: u64,
+    /// Distinct subjects stored: one per order with an outcome (the server
+    /// keeps each in its in-memory index), plus the input subject.
+    pub(crate) subjects: u64,
 }
 
 /// A consumer's configuration and figures.
@@ -121,6 +124,7 @@ impl JetStream for Live {
             bytes: info.state.bytes,
             first_sequence: info.state.first_sequence,
             last_sequence: info.state.last_sequence,
+            subjects: info.state.subjects_count,
         }))
     }
 

@@ -148,7 +148,7 @@ async fn steps(
             }
         }
     }
-    let figures = read_figures(js, &plan.topology, seen).await;
+    let figures = read_figures(js, &plan.topology, seen, ctx.nats_bytes_per_subject).await;
     let removed = match &figures {
         Ok(f) => ctx.removed_since_last_read(&key_of(p), &f.observation),
         Err(_) => retention::Removed::default(),

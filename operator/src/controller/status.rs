@@ -148,6 +148,12 @@ pub(crate) fn figures_of(p: &OrderPipeline, s: &OrderPipelineStatus) -> Pipeline
         oldest_unprocessed_age_seconds: s.oldest_unprocessed_age_seconds.unwrap_or(0),
         max_age_seconds: retention::spec_max_age_seconds(p),
         removed_unprocessed: retention::unacknowledged(p, s),
+        stream_subjects: s.stream.as_ref().map_or(0, |st| st.subjects),
+        stream_bytes: s.stream.as_ref().map_or(0, |st| st.bytes),
+        estimated_server_memory_bytes: s
+            .stream
+            .as_ref()
+            .map_or(0, |st| st.estimated_server_memory_bytes),
     }
 }
 
