@@ -947,16 +947,7 @@ async fn fault_11_a_pause_longer_than_the_duplicate_window() -> anyhow::Result<(
     // stream stores them again, as second inputs of the same orders.
     let mut resent = 0;
     for (n, id) in r.valid_ids.iter().take(30).enumerate() {
-        let mut h = async_nats::HeaderMap::new();
-        h.insert("Nats-Msg-Id", id.as_str());
-        let ack = js
-            .publish_with_headers(
-                "ORDER.created",
-                h,
-                ctl::valid_order(id, n as u64).encode_to_vec().into(),
-            )
-            .await?
-            .await?;
+        let ack = publish_order(&js, id, id, n as u64).await?;
         resent += u64::from(!ack.duplicate);
     }
     anyhow::ensure!(
@@ -1439,18 +1430,29 @@ where
 async fn resend(js: &jetstream::Context, ids: &[String]) -> anyhow::Result<u64> {
     let mut first = None;
     for (n, id) in ids.iter().enumerate() {
-        let mut h = async_nats::HeaderMap::new();
-        h.insert("Nats-Msg-Id", format!("{id}-again").as_str());
-        let ack = js
-            .publish_with_headers(
-                "ORDER.created",
-                h,
-                ctl::valid_order(id, n as u64).encode_to_vec().into(),
-            )
-            .await?
-            .await?;
+        let ack = publish_order(js, id, &format!("{id}-again"), n as u64).await?;
         anyhow::ensure!(!ack.duplicate, "{id} again: a duplicate");
         first.get_or_insert(ack.sequence);
     }
     first.context("nothing to send again")
+}
+
+/// Publishes order `id` (a valid body, `n` its position) with message id
+/// `msg_id`, and waits for the stream's ack.
+async fn publish_order(
+    js: &jetstream::Context,
+    id: &str,
+    msg_id: &str,
+    n: u64,
+) -> anyhow::Result<jetstream::publish::PublishAck> {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Msg-Id", msg_id);
+    Ok(js
+        .publish_with_headers(
+            "ORDER.created",
+            h,
+            ctl::valid_order(id, n).encode_to_vec().into(),
+        )
+        .await?
+        .await?)
 }

@@ -199,6 +199,21 @@ impl State {
         }
     }
 
+    /// The stream stores an input of `order` at its next sequence.
+    fn store(&mut self, order: u8, verdict: Verdict, claim: Option<(u64, u8)>) {
+        self.inputs.push(Input {
+            order,
+            verdict,
+            claim,
+            seq: self.next_seq,
+            acked: false,
+            delivered: 0,
+            in_flight: 0,
+            removed: false,
+        });
+        self.next_seq += 1;
+    }
+
     fn quiet(&self) -> bool {
         self.workers.is_empty()
     }
@@ -556,17 +571,8 @@ impl V2 {
         let earlier = letter.stream != s.stream && self.mutation != Some(Mutation::SequenceOnly);
         // The replay is a new input; the downstream is healthy by then, so
         // model its verdict as the original's.
-        s.inputs.push(Input {
-            order: letter.order,
-            verdict: original.verdict,
-            claim: (!earlier).then_some((letter.marker, letter.stream)),
-            seq: s.next_seq,
-            acked: false,
-            delivered: 0,
-            in_flight: 0,
-            removed: false,
-        });
-        s.next_seq += 1;
+        let claim = (!earlier).then_some((letter.marker, letter.stream));
+        s.store(letter.order, original.verdict, claim);
         if earlier {
             s.letters[l].removed = true;
         }
@@ -588,17 +594,7 @@ impl V2 {
         s.stream += 1;
         s.next_seq = 1;
         for (order, verdict) in &self.after_recreation {
-            s.inputs.push(Input {
-                order: *order,
-                verdict: *verdict,
-                claim: None,
-                seq: s.next_seq,
-                acked: false,
-                delivered: 0,
-                in_flight: 0,
-                removed: false,
-            });
-            s.next_seq += 1;
+            s.store(*order, *verdict, None);
         }
         Some(s)
     }
@@ -608,16 +604,7 @@ impl V2 {
         let mut s = s.clone();
         s.budget.copies -= 1;
         let original = s.inputs.iter().find(|i| i.order == order)?.clone();
-        s.inputs.push(Input {
-            claim: None,
-            seq: s.next_seq,
-            acked: false,
-            delivered: 0,
-            in_flight: 0,
-            removed: false,
-            ..original
-        });
-        s.next_seq += 1;
+        s.store(original.order, original.verdict, None);
         Some(s)
     }
 
