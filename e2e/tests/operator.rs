@@ -112,32 +112,6 @@ fn condition<'a>(
         .find(|c| c.type_ == type_)
 }
 
-/// `count` valid orders `<prefix>-<n>` on ORDER.created, `window` awaiting
-/// their PubAck at once.
-async fn publish_valid(
-    js: &jetstream::Context,
-    prefix: &str,
-    count: u64,
-    window: usize,
-) -> anyhow::Result<orderpipeline_ctl::PublishReport> {
-    orderpipeline_ctl::publish_orders(
-        js,
-        &orderpipeline_ctl::PublishOptions {
-            subject: "ORDER.created".into(),
-            count,
-            rate: 0.0,
-            invalid_ratio: 0.0,
-            duplicate_ratio: 0.0,
-            prefix: prefix.into(),
-            window,
-            ack_timeout: Duration::from_secs(5),
-            progress: false,
-            poison: 0,
-        },
-    )
-    .await
-}
-
 /// Waits until Ready has `status` (and `reason`, when given).
 async fn wait_ready(
     s: &Setup,
@@ -984,7 +958,7 @@ async fn pause_scales_to_zero_and_pauses_the_consumer_and_unpause_resumes() -> a
     })
     .await?;
     // Orders published while paused wait in the stream.
-    let report = publish_valid(&s.js, "paused", 50, 64).await?;
+    let report = publish_ids(&s.js, "ORDER.created", "paused", 50).await?;
     s.api
         .patch(
             "orders",
@@ -2087,7 +2061,7 @@ async fn paused_with_five_orders(
             && condition(p, "Paused").is_some_and(|c| c.status == "True")
     })
     .await?;
-    let report = publish_valid(&s.js, "held", 5, 8).await?;
+    let report = publish_ids(&s.js, "ORDER.created", "held", 5).await?;
     Ok(report.valid_ids)
 }
 

@@ -127,8 +127,6 @@ pub struct Worker {
     /// The order whose key this delivery reads and writes (its input's, or the
     /// letter's a replay supersedes).
     pub key: u8,
-    /// The dead-letter marker this delivery may write over (a judged replay).
-    pub replay_of: Option<u64>,
 }
 
 /// A copy in the dead-letter stream of a marker in the input stream.
@@ -471,8 +469,8 @@ pub enum Fault {
 impl V2 {
     /// The delivery of input `i` as the worker sees it: a replay is judged
     /// ([`replay::judge`]) against the stream's identity and what it holds at
-    /// the marker; the key it reads and writes, and the marker it may write over.
-    fn delivery(&self, s: &State, i: usize) -> (Delivery, u8, Option<u64>) {
+    /// the marker; and the key it reads and writes.
+    fn delivery(&self, s: &State, i: usize) -> (Delivery, u8) {
         let input = &s.inputs[i];
         let (mut key, mut replay_of, mut orphan_letter) = (input.order, None, false);
         if let Some((marker, stream)) = input.claim {
@@ -503,7 +501,7 @@ impl V2 {
             downstream: self.downstream,
             input_seq: input.seq,
         };
-        (delivery, key, replay_of)
+        (delivery, key)
     }
 
     /// The step a mutation makes of `step`.
@@ -533,7 +531,7 @@ impl V2 {
                 }
             }
         }
-        let (delivery, key, replay_of) = self.delivery(&s, i);
+        let (delivery, key) = self.delivery(&s, i);
         let mut machine = Machine::new(s.inputs[i].verdict, delivery);
         let step = machine.on(Event::Start);
         s.workers.push(Worker {
@@ -543,7 +541,6 @@ impl V2 {
             alone_at_read: false,
             charged: false,
             key,
-            replay_of,
         });
         Some(s)
     }
@@ -649,7 +646,6 @@ impl V2 {
             mut alone_at_read,
             mut charged,
             key,
-            replay_of,
         } = s.workers[w].clone();
         // The key it reads and writes; its event carries its input's order.
         let (order, carries) = (key, s.inputs[input].order);
@@ -677,7 +673,8 @@ impl V2 {
             (Step::ReadOutcome, Fault::None) => Event::Read(s.last_on(order)),
             (Step::ReadOutcome, _) => Event::ReadFailed,
             (Step::CallDownstream, f) => {
-                let base = replay_of.unwrap_or(0);
+                // The letter a judged replay may write over.
+                let base = machine.delivery.replay_of.unwrap_or(0);
                 s.call_downstream(order, base, alone_at_read, &mut charged, f)
             }
             (Step::Write { kind, expect, .. }, f) => {
@@ -708,7 +705,6 @@ impl V2 {
             alone_at_read,
             charged,
             key,
-            replay_of,
         };
         Some(s)
     }

@@ -92,6 +92,12 @@ fn links(chain: &[StoredOutcome]) -> Vec<Link> {
     chain.iter().map(StoredOutcome::link).collect()
 }
 
+/// A key's chain as the violations print it: `key: [(seq, kind), ...]`.
+fn chain_line(key: &str, chain: &[StoredOutcome]) -> String {
+    let kinds: Vec<_> = chain.iter().map(|o| (o.seq, o.kind.token())).collect();
+    format!("{key}: {kinds:?}")
+}
+
 /// How many processed-or-rejected outcomes a chain holds.
 fn finals(chain: &[StoredOutcome]) -> usize {
     promise::finals(&links(chain))
@@ -223,10 +229,7 @@ impl Audit {
         self.chains
             .iter()
             .filter(|(_, chain)| finals(chain) > 1)
-            .map(|(key, chain)| {
-                let kinds: Vec<_> = chain.iter().map(|o| (o.seq, o.kind.token())).collect();
-                format!("{key}: {kinds:?}")
-            })
+            .map(|(key, chain)| chain_line(key, chain))
             .collect()
     }
 
@@ -238,13 +241,7 @@ impl Audit {
         for (key, chain) in &self.chains {
             for b in promise::check_chain(&links(chain)) {
                 match b {
-                    Breach::TwoFinals { .. } => two.push(format!(
-                        "{key}: {:?}",
-                        chain
-                            .iter()
-                            .map(|o| (o.seq, o.kind.token()))
-                            .collect::<Vec<_>>()
-                    )),
+                    Breach::TwoFinals { .. } => two.push(chain_line(key, chain)),
                     // What the first outcome was written over aged out of the
                     // stream (below its first sequence): archived, not a breach.
                     Breach::FirstSupersedes { first }

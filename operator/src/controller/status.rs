@@ -136,6 +136,7 @@ pub(crate) async fn finish(
 /// The figures the metrics export, from the status just built.
 pub(crate) fn figures_of(p: &OrderPipeline, s: &OrderPipelineStatus) -> PipelineFigures {
     let w = s.workers.as_ref();
+    let stream = s.stream.clone().unwrap_or_default();
     PipelineFigures {
         ready: conditions::is_true(&s.conditions, types::READY),
         paused: p.spec.paused,
@@ -148,12 +149,9 @@ pub(crate) fn figures_of(p: &OrderPipeline, s: &OrderPipelineStatus) -> Pipeline
         oldest_unprocessed_age_seconds: s.oldest_unprocessed_age_seconds.unwrap_or(0),
         max_age_seconds: retention::spec_max_age_seconds(p),
         removed_unprocessed: retention::unacknowledged(p, s),
-        stream_subjects: s.stream.as_ref().map_or(0, |st| st.subjects),
-        stream_bytes: s.stream.as_ref().map_or(0, |st| st.bytes),
-        estimated_server_memory_bytes: s
-            .stream
-            .as_ref()
-            .map_or(0, |st| st.estimated_server_memory_bytes),
+        stream_subjects: stream.subjects,
+        stream_bytes: stream.bytes,
+        estimated_server_memory_bytes: stream.estimated_server_memory_bytes,
     }
 }
 
