@@ -33,7 +33,9 @@ pub enum Object {
 /// place (the reasons are what alerts and `kubectl get events` filter on).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
-    Created(Object),
+    /// Every JetStream object one reconcile created, in one Event.
+    JetStreamCreated,
+    DeploymentCreated,
     Updated(Object),
     /// A change made outside the operator, undone (`action`: Create, Update).
     DriftCorrected {
@@ -65,11 +67,8 @@ impl Kind {
     pub fn reason(self) -> &'static str {
         use Object::*;
         match self {
-            Kind::Created(Stream) => "StreamCreated",
-            Kind::Created(DeadLetterStream) => "DeadLetterStreamCreated",
-            Kind::Created(Bucket) => "BucketCreated",
-            Kind::Created(Consumer) => "ConsumerCreated",
-            Kind::Created(Deployment) => "DeploymentCreated",
+            Kind::JetStreamCreated => "JetStreamCreated",
+            Kind::DeploymentCreated => "DeploymentCreated",
             Kind::Updated(Stream) => "StreamUpdated",
             Kind::Updated(DeadLetterStream) => "DeadLetterStreamUpdated",
             Kind::Updated(Bucket) => "BucketUpdated",
@@ -97,7 +96,7 @@ impl Kind {
 
     pub fn action(self) -> &'static str {
         match self {
-            Kind::Created(_) => "Create",
+            Kind::JetStreamCreated | Kind::DeploymentCreated => "Create",
             Kind::Updated(_) => "Update",
             Kind::DriftCorrected { action } => action,
             Kind::StreamRecreated => "Recreate",
@@ -262,7 +261,7 @@ impl Recorder {
             type_: Some(type_name(ev.type_).into()),
             reason: Some(ev.reason.clone()),
             action: Some(ev.action.clone()),
-            note: ev.note.clone(),
+            note: ev.note.as_deref().map(fit_note),
             regarding: Some(regarding.clone()),
             related: ev.secondary.clone(),
             reporting_controller: Some(self.controller.clone()),
@@ -272,9 +271,34 @@ impl Recorder {
     }
 }
 
+/// The API server refuses an Event whose note is longer than 1 kB (a stream
+/// with many subjects): the note is cut at a character boundary, marked "...".
+const NOTE_MAX: usize = 1024;
+
+fn fit_note(note: &str) -> String {
+    if note.len() <= NOTE_MAX {
+        return note.to_string();
+    }
+    let mut end = NOTE_MAX - 3;
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &note[..end])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_note_is_cut_to_what_the_api_server_accepts() {
+        assert_eq!(fit_note("short"), "short");
+        let long = "é".repeat(700);
+        let cut = fit_note(&long);
+        assert!(cut.len() <= NOTE_MAX, "{}", cut.len());
+        assert!(cut.ends_with("..."));
+        assert!(long.starts_with(cut.trim_end_matches("...")));
+    }
 
     fn event(reason: &str, note: &str) -> Event {
         Event {
@@ -324,11 +348,8 @@ mod tests {
     fn every_kind_has_its_own_reason_and_drift_and_failures_are_warnings() {
         use Object::*;
         let kinds = [
-            Kind::Created(Stream),
-            Kind::Created(DeadLetterStream),
-            Kind::Created(Bucket),
-            Kind::Created(Consumer),
-            Kind::Created(Deployment),
+            Kind::JetStreamCreated,
+            Kind::DeploymentCreated,
             Kind::Updated(Stream),
             Kind::Updated(DeadLetterStream),
             Kind::Updated(Bucket),

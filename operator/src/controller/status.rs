@@ -121,16 +121,56 @@ pub(crate) async fn finish(
     o: &Observed<'_>,
 ) -> Result<Action, Error> {
     let status = build(old, o);
+    ctx.metrics.pipeline(&key_of(p), &figures_of(p, &status));
+    if let Some(left) = first_status_wait(old, &status, o) {
+        // The Deployment's next status change (its workers available) or the
+        // end of the wait brings the reconcile that writes it.
+        return Ok(Action::requeue(left.min(retry::NOT_READY_RESYNC)));
+    }
     for n in notes(old, &status, &o.plan.topology.dlq_stream) {
         ctx.event(p, n.kind, n.message).await;
     }
-    ctx.metrics.pipeline(&key_of(p), &figures_of(p, &status));
     write_status(p, ctx, old, &status).await?;
     let next = match conditions::is_true(&status.conditions, types::READY) {
         true => ctx.resync,
         false => ctx.resync.min(retry::NOT_READY_RESYNC),
     };
     Ok(Action::requeue(jittered(next)))
+}
+
+/// How long a new pipeline's first status may wait for its workers to start.
+pub(crate) const FIRST_STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A new pipeline (no status stored yet) whose only missing piece is its
+/// workers starting: its first status waits until they are available, so that
+/// one write says Ready, for at most [`FIRST_STATUS_WAIT`] after its creation
+/// (workers that do not start show as WorkersUnavailable then; the Events
+/// already name the objects created). How much longer it may wait; `None`
+/// writes now. Anything else (a spec error, NATS down, a scale decision,
+/// inputs removed) is written at once.
+pub(crate) fn first_status_wait(
+    old: &OrderPipelineStatus,
+    new: &OrderPipelineStatus,
+    o: &Observed,
+) -> Option<std::time::Duration> {
+    let never_written = *old == OrderPipelineStatus::default();
+    let ready = new.conditions.iter().find(|c| c.type_ == types::READY)?;
+    let removed = new
+        .removed_unprocessed
+        .as_ref()
+        .is_some_and(|r| r.count > 0);
+    if !never_written || ready.reason != reasons::WORKERS_UNAVAILABLE || removed {
+        return None;
+    }
+    if o.scaled_at.is_some() {
+        return None;
+    }
+    let created = o.pipeline.metadata.creation_timestamp.as_ref()?.0;
+    let age = o.now.0.duration_since(created);
+    let left = k8s_openapi::jiff::SignedDuration::try_from(FIRST_STATUS_WAIT).ok()? - age;
+    std::time::Duration::try_from(left)
+        .ok()
+        .filter(|d| !d.is_zero())
 }
 
 /// The figures the metrics export, from the status just built.

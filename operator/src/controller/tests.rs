@@ -24,6 +24,8 @@ const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/demo/deployments/orders-worke
 struct ApiServer {
     objects: std::sync::Mutex<BTreeMap<String, Value>>,
     log: std::sync::Mutex<Vec<String>>,
+    /// The Deployment's pods are still starting: none available.
+    workers_starting: std::sync::atomic::AtomicBool,
 }
 
 impl ApiServer {
@@ -102,8 +104,12 @@ impl ApiServer {
                             g + 1
                         };
                         let n = o["spec"]["replicas"].as_i64().unwrap_or(1);
+                        let up = match self.workers_starting.load(Ordering::SeqCst) {
+                            true => 0,
+                            false => n,
+                        };
                         o["status"] = json!({"observedGeneration": g, "replicas": n,
-                            "updatedReplicas": n, "readyReplicas": n, "availableReplicas": n});
+                            "updatedReplicas": n, "readyReplicas": up, "availableReplicas": up});
                         o["metadata"]["generation"] = json!(g);
                         let uid = before["metadata"]["uid"].clone();
                         o["metadata"]["uid"] = match uid {
@@ -286,14 +292,51 @@ async fn a_new_pipeline_gets_its_objects_its_deployment_and_one_status_write() {
     );
     assert_eq!(
         h.api.event_reasons(),
-        [
-            "StreamCreated",
-            "DeadLetterStreamCreated",
-            "ConsumerCreated",
-            "DeploymentCreated"
-        ]
+        ["JetStreamCreated", "DeploymentCreated"],
+        "one Event for the JetStream objects, one for the Deployment"
     );
     assert_eq!(h.ready(), ("True".into(), "PipelineReady".into()));
+}
+
+/// A new pipeline whose workers are starting: no status yet (the Events say
+/// what was created); one write once they are available, saying Ready; and
+/// one saying WorkersUnavailable once the first status has waited long enough.
+#[tokio::test]
+async fn a_new_pipeline_writes_its_first_status_once_its_workers_are_available() {
+    let mut p = sample();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    p.metadata.creation_timestamp = Some(Time(now));
+    let h = Harness::new(&p);
+    h.api.workers_starting.store(true, Ordering::SeqCst);
+    let action = h.reconcile(&p).await;
+    assert_eq!(h.api.count(&format!("PATCH {PIPELINE}/status")), 0);
+    assert_eq!(h.status(), Value::Null, "no status while the workers start");
+    assert_eq!(
+        h.api.event_reasons(),
+        ["JetStreamCreated", "DeploymentCreated"]
+    );
+    assert!(action != Action::await_change(), "{action:?}");
+    // Still starting: still nothing written, no Event repeated.
+    h.reconcile(&p).await;
+    assert_eq!(h.api.count(&format!("PATCH {PIPELINE}/status")), 0);
+    assert_eq!(h.api.event_reasons(), Vec::<String>::new());
+    // Available: one write, Ready.
+    h.api.objects.lock().unwrap().get_mut(DEPLOYMENT).unwrap()["status"]["availableReplicas"] =
+        json!(2);
+    h.reconcile(&p).await;
+    assert_eq!(h.api.count(&format!("PATCH {PIPELINE}/status")), 1);
+    assert_eq!(h.ready(), ("True".into(), "PipelineReady".into()));
+
+    // Created longer ago than the wait: written at once, workers unavailable.
+    let mut p = sample();
+    let past =
+        now - k8s_openapi::jiff::SignedDuration::try_from(status::FIRST_STATUS_WAIT).unwrap();
+    p.metadata.creation_timestamp = Some(Time(past));
+    let h = Harness::new(&p);
+    h.api.workers_starting.store(true, Ordering::SeqCst);
+    h.reconcile(&p).await;
+    assert_eq!(h.api.count(&format!("PATCH {PIPELINE}/status")), 1);
+    assert_eq!(h.ready(), ("False".into(), "WorkersUnavailable".into()));
 }
 
 #[tokio::test]

@@ -60,7 +60,7 @@ pub(crate) async fn apply_deployment(
         None => {
             let n = after.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
             let note = format!("created Deployment {name} with {n} replica(s)");
-            ctx.event(p, Kind::Created(Object::Deployment), note).await;
+            ctx.event(p, Kind::DeploymentCreated, note).await;
         }
         Some(b) if template(b) != template(&after) => {
             let note = format!("updated Deployment {name}");

@@ -65,13 +65,24 @@ pub(crate) async fn ensure_topology(
     t: &Topology,
     drift: bool,
 ) -> Result<Seen, NotReady> {
-    let r = Reporter { p, ctx, drift };
-    Ok(Seen {
-        stream: ensure_stream(&r, js, t, t.stream_config(), Object::Stream).await?,
-        dlq: ensure_stream(&r, js, t, t.dlq_stream_config(), Object::DeadLetterStream).await?,
-        bucket: ensure_bucket(&r, js, t).await?,
-        consumer: ensure_consumer(&r, js, t).await?,
-    })
+    let r = Reporter {
+        p,
+        ctx,
+        drift,
+        created: Default::default(),
+    };
+    let seen = async {
+        Ok(Seen {
+            stream: ensure_stream(&r, js, t, t.stream_config(), Object::Stream).await?,
+            dlq: ensure_stream(&r, js, t, t.dlq_stream_config(), Object::DeadLetterStream).await?,
+            bucket: ensure_bucket(&r, js, t).await?,
+            consumer: ensure_consumer(&r, js, t).await?,
+        })
+    }
+    .await;
+    // What was created before a step failed is reported too.
+    r.report_created().await;
+    seen
 }
 
 /// How this reconcile reports what it changes. Drift (a change made behind the
@@ -81,6 +92,8 @@ struct Reporter<'a> {
     p: &'a OrderPipeline,
     ctx: &'a Context,
     drift: bool,
+    /// What this reconcile created, for one Event naming all of it.
+    created: std::sync::Mutex<Vec<String>>,
 }
 
 impl Reporter<'_> {
@@ -93,13 +106,23 @@ impl Reporter<'_> {
         }
     }
 
-    /// The same for a creation: under drift the object had been deleted.
-    async fn created(&self, object: Object, name: String, message: String) {
+    /// The same for a creation: under drift the object had been deleted (one
+    /// Warning each); else `what` joins one Event for all the objects created.
+    async fn created(&self, name: String, what: String) {
         if self.drift {
             let note = format!("recreated {name}: it had been deleted outside the operator");
             self.warn("Create", note).await;
         } else {
-            self.ctx.event(self.p, Kind::Created(object), message).await;
+            self.created.lock().unwrap().push(what);
+        }
+    }
+
+    /// One Event naming every JetStream object this reconcile created (a new
+    /// pipeline: its stream, dead-letter stream and consumer).
+    async fn report_created(&self) {
+        let created = std::mem::take(&mut *self.created.lock().unwrap());
+        if let Some(note) = created_note(&created) {
+            self.ctx.event(self.p, Kind::JetStreamCreated, note).await;
         }
     }
 
@@ -142,11 +165,11 @@ async fn ensure_stream(
         let changed = update_stream(r, js, t, &live.config, cfg, what).await?;
         return Ok((!changed).then_some(live));
     }
-    let note = format!("created stream {name} on {:?}", cfg.subjects);
+    let note = format!("stream {name} on {:?}", cfg.subjects);
     js.create_stream(cfg)
         .await
         .map_err(|e| r.api_err(&format!("creating stream {name}"), e))?;
-    r.created(what, format!("stream {name}"), note).await;
+    r.created(format!("stream {name}"), note).await;
     Ok(None)
 }
 
@@ -264,13 +287,37 @@ async fn ensure_consumer(
             js.put_consumer(&t.stream, desired)
                 .await
                 .map_err(|e| r.api_err(&format!("creating consumer {consumer}"), e))?;
-            let note = format!(
-                "created durable consumer {consumer} filtering {}",
-                t.filter_subject
-            );
-            r.created(Object::Consumer, format!("consumer {consumer}"), note)
-                .await;
+            let note = format!("durable consumer {consumer} filtering {}", t.filter_subject);
+            r.created(format!("consumer {consumer}"), note).await;
         }
     }
     Ok(None)
+}
+
+/// "created a, b and c", or nothing when nothing was created.
+fn created_note(created: &[String]) -> Option<String> {
+    let (last, rest) = created.split_last()?;
+    Some(match rest {
+        [] => format!("created {last}"),
+        _ => format!("created {} and {last}", rest.join(", ")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::created_note;
+
+    #[test]
+    fn one_note_names_every_object_created() {
+        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(created_note(&[]), None);
+        assert_eq!(
+            created_note(&s(&["stream A on [\"a\"]"])).as_deref(),
+            Some("created stream A on [\"a\"]")
+        );
+        assert_eq!(
+            created_note(&s(&["stream A", "stream A_DLQ", "durable consumer c"])).as_deref(),
+            Some("created stream A, stream A_DLQ and durable consumer c")
+        );
+    }
 }
