@@ -122,31 +122,52 @@ kind: OrderPipeline
 metadata: {{name: p{i}, namespace: {ns}}}
 spec:
   nats: {{url: "{NATS_URL}"}}
-  stream: {{name: P{i}, subjects: ["P{i}.*"], maxAge: {max_age}, duplicateWindow: 2m, deletionPolicy: Delete}}
+  stream: {{name: P{i}, subjects: ["P{i}.*"], maxAge: {max_age}, duplicateWindow: 30m, deletionPolicy: Delete}}
   consumer: {{filterSubject: P{i}.created}}
   workers: {{replicas: 1, poolSize: 10}}
 """)
     return "---\n".join(docs)
 
 
+def rendered_deployment():
+    """The Deployment the operator renders for pipeline p0 of this bench, without
+    what the API server and the controllers add: the baseline creates the same
+    objects (labels, annotations, probes, env) directly."""
+    ns = "render"
+    sh("kubectl", "create", "namespace", ns)
+    sh("kubectl", "apply", "--server-side", "-f", "-", input=pipelines_yaml(ns, 1))
+    got = {}
+    def rendered():
+        r = subprocess.run(["kubectl", "get", "deployment", "-n", ns, "p0-workers", "-o", "json"],
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            got["d"] = json.loads(r.stdout)
+        return "d" in got
+    wait("the operator's Deployment of one pipeline", rendered, 60)
+    sh("kubectl", "delete", "orderpipelines", "--all", "-n", ns)
+    sh("kubectl", "delete", "namespace", ns, "--timeout=120s")
+    d, md = got["d"], got["d"]["metadata"]
+    annotations = {k: v for k, v in (md.get("annotations") or {}).items()
+                   if k != "deployment.kubernetes.io/revision"}
+    return json.dumps({"apiVersion": "apps/v1", "kind": "Deployment",
+                       "metadata": {"name": md["name"], "labels": md.get("labels") or {},
+                                    "annotations": annotations},
+                       "spec": d["spec"]})
+
+
 def deployments_yaml(ns, n):
+    """N copies of the operator's Deployment, renamed b<i> (stream B<i>)."""
     docs = []
     for i in range(n):
-        docs.append(f"""apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: b{i}-workers, namespace: {ns}}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{app: b{i}}}}}
-  template:
-    metadata: {{labels: {{app: b{i}}}}}
-    spec:
-      containers:
-      - name: worker
-        image: example.invalid/order-worker:bench
-        env: [{{name: NATS_URL, value: "{NATS_URL}"}}, {{name: STREAM_NAME, value: B{i}}}]
-""")
-    return "---\n".join(docs)
+        doc = re.sub(r"\bp0\b", f"b{i}", RENDERED)
+        doc = re.sub(r"\bP0\b", f"B{i}", doc)
+        d = json.loads(doc)
+        d["metadata"]["namespace"] = ns
+        # Not the operator's: its Deployment watch (by this label) leaves them alone.
+        if "app.kubernetes.io/managed-by" in d["metadata"]["labels"]:
+            d["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "kubectl"
+        docs.append(d)
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": docs})
 
 
 def quantile(xs, q):
@@ -335,8 +356,13 @@ def delete(ns, n, wait_namespace=False):
 results = {}
 
 
+RENDERED = None
+
+
 def main():
+    global RENDERED
     pid = operator_pid()
+    RENDERED = rendered_deployment()
     rows = []
     for n in NS_LIST:
         print(f"\n== N = {n}", flush=True)
