@@ -35,6 +35,11 @@ print((last - first) / 1e9)
 PY
 }
 
+# cpu_ticks PID...: the CPU time (user + system, in clock ticks) the processes
+# have used so far; hz is the ticks per second.
+cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo "$t"; }
+hz=$(getconf CLK_TCK)
+
 # last_seq STREAM: the stream's last sequence.
 last_seq() {
   "$bin/nats" --server "$NATS_URL" stream info "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"]["last_seq"])'

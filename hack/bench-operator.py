@@ -155,11 +155,11 @@ def rendered_deployment():
                        "spec": d["spec"]})
 
 
-def deployments_yaml(ns, n):
-    """N copies of the operator's Deployment, renamed b<i> (stream B<i>)."""
+def deployments_yaml(ns, n, rendered):
+    """N copies of the operator's Deployment (`rendered`), renamed b<i> (stream B<i>)."""
     docs = []
     for i in range(n):
-        doc = re.sub(r"\bp0\b", f"b{i}", RENDERED)
+        doc = re.sub(r"\bp0\b", f"b{i}", rendered)
         doc = re.sub(r"\bP0\b", f"B{i}", doc)
         d = json.loads(doc)
         d["metadata"]["namespace"] = ns
@@ -183,7 +183,7 @@ def wait(what, ok, timeout):
         time.sleep(0.1)
 
 
-def baseline(n, run):
+def baseline(n, run, rendered):
     ns = f"base-{n}-{run}"
     sh("kubectl", "create", "namespace", ns)
     dw = Watch(ns, "deployments", DEPLOYMENT_EVENTS)
@@ -191,7 +191,7 @@ def baseline(n, run):
     t0 = time.monotonic()
     js = threading.Thread(target=lambda: results.setdefault(("js", n), jsbench("-prefix", "B", "-n", str(n), "create")))
     js.start()
-    sh("kubectl", "apply", "--server-side", "-f", "-", input=deployments_yaml(ns, n))
+    sh("kubectl", "apply", "--server-side", "-f", "-", input=deployments_yaml(ns, n, rendered))
     js.join()
     available = {}
     def all_available():
@@ -356,13 +356,9 @@ def delete(ns, n, wait_namespace=False):
 results = {}
 
 
-RENDERED = None
-
-
 def main():
-    global RENDERED
     pid = operator_pid()
-    RENDERED = rendered_deployment()
+    rendered = rendered_deployment()
     rows = []
     for n in NS_LIST:
         print(f"\n== N = {n}", flush=True)
@@ -371,7 +367,7 @@ def main():
             if run:
                 # The previous run's pipelines go first (their streams' names are reused).
                 delete(ns, n, wait_namespace=True)
-            b = baseline(n, run)
+            b = baseline(n, run, rendered)
             ns, o = operator_create(n, run)
             print_create(n, run, b, o)
             creates.append((o, b))
@@ -394,13 +390,24 @@ def main():
         write_docs(rows)
 
 
-def print_create(n, run, b, o):
+def create_ratios(o, b):
+    """The operator's create against its baseline: (time to all Ready, kube-apiserver CPU)."""
     api_cpu = o["cpu"].get("kube-apiserver", 0) / max(b["cpu"].get("kube-apiserver", 0), 1e-9)
+    return o["all_ready"] / b["all_ready"], api_cpu
+
+
+def spread(t):
+    """A (median, lowest, highest) triple as "median (lowest-highest)"."""
+    return f"{t[0]:.2f} ({t[1]:.2f}-{t[2]:.2f})"
+
+
+def print_create(n, run, b, o):
+    ratio, api_cpu = create_ratios(o, b)
     print(f"create {run + 1}/{CREATE_RUNS}: all StreamReady+ConsumerReady with their Deployment {o['topology']:.1f} s (target <= 60 s); "
           f"{o['reconciles']:.0f} reconciles ({o['reconciles'] / n:.1f} per pipeline)")
     print(f"create {run + 1}/{CREATE_RUNS}: all Ready {o['all_ready']:.1f} s (p50 {o['p50']:.1f} s, p99 {o['p99']:.1f} s); "
           f"baseline {b['all_ready']:.1f} s (JetStream objects {b['jetstream']:.1f} s, Deployments available {b['deployments']:.1f} s); "
-          f"ratio {o['all_ready'] / b['all_ready']:.2f}; kube-apiserver CPU ratio {api_cpu:.2f}")
+          f"ratio {ratio:.2f}; kube-apiserver CPU ratio {api_cpu:.2f}")
     print(f"create {run + 1}/{CREATE_RUNS}: CPU seconds by process until all Ready: {largest_first(o['cpu'])}; baseline: {largest_first(b['cpu'])}")
     print(f"create {run + 1}/{CREATE_RUNS}: status writes per new pipeline {o['status_writes'] / n:.2f}, the operator's Events per new pipeline "
           f"{o['operator_events'] / n:.2f}; Events in the pipelines' namespace by reason: {o['events']}")
@@ -410,20 +417,16 @@ def print_create(n, run, b, o):
 
 def summarise_creates(n, creates):
     """The median run (by ratio) and the spread of the ratios over the runs."""
-    def ratio(ob):
-        return ob[0]["all_ready"] / ob[1]["all_ready"]
-    def api_ratio(ob):
-        return ob[0]["cpu"].get("kube-apiserver", 0) / max(ob[1]["cpu"].get("kube-apiserver", 0), 1e-9)
-    ranked = sorted(creates, key=ratio)
+    ranked = sorted(creates, key=lambda c: create_ratios(*c)[0])
     o, b = ranked[len(ranked) // 2]
-    ratios, api = [ratio(c) for c in creates], [api_ratio(c) for c in creates]
+    ratios, api = zip(*(create_ratios(*c) for c in creates))
     o["ratio"] = (statistics.median(ratios), min(ratios), max(ratios))
     o["api_cpu_ratio"] = (statistics.median(api), min(api), max(api))
     writes = statistics.median(c[0]["status_writes"] / n for c in creates)
     events = statistics.median(c[0]["operator_events"] / n for c in creates)
     o["writes_per_pipeline"], o["events_per_pipeline"] = writes, events
-    print(f"create, median of {len(creates)} runs: ratio to the baseline {o['ratio'][0]:.2f} ({o['ratio'][1]:.2f}-{o['ratio'][2]:.2f}; target <= 1.3 at N = 500); "
-          f"kube-apiserver CPU ratio {o['api_cpu_ratio'][0]:.2f} ({o['api_cpu_ratio'][1]:.2f}-{o['api_cpu_ratio'][2]:.2f}; target <= 1.5); "
+    print(f"create, median of {len(creates)} runs: ratio to the baseline {spread(o['ratio'])} (target <= 1.3 at N = 500); "
+          f"kube-apiserver CPU ratio {spread(o['api_cpu_ratio'])} (target <= 1.5); "
           f"status writes per new pipeline {writes:.2f} (target 1); the operator's Events per new pipeline {events:.2f}", flush=True)
     return o, b
 
@@ -470,8 +473,7 @@ def write_docs(rows):
         o, b, s = r["operator"], r["baseline"], r["steady"]
         lines.append(
             f"| {r['n']} | {o['topology']:.1f} s | {o['all_ready']:.1f} s ({o['p50']:.1f} / {o['p99']:.1f}) | "
-            f"{b['all_ready']:.1f} s | {o['ratio'][0]:.2f} ({o['ratio'][1]:.2f}-{o['ratio'][2]:.2f}) | "
-            f"{o['api_cpu_ratio'][0]:.2f} ({o['api_cpu_ratio'][1]:.2f}-{o['api_cpu_ratio'][2]:.2f}) | "
+            f"{b['all_ready']:.1f} s | {spread(o['ratio'])} | {spread(o['api_cpu_ratio'])} | "
             f"{o['writes_per_pipeline']:.2f} | {o['events_per_pipeline']:.2f} | {s['rss_mib']:.0f} MiB | "
             f"{s['cpu_seconds']:.1f} s | {s['reconciles_per_min']:.0f} | {s['api_per_min'].get('status-writes', 0):.0f} | "
             f"{s['api_per_min'].get('deployment-writes', 0):.0f} | "

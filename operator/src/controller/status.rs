@@ -159,10 +159,8 @@ pub(crate) fn first_status_wait(
         .removed_unprocessed
         .as_ref()
         .is_some_and(|r| r.count > 0);
-    if !never_written || ready.reason != reasons::WORKERS_UNAVAILABLE || removed {
-        return None;
-    }
-    if o.scaled_at.is_some() {
+    let scaled = o.scaled_at.is_some();
+    if !never_written || ready.reason != reasons::WORKERS_UNAVAILABLE || removed || scaled {
         return None;
     }
     let created = o.pipeline.metadata.creation_timestamp.as_ref()?.0;
