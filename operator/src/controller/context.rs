@@ -32,6 +32,8 @@ pub struct Context {
     /// Every pipeline the controller watches (its reflector store), for the
     /// check that two pipelines never share NATS objects or subjects.
     pub(crate) pipelines: std::sync::OnceLock<kube::runtime::reflector::Store<OrderPipeline>>,
+    /// Their footprints for that check, rendered once per spec.
+    pub(crate) footprints: crate::render::Footprints,
     /// Where a removed stream or consumer asks for its pipeline's reconcile.
     pub(crate) removals: std::sync::OnceLock<
         tokio::sync::mpsc::UnboundedSender<kube::runtime::reflector::ObjectRef<OrderPipeline>>,
@@ -81,6 +83,7 @@ impl Context {
             nats_bytes_per_subject: 400,
             nats: Mutex::new(NatsPool::default()),
             pipelines: std::sync::OnceLock::new(),
+            footprints: Default::default(),
             deployments: std::sync::OnceLock::new(),
             removals: std::sync::OnceLock::new(),
             applied: Default::default(),

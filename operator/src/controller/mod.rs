@@ -117,7 +117,7 @@ async fn steps(
     old: &OrderPipelineStatus,
 ) -> Result<Action, Stop> {
     // Plan (pure): the spec, checked against itself and the other pipelines.
-    let mut plan = plan::checked(p, &ctx.other_pipelines())?;
+    let mut plan = plan::checked(p, &ctx.other_pipelines(), &ctx.footprints)?;
     // Hold maxAge above the oldest unprocessed order (spec.stream.holdUnprocessed).
     let t = &mut plan.topology;
     t.max_age = retention::held_max_age(

@@ -29,10 +29,14 @@ pub fn replica_mode(p: &OrderPipeline) -> ReplicaMode {
 
 /// The pipeline's plan, its spec checked against itself and against the other
 /// pipelines (which must not share its NATS objects or subjects).
-pub(crate) fn checked(p: &OrderPipeline, others: &[Arc<OrderPipeline>]) -> Result<Plan, NotReady> {
+pub(crate) fn checked(
+    p: &OrderPipeline,
+    others: &[Arc<OrderPipeline>],
+    footprints: &render::Footprints,
+) -> Result<Plan, NotReady> {
     render::plan(p)
         .and_then(|plan| {
-            render::conflicts(p, &plan, others)?;
+            render::conflicts(p, &plan, others, footprints)?;
             Ok(plan)
         })
         .map_err(|e| NotReady::new(Cause::InvalidSpec, format!("{e}; fix the spec")))
