@@ -51,18 +51,41 @@ pub struct Context {
     /// Per pipeline: its last consumer read and the deliveries the server ended
     /// because their input was removed (see [`retention`]).
     pub(crate) retention: Arc<std::sync::Mutex<HashMap<String, Track>>>,
+    /// How long a reconcile may reuse the last full JetStream pass (see
+    /// [`REUSE_FIGURES`]; zero: never).
+    pub(crate) reuse_figures: Duration,
     /// Set by the reconcile tests: every pipeline's JetStream is this fake.
     pub(crate) jetstream_override: Option<Arc<dyn JetStream>>,
 }
 
 /// What the operator remembers of one pipeline between reconciles to count its
-/// removed, unprocessed inputs.
-#[derive(Clone, Debug, Default)]
+/// removed, unprocessed inputs, and its last full JetStream pass.
+#[derive(Clone, Default)]
 pub(crate) struct Track {
     last: Option<retention::Observation>,
     /// `MSG_TERMINATED` advisories for a removed input, not yet in the status.
     terminated: u64,
+    /// Removal advisories for the pipeline so far: a pass that started before
+    /// one is not reused.
+    epoch: u64,
+    recent: Option<Pass>,
 }
+
+/// A full JetStream pass of a reconcile (see `controller::jetstream_step`).
+#[derive(Clone)]
+pub(crate) struct Pass {
+    at: std::time::Instant,
+    uid: Option<String>,
+    generation: Option<i64>,
+    connection: String,
+    epoch: u64,
+    pub(crate) figures: Figures,
+    /// The input stream's maxAge after the hold.
+    pub(crate) max_age: Duration,
+}
+
+/// How long a full JetStream pass may be reused (at most a third of the resync).
+pub(crate) const REUSE_FIGURES: Duration = Duration::from_secs(10);
 
 impl Context {
     pub fn new(
@@ -89,6 +112,7 @@ impl Context {
             applied: Default::default(),
             statuses: Default::default(),
             retention: Default::default(),
+            reuse_figures: REUSE_FIGURES.min(resync / 3),
             jetstream_override: None,
         }
     }
@@ -214,6 +238,60 @@ impl Context {
         removed.count += std::mem::take(&mut t.terminated);
         t.last = Some(*now);
         removed
+    }
+
+    /// The last full JetStream pass of `p`, if a reconcile now may reuse it:
+    /// recent, for the same object, spec and connection, and no removal
+    /// advisory for it since it started.
+    pub(crate) fn recent_pass(&self, p: &OrderPipeline, connection: &str) -> Option<Pass> {
+        let all = self.retention.lock().unwrap();
+        let t = all.get(&key_of(p))?;
+        let pass = t.recent.as_ref()?;
+        let fresh = pass.at.elapsed() < self.reuse_figures
+            && pass.uid == p.metadata.uid
+            && pass.generation == p.metadata.generation
+            && pass.connection == connection
+            && pass.epoch == t.epoch;
+        fresh.then(|| pass.clone())
+    }
+
+    /// A removal advisory for `pipeline` (as the listener notes it).
+    #[cfg(test)]
+    pub(crate) fn removal_seen(&self, pipeline: &str) {
+        note_removal(&self.retention, pipeline.to_string());
+    }
+
+    /// The removal advisories seen for `pipeline` so far.
+    pub(crate) fn removal_epoch(&self, pipeline: &str) -> u64 {
+        self.retention
+            .lock()
+            .unwrap()
+            .get(pipeline)
+            .map_or(0, |t| t.epoch)
+    }
+
+    /// Remembers a full JetStream pass that started at removal `epoch`.
+    pub(crate) fn remember_pass(
+        &self,
+        p: &OrderPipeline,
+        connection: &str,
+        epoch: u64,
+        figures: &Figures,
+        max_age: Duration,
+    ) {
+        if self.reuse_figures.is_zero() {
+            return;
+        }
+        let mut all = self.retention.lock().unwrap();
+        all.entry(key_of(p)).or_default().recent = Some(Pass {
+            at: std::time::Instant::now(),
+            uid: p.metadata.uid.clone(),
+            generation: p.metadata.generation,
+            connection: connection.to_string(),
+            epoch,
+            figures: figures.clone(),
+            max_age,
+        });
     }
 
     /// Every pipeline the controller knows (for the conflict check).
@@ -342,6 +420,11 @@ pub(crate) fn terminated_for(
         .collect()
 }
 
+/// A removal advisory for `pipeline`: its next reconcile makes a full pass.
+fn note_removal(retention: &std::sync::Mutex<HashMap<String, Track>>, pipeline: String) {
+    retention.lock().unwrap().entry(pipeline).or_default().epoch += 1;
+}
+
 /// Listens on `client` for removed streams and consumers and asks for a
 /// reconcile of the pipelines they belonged to: drift is repaired at once, not
 /// at the next resync.
@@ -376,6 +459,8 @@ fn listen_for_removals(
             }
             for p in lost.into_iter().chain(removed_for(m.subject.as_str(), &pipelines.state())) {
                 tracing::info!(pipeline = %p, subject = %m.subject, "a JetStream object of the pipeline was removed; reconciling");
+                let key = format!("{}/{}", p.namespace.as_deref().unwrap_or_default(), p.name);
+                note_removal(&retention, key);
                 if triggers.send(p).is_err() {
                     return;
                 }

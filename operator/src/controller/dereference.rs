@@ -45,6 +45,8 @@ pub(crate) async fn fresh_status(p: &OrderPipeline, ctx: &Context) -> OrderPipel
 pub(crate) struct World {
     pub(crate) secrets: SecretsView,
     pub(crate) js: Arc<dyn JetStream>,
+    /// Which server and credentials `js` stands for (see [`connection_key`]).
+    pub(crate) connection: String,
 }
 
 /// Reads the Secrets and connects to NATS with them (a cached connection while
@@ -52,10 +54,13 @@ pub(crate) struct World {
 pub(crate) async fn world(p: &OrderPipeline, ctx: &Context) -> Result<World, NotReady> {
     let (mut auth, secrets, files) = read_secrets(p, &ctx.client).await?;
     write_tls_files(&key_of(p), &files, &mut auth)?;
-    let js = ctx
-        .jetstream(p, &auth, &connection_key(&p.spec.nats.url, &secrets))
-        .await?;
-    Ok(World { secrets, js })
+    let connection = connection_key(&p.spec.nats.url, &secrets);
+    let js = ctx.jetstream(p, &auth, &connection).await?;
+    Ok(World {
+        secrets,
+        js,
+        connection,
+    })
 }
 
 /// What identifies a NATS connection the pipelines can share: the server and
@@ -231,6 +236,7 @@ pub(crate) fn write_tls_files(
     Ok(())
 }
 
+#[derive(Clone)]
 pub(crate) struct Figures {
     pub(crate) consumer_paused: bool,
     /// Records in the state bucket (left by the protocol before v2); `None` when

@@ -110,6 +110,65 @@ pub(crate) async fn apply(p: Arc<OrderPipeline>, ctx: Arc<Context>) -> Result<Ac
     }
 }
 
+/// The JetStream step: the objects ensured (not in Observe), their figures
+/// read, the hold and the pause applied. A reconcile within
+/// `ctx.reuse_figures` of such a pass, for the same spec and NATS connection
+/// and with no removal advisory since, reuses it instead: the worker
+/// Deployment's status changes bring several reconciles in the seconds after a
+/// pipeline is created or scaled, and each would read the streams and the
+/// consumer again. The resync always makes a full pass.
+async fn jetstream_step(
+    p: &OrderPipeline,
+    ctx: &Context,
+    world: &World,
+    plan: &mut render::Plan,
+    old: &OrderPipelineStatus,
+    hold_moved: bool,
+) -> Result<(Result<Figures, String>, retention::Removed), Stop> {
+    let key = key_of(p);
+    if let Some(pass) = ctx.recent_pass(p, &world.connection) {
+        plan.topology.max_age = pass.max_age;
+        return Ok((Ok(pass.figures), retention::Removed::default()));
+    }
+    let epoch = ctx.removal_epoch(&key);
+    let observe = p.spec.management_policy == ManagementPolicy::Observe;
+    let js = world.js.as_ref();
+    // Apply: the JetStream objects (Observe: change nothing, only report).
+    // What it read of the objects it left unchanged is not read again.
+    let mut seen = apply::jetstream::Seen::default();
+    if !observe {
+        // A maxAge the hold moved is the operator's change, not drift.
+        let drift = plan::is_drift(p, old) && !hold_moved;
+        match ensure_topology(p, ctx, js, &plan.topology, drift).await {
+            Ok(s) => seen = s,
+            Err(b) => {
+                if b.cause.drops_connection() {
+                    ctx.forget_nats(&key).await;
+                }
+                return Err(b.into());
+            }
+        }
+    }
+    let figures = read_figures(js, &plan.topology, seen, ctx.nats_bytes_per_subject).await;
+    let removed = match &figures {
+        Ok(f) => ctx.removed_since_last_read(&key, &f.observation),
+        Err(_) => retention::Removed::default(),
+    };
+    if let (false, Ok(f)) = (observe, &figures) {
+        let (live, oldest) = (&f.stream_config, f.oldest_unprocessed_age_seconds);
+        if let Err(e) = retention::hold_now(p, js, &mut plan.topology, live, oldest).await {
+            tracing::warn!(pipeline = %key, error = %e, "could not raise maxAge for the oldest unprocessed order; the next reconcile tries again");
+        }
+    }
+    if !observe {
+        ensure_paused(p, ctx, js, &plan.topology, &figures).await?;
+    }
+    if let Ok(f) = &figures {
+        ctx.remember_pass(p, &world.connection, epoch, f, plan.topology.max_age);
+    }
+    Ok((figures, removed))
+}
+
 /// dereference -> plan -> apply -> status, in that order.
 async fn steps(
     p: &OrderPipeline,
@@ -130,38 +189,8 @@ async fn steps(
     t.idempotency_scope = Some(format!("{}/{}", ctx.cluster_id, key_of(p)));
     // Dereference: the Secrets and the NATS connection.
     let world = dereference::world(p, ctx).await?;
+    let (figures, removed) = jetstream_step(p, ctx, &world, &mut plan, old, hold_moved).await?;
     let observe = p.spec.management_policy == ManagementPolicy::Observe;
-    let js = world.js.as_ref();
-    // Apply: the JetStream objects (Observe: change nothing, only report).
-    // What it read of the objects it left unchanged is not read again.
-    let mut seen = apply::jetstream::Seen::default();
-    if !observe {
-        // A maxAge the hold moved is the operator's change, not drift.
-        let drift = plan::is_drift(p, old) && !hold_moved;
-        match ensure_topology(p, ctx, js, &plan.topology, drift).await {
-            Ok(s) => seen = s,
-            Err(b) => {
-                if b.cause.drops_connection() {
-                    ctx.forget_nats(&key_of(p)).await;
-                }
-                return Err(b.into());
-            }
-        }
-    }
-    let figures = read_figures(js, &plan.topology, seen, ctx.nats_bytes_per_subject).await;
-    let removed = match &figures {
-        Ok(f) => ctx.removed_since_last_read(&key_of(p), &f.observation),
-        Err(_) => retention::Removed::default(),
-    };
-    if let (false, Ok(f)) = (observe, &figures) {
-        let (live, oldest) = (&f.stream_config, f.oldest_unprocessed_age_seconds);
-        if let Err(e) = retention::hold_now(p, js, &mut plan.topology, live, oldest).await {
-            tracing::warn!(pipeline = %key_of(p), error = %e, "could not raise maxAge for the oldest unprocessed order; the next reconcile tries again");
-        }
-    }
-    if !observe {
-        ensure_paused(p, ctx, js, &plan.topology, &figures).await?;
-    }
     // Dereference the live Deployment; plan the replicas and the workers' view.
     let live = dereference::live_deployment(p, ctx).await?;
     let now = k8s_openapi::jiff::Timestamp::now();

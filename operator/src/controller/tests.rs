@@ -219,6 +219,8 @@ impl Harness {
             "test".into(),
         );
         ctx.jetstream_override = Some(js.clone());
+        // Every reconcile reads JetStream (the reuse has its own test).
+        ctx.reuse_figures = Duration::ZERO;
         Self {
             api,
             js,
@@ -366,6 +368,43 @@ async fn nothing_changed_means_no_status_write_and_no_jetstream_write() {
         "{:?}",
         h.api.event_reasons()
     );
+}
+
+/// Reconciles right after a full pass (the worker Deployment's status moving)
+/// reuse its JetStream reads; a removal advisory, a new spec or the end of the
+/// window brings a full pass again.
+#[tokio::test]
+async fn reconciles_right_after_a_full_pass_reuse_its_jetstream_reads() {
+    let mut p = sample();
+    let mut h = Harness::new(&p);
+    Arc::get_mut(&mut h.ctx).unwrap().reuse_figures = Duration::from_secs(3600);
+    h.reconcile(&p).await;
+    let status = h.status();
+    assert!(!h.js.requests.lock().unwrap().is_empty());
+    // The Deployment's status moved: nothing read, nothing written.
+    h.reconcile(&p).await;
+    assert_eq!(*h.js.requests.lock().unwrap(), Vec::<String>::new());
+    assert_eq!(h.api.count(&format!("PATCH {PIPELINE}/status")), 0);
+    assert_eq!(h.status(), status);
+    // The stream removed (its advisory noted): read, and created again.
+    h.js.streams.lock().unwrap().remove("ORDERS");
+    h.ctx.removal_seen(&key_of(&p));
+    h.reconcile(&p).await;
+    assert!(
+        h.js.writes().contains(&"create stream ORDERS".to_string()),
+        "{:?}",
+        h.js.writes()
+    );
+    h.reconcile(&p).await;
+    assert_eq!(*h.js.requests.lock().unwrap(), Vec::<String>::new());
+    // A new spec: a full pass.
+    p.metadata.generation = Some(2);
+    h.reconcile(&p).await;
+    assert!(!h.js.requests.lock().unwrap().is_empty());
+    // Past the window: a full pass.
+    Arc::get_mut(&mut h.ctx).unwrap().reuse_figures = Duration::ZERO;
+    h.reconcile(&p).await;
+    assert!(!h.js.requests.lock().unwrap().is_empty());
 }
 
 #[tokio::test]
