@@ -187,7 +187,7 @@ def baseline(n, run, rendered):
     ns = f"base-{n}-{run}"
     sh("kubectl", "create", "namespace", ns)
     dw = Watch(ns, "deployments", DEPLOYMENT_EVENTS)
-    cpu0, req0 = cpu_by_process(), apiserver_by_resource()
+    cpu0, req0, j0 = cpu_by_process(), apiserver_by_resource(), jetstream_api_total()
     t0 = time.monotonic()
     js = threading.Thread(target=lambda: results.setdefault(("js", n), jsbench("-prefix", "B", "-n", str(n), "create")))
     js.start()
@@ -200,7 +200,7 @@ def baseline(n, run, rendered):
                 available.setdefault(w[1], t)
         return len(available) >= n
     wait(f"{n} baseline Deployments available", all_available, 60 + 2 * n)
-    cpu, req = cpu_delta(cpu0), requests_delta(req0)
+    cpu, req, jsapi = cpu_delta(cpu0), requests_delta(req0), jetstream_api_total() - j0
     dw.stop()
     t_js = results[("js", n)]["seconds"]
     per = [t - t0 for t in available.values()]
@@ -209,7 +209,7 @@ def baseline(n, run, rendered):
     # Gone before the operator's turn, so that its figures are its own.
     sh("kubectl", "delete", "namespace", ns, f"--timeout={120 + n}s")
     return {"all_ready": total, "jetstream": t_js, "deployments": max(per),
-            "p50": quantile(per, 0.5), "p99": quantile(per, 0.99), "cpu": cpu, "requests": req}
+            "p50": quantile(per, 0.5), "p99": quantile(per, 0.99), "cpu": cpu, "requests": req, "jetstream_api": jsapi}
 
 
 def operator_create(n, run):
@@ -218,7 +218,7 @@ def operator_create(n, run):
     pw = Watch(ns, "orderpipelines", PIPELINE_EVENTS)
     dw = Watch(ns, "deployments", DEPLOYMENT_EVENTS)
     r0 = operator_metric("orderoperator_reconciles_total")
-    cpu0, req0 = cpu_by_process(), apiserver_by_resource()
+    cpu0, req0, j0 = cpu_by_process(), apiserver_by_resource(), jetstream_api_total()
     prof = os.environ.get("BENCH_APISERVER_PROFILE")
     if prof:
         # A CPU profile of kube-apiserver over the first 20 s of the create.
@@ -243,7 +243,7 @@ def operator_create(n, run):
                 ready.setdefault(w[1], t)
         return len(ready) >= n and len(topo) >= n
     wait(f"{n} pipelines Ready", done, 120 + 2 * n)
-    cpu, req = cpu_delta(cpu0), requests_delta(req0)
+    cpu, req, jsapi = cpu_delta(cpu0), requests_delta(req0), jetstream_api_total() - j0
     pw.stop(); dw.stop()
     per_topo = [t - t0 for t in topo.values()]
     per_ready = [t - t0 for t in ready.values()]
@@ -257,7 +257,7 @@ def operator_create(n, run):
         ours += who == "order-operator"
     return ns, {"topology": max(per_topo), "all_ready": max(per_ready),
                 "p50": quantile(per_ready, 0.5), "p99": quantile(per_ready, 0.99),
-                "reconciles": reconciles, "cpu": cpu, "requests": req,
+                "reconciles": reconciles, "cpu": cpu, "requests": req, "jetstream_api": jsapi,
                 "status_writes": sum(v for k, v in req.items() if k.endswith(" orderpipelines/status") and k.split()[0] in ("APPLY", "PATCH", "PUT")),
                 "operator_events": ours, "events": largest_first(reasons, "{:.0f}", 1)}
 
@@ -306,13 +306,18 @@ def operator_metric(name):
     return 0.0
 
 
+def jetstream_api_total():
+    """JetStream API requests the server has answered so far (all clients)."""
+    return json.loads(http(f"{NATS_MON}/jsz"))["api"]["total"]
+
+
 def steady(pid):
     c0, a0 = cpu_seconds(pid), apiserver_requests()
-    j0 = json.loads(http(f"{NATS_MON}/jsz"))["api"]["total"]
+    j0 = jetstream_api_total()
     r0 = operator_metric("orderoperator_reconciles_total")
     time.sleep(STEADY)  # the measurement window itself, not a synchronisation
     c1, a1 = cpu_seconds(pid), apiserver_requests()
-    j1 = json.loads(http(f"{NATS_MON}/jsz"))["api"]["total"]
+    j1 = jetstream_api_total()
     r1 = operator_metric("orderoperator_reconciles_total")
     conns = json.loads(http(f"{NATS_MON}/connz?limit=10000"))["connections"]
     per_min = 60.0 / STEADY
@@ -404,7 +409,8 @@ def spread(t):
 def print_create(n, run, b, o):
     ratio, api_cpu = create_ratios(o, b)
     print(f"create {run + 1}/{CREATE_RUNS}: all StreamReady+ConsumerReady with their Deployment {o['topology']:.1f} s (target <= 60 s); "
-          f"{o['reconciles']:.0f} reconciles ({o['reconciles'] / n:.1f} per pipeline)")
+          f"{o['reconciles']:.0f} reconciles ({o['reconciles'] / n:.1f} per pipeline), "
+          f"JetStream API requests per new pipeline {o['jetstream_api'] / n:.1f} (baseline {b['jetstream_api'] / n:.1f})")
     print(f"create {run + 1}/{CREATE_RUNS}: all Ready {o['all_ready']:.1f} s (p50 {o['p50']:.1f} s, p99 {o['p99']:.1f} s); "
           f"baseline {b['all_ready']:.1f} s (JetStream objects {b['jetstream']:.1f} s, Deployments available {b['deployments']:.1f} s); "
           f"ratio {ratio:.2f}; kube-apiserver CPU ratio {api_cpu:.2f}")
