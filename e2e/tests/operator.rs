@@ -318,6 +318,29 @@ async fn cel_rules_and_spec_checks_refuse_bad_specs_with_their_message() -> anyh
         .await
         .expect_err("positive sizes");
     assert!(e.to_string().contains("poolSize"), "{e}");
+    // Every integer states its limit; the API server names the field and the bound.
+    let e = patch(serde_json::json!({"spec": {"workers": {"replicas": 100000}}}))
+        .await
+        .expect_err("replicas beyond the bound");
+    assert!(
+        e.to_string().contains("spec.workers.replicas") && e.to_string().contains("1000"),
+        "{e}"
+    );
+    let many = vec!["ORDER.*"; 65];
+    let e = patch(serde_json::json!({"spec": {"stream": {"subjects": many}}}))
+        .await
+        .expect_err("too many subjects");
+    assert!(e.to_string().contains("spec.stream.subjects"), "{e}");
+    // A Secret read through the operator's Deployment: refused by the schema's CEL rule.
+    let e = patch(serde_json::json!({"spec": {"workers": {"env": [
+        {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}}
+    ]}}}))
+    .await
+    .expect_err("env from a Secret");
+    assert!(
+        e.to_string().contains("may not read Secrets or ConfigMaps"),
+        "{e}"
+    );
 
     // A dead-letter subject the stream would capture: refused before anything is created.
     let mut bad = sample(&s.nats.url())?;

@@ -14,6 +14,43 @@ use serde::{Deserialize, Serialize};
 
 pub const GROUP: &str = "orderpipeline.dev";
 
+// The spec's bounds (`maximum`, `maxLength`, `maxItems`, `maxProperties` in the
+// schema): what the operator, NATS and Kubernetes can hold, so that a spec
+// beyond them is refused by `kubectl apply` with the limit in the message.
+/// A duration such as `90s` or `1h30m`.
+pub const DURATION_MAX: u32 = 32;
+/// NATS server URLs, comma separated; the downstream and OTLP URLs.
+pub const URL_MAX: u32 = 2048;
+/// A stream, consumer or bucket name (a directory name in the file store).
+pub const NATS_NAME_MAX: u32 = 255;
+/// A subject.
+pub const SUBJECT_MAX: u32 = 255;
+/// Subjects of the input stream.
+pub const SUBJECTS_MAX: u32 = 64;
+/// A Kubernetes object name (a DNS subdomain).
+pub const K8S_NAME_MAX: u32 = 253;
+/// Worker replicas: a bound for a Deployment the operator sizes and scales.
+pub const REPLICAS_MAX: i32 = 1000;
+/// A lag in orders (target per replica, activation).
+pub const LAG_MAX: i64 = 1_000_000_000;
+/// The consumer's maxAckPending (orders delivered and not yet acknowledged).
+pub const ACK_PENDING_MAX: i64 = 10_000_000;
+/// Backoff steps: at most one per delivery attempt.
+pub const BACKOFF_MAX: u32 = 1000;
+/// An image reference.
+pub const IMAGE_MAX: u32 = 1024;
+/// Extra environment variables of the workers.
+pub const ENV_MAX: u32 = 128;
+/// Tolerations of the worker pods.
+pub const TOLERATIONS_MAX: u32 = 64;
+/// Node selector labels, and the longest label value.
+pub const LABELS_MAX: u32 = 64;
+pub const LABEL_VALUE_MAX: u32 = 63;
+
+/// Why `workers.env` may not read Secrets or ConfigMaps (a CEL rule of the
+/// schema, and the operator's own check).
+pub const ENV_FROM_REFUSED: &str = "spec.workers.env may not read Secrets or ConfigMaps (valueFrom.secretKeyRef, valueFrom.configMapKeyRef): the operator creates the workers, so they would get what the pipeline's author may not be allowed to read; put the value in the spec, or use valueFrom.fieldRef";
+
 /// An order-processing pipeline on NATS JetStream: an input stream, a durable
 /// pull consumer, a dead-letter stream, an idempotency KV bucket, and a
 /// Deployment of workers that process every order exactly once.
@@ -126,7 +163,7 @@ pub struct OrderPipelineSpec {
 #[serde(rename_all = "camelCase")]
 pub struct NatsSpec {
     /// NATS server URL(s), comma separated, e.g. `nats://nats.nats.svc:4222`.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = URL_MAX))]
     pub url: String,
     /// A Secret in the pipeline's namespace with credentials, by key: `user` and
     /// `password`, or `token`, or `creds` (a NATS credentials file), or `nkey`
@@ -186,23 +223,23 @@ pub struct ScalingSpec {
     pub mode: Option<ReplicaMode>,
     /// Lag one worker pod is expected to handle.
     #[serde(default = "default_target_lag")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = LAG_MAX))]
     pub target_lag_per_replica: i64,
     /// Lag above which the pipeline scales from zero.
     #[serde(default)]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = LAG_MAX))]
     pub activation_lag: i64,
     /// Most replicas added or removed by one decision.
     #[serde(default = "default_max_step")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = REPLICAS_MAX))]
     pub max_step: i32,
     /// Scale down only when no decision in this window wanted the current replicas.
     #[serde(default = "default_window")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(length(max = DURATION_MAX), regex(pattern = DURATION_PATTERN))]
     pub stabilization_window: String,
     /// With minReplicas 0: scale to zero after the lag stayed 0 this long.
     #[serde(default = "default_window")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(length(max = DURATION_MAX), regex(pattern = DURATION_PATTERN))]
     pub cooldown: String,
 }
 
@@ -223,7 +260,7 @@ impl Default for ScalingSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct SecretRef {
     /// The Secret's name.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = K8S_NAME_MAX))]
     pub name: String,
 }
 
@@ -284,12 +321,12 @@ fn default_duplicate_window() -> String {
 pub struct StreamSpec {
     /// Stream name.
     #[serde(default = "default_stream_name")]
-    #[schemars(length(min = 1), regex(pattern = r"^[^.*> ]+$"))]
+    #[schemars(length(min = 1, max = NATS_NAME_MAX), regex(pattern = r"^[^.*> ]+$"))]
     pub name: String,
     /// Subjects the stream captures; they must include the consumer's filter subject
     /// and must not match the dead-letter subject.
     #[serde(default = "default_subjects")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = SUBJECTS_MAX), inner(length(min = 1, max = SUBJECT_MAX)))]
     pub subjects: Vec<String>,
     /// Retention policy. Limits and Interest can be switched; WorkQueue cannot be
     /// switched to or from once the stream exists.
@@ -307,11 +344,11 @@ pub struct StreamSpec {
     pub replicas: i32,
     /// Oldest message kept, e.g. `7d`.
     #[serde(default = "default_max_age")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(length(max = DURATION_MAX), regex(pattern = DURATION_PATTERN))]
     pub max_age: String,
     /// Largest stream size in bytes; -1 for no limit.
     #[serde(default = "default_max_bytes")]
-    #[schemars(range(min = -1))]
+    #[schemars(range(min = -1, max = 9_007_199_254_740_991i64))]
     pub max_bytes: i64,
     /// Window in which JetStream drops a producer's re-send of a Nats-Msg-Id it
     /// has seen. Exactly-once outcomes do not depend on it (an order stored twice
@@ -320,7 +357,7 @@ pub struct StreamSpec {
     /// attempts, plus NAK delays), so that producer retries within that time stay
     /// out of the stream.
     #[serde(default = "default_duplicate_window")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(length(max = DURATION_MAX), regex(pattern = DURATION_PATTERN))]
     pub duplicate_window: String,
     /// Retain (default) keeps the JetStream objects when the pipeline is deleted;
     /// Delete removes them.
@@ -383,16 +420,16 @@ fn default_max_attempts() -> i32 {
 pub struct ConsumerSpec {
     /// Durable consumer name.
     #[serde(default = "default_consumer_name")]
-    #[schemars(length(min = 1), regex(pattern = r"^[^.*> ]+$"))]
+    #[schemars(length(min = 1, max = NATS_NAME_MAX), regex(pattern = r"^[^.*> ]+$"))]
     pub name: String,
     /// Subject the workers consume (orders in).
     #[serde(default = "default_filter_subject")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = SUBJECT_MAX))]
     pub filter_subject: String,
     /// How long JetStream waits for an ack before redelivering (workers send
     /// in-progress acks for long work).
     #[serde(default = "default_ack_wait")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(length(max = DURATION_MAX), regex(pattern = DURATION_PATTERN))]
     pub ack_wait: String,
     /// Deliveries after which a failing order is dead-lettered. Enforced by the
     /// workers (MAX_DELIVERIES); the server-side max_deliver stays unlimited so a
@@ -403,11 +440,12 @@ pub struct ConsumerSpec {
     /// Optional redelivery backoff per delivery (replaces ackWait per delivery),
     /// e.g. `["1s", "5s", "30s"]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = BACKOFF_MAX), inner(length(max = DURATION_MAX), regex(pattern = DURATION_PATTERN)))]
     pub backoff: Vec<String>,
     /// Messages awaiting ack across all workers. Default: maxReplicas (or
     /// replicas) x poolSize, so JetStream never throttles the workers below their pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = ACK_PENDING_MAX))]
     pub max_ack_pending: Option<i64>,
 }
 
@@ -435,17 +473,17 @@ pub struct DeadLetterSpec {
     /// Dead-letter stream name; default `<stream.name>_DLQ` (`ORDERS_DLQ`). It
     /// sources the input stream's `<prefix>.deadlettered.*` outcomes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1), regex(pattern = r"^[^.*> ]+$"))]
+    #[schemars(length(min = 1, max = NATS_NAME_MAX), regex(pattern = r"^[^.*> ]+$"))]
     pub stream_name: Option<String>,
     /// The dead-letter stream's own subject (for letters published by hand);
     /// must not be matched by the input stream's subjects. Default `DLQ.<consumer.filterSubject>`
     /// (`DLQ.ORDER.created`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = SUBJECT_MAX))]
     pub subject: Option<String>,
     /// How long dead letters are kept.
     #[serde(default = "default_dlq_max_age")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(length(max = DURATION_MAX), regex(pattern = DURATION_PATTERN))]
     pub max_age: String,
 }
 
@@ -470,12 +508,12 @@ pub struct StateSpec {
     /// The bucket's name, as v1 created it; default `<stream.name>_STATE`
     /// (`ORDERS_STATE`). Only for pipelines upgraded from v1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1), regex(pattern = r"^[a-zA-Z0-9_-]+$"))]
+    #[schemars(length(min = 1, max = NATS_NAME_MAX), regex(pattern = r"^[a-zA-Z0-9_-]+$"))]
     pub bucket: Option<String>,
     /// How long an order's record is kept; at least the stream's maxAge (the
     /// operator uses the longer of the two). Replicas follow the stream's.
     #[serde(default = "default_max_age")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(length(max = DURATION_MAX), regex(pattern = DURATION_PATTERN))]
     pub ttl: String,
 }
 
@@ -541,10 +579,12 @@ fn default_downstream_timeout() -> String {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas").message("workers.minReplicas must not exceed workers.maxReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.env) || self.env.all(e, !has(e.valueFrom) || (!has(e.valueFrom.secretKeyRef) && !has(e.valueFrom.configMapKeyRef)))").message(ENV_FROM_REFUSED))]
 pub struct WorkersSpec {
     /// Worker image. Default: the release matching the operator's own version
     /// (the operator renders the worker's flags, so the two must agree).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = IMAGE_MAX))]
     pub image: Option<String>,
     /// Orders each worker processes at once (WORKER_POOL_SIZE).
     #[serde(default = "default_pool_size")]
@@ -552,15 +592,15 @@ pub struct WorkersSpec {
     pub pool_size: i32,
     /// Worker pods. `kubectl scale orderpipeline/NAME --replicas=N` sets it.
     #[serde(default = "default_worker_replicas")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = REPLICAS_MAX))]
     pub replicas: i32,
     /// Lower bound for lag-based scaling.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = REPLICAS_MAX))]
     pub min_replicas: Option<i32>,
     /// Upper bound for lag-based scaling; also sizes the consumer's maxAckPending.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = REPLICAS_MAX))]
     pub max_replicas: Option<i32>,
     /// Who sets the replicas, and the lag-based scaler's settings.
     #[serde(default)]
@@ -573,6 +613,7 @@ pub struct WorkersSpec {
     /// replaced. Variables that carry the spec to the workers (`NATS_*`,
     /// `STREAM_NAME`, `WORKER_POOL_SIZE`, ...) are refused: set the spec's field.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = ENV_MAX))]
     pub env: Vec<EnvVar>,
     /// In-process retries and NAK delays for transient errors.
     #[serde(default)]
@@ -580,22 +621,24 @@ pub struct WorkersSpec {
     /// Optional downstream service: each order is POSTed there as JSON with
     /// `Idempotency-Key: <cluster>/<namespace>/<name>:<order key>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^https?://"))]
+    #[schemars(length(max = URL_MAX), regex(pattern = r"^https?://"))]
     pub downstream_url: Option<String>,
     /// Timeout of one downstream call.
     #[serde(default = "default_downstream_timeout")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(length(max = DURATION_MAX), regex(pattern = DURATION_PATTERN))]
     pub downstream_timeout: String,
     /// Time a worker gets after SIGTERM to finish in-flight orders (the pod's
     /// terminationGracePeriodSeconds is this plus 5 s).
     #[serde(default = "default_shutdown_grace")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(length(max = DURATION_MAX), regex(pattern = DURATION_PATTERN))]
     pub shutdown_grace: String,
     /// Node labels the worker pods must match.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = LABELS_MAX, "additionalProperties" = {"type": "string", "maxLength": LABEL_VALUE_MAX}))]
     pub node_selector: BTreeMap<String, String>,
     /// Tolerations of the worker pods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = TOLERATIONS_MAX))]
     pub tolerations: Vec<Toleration>,
     /// Affinity of the worker pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -650,19 +693,19 @@ pub struct RetrySpec {
     pub attempts_per_delivery: i32,
     /// First in-process retry delay.
     #[serde(default = "default_initial_backoff")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(length(max = DURATION_MAX), regex(pattern = DURATION_PATTERN))]
     pub initial_backoff: String,
     /// Longest in-process retry delay.
     #[serde(default = "default_max_backoff")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(length(max = DURATION_MAX), regex(pattern = DURATION_PATTERN))]
     pub max_backoff: String,
     /// NAK delay after the first failed delivery; doubles per delivery.
     #[serde(default = "default_nak_initial")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(length(max = DURATION_MAX), regex(pattern = DURATION_PATTERN))]
     pub nak_initial_delay: String,
     /// Longest NAK delay.
     #[serde(default = "default_nak_max")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(length(max = DURATION_MAX), regex(pattern = DURATION_PATTERN))]
     pub nak_max_delay: String,
 }
 
@@ -689,6 +732,7 @@ pub struct TelemetrySpec {
     /// OTLP/gRPC endpoint traces are sent to, e.g. `http://jaeger-collector:4317`.
     /// Unset: no trace export.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = URL_MAX))]
     pub otlp_endpoint: Option<String>,
     /// Fraction of new traces sampled (0..1); a producer's sampled trace is always followed.
     #[serde(default = "default_sampling_ratio")]

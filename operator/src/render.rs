@@ -179,6 +179,17 @@ fn check(s: &crate::crd::OrderPipelineSpec, d: &Durations) -> Result<(), Invalid
                 v.name
             )));
         }
+        let from = v.value_from.as_ref();
+        if let Some(kind) = from.and_then(|f| {
+            (f.secret_key_ref.is_some().then_some("secretKeyRef"))
+                .or(f.config_map_key_ref.is_some().then_some("configMapKeyRef"))
+        }) {
+            return Err(InvalidSpec(format!(
+                "spec.workers.env[{i}] ({}) uses valueFrom.{kind}; {}",
+                v.name,
+                crate::crd::ENV_FROM_REFUSED
+            )));
+        }
     }
     Ok(())
 }
@@ -1278,6 +1289,38 @@ status: {observedGeneration: 4, replicas: 2, updatedReplicas: 0}",
         }];
         let e = plan(&p).unwrap_err().0;
         assert!(e.contains("spec.workers.env[0] sets NATS_URL"), "{e}");
+
+        // A Secret or ConfigMap read through the operator's Deployment: refused.
+        for from in [
+            serde_json::json!({"secretKeyRef": {"name": "db", "key": "password"}}),
+            serde_json::json!({"configMapKeyRef": {"name": "cfg", "key": "k"}}),
+        ] {
+            let mut p = sample();
+            p.spec.workers.env = vec![EnvVar {
+                name: "DB_PASSWORD".into(),
+                value_from: Some(serde_json::from_value(from).unwrap()),
+                ..Default::default()
+            }];
+            let e = plan(&p).unwrap_err().0;
+            assert!(
+                e.contains("spec.workers.env[0] (DB_PASSWORD) uses valueFrom.")
+                    && e.contains("use valueFrom.fieldRef"),
+                "{e}"
+            );
+        }
+        // fieldRef stays.
+        let mut p = sample();
+        p.spec.workers.env = vec![EnvVar {
+            name: "NODE".into(),
+            value_from: Some(
+                serde_json::from_value(
+                    serde_json::json!({"fieldRef": {"fieldPath": "spec.nodeName"}}),
+                )
+                .unwrap(),
+            ),
+            ..Default::default()
+        }];
+        assert!(plan(&p).is_ok());
     }
 
     #[test]

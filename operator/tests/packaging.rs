@@ -53,6 +53,52 @@ fn every_field_of_the_crd_has_a_description() {
     );
 }
 
+/// Every integer of the spec says its real limit (`maximum`), every string its
+/// longest (`maxLength`, unless an enum bounds it), every list its longest
+/// (`maxItems`) and every map its largest (`maxProperties`): a tenant cannot
+/// store a spec the operator or NATS would choke on, and `kubectl explain`
+/// says what fits. Kubernetes' own embedded types (resources, affinity, the
+/// items of env and tolerations) are bounded upstream.
+#[test]
+fn every_field_of_the_spec_is_bounded() {
+    let crd = serde_json::to_value(OrderPipeline::crd()).unwrap();
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    fn walk(path: &str, v: &serde_json::Value, unbounded: &mut Vec<String>) {
+        let has = |k: &str| v.get(k).is_some();
+        match v.get("type").and_then(|t| t.as_str()) {
+            Some("integer") | Some("number") if !has("maximum") => {
+                unbounded.push(format!("{path}: no maximum"))
+            }
+            Some("string") if !has("maxLength") && !has("enum") => {
+                unbounded.push(format!("{path}: no maxLength"))
+            }
+            Some("array") if !has("maxItems") => unbounded.push(format!("{path}: no maxItems")),
+            Some("object") if has("additionalProperties") && !has("maxProperties") => {
+                unbounded.push(format!("{path}: no maxProperties"))
+            }
+            _ => {}
+        }
+        let embedded = ["resources", "affinity"];
+        if let Some(props) = v.get("properties").and_then(|p| p.as_object()) {
+            for (k, p) in props {
+                if !embedded.contains(&k.as_str()) {
+                    walk(&format!("{path}.{k}"), p, unbounded);
+                }
+            }
+        }
+        let upstream_items = path.ends_with(".env") || path.ends_with(".tolerations");
+        if let (Some(items), false) = (v.get("items"), upstream_items) {
+            walk(&format!("{path}[]"), items, unbounded);
+        }
+        if let Some(values) = v.get("additionalProperties").filter(|a| a.is_object()) {
+            walk(&format!("{path}{{}}"), values, unbounded);
+        }
+    }
+    let mut unbounded = Vec::new();
+    walk("spec", schema, &mut unbounded);
+    assert!(unbounded.is_empty(), "unbounded fields: {unbounded:#?}");
+}
+
 #[test]
 fn the_dockerfile_builds_what_exists() {
     let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
