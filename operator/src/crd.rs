@@ -861,7 +861,8 @@ pub struct OrderPipelineStatus {
     /// from zero).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas_before_pause: Option<i32>,
-    /// Checksum of the referenced Secrets rendered into the pod template.
+    /// Which version of the referenced Secrets the pod template carries: a
+    /// digest of their uid and resourceVersion (nothing of their data).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets_checksum: Option<String>,
     /// Seconds since the oldest order not yet processed was stored (the first

@@ -54,7 +54,11 @@ pub struct SecretsView {
     pub credentials: Option<(String, Credentials)>,
     /// Secret name, and whether it has a client certificate and key.
     pub tls: Option<(String, bool)>,
+    /// Which version of the Secrets (their uid and resourceVersion, digested):
+    /// the pods' checksum annotation and `status.secretsChecksum`.
     pub checksum: Option<String>,
+    /// A SHA-256 of their data: the connection pool's key, never shown.
+    pub content: Option<String>,
 }
 
 /// Everything parsed and checked from the spec.
@@ -1236,6 +1240,7 @@ status: {observedGeneration: 4, replicas: 2, updatedReplicas: 0}",
             credentials: Some(("creds".into(), Credentials::UserPassword)),
             tls: Some(("tls".into(), true)),
             checksum: Some("abc".into()),
+            content: None,
         };
         let d = deployment(&p, &plan, &secrets, "img:1", Some(1));
         let t = &d.spec.as_ref().unwrap().template;

@@ -64,9 +64,10 @@ pub(crate) async fn world(p: &OrderPipeline, ctx: &Context) -> Result<World, Not
 }
 
 /// What identifies a NATS connection the pipelines can share: the server and
-/// the credentials (the checksum of the referenced Secrets).
+/// the credentials (a SHA-256 of the referenced Secrets' data: two pipelines
+/// share a connection only when their credentials are the same).
 pub(crate) fn connection_key(url: &str, secrets: &SecretsView) -> String {
-    format!("{url}|{:?}", secrets.checksum)
+    format!("{url}|{}", secrets.content.as_deref().unwrap_or("-"))
 }
 
 /// The worker Deployment as it is now, if there is one: as the controller's
@@ -101,21 +102,23 @@ pub(crate) async fn read_secrets(
     let mut auth = NatsAuth::default();
     let mut view = SecretsView::default();
     let mut files = Vec::new();
-    let mut hasher = sha_lite::Hasher::default();
+    let mut digest = digest::Secrets::default();
     if let Some(r) = &p.spec.nats.credentials_secret_ref {
         let s = get_secret(&api, &ns, &r.name).await?;
-        hasher.update_secret(&s);
+        digest.update(&s);
         view.credentials = Some((r.name.clone(), credentials_of(&r.name, &s, &mut auth)?));
     }
     if let Some(r) = &p.spec.nats.tls_secret_ref {
         let s = get_secret(&api, &ns, &r.name).await?;
-        hasher.update_secret(&s);
+        digest.update(&s);
         let (tls_files, client_cert) = tls_of(&r.name, &s)?;
         files = tls_files;
         view.tls = Some((r.name.clone(), client_cert));
     }
     if view.credentials.is_some() || view.tls.is_some() {
-        view.checksum = Some(hasher.finish_hex());
+        let (content, version) = digest.finish();
+        view.content = Some(content);
+        view.checksum = Some(version);
     }
     Ok((auth, view, files))
 }
@@ -344,41 +347,61 @@ async fn oldest_unprocessed_age(
     Ok(Some((now - stored).max(0)))
 }
 
-/// A small, dependency-free FNV-1a based digest for the Secrets checksum (not a
-/// security measure: it only detects change).
-pub(crate) mod sha_lite {
+/// Digests of the referenced Secrets.
+pub(crate) mod digest {
     use k8s_openapi::api::core::v1::Secret;
+    use sha2::{Digest as _, Sha256};
 
-    pub struct Hasher(u64, u64);
-
-    impl Default for Hasher {
-        fn default() -> Self {
-            Self(0xcbf2_9ce4_8422_2325, 0x8422_2325_cbf2_9ce4)
-        }
+    /// Two SHA-256 digests over the same Secrets: their `content` (the data:
+    /// what the connection pool is keyed by, never shown) and their `version`
+    /// (uid and resourceVersion: the checksum the status and the worker pods
+    /// carry, so a changed Secret rolls the workers, and nothing of its data is
+    /// published, not even hashed).
+    #[derive(Default)]
+    pub struct Secrets {
+        content: Sha256,
+        version: Sha256,
     }
 
-    impl Hasher {
-        fn bytes(&mut self, b: &[u8]) {
-            for x in b {
-                self.0 = (self.0 ^ u64::from(*x)).wrapping_mul(0x0100_0000_01b3);
-                self.1 = (self.1 ^ u64::from(*x))
-                    .wrapping_mul(0x0000_0100_0000_01b3)
-                    .rotate_left(5);
-            }
-        }
-        pub fn update_secret(&mut self, s: &Secret) {
-            self.bytes(s.metadata.name.as_deref().unwrap_or("").as_bytes());
+    /// Length-prefixed, so that no two different inputs feed the same bytes.
+    fn field(h: &mut Sha256, b: &[u8]) {
+        h.update((b.len() as u64).to_be_bytes());
+        h.update(b);
+    }
+
+    impl Secrets {
+        pub fn update(&mut self, s: &Secret) {
+            let m = &s.metadata;
+            field(
+                &mut self.content,
+                m.name.as_deref().unwrap_or("").as_bytes(),
+            );
             let data: super::BTreeMap<&String, &Vec<u8>> =
                 s.data.iter().flatten().map(|(k, v)| (k, &v.0)).collect();
             for (k, v) in data {
-                self.bytes(k.as_bytes());
-                self.bytes(&[0]);
-                self.bytes(v);
-                self.bytes(&[0xff]);
+                field(&mut self.content, k.as_bytes());
+                field(&mut self.content, v);
             }
+            let strings: super::BTreeMap<&String, &String> =
+                s.string_data.iter().flatten().collect();
+            for (k, v) in strings {
+                field(&mut self.content, k.as_bytes());
+                field(&mut self.content, v.as_bytes());
+            }
+            field(&mut self.version, m.uid.as_deref().unwrap_or("").as_bytes());
+            let rv = m.resource_version.as_deref().unwrap_or("");
+            field(&mut self.version, rv.as_bytes());
         }
-        pub fn finish_hex(&self) -> String {
-            format!("{:016x}{:016x}", self.0, self.1)
+
+        /// (content, version), hex.
+        pub fn finish(self) -> (String, String) {
+            let hex = |h: Sha256| {
+                h.finalize()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            };
+            (hex(self.content), hex(self.version)[..32].to_string())
         }
     }
 }
@@ -389,6 +412,39 @@ mod tests {
 
     fn secret(yaml: &str) -> Secret {
         serde_yaml::from_str(yaml).unwrap()
+    }
+
+    /// The pool shares a connection only between the same credentials (a
+    /// SHA-256 of the data), and what the status and the pods show is not a
+    /// digest of the data at all (a weak password cannot be guessed from it).
+    #[test]
+    fn the_pool_key_digests_the_data_and_the_shown_checksum_only_the_version() {
+        let of = |yaml: &str| {
+            let mut d = digest::Secrets::default();
+            d.update(&secret(yaml));
+            d.finish()
+        };
+        let (content, version) = of(
+            "{metadata: {name: a, uid: u1, resourceVersion: '7'}, stringData: {password: hunter2}}",
+        );
+        assert_eq!(content.len(), 64, "a SHA-256: {content}");
+        // The same data in another object, or the same object at another version:
+        // the same connection, another checksum.
+        let (c2, v2) = of(
+            "{metadata: {name: a, uid: u1, resourceVersion: '8'}, stringData: {password: hunter2}}",
+        );
+        assert_eq!(c2, content);
+        assert_ne!(v2, version);
+        // Other data, the same version: another connection, the same checksum.
+        let (c3, v3) = of(
+            "{metadata: {name: a, uid: u1, resourceVersion: '7'}, stringData: {password: hunter3}}",
+        );
+        assert_ne!(c3, content);
+        assert_eq!(v3, version, "the checksum does not depend on the data");
+        // Fields are length-prefixed: moving bytes between key and value changes it.
+        let (c4, _) = of("{metadata: {name: a}, stringData: {ab: c}}");
+        let (c5, _) = of("{metadata: {name: a}, stringData: {a: bc}}");
+        assert_ne!(c4, c5);
     }
 
     #[test]
