@@ -146,6 +146,8 @@ impl OperatorProcess {
             .env("WORKER_IMAGE", "example.invalid/order-worker:test")
             .env("POD_NAME", pod)
             .env("LEASE_DURATION", "3s")
+            // The test NATS servers listen without TLS on loopback.
+            .env("ALLOW_PLAINTEXT_CREDENTIALS", "true")
             .env("RUST_LOG", "info,kube=warn,async_nats=warn")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdout(std::process::Stdio::null())

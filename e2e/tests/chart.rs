@@ -216,6 +216,11 @@ fn values_set_what_they_say() -> anyhow::Result<()> {
     assert_eq!(env.get("RESYNC_INTERVAL"), Some(&"1m"));
     assert_eq!(env.get("WATCH_NAMESPACE"), Some(&"shop"));
     assert_eq!(env.get("RUST_LOG"), Some(&"debug"));
+    assert_eq!(
+        env.get("ALLOW_PLAINTEXT_CREDENTIALS"),
+        Some(&"false"),
+        "credentials only over TLS unless a value says otherwise"
+    );
     assert!(!o.contains_key("PodDisruptionBudget/order-operator"));
     assert!(!o.contains_key("Service/order-operator-metrics"));
     assert!(o.contains_key("ServiceMonitor/order-operator"));

@@ -52,6 +52,11 @@ pub struct Settings {
     /// with a short duplicate window, rounded up; measure yours.
     #[arg(long, env = "NATS_BYTES_PER_SUBJECT", default_value_t = 400)]
     pub nats_bytes_per_subject: u64,
+    /// Let pipelines send credentials (`spec.nats.credentialsSecretRef`) over a
+    /// plain `nats://` URL without TLS. Off by default: anyone on the network
+    /// path could read them. For a trusted network or a local environment.
+    #[arg(long, env = "ALLOW_PLAINTEXT_CREDENTIALS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_plaintext_credentials: bool,
 }
 
 /// The cluster identity: `--cluster-id`, else the kube-system namespace's UID
@@ -136,6 +141,7 @@ fn context(
     );
     ctx.cluster_id = cluster;
     ctx.nats_bytes_per_subject = args.nats_bytes_per_subject;
+    ctx.allow_plaintext_credentials = args.allow_plaintext_credentials;
     Arc::new(ctx)
 }
 

@@ -432,6 +432,25 @@ pub fn conflicts(
     Ok(())
 }
 
+/// Whether the spec sends credentials over a URL without TLS: a
+/// `credentialsSecretRef` with a plain `nats://` (or `ws://`, or scheme-less)
+/// URL and no `tlsSecretRef`. The refusal names the fields and the ways out.
+pub fn credentials_in_clear(p: &OrderPipeline) -> Option<String> {
+    let n = &p.spec.nats;
+    let secret = &n.credentials_secret_ref.as_ref()?.name;
+    if n.tls_secret_ref.is_some() {
+        return None;
+    }
+    let plain = n
+        .url
+        .split(',')
+        .map(str::trim)
+        .find(|u| !(u.starts_with("tls://") || u.starts_with("wss://")))?;
+    Some(format!(
+        "spec.nats.credentialsSecretRef ({secret}) would send credentials in clear text to {plain}: use a tls:// URL or set spec.nats.tlsSecretRef; where the network is trusted, the operator's --allow-plaintext-credentials (chart value allowPlaintextCredentials) permits it"
+    ))
+}
+
 pub fn deployment_name(p: &OrderPipeline) -> String {
     format!("{}-workers", p.meta().name.clone().unwrap_or_default())
 }
@@ -993,6 +1012,28 @@ spec:
             remembered <= 2 * 2 + 16 + 1,
             "{remembered} footprints remembered"
         );
+    }
+
+    #[test]
+    fn credentials_in_clear_text_are_named_with_the_way_out() {
+        let with = |url: &str, creds: bool, tls: bool| {
+            let mut p = sample();
+            p.spec.nats.url = url.into();
+            p.spec.nats.credentials_secret_ref = creds.then(|| crate::crd::SecretRef {
+                name: "nats-auth".into(),
+            });
+            p.spec.nats.tls_secret_ref = tls.then(|| crate::crd::SecretRef { name: "ca".into() });
+            credentials_in_clear(&p)
+        };
+        assert_eq!(with("nats://n:4222", false, false), None, "no credentials");
+        let m = with("nats://n:4222", true, false).unwrap();
+        assert!(m.contains("nats://n:4222") && m.contains("tls://"), "{m}");
+        assert_eq!(with("tls://n:4222", true, false), None);
+        assert_eq!(with("nats://n:4222", true, true), None, "tlsSecretRef");
+        let m = with("tls://a:4222, nats://b:4222", true, false).unwrap();
+        assert!(m.contains("nats://b:4222"), "{m}");
+        assert!(with("ws://n:80", true, false).is_some());
+        assert_eq!(with("wss://n:443", true, false), None);
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct Context {
     pub cluster_id: String,
     /// NATS server memory per input-stream subject, for the capacity estimate.
     pub nats_bytes_per_subject: u64,
+    /// Whether credentials may travel over plain `nats://` (see
+    /// `render::credentials_in_clear`).
+    pub allow_plaintext_credentials: bool,
     /// NATS connections, shared by the pipelines that use the same server and
     /// credentials.
     pub(crate) nats: Mutex<NatsPool>,
@@ -104,6 +107,7 @@ impl Context {
             resync,
             cluster_id: "cluster".into(),
             nats_bytes_per_subject: 400,
+            allow_plaintext_credentials: false,
             nats: Mutex::new(NatsPool::default()),
             pipelines: std::sync::OnceLock::new(),
             footprints: Default::default(),

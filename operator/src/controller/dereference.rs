@@ -52,6 +52,12 @@ pub(crate) struct World {
 /// Reads the Secrets and connects to NATS with them (a cached connection while
 /// the URL and the Secrets are unchanged).
 pub(crate) async fn world(p: &OrderPipeline, ctx: &Context) -> Result<World, NotReady> {
+    if let (false, Some(why)) = (
+        ctx.allow_plaintext_credentials,
+        render::credentials_in_clear(p),
+    ) {
+        return Err(NotReady::new(Cause::InvalidSpec, why));
+    }
     let (mut auth, secrets, files) = read_secrets(p, &ctx.client).await?;
     write_tls_files(&key_of(p), &files, &mut auth)?;
     let connection = connection_key(&p.spec.nats.url, &secrets);
@@ -123,8 +129,17 @@ pub(crate) async fn read_secrets(
     Ok((auth, view, files))
 }
 
+/// The type of the Kubernetes token Secrets, which never go to NATS.
+const SERVICE_ACCOUNT_TOKEN: &str = "kubernetes.io/service-account-token";
+
 async fn get_secret(api: &Api<Secret>, ns: &str, name: &str) -> Result<Secret, NotReady> {
     match api.get_opt(name).await {
+        Ok(Some(s)) if s.type_.as_deref() == Some(SERVICE_ACCOUNT_TOKEN) => Err(NotReady::new(
+            Cause::SecretInvalid,
+            format!(
+                "Secret {ns}/{name} is a ServiceAccount token ({SERVICE_ACCOUNT_TOKEN}); the operator never sends Kubernetes tokens to NATS: put the NATS credentials in an Opaque Secret and reference that"
+            ),
+        )),
         Ok(Some(s)) => Ok(s),
         Ok(None) => Err(NotReady::new(
             Cause::SecretMissing,

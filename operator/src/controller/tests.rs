@@ -370,6 +370,62 @@ async fn nothing_changed_means_no_status_write_and_no_jetstream_write() {
     );
 }
 
+/// Credentials go to NATS only over TLS unless the operator allows clear text,
+/// and a ServiceAccount token Secret never goes at all (issue 25, spec hardening).
+#[tokio::test]
+async fn credentials_go_to_nats_only_over_tls_and_never_a_service_account_token() {
+    let mut p = sample();
+    p.spec.nats.credentials_secret_ref = Some(crate::crd::SecretRef {
+        name: "nats-auth".into(),
+    });
+    let with_secret = |type_: &str, allow: bool| {
+        let mut h = Harness::new(&p);
+        h.api.objects.lock().unwrap().insert(
+            "/api/v1/namespaces/demo/secrets/nats-auth".into(),
+            json!({"apiVersion": "v1", "kind": "Secret", "type": type_,
+                "metadata": {"name": "nats-auth", "namespace": "demo"},
+                "data": {"token": "dG9rZW4="}}),
+        );
+        Arc::get_mut(&mut h.ctx)
+            .unwrap()
+            .allow_plaintext_credentials = allow;
+        h
+    };
+    let message = |h: &Harness| {
+        h.status()["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+            .map(|c| c["message"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    // Clear text, not allowed: refused before any connection.
+    let h = with_secret("Opaque", false);
+    h.reconcile(&p).await;
+    assert_eq!(h.ready(), ("False".into(), "InvalidSpec".into()));
+    let m = message(&h);
+    assert!(
+        m.contains("spec.nats.credentialsSecretRef (nats-auth)")
+            && m.contains("tls://")
+            && m.contains("--allow-plaintext-credentials"),
+        "{m}"
+    );
+    assert!(h.js.requests.lock().unwrap().is_empty());
+    // Allowed: it goes through.
+    let h = with_secret("Opaque", true);
+    h.reconcile(&p).await;
+    assert_eq!(h.ready(), ("True".into(), "PipelineReady".into()));
+    // A ServiceAccount token: refused even where clear text is allowed.
+    let h = with_secret("kubernetes.io/service-account-token", true);
+    h.reconcile(&p).await;
+    assert_eq!(h.ready(), ("False".into(), "SecretInvalid".into()));
+    assert!(
+        message(&h).contains("ServiceAccount token"),
+        "{}",
+        message(&h)
+    );
+    assert!(h.js.requests.lock().unwrap().is_empty());
+}
+
 /// Reconciles right after a full pass (the worker Deployment's status moving)
 /// reuse its JetStream reads; a removal advisory, a new spec or the end of the
 /// window brings a full pass again.
