@@ -350,6 +350,8 @@ impl NatsPool {
         if let Some(l) = self.listeners.remove(conn_key) {
             l.abort();
         }
+        // Its TLS files (none without TLS): a deleted pipeline leaves nothing behind.
+        let _ = std::fs::remove_dir_all(dereference::tls_dir(conn_key));
     }
 }
 
@@ -477,6 +479,27 @@ fn listen_for_removals(
 #[cfg(test)]
 mod removal_tests {
     use super::*;
+
+    /// A deleted pipeline's TLS files go with the last pipeline on their
+    /// connection (issue 25: they stayed in the operator's temp directory).
+    #[test]
+    fn a_released_connection_takes_its_tls_files_with_it() {
+        let key = format!("tls://n:4222|{}", rand::random::<u64>());
+        let dir = dereference::tls_dir(&key);
+        let mut auth = NatsAuth::default();
+        dereference::write_tls_files(&dir, &[("ca.crt".into(), "pem".into())], &mut auth).unwrap();
+        assert_eq!(auth.tls_ca.as_deref(), Some(dir.join("ca.crt").as_path()));
+        let mut pool = NatsPool::default();
+        pool.users.insert("demo/a".into(), key.clone());
+        pool.users.insert("demo/b".into(), key.clone());
+        pool.release("demo/a");
+        assert!(
+            dir.join("ca.crt").exists(),
+            "demo/b still uses the connection"
+        );
+        pool.release("demo/b");
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
 
     fn pipeline(name: &str, stream: &str) -> Arc<OrderPipeline> {
         let mut p: OrderPipeline = serde_yaml::from_str(include_str!(

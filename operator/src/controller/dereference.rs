@@ -59,14 +59,24 @@ pub(crate) async fn world(p: &OrderPipeline, ctx: &Context) -> Result<World, Not
         return Err(NotReady::new(Cause::InvalidSpec, why));
     }
     let (mut auth, secrets, files) = read_secrets(p, &ctx.client).await?;
-    write_tls_files(&key_of(p), &files, &mut auth)?;
     let connection = connection_key(&p.spec.nats.url, &secrets);
+    write_tls_files(&tls_dir(&connection), &files, &mut auth)?;
     let js = ctx.jetstream(p, &auth, &connection).await?;
     Ok(World {
         secrets,
         js,
         connection,
     })
+}
+
+/// Where the TLS files of the connection `connection` (see [`connection_key`])
+/// live: the client reads them on every reconnect, so they stay while the
+/// connection does and go with it (the pool removes them when it closes it).
+pub(crate) fn tls_dir(connection: &str) -> std::path::PathBuf {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(connection.as_bytes());
+    let name: String = d[..16].iter().map(|b| format!("{b:02x}")).collect();
+    std::env::temp_dir().join("order-operator").join(name)
 }
 
 /// What identifies a NATS connection the pipelines can share: the server and
@@ -222,20 +232,17 @@ fn tls_of(name: &str, s: &Secret) -> Result<(Vec<(String, String)>, bool), NotRe
 
 /// Writes TLS material where the NATS client can read it (a private directory).
 pub(crate) fn write_tls_files(
-    key: &str,
+    dir: &std::path::Path,
     files: &[(String, String)],
     auth: &mut NatsAuth,
 ) -> Result<(), NotReady> {
     if files.is_empty() {
         return Ok(());
     }
-    let dir = std::env::temp_dir()
-        .join("order-operator")
-        .join(key.replace('/', "_"));
     let io = |e: std::io::Error| {
         NotReady::new(Cause::KubernetesError, format!("writing TLS files: {e}"))
     };
-    std::fs::create_dir_all(&dir).map_err(io)?;
+    std::fs::create_dir_all(dir).map_err(io)?;
     for (name, content) in files {
         let path = dir.join(name);
         std::fs::write(&path, content).map_err(io)?;
