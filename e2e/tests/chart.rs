@@ -201,6 +201,8 @@ fn values_set_what_they_say() -> anyhow::Result<()> {
         "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,prometheusRule.enabled=true,prometheusRule.for.notReady=2m,dashboard.enabled=true",
         "--set",
         "podDisruptionBudget.enabled=false,metrics.service.enabled=false",
+        "--set",
+        "allowedImages={ghcr.io/orderpipeline/,registry.example/},allowedNatsHosts={nats.nats.svc,*.nats.example.com}",
     ])?)?;
     let d = &o["Deployment/order-operator"];
     let c = &d["spec"]["template"]["spec"]["containers"][0];
@@ -216,6 +218,14 @@ fn values_set_what_they_say() -> anyhow::Result<()> {
     assert_eq!(env.get("RESYNC_INTERVAL"), Some(&"1m"));
     assert_eq!(env.get("WATCH_NAMESPACE"), Some(&"shop"));
     assert_eq!(env.get("RUST_LOG"), Some(&"debug"));
+    assert_eq!(
+        env.get("ALLOWED_IMAGES"),
+        Some(&"ghcr.io/orderpipeline/,registry.example/")
+    );
+    assert_eq!(
+        env.get("ALLOWED_NATS_HOSTS"),
+        Some(&"nats.nats.svc,*.nats.example.com")
+    );
     assert_eq!(
         env.get("ALLOW_PLAINTEXT_CREDENTIALS"),
         Some(&"false"),

@@ -57,6 +57,14 @@ pub struct Settings {
     /// path could read them. For a trusted network or a local environment.
     #[arg(long, env = "ALLOW_PLAINTEXT_CREDENTIALS", default_value_t = false, action = clap::ArgAction::Set)]
     pub allow_plaintext_credentials: bool,
+    /// Image prefixes a pipeline's `spec.workers.image` must start with, comma
+    /// separated (e.g. `ghcr.io/orderpipeline/`); empty: any image.
+    #[arg(long, env = "ALLOWED_IMAGES", value_delimiter = ',')]
+    pub allowed_images: Vec<String>,
+    /// NATS hosts pipelines may use, comma separated: a name, or `*.suffix`
+    /// for every name under it; empty: any host.
+    #[arg(long, env = "ALLOWED_NATS_HOSTS", value_delimiter = ',')]
+    pub allowed_nats_hosts: Vec<String>,
 }
 
 /// The cluster identity: `--cluster-id`, else the kube-system namespace's UID
@@ -142,6 +150,16 @@ fn context(
     ctx.cluster_id = cluster;
     ctx.nats_bytes_per_subject = args.nats_bytes_per_subject;
     ctx.allow_plaintext_credentials = args.allow_plaintext_credentials;
+    let listed = |v: &[String]| -> Vec<String> {
+        v.iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    };
+    ctx.allowlists = crate::render::Allowlists {
+        images: listed(&args.allowed_images),
+        nats_hosts: listed(&args.allowed_nats_hosts),
+    };
     Arc::new(ctx)
 }
 

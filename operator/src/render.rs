@@ -404,7 +404,12 @@ pub fn conflicts(
         if them.url != me.url {
             continue;
         }
-        let other_name = &them.name;
+        // Another tenant's pipeline is not named, nor its subjects.
+        let same_namespace = q.meta().namespace == p.meta().namespace;
+        let other_name = match same_namespace {
+            true => format!("pipeline {}", them.name),
+            false => "a pipeline in another namespace".to_string(),
+        };
         for (kind, name, js_name) in &me.objects {
             if them.objects.iter().any(|(_, _, n)| n == js_name) {
                 let field = match *kind {
@@ -413,7 +418,7 @@ pub fn conflicts(
                     _ => "spec.deadLetter.streamName",
                 };
                 return Err(InvalidSpec(format!(
-                    "{kind} {name} belongs to pipeline {other_name} on the same NATS server; every pipeline needs its own: set {field} to another name"
+                    "{kind} {name} belongs to {other_name} on the same NATS server; every pipeline needs its own: set {field} to another name"
                 )));
             }
         }
@@ -423,13 +428,76 @@ pub fn conflicts(
                 .iter()
                 .find(|t| orderpipeline_common::names::subjects_overlap(mine, t))
             {
+                let theirs = match same_namespace {
+                    true => format!("{theirs} of {other_name}"),
+                    false => format!("a subject of {other_name}"),
+                };
                 return Err(InvalidSpec(format!(
-                    "subject {mine} overlaps {theirs} of pipeline {other_name} on the same NATS server (inputs, results and dead letters of two pipelines must not mix); give this pipeline its own subjects: spec.stream.subjects and spec.consumer.filterSubject (results go to <filter prefix>.processed|rejected|deadlettered.<key>), spec.deadLetter.subject"
+                    "subject {mine} overlaps {theirs} on the same NATS server (inputs, results and dead letters of two pipelines must not mix); give this pipeline its own subjects: spec.stream.subjects and spec.consumer.filterSubject (results go to <filter prefix>.processed|rejected|deadlettered.<key>), spec.deadLetter.subject"
                 )));
             }
         }
     }
     Ok(())
+}
+
+/// What an administrator allows pipelines to use (operator flags; empty: anything).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Allowlists {
+    /// Prefixes a `spec.workers.image` must start with (`ALLOWED_IMAGES`).
+    pub images: Vec<String>,
+    /// NATS hosts: a name, or `*.suffix` for every name under it (`ALLOWED_NATS_HOSTS`).
+    pub nats_hosts: Vec<String>,
+}
+
+/// The host of one NATS URL (`nats://user:pw@host:4222` -> `host`, `[::1]:4222` -> `::1`).
+fn url_host(url: &str) -> String {
+    let rest = url.trim();
+    let rest = rest.split_once("://").map_or(rest, |(_, r)| r);
+    let rest = rest.split(['/', '?']).next().unwrap_or_default();
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let host = match rest.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => rest.split(':').next().unwrap_or_default(),
+    };
+    host.to_ascii_lowercase()
+}
+
+/// Why the spec uses what `allow` does not permit, naming the field, the
+/// value and what is allowed; `None` when it is allowed.
+pub fn not_allowed(p: &OrderPipeline, allow: &Allowlists) -> Option<String> {
+    if let Some(image) = &p.spec.workers.image
+        && !allow.images.is_empty()
+        && !allow.images.iter().any(|a| image.starts_with(a.as_str()))
+    {
+        return Some(format!(
+            "spec.workers.image {image} is not among the images this operator allows (prefixes {}); use one of them, or ask the administrator to add it to --allowed-images",
+            allow.images.join(", ")
+        ));
+    }
+    if allow.nats_hosts.is_empty() {
+        return None;
+    }
+    let allowed = |host: &str| {
+        allow.nats_hosts.iter().any(|a| {
+            let a = a.trim().to_ascii_lowercase();
+            match a.strip_prefix("*.") {
+                Some(suffix) => host.ends_with(&format!(".{suffix}")),
+                None => host == a,
+            }
+        })
+    };
+    let refused = p
+        .spec
+        .nats
+        .url
+        .split(',')
+        .map(url_host)
+        .find(|h| !allowed(h))?;
+    Some(format!(
+        "spec.nats.url names host {refused}, which this operator does not allow (allowed: {}); use an allowed NATS server, or ask the administrator to add it to --allowed-nats-hosts",
+        allow.nats_hosts.join(", ")
+    ))
 }
 
 /// Whether the spec sends credentials over a URL without TLS: a
@@ -976,6 +1044,32 @@ spec:
         // Another NATS server: no conflict.
         let elsewhere = pipeline(&y("twin", "").replace("nats://n:4222", "nats://m:4222"), 2);
         assert_eq!(conflict(&elsewhere, &all(&elsewhere)), None);
+        // Another namespace's pipeline: refused, without its name or its subjects.
+        let tenant = pipeline(
+            &y(
+                "greedy",
+                ", stream: {name: ALL, subjects: ['ORDER.created']}, consumer: {filterSubject: ORDER.created}",
+            )
+            .replace("namespace: ns", "namespace: other"),
+            2,
+        );
+        let e = conflict(&tenant, &all(&tenant)).unwrap();
+        assert!(
+            e.contains("overlaps a subject of a pipeline in another namespace")
+                && !e.contains("ns/orders")
+                && !e.contains("ORDER.*"),
+            "{e}"
+        );
+        let twin = pipeline(
+            &y("twin", "").replace("namespace: ns", "namespace: other"),
+            2,
+        );
+        let e = conflict(&twin, &all(&twin)).unwrap();
+        assert!(
+            e.contains("stream ORDERS belongs to a pipeline in another namespace")
+                && !e.contains("ns/orders"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1011,6 +1105,60 @@ spec:
         assert!(
             remembered <= 2 * 2 + 16 + 1,
             "{remembered} footprints remembered"
+        );
+    }
+
+    #[test]
+    fn allowlists_refuse_other_images_and_nats_hosts_naming_the_flag() {
+        let allow = Allowlists {
+            images: vec!["ghcr.io/orderpipeline/".into()],
+            nats_hosts: vec!["nats.nats.svc".into(), "*.nats.example.com".into()],
+        };
+        let with = |image: Option<&str>, url: &str| {
+            let mut p = sample();
+            p.spec.workers.image = image.map(str::to_string);
+            p.spec.nats.url = url.into();
+            not_allowed(&p, &allow)
+        };
+        assert_eq!(
+            with(None, "nats://nats.nats.svc:4222"),
+            None,
+            "the default image"
+        );
+        assert_eq!(
+            with(
+                Some("ghcr.io/orderpipeline/orderpipeline:1"),
+                "nats://u:p@nats.nats.svc:4222"
+            ),
+            None
+        );
+        let e = with(Some("evil.example/miner:1"), "nats://nats.nats.svc:4222").unwrap();
+        assert!(
+            e.contains("spec.workers.image evil.example/miner:1") && e.contains("--allowed-images"),
+            "{e}"
+        );
+        assert_eq!(
+            with(None, "tls://a.nats.example.com:4222,nats://NATS.nats.svc"),
+            None
+        );
+        let e = with(
+            None,
+            "nats://nats.nats.svc:4222, nats://attacker.example:4222",
+        )
+        .unwrap();
+        assert!(
+            e.contains("host attacker.example") && e.contains("--allowed-nats-hosts"),
+            "{e}"
+        );
+        assert!(
+            with(None, "nats://nats.example.com:4222").is_some(),
+            "*.x is not x itself"
+        );
+        assert_eq!(url_host("nats://[::1]:4222"), "::1");
+        assert_eq!(
+            not_allowed(&sample(), &Allowlists::default()),
+            None,
+            "empty: anything"
         );
     }
 

@@ -29,6 +29,8 @@ pub struct Context {
     /// Whether credentials may travel over plain `nats://` (see
     /// `render::credentials_in_clear`).
     pub allow_plaintext_credentials: bool,
+    /// The images and NATS hosts pipelines may use.
+    pub allowlists: crate::render::Allowlists,
     /// NATS connections, shared by the pipelines that use the same server and
     /// credentials.
     pub(crate) nats: Mutex<NatsPool>,
@@ -108,6 +110,7 @@ impl Context {
             cluster_id: "cluster".into(),
             nats_bytes_per_subject: 400,
             allow_plaintext_credentials: false,
+            allowlists: Default::default(),
             nats: Mutex::new(NatsPool::default()),
             pipelines: std::sync::OnceLock::new(),
             footprints: Default::default(),

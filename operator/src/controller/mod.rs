@@ -177,6 +177,9 @@ async fn steps(
 ) -> Result<Action, Stop> {
     // Plan (pure): the spec, checked against itself and the other pipelines.
     let mut plan = plan::checked(p, &ctx.other_pipelines(), &ctx.footprints)?;
+    if let Some(why) = render::not_allowed(p, &ctx.allowlists) {
+        return Err(NotReady::new(error::Cause::InvalidSpec, why).into());
+    }
     // Hold maxAge above the oldest unprocessed order (spec.stream.holdUnprocessed).
     let t = &mut plan.topology;
     t.max_age = retention::held_max_age(
