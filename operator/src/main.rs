@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the controller.
-    Run(order_operator::app::Settings),
+    Run(Box<order_operator::app::Settings>),
     /// Print the OrderPipeline CRD as YAML.
     Crd,
 }
@@ -48,7 +48,7 @@ async fn main() -> std::process::ExitCode {
                         return std::process::ExitCode::from(2);
                     }
                 };
-            let r = order_operator::app::run(args).await;
+            let r = order_operator::app::run(*args).await;
             let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
             match r {
                 Ok(()) => std::process::ExitCode::SUCCESS,
