@@ -605,7 +605,8 @@ pub struct WorkersSpec {
     /// Who sets the replicas, and the lag-based scaler's settings.
     #[serde(default)]
     pub scaling: ScalingSpec,
-    /// CPU and memory requests and limits of the worker container.
+    /// CPU and memory requests and limits of the worker container. Default:
+    /// requests cpu 50m and memory 64Mi, a memory limit of 512Mi, no CPU limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Extra environment variables for the worker container, e.g. `RUST_LOG` or

@@ -519,6 +519,23 @@ pub fn credentials_in_clear(p: &OrderPipeline) -> Option<String> {
     ))
 }
 
+/// The worker container's resources when the spec sets none: a request the
+/// scheduler can count (a worker at the default pool size idles at a few MiB
+/// and a few millicores) and a memory limit, so that one worker cannot take a
+/// node's memory; no CPU limit (throttling would only slow the acks down).
+pub fn default_worker_resources() -> k8s_openapi::api::core::v1::ResourceRequirements {
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    let q = |v: &str| Quantity(v.to_string());
+    k8s_openapi::api::core::v1::ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), q("50m")),
+            ("memory".to_string(), q("64Mi")),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_string(), q("512Mi"))])),
+        ..Default::default()
+    }
+}
+
 pub fn deployment_name(p: &OrderPipeline) -> String {
     format!("{}-workers", p.meta().name.clone().unwrap_or_default())
 }
@@ -870,7 +887,12 @@ fn worker_container(
         }]),
         liveness_probe: Some(probe("/livez")),
         readiness_probe: Some(probe("/readyz")),
-        resources: s.workers.resources.clone(),
+        resources: Some(
+            s.workers
+                .resources
+                .clone()
+                .unwrap_or_else(default_worker_resources),
+        ),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -1365,6 +1387,24 @@ status: {observedGeneration: 4, replicas: 2, updatedReplicas: 0}",
                 "the worker has no flag for {name}"
             );
         }
+    }
+
+    #[test]
+    fn workers_get_default_resources_unless_the_spec_sets_them() {
+        let container = |p: &OrderPipeline| {
+            let plan = plan(p).unwrap();
+            let d = deployment(p, &plan, &SecretsView::default(), "img:1", Some(1));
+            d.spec.unwrap().template.spec.unwrap().containers[0].clone()
+        };
+        let r = container(&sample()).resources.unwrap();
+        assert_eq!(r.requests.unwrap()["memory"].0, "64Mi");
+        assert_eq!(r.limits.as_ref().unwrap()["memory"].0, "512Mi");
+        assert!(!r.limits.unwrap().contains_key("cpu"), "no CPU limit");
+        let mut p = sample();
+        let own: k8s_openapi::api::core::v1::ResourceRequirements =
+            serde_json::from_value(serde_json::json!({"limits": {"memory": "2Gi"}})).unwrap();
+        p.spec.workers.resources = Some(own.clone());
+        assert_eq!(container(&p).resources, Some(own));
     }
 
     #[test]

@@ -124,8 +124,10 @@ pub(crate) async fn finish(
     ctx.metrics.pipeline(&key_of(p), &figures_of(p, &status));
     if let Some(left) = first_status_wait(old, &status, o) {
         // The Deployment's next status change (its workers available) or the
-        // end of the wait brings the reconcile that writes it: no polling.
-        return Ok(Action::requeue(left));
+        // end of the wait brings the reconcile that writes it; the lag (the
+        // scaler) is still looked at as for any pipeline not Ready yet.
+        let next = jittered(ctx.resync.min(retry::NOT_READY_RESYNC));
+        return Ok(Action::requeue(left.min(next)));
     }
     for n in notes(old, &status, &o.plan.topology.dlq_stream) {
         ctx.event(p, n.kind, n.message).await;
