@@ -180,6 +180,23 @@ fn the_chart_renders_the_same_operator_objects_as_manifests() -> anyhow::Result<
             "{key}"
         );
     }
+    // The operator admits traffic only on its HTTP port (metrics and probes).
+    let np = &helm
+        .get("NetworkPolicy/order-operator")
+        .context("the chart's NetworkPolicy")?["spec"];
+    assert_eq!(
+        np["podSelector"]["matchLabels"]["app.kubernetes.io/name"].as_str(),
+        Some("order-operator")
+    );
+    assert_eq!(
+        serde_json::to_value(&np["policyTypes"])?,
+        serde_json::json!(["Ingress"])
+    );
+    assert_eq!(
+        serde_json::to_value(&np["ingress"])?,
+        serde_json::json!([{"ports": [{"port": 8080, "protocol": "TCP"}]}]),
+        "ingress only on the HTTP port, from anywhere (Prometheus, kubelet probes)"
+    );
     // The CRD is the generated file itself.
     let crd =
         std::fs::read_to_string(repo_root().join("crds/orderpipeline.dev_orderpipelines.yaml"))?;
@@ -200,7 +217,7 @@ fn values_set_what_they_say() -> anyhow::Result<()> {
         "--set",
         "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,prometheusRule.enabled=true,prometheusRule.for.notReady=2m,dashboard.enabled=true",
         "--set",
-        "podDisruptionBudget.enabled=false,metrics.service.enabled=false",
+        "podDisruptionBudget.enabled=false,metrics.service.enabled=false,networkPolicy.enabled=false",
         "--set",
         "allowedImages={ghcr.io/orderpipeline/,registry.example/},allowedNatsHosts={nats.nats.svc,*.nats.example.com}",
     ])?)?;
@@ -232,6 +249,7 @@ fn values_set_what_they_say() -> anyhow::Result<()> {
         "credentials only over TLS unless a value says otherwise"
     );
     assert!(!o.contains_key("PodDisruptionBudget/order-operator"));
+    assert!(!o.contains_key("NetworkPolicy/order-operator"));
     assert!(!o.contains_key("Service/order-operator-metrics"));
     assert!(o.contains_key("ServiceMonitor/order-operator"));
     assert!(o.contains_key("PodMonitor/order-workers"));
