@@ -1268,6 +1268,64 @@ async fn with_auth(
     Ok(got)
 }
 
+/// Two tenants on one nats-server, each in its own account: the same stream
+/// name, consumer and subjects do not collide (the check compares the accounts
+/// the server reports for each connection), so neither squats the other; a
+/// later pipeline in the first one's account is still refused (issue 25).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelines_in_two_nats_accounts_do_not_squat_each_other() -> anyhow::Result<()> {
+    let conf = r#"accounts {
+  A { jetstream: enabled, users: [{user: a, password: "pa-s3cret"}] }
+  B { jetstream: enabled, users: [{user: b, password: "pb-s3cret"}] }
+}"#;
+    let nats = NatsServer::start_with_config(conf).await?;
+    let idle = async_nats::ConnectOptions::with_user_and_password("a".into(), "pa-s3cret".into())
+        .connect(format!("127.0.0.1:{}", nats.port))
+        .await?;
+    let s = setup_on("op-accounts", true, nats, jetstream::new(idle), "2s").await?;
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns.name);
+    let tenant = |name: &str, user: &str, password: &str| {
+        let mut p = sample(&s.nats.url())?;
+        p.metadata.name = Some(name.into());
+        p.spec.nats.credentials_secret_ref = Some(order_operator::crd::SecretRef {
+            name: format!("nats-{user}"),
+        });
+        let secret: Secret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": format!("nats-{user}")},
+            "stringData": {"user": user, "password": password}
+        }))?;
+        anyhow::Ok((p, secret))
+    };
+    let (a, secret_a) = tenant("orders-a", "a", "pa-s3cret")?;
+    let (b, secret_b) = tenant("orders-b", "b", "pb-s3cret")?;
+    let (twin, _) = tenant("twin-a", "a", "pa-s3cret")?;
+    secrets.create(&PostParams::default(), &secret_a).await?;
+    secrets.create(&PostParams::default(), &secret_b).await?;
+    s.api.create(&PostParams::default(), &a).await?;
+    wait_ready(&s, "orders-a", "True", None).await?;
+    s.api.create(&PostParams::default(), &b).await?;
+    wait_ready(&s, "orders-b", "True", None).await?;
+    s.api.create(&PostParams::default(), &twin).await?;
+    let t = wait_ready(&s, "twin-a", "False", Some("InvalidSpec")).await?;
+    let msg = condition(&t, "Ready")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        msg.contains(&format!(
+            "stream ORDERS belongs to pipeline {}/orders-a",
+            s.ns.name
+        )),
+        "{msg}"
+    );
+    // And orders-b is still Ready: the twin in account A did not disturb it.
+    let b = s.api.get("orders-b").await?;
+    assert_eq!(
+        condition(&b, "Ready").map(|c| c.status.as_str()),
+        Some("True")
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_and_password_reach_the_operator_and_the_workers() -> anyhow::Result<()> {
     let conf = "authorization { user: orders, password: \"s3cret-pw\" }";

@@ -382,9 +382,11 @@ pub fn conflicts(
     mine: &Plan,
     others: &[std::sync::Arc<OrderPipeline>],
     footprints: &Footprints,
+    scope_of: &dyn Fn(&OrderPipeline) -> Option<String>,
 ) -> Result<(), InvalidSpec> {
     footprints.prune(others);
     let me = footprint(p, &mine.topology);
+    let my_scope = scope_of(p);
     let my_time = p.meta().creation_timestamp.as_ref();
     for q in others {
         if q.meta().deletion_timestamp.is_some() {
@@ -401,7 +403,14 @@ pub fn conflicts(
         if them.name == me.name || (their_time == my_time && them.name > me.name) {
             continue;
         }
-        if them.url != me.url {
+        // One NATS account is one namespace of subjects and streams: compare
+        // accounts where both are known (another account on the same server
+        // cannot collide; the same account under another URL can), else URLs.
+        let same_place = match (&my_scope, scope_of(q)) {
+            (Some(a), Some(b)) => *a == b,
+            _ => them.url == me.url,
+        };
+        if !same_place {
             continue;
         }
         // Another tenant's pipeline is not named, nor its subjects.
@@ -418,7 +427,7 @@ pub fn conflicts(
                     _ => "spec.deadLetter.streamName",
                 };
                 return Err(InvalidSpec(format!(
-                    "{kind} {name} belongs to {other_name} on the same NATS server; every pipeline needs its own: set {field} to another name"
+                    "{kind} {name} belongs to {other_name} on the same NATS server and account; every pipeline needs its own: set {field} to another name"
                 )));
             }
         }
@@ -433,7 +442,7 @@ pub fn conflicts(
                     false => format!("a subject of {other_name}"),
                 };
                 return Err(InvalidSpec(format!(
-                    "subject {mine} overlaps {theirs} on the same NATS server (inputs, results and dead letters of two pipelines must not mix); give this pipeline its own subjects: spec.stream.subjects and spec.consumer.filterSubject (results go to <filter prefix>.processed|rejected|deadlettered.<key>), spec.deadLetter.subject"
+                    "subject {mine} overlaps {theirs} on the same NATS server and account (inputs, results and dead letters of two pipelines must not mix); give this pipeline its own subjects: spec.stream.subjects and spec.consumer.filterSubject (results go to <filter prefix>.processed|rejected|deadlettered.<key>), spec.deadLetter.subject"
                 )));
             }
         }
@@ -971,7 +980,7 @@ spec:
 
     fn conflict(p: &OrderPipeline, others: &[std::sync::Arc<OrderPipeline>]) -> Option<String> {
         let pl = plan(p).unwrap();
-        conflicts(p, &pl, others, &Footprints::default())
+        conflicts(p, &pl, others, &Footprints::default(), &|_| None)
             .err()
             .map(|e| e.0)
     }
@@ -1094,6 +1103,59 @@ spec:
         );
     }
 
+    /// Where both accounts are known they decide, not the URLs: the same
+    /// subjects in two accounts of one server do not collide (no squatting
+    /// across accounts), the same account under two spellings of its URL does.
+    #[test]
+    fn the_check_compares_nats_accounts_where_the_server_says_them() {
+        let y = |name: &str, url: &str| {
+            format!(
+                "{{apiVersion: orderpipeline.dev/v1alpha1, kind: OrderPipeline, metadata: {{name: {name}, namespace: ns}}, spec: {{nats: {{url: '{url}'}}}}}}"
+            )
+        };
+        let first = pipeline(&y("first", "nats://nats.nats.svc:4222"), 1);
+        let check = |p: &std::sync::Arc<OrderPipeline>, scopes: [(&str, &str); 2]| {
+            let pl = plan(p).unwrap();
+            let scope_of = |q: &OrderPipeline| {
+                let name = q.metadata.name.as_deref().unwrap_or_default();
+                scopes
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, s)| s.to_string())
+            };
+            conflicts(
+                p,
+                &pl,
+                &[first.clone(), p.clone()],
+                &Footprints::default(),
+                &scope_of,
+            )
+            .err()
+            .map(|e| e.0)
+        };
+        // The same URL and names, another account: both run.
+        let tenant = pipeline(&y("tenant", "nats://nats.nats.svc:4222"), 2);
+        assert_eq!(check(&tenant, [("first", "c/A"), ("tenant", "c/B")]), None);
+        // The same account: refused, as on the same URL without accounts.
+        let e = check(&tenant, [("first", "c/A"), ("tenant", "c/A")]).unwrap();
+        assert!(
+            e.contains("stream ORDERS belongs to pipeline ns/first"),
+            "{e}"
+        );
+        assert!(
+            check(&tenant, [("first", "c/A"), ("x", "")]).is_some(),
+            "unknown: URLs"
+        );
+        // Another spelling of the same server's URL, the same account: refused.
+        let long = pipeline(&y("long", "nats://nats.nats.svc.cluster.local:4222"), 2);
+        assert!(check(&long, [("first", "c/A"), ("long", "c/A")]).is_some());
+        assert_eq!(
+            check(&long, [("first", "c/A"), ("x", "")]),
+            None,
+            "unknown: URLs differ"
+        );
+    }
+
     #[test]
     fn the_check_sees_another_pipelines_new_spec_and_forgets_deleted_ones() {
         let y = |name: &str, subjects: &str| {
@@ -1107,7 +1169,7 @@ spec:
         let second = pipeline(&y("second", "BOOKS"), 2);
         let check = |others: &[std::sync::Arc<OrderPipeline>]| {
             let pl = plan(&second).unwrap();
-            conflicts(&second, &pl, others, &footprints)
+            conflicts(&second, &pl, others, &footprints, &|_| None)
                 .err()
                 .map(|e| e.0)
         };

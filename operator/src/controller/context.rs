@@ -39,6 +39,9 @@ pub struct Context {
     pub(crate) pipelines: std::sync::OnceLock<kube::runtime::reflector::Store<OrderPipeline>>,
     /// Their footprints for that check, rendered once per spec.
     pub(crate) footprints: crate::render::Footprints,
+    /// The NATS account of each pipeline's connection, as last seen (that
+    /// check compares accounts).
+    pub(crate) scopes: std::sync::Mutex<HashMap<String, String>>,
     /// Where a removed stream or consumer asks for its pipeline's reconcile.
     pub(crate) removals: std::sync::OnceLock<
         tokio::sync::mpsc::UnboundedSender<kube::runtime::reflector::ObjectRef<OrderPipeline>>,
@@ -114,6 +117,7 @@ impl Context {
             nats: Mutex::new(NatsPool::default()),
             pipelines: std::sync::OnceLock::new(),
             footprints: Default::default(),
+            scopes: Default::default(),
             deployments: std::sync::OnceLock::new(),
             removals: std::sync::OnceLock::new(),
             applied: Default::default(),
@@ -210,7 +214,11 @@ impl Context {
         // Connect without holding the lock, so one pipeline's unreachable NATS
         // does not stall the others' reconciles.
         let c = orderpipeline_common::nats::connect(url, auth, "order-operator").await?;
+        let scope = account_scope(&c).await;
         let mut pool = self.nats.lock().await;
+        if let Some(scope) = scope {
+            pool.scopes.insert(conn_key.to_string(), scope);
+        }
         // Another pipeline may have connected meanwhile: keep one.
         if !pool.conns.contains_key(conn_key)
             && let (Some(store), Some(tx)) = (self.pipelines.get(), self.removals.get())
@@ -301,6 +309,22 @@ impl Context {
         });
     }
 
+    /// The NATS account (server and account) pipeline `p` was last seen
+    /// connected to, if its server said.
+    pub(crate) fn scope_of(&self, p: &OrderPipeline) -> Option<String> {
+        self.scopes.lock().unwrap().get(&key_of(p)).cloned()
+    }
+
+    /// Notes which account `p`'s connection `conn_key` is in.
+    pub(crate) async fn note_scope(&self, p: &OrderPipeline, conn_key: &str) {
+        let scope = self.nats.lock().await.scopes.get(conn_key).cloned();
+        let mut all = self.scopes.lock().unwrap();
+        match scope {
+            Some(s) => all.insert(key_of(p), s),
+            None => all.remove(&key_of(p)),
+        };
+    }
+
     /// Every pipeline the controller knows (for the conflict check).
     pub(crate) fn other_pipelines(&self) -> Vec<Arc<OrderPipeline>> {
         self.pipelines.get().map(|s| s.state()).unwrap_or_default()
@@ -320,6 +344,7 @@ impl Context {
     /// it, and what was applied for it is forgotten.
     pub(crate) async fn release_nats(&self, pipeline: &str) {
         self.applied.lock().unwrap().remove(pipeline);
+        self.scopes.lock().unwrap().remove(pipeline);
         self.statuses.lock().unwrap().remove(pipeline);
         self.retention.lock().unwrap().remove(pipeline);
         let mut pool = self.nats.lock().await;
@@ -337,6 +362,8 @@ pub(crate) struct NatsPool {
     users: HashMap<String, String>,
     /// Per connection, the task that listens for removed streams and consumers.
     listeners: HashMap<String, tokio::task::AbortHandle>,
+    /// Per connection, the NATS account it is in (see [`account_scope`]).
+    scopes: HashMap<String, String>,
 }
 
 impl NatsPool {
@@ -350,6 +377,7 @@ impl NatsPool {
 
     fn close(&mut self, conn_key: &str) {
         self.conns.remove(conn_key);
+        self.scopes.remove(conn_key);
         if let Some(l) = self.listeners.remove(conn_key) {
             l.abort();
         }
@@ -427,6 +455,28 @@ pub(crate) fn terminated_for(
         .filter(|p| p.spec.stream.name == stream && p.spec.consumer.name == consumer)
         .map(|p| kube::runtime::reflector::ObjectRef::from_obj(p.as_ref()))
         .collect()
+}
+
+/// Which NATS account a connection is in, as `<server>/<account>`: the server
+/// by its cluster name (else its name), the account as the server's user-info
+/// service (`$SYS.REQ.USER.INFO`, offered to every account) says. `None` when
+/// the server does not answer it (no system account, or no permission): the
+/// conflict check then compares URLs.
+async fn account_scope(c: &async_nats::Client) -> Option<String> {
+    let info = c.server_info();
+    let server = info
+        .cluster
+        .clone()
+        .filter(|s| !s.is_empty())
+        .unwrap_or(info.server_name.clone());
+    let ask = c.request("$SYS.REQ.USER.INFO", Vec::new().into());
+    let reply = tokio::time::timeout(Duration::from_secs(2), ask)
+        .await
+        .ok()?
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
+    let account = v["data"]["account"].as_str()?;
+    Some(format!("{server}/{account}"))
 }
 
 /// A removal advisory for `pipeline`: its next reconcile makes a full pass.

@@ -175,8 +175,8 @@ async fn steps(
     ctx: &Context,
     old: &OrderPipelineStatus,
 ) -> Result<Action, Stop> {
-    // Plan (pure): the spec, checked against itself and the other pipelines.
-    let mut plan = plan::checked(p, &ctx.other_pipelines(), &ctx.footprints)?;
+    // Plan (pure): the spec, checked against itself.
+    let mut plan = plan::own(p)?;
     if let Some(why) = render::not_allowed(p, &ctx.allowlists) {
         return Err(NotReady::new(error::Cause::InvalidSpec, why).into());
     }
@@ -192,6 +192,11 @@ async fn steps(
     t.idempotency_scope = Some(format!("{}/{}", ctx.cluster_id, key_of(p)));
     // Dereference: the Secrets and the NATS connection.
     let world = dereference::world(p, ctx).await?;
+    // ... and against the other pipelines on the same NATS account (which the
+    // connection just told, see `Context::scope_of`).
+    plan::conflicts(p, &plan, &ctx.other_pipelines(), &ctx.footprints, &|q| {
+        ctx.scope_of(q)
+    })?;
     let (figures, removed) = jetstream_step(p, ctx, &world, &mut plan, old, hold_moved).await?;
     let observe = p.spec.management_policy == ManagementPolicy::Observe;
     // Dereference the live Deployment; plan the replicas and the workers' view.

@@ -27,19 +27,26 @@ pub fn replica_mode(p: &OrderPipeline) -> ReplicaMode {
         })
 }
 
-/// The pipeline's plan, its spec checked against itself and against the other
-/// pipelines (which must not share its NATS objects or subjects).
-pub(crate) fn checked(
+/// The pipeline's plan, its spec checked against itself.
+pub(crate) fn own(p: &OrderPipeline) -> Result<Plan, NotReady> {
+    render::plan(p).map_err(invalid)
+}
+
+/// The plan checked against the other pipelines, which must not share its
+/// NATS objects or subjects on the same NATS account (`scope_of`; where a
+/// side's account is not known, on the same URL).
+pub(crate) fn conflicts(
     p: &OrderPipeline,
+    plan: &Plan,
     others: &[Arc<OrderPipeline>],
     footprints: &render::Footprints,
-) -> Result<Plan, NotReady> {
-    render::plan(p)
-        .and_then(|plan| {
-            render::conflicts(p, &plan, others, footprints)?;
-            Ok(plan)
-        })
-        .map_err(|e| NotReady::new(Cause::InvalidSpec, format!("{e}; fix the spec")))
+    scope_of: &dyn Fn(&OrderPipeline) -> Option<String>,
+) -> Result<(), NotReady> {
+    render::conflicts(p, plan, others, footprints, scope_of).map_err(invalid)
+}
+
+fn invalid(e: render::InvalidSpec) -> NotReady {
+    NotReady::new(Cause::InvalidSpec, format!("{e}; fix the spec"))
 }
 
 /// Whether a difference found now is drift (made outside the operator): the
