@@ -71,6 +71,21 @@ async fn drained(js: &jetstream::Context, timeout: Duration) -> anyhow::Result<(
     .await
 }
 
+/// Waits until the dead-letter stream holds `n` letters: it sources them from
+/// the input stream's `deadlettered` outcomes asynchronously, so a drained
+/// consumer does not yet mean they have arrived.
+async fn dead_letters_arrived(js: &jetstream::Context, n: u64) -> anyhow::Result<()> {
+    wait_for(
+        &format!("{n} letters in ORDERS_DLQ"),
+        Duration::from_secs(30),
+        || async {
+            let mut dlq = js.get_stream("ORDERS_DLQ").await?;
+            Ok((dlq.info().await?.state.messages >= n).then_some(()))
+        },
+    )
+    .await
+}
+
 async fn publish_raw(js: &jetstream::Context, id: &str, payload: Vec<u8>) -> anyhow::Result<u64> {
     let mut h = async_nats::HeaderMap::new();
     h.insert("Nats-Msg-Id", id);
@@ -162,6 +177,7 @@ async fn every_outcome_path_is_taken_exactly_once() -> anyhow::Result<()> {
     .await?;
 
     drained(&js, Duration::from_secs(60)).await?;
+    dead_letters_arrived(&js, 4).await?;
     let a = audit(&js).await?;
     let mut invalid = report.invalid_ids.clone();
     invalid.push(too_long.clone());
@@ -239,6 +255,7 @@ async fn downstream_retries_then_succeeds_and_permanent_refusal_dead_letters() -
     let perm =
         ctl::publish_orders(&js, &publish_opts(&format!("perm-{}", random_suffix()), 2)).await?;
     drained(&js, Duration::from_secs(60)).await?;
+    dead_letters_arrived(&js, 2).await?;
 
     let a = audit(&js).await?;
     a.assert_exactly_once(&report.valid_ids, &[])?;
@@ -290,6 +307,7 @@ async fn exhausted_orders_dead_letter_on_the_last_delivery_and_replay_once() -> 
     let report =
         ctl::publish_orders(&js, &publish_opts(&format!("x{}", random_suffix()), 4)).await?;
     drained(&js, Duration::from_secs(60)).await?;
+    dead_letters_arrived(&js, 4).await?;
     let a = audit(&js).await?;
     assert_eq!(a.dead_letter_count(), 4);
     for letters in a.dead_letters.values() {
