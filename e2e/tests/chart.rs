@@ -250,6 +250,32 @@ fn values_set_what_they_say() -> anyhow::Result<()> {
     );
     assert!(!o.contains_key("PodDisruptionBudget/order-operator"));
     assert!(!o.contains_key("NetworkPolicy/order-operator"));
+    // One watched namespace: Secrets, Deployments and pipelines are granted in
+    // it only (a Role); cluster-wide, only the read of kube-system's identity.
+    let grants = |o: &Value, resource: &str| {
+        o["rules"].as_sequence().is_some_and(|rules| {
+            rules.iter().any(|r| {
+                r["resources"]
+                    .as_sequence()
+                    .is_some_and(|rs| rs.iter().any(|x| x.as_str() == Some(resource)))
+            })
+        })
+    };
+    let role = &o["Role/order-operator"];
+    assert_eq!(role["metadata"]["namespace"].as_str(), Some("shop"));
+    for r in ["secrets", "deployments", "orderpipelines", "events"] {
+        assert!(grants(role, r), "the Role in shop grants {r}");
+    }
+    for (key, v) in o.iter().filter(|(k, _)| k.starts_with("ClusterRole/")) {
+        for r in ["secrets", "deployments", "orderpipelines"] {
+            assert!(!grants(v, r), "{key} grants {r} cluster-wide");
+        }
+    }
+    assert!(o.contains_key("ClusterRole/order-operator-cluster-id"));
+    assert_eq!(
+        o["RoleBinding/order-operator"]["metadata"]["namespace"].as_str(),
+        Some("shop")
+    );
     assert!(!o.contains_key("Service/order-operator-metrics"));
     assert!(o.contains_key("ServiceMonitor/order-operator"));
     assert!(o.contains_key("PodMonitor/order-workers"));
