@@ -122,6 +122,11 @@ impl NatsAuth {
     }
 }
 
+/// The servers of a NATS URL: comma separated for a cluster, blanks ignored.
+pub fn servers(url: &str) -> impl Iterator<Item = &str> {
+    url.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
 /// Connects to `url` (comma-separated for a cluster). The first connection
 /// attempt must succeed, so a wrong URL or credential is reported at once; after
 /// that the client reconnects forever.
@@ -136,11 +141,7 @@ pub async fn connect(
         .name(name)
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(None);
-    let servers: Vec<&str> = url
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
+    let servers: Vec<&str> = servers(url).collect();
     if servers.is_empty() {
         return Err(NatsConnectError::Options(
             "the NATS URL is empty; set it like nats://127.0.0.1:4222".into(),

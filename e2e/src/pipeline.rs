@@ -341,6 +341,20 @@ pub async fn http_get(url: &str) -> Option<(u16, String)> {
 
 pub use orderpipeline_ctl::audit::Audit;
 
+/// Waits until `stream` holds at least `n` messages.
+pub async fn wait_stream_holds(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    n: u64,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    wait_for(&format!("{n} messages in {stream}"), timeout, || async {
+        let mut s = js.get_stream(stream).await?;
+        Ok((s.info().await?.state.messages >= n).then_some(()))
+    })
+    .await
+}
+
 /// Waits until the dead-letter stream `dlq` holds no letter (replays remove
 /// theirs once their outcome exists).
 pub async fn wait_dlq_empty(

@@ -104,15 +104,7 @@ async fn drained(js: &jetstream::Context, within: Duration) -> anyhow::Result<()
 
 /// Waits until the input stream holds at least `n` orders: "mid-run".
 async fn stored(js: &jetstream::Context, n: u64) -> anyhow::Result<()> {
-    wait_for(
-        &format!("{n} orders stored"),
-        Duration::from_secs(60),
-        || async {
-            let mut s = js.get_stream("ORDERS").await?;
-            Ok((s.info().await?.state.messages >= n).then_some(()))
-        },
-    )
-    .await
+    orderpipeline_e2e::pipeline::wait_stream_holds(js, "ORDERS", n, Duration::from_secs(60)).await
 }
 
 /// Reads every outcome back, retrying while a recovering cluster times out.

@@ -1307,9 +1307,7 @@ async fn pipelines_in_two_nats_accounts_do_not_squat_each_other() -> anyhow::Res
     wait_ready(&s, "orders-b", "True", None).await?;
     s.api.create(&PostParams::default(), &twin).await?;
     let t = wait_ready(&s, "twin-a", "False", Some("InvalidSpec")).await?;
-    let msg = condition(&t, "Ready")
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let msg = &condition(&t, "Ready").context("Ready")?.message;
     assert!(
         msg.contains(&format!(
             "stream ORDERS belongs to pipeline {}/orders-a",

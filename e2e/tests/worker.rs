@@ -10,6 +10,7 @@ use orderpipeline_common::topology::Topology;
 use orderpipeline_ctl::{self as ctl, PublishOptions};
 use orderpipeline_e2e::pipeline::{
     Audit, DownstreamStub, StubBehaviour, WorkerProcess, binary, http_get, wait_dlq_empty,
+    wait_stream_holds,
 };
 use orderpipeline_e2e::{NatsServer, env_var, random_suffix, wait_for};
 use orderpipeline_proto::{ErrorClass, Message as _};
@@ -75,15 +76,7 @@ async fn drained(js: &jetstream::Context, timeout: Duration) -> anyhow::Result<(
 /// the input stream's `deadlettered` outcomes asynchronously, so a drained
 /// consumer does not yet mean they have arrived.
 async fn dead_letters_arrived(js: &jetstream::Context, n: u64) -> anyhow::Result<()> {
-    wait_for(
-        &format!("{n} letters in ORDERS_DLQ"),
-        Duration::from_secs(30),
-        || async {
-            let mut dlq = js.get_stream("ORDERS_DLQ").await?;
-            Ok((dlq.info().await?.state.messages >= n).then_some(()))
-        },
-    )
-    .await
+    wait_stream_holds(js, "ORDERS_DLQ", n, Duration::from_secs(30)).await
 }
 
 async fn publish_raw(js: &jetstream::Context, id: &str, payload: Vec<u8>) -> anyhow::Result<u64> {

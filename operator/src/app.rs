@@ -150,16 +150,7 @@ fn context(
     ctx.cluster_id = cluster;
     ctx.nats_bytes_per_subject = args.nats_bytes_per_subject;
     ctx.allow_plaintext_credentials = args.allow_plaintext_credentials;
-    let listed = |v: &[String]| -> Vec<String> {
-        v.iter()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect()
-    };
-    ctx.allowlists = crate::render::Allowlists {
-        images: listed(&args.allowed_images),
-        nats_hosts: listed(&args.allowed_nats_hosts),
-    };
+    ctx.allowlists = crate::render::Allowlists::new(&args.allowed_images, &args.allowed_nats_hosts);
     Arc::new(ctx)
 }
 

@@ -455,21 +455,37 @@ pub fn conflicts(
 pub struct Allowlists {
     /// Prefixes a `spec.workers.image` must start with (`ALLOWED_IMAGES`).
     pub images: Vec<String>,
-    /// NATS hosts: a name, or `*.suffix` for every name under it (`ALLOWED_NATS_HOSTS`).
+    /// NATS hosts, lowercase: a name, or `*.suffix` for every name under it
+    /// (`ALLOWED_NATS_HOSTS`).
     pub nats_hosts: Vec<String>,
 }
 
-/// The host of one NATS URL (`nats://user:pw@host:4222` -> `host`, `[::1]:4222` -> `::1`).
+impl Allowlists {
+    /// The lists as given on the command line: entries trimmed, blanks
+    /// dropped, hosts lowercased (once, not on every check).
+    pub fn new(images: &[String], nats_hosts: &[String]) -> Self {
+        let listed = |v: &[String]| -> Vec<String> {
+            v.iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        };
+        let mut nats_hosts = listed(nats_hosts);
+        nats_hosts.iter_mut().for_each(|h| h.make_ascii_lowercase());
+        Self {
+            images: listed(images),
+            nats_hosts,
+        }
+    }
+}
+
+/// The host of one NATS URL (`nats://user:pw@host:4222` -> `host`, `[::1]:4222`
+/// -> `::1`), as the client parses it; lowercase.
 fn url_host(url: &str) -> String {
-    let rest = url.trim();
-    let rest = rest.split_once("://").map_or(rest, |(_, r)| r);
-    let rest = rest.split(['/', '?']).next().unwrap_or_default();
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-    let host = match rest.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => rest.split(':').next().unwrap_or_default(),
-    };
-    host.to_ascii_lowercase()
+    let url = url.trim();
+    url.parse::<async_nats::ServerAddr>()
+        .map_or_else(|_| url.to_string(), |a| a.host().to_string())
+        .to_ascii_lowercase()
 }
 
 /// Why the spec uses what `allow` does not permit, naming the field, the
@@ -488,19 +504,12 @@ pub fn not_allowed(p: &OrderPipeline, allow: &Allowlists) -> Option<String> {
         return None;
     }
     let allowed = |host: &str| {
-        allow.nats_hosts.iter().any(|a| {
-            let a = a.trim().to_ascii_lowercase();
-            match a.strip_prefix("*.") {
-                Some(suffix) => host.ends_with(&format!(".{suffix}")),
-                None => host == a,
-            }
+        allow.nats_hosts.iter().any(|a| match a.strip_prefix("*.") {
+            Some(suffix) => host.strip_suffix(suffix).is_some_and(|h| h.ends_with('.')),
+            None => host == a,
         })
     };
-    let refused = p
-        .spec
-        .nats
-        .url
-        .split(',')
+    let refused = orderpipeline_common::nats::servers(&p.spec.nats.url)
         .map(url_host)
         .find(|h| !allowed(h))?;
     Some(format!(
@@ -518,10 +527,7 @@ pub fn credentials_in_clear(p: &OrderPipeline) -> Option<String> {
     if n.tls_secret_ref.is_some() {
         return None;
     }
-    let plain = n
-        .url
-        .split(',')
-        .map(str::trim)
+    let plain = orderpipeline_common::nats::servers(&n.url)
         .find(|u| !(u.starts_with("tls://") || u.starts_with("wss://")))?;
     Some(format!(
         "spec.nats.credentialsSecretRef ({secret}) would send credentials in clear text to {plain}: use a tls:// URL or set spec.nats.tlsSecretRef; where the network is trusted, the operator's --allow-plaintext-credentials (chart value allowPlaintextCredentials) permits it"

@@ -39,9 +39,6 @@ pub struct Context {
     pub(crate) pipelines: std::sync::OnceLock<kube::runtime::reflector::Store<OrderPipeline>>,
     /// Their footprints for that check, rendered once per spec.
     pub(crate) footprints: crate::render::Footprints,
-    /// The NATS account of each pipeline's connection, as last seen (that
-    /// check compares accounts).
-    pub(crate) scopes: std::sync::Mutex<HashMap<String, String>>,
     /// Where a removed stream or consumer asks for its pipeline's reconcile.
     pub(crate) removals: std::sync::OnceLock<
         tokio::sync::mpsc::UnboundedSender<kube::runtime::reflector::ObjectRef<OrderPipeline>>,
@@ -117,7 +114,6 @@ impl Context {
             nats: Mutex::new(NatsPool::default()),
             pipelines: std::sync::OnceLock::new(),
             footprints: Default::default(),
-            scopes: Default::default(),
             deployments: std::sync::OnceLock::new(),
             removals: std::sync::OnceLock::new(),
             applied: Default::default(),
@@ -309,22 +305,6 @@ impl Context {
         });
     }
 
-    /// The NATS account (server and account) pipeline `p` was last seen
-    /// connected to, if its server said.
-    pub(crate) fn scope_of(&self, p: &OrderPipeline) -> Option<String> {
-        self.scopes.lock().unwrap().get(&key_of(p)).cloned()
-    }
-
-    /// Notes which account `p`'s connection `conn_key` is in.
-    pub(crate) async fn note_scope(&self, p: &OrderPipeline, conn_key: &str) {
-        let scope = self.nats.lock().await.scopes.get(conn_key).cloned();
-        let mut all = self.scopes.lock().unwrap();
-        match scope {
-            Some(s) => all.insert(key_of(p), s),
-            None => all.remove(&key_of(p)),
-        };
-    }
-
     /// Every pipeline the controller knows (for the conflict check).
     pub(crate) fn other_pipelines(&self) -> Vec<Arc<OrderPipeline>> {
         self.pipelines.get().map(|s| s.state()).unwrap_or_default()
@@ -344,7 +324,6 @@ impl Context {
     /// it, and what was applied for it is forgotten.
     pub(crate) async fn release_nats(&self, pipeline: &str) {
         self.applied.lock().unwrap().remove(pipeline);
-        self.scopes.lock().unwrap().remove(pipeline);
         self.statuses.lock().unwrap().remove(pipeline);
         self.retention.lock().unwrap().remove(pipeline);
         let mut pool = self.nats.lock().await;
@@ -372,12 +351,19 @@ impl NatsPool {
             && !self.users.values().any(|v| *v == k)
         {
             self.close(&k);
+            self.scopes.remove(&k);
         }
+    }
+
+    /// The NATS account (server and account) of the connection pipeline `p`
+    /// last used, if its server said (the conflict check compares accounts).
+    /// Kept while a failed connection is reopened.
+    pub(crate) fn scope_of(&self, p: &OrderPipeline) -> Option<String> {
+        self.scopes.get(self.users.get(&key_of(p))?).cloned()
     }
 
     fn close(&mut self, conn_key: &str) {
         self.conns.remove(conn_key);
-        self.scopes.remove(conn_key);
         if let Some(l) = self.listeners.remove(conn_key) {
             l.abort();
         }
@@ -513,13 +499,12 @@ fn listen_for_removals(
             let lost = terminated_for(m.subject.as_str(), &m.payload, &pipelines.state());
             for p in &lost {
                 tracing::warn!(pipeline = %p, subject = %m.subject, "an input was removed from the stream before it was processed");
-                let key = format!("{}/{}", p.namespace.as_deref().unwrap_or_default(), p.name);
+                let key = key_of_ref(p);
                 retention.lock().unwrap().entry(key).or_default().terminated += 1;
             }
             for p in lost.into_iter().chain(removed_for(m.subject.as_str(), &pipelines.state())) {
                 tracing::info!(pipeline = %p, subject = %m.subject, "a JetStream object of the pipeline was removed; reconciling");
-                let key = format!("{}/{}", p.namespace.as_deref().unwrap_or_default(), p.name);
-                note_removal(&retention, key);
+                note_removal(&retention, key_of_ref(&p));
                 if triggers.send(p).is_err() {
                     return;
                 }

@@ -62,7 +62,6 @@ pub(crate) async fn world(p: &OrderPipeline, ctx: &Context) -> Result<World, Not
     let connection = connection_key(&p.spec.nats.url, &secrets);
     write_tls_files(&tls_dir(&connection), &files, &mut auth)?;
     let js = ctx.jetstream(p, &auth, &connection).await?;
-    ctx.note_scope(p, &connection).await;
     Ok(World {
         secrets,
         js,

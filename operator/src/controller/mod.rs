@@ -52,6 +52,11 @@ pub(crate) fn key_of(p: &OrderPipeline) -> String {
     format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any())
 }
 
+/// [`key_of`] for a reference to a pipeline.
+pub(crate) fn key_of_ref(r: &kube::runtime::reflector::ObjectRef<OrderPipeline>) -> String {
+    format!("{}/{}", r.namespace.as_deref().unwrap_or_default(), r.name)
+}
+
 /// `d` shortened by up to 10 %, at random: reconciles of many pipelines spread
 /// out, and none waits longer than the interval it was given (a stream removed
 /// behind the operator's back is back within one resync).
@@ -192,11 +197,12 @@ async fn steps(
     t.idempotency_scope = Some(format!("{}/{}", ctx.cluster_id, key_of(p)));
     // Dereference: the Secrets and the NATS connection.
     let world = dereference::world(p, ctx).await?;
-    // ... and against the other pipelines on the same NATS account (which the
-    // connection just told, see `Context::scope_of`).
-    plan::conflicts(p, &plan, &ctx.other_pipelines(), &ctx.footprints, &|q| {
-        ctx.scope_of(q)
-    })?;
+    // ... and against the other pipelines on the same NATS account (which
+    // each connection told, see `NatsPool::scope_of`).
+    let others = ctx.other_pipelines();
+    let pool = ctx.nats.lock().await;
+    plan::conflicts(p, &plan, &others, &ctx.footprints, &|q| pool.scope_of(q))?;
+    drop(pool);
     let (figures, removed) = jetstream_step(p, ctx, &world, &mut plan, old, hold_moved).await?;
     let observe = p.spec.management_policy == ManagementPolicy::Observe;
     // Dereference the live Deployment; plan the replicas and the workers' view.

@@ -240,13 +240,17 @@ impl Harness {
         self.api.objects.lock().unwrap()[PIPELINE]["status"].clone()
     }
 
-    fn ready(&self) -> (String, String) {
-        let s = self.status();
-        let c = s["conditions"]
+    /// The status's Ready condition (`Null` while there is none).
+    fn ready_condition(&self) -> Value {
+        self.status()["conditions"]
             .as_array()
             .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
             .cloned()
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    fn ready(&self) -> (String, String) {
+        let c = self.ready_condition();
         (
             c["status"].as_str().unwrap_or_default().into(),
             c["reason"].as_str().unwrap_or_default().into(),
@@ -392,11 +396,10 @@ async fn credentials_go_to_nats_only_over_tls_and_never_a_service_account_token(
         h
     };
     let message = |h: &Harness| {
-        h.status()["conditions"]
-            .as_array()
-            .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
-            .map(|c| c["message"].as_str().unwrap_or_default().to_string())
+        h.ready_condition()["message"]
+            .as_str()
             .unwrap_or_default()
+            .to_string()
     };
     // Clear text, not allowed: refused before any connection.
     let h = with_secret("Opaque", false);
