@@ -7,6 +7,7 @@
 # out of it. The control plane, NATS and Jaeger stay on the host's 127.0.0.1;
 # hack/node-proxy.py is the only bridge between the two:
 #   Pods and the kubelet -> 10.88.0.1:{6443,4222,4317,4318} -> the host's 127.0.0.1
+#   (and 4223 -> nats-op with --nats-operator-mode)
 #   Pods -> 10.96.0.1:443 (the `kubernetes` Service) -> DNAT to 10.88.0.1:6443
 #   API server -> kubelet and Pods (logs, exec, port-forward) -> its egress selector
 #   -> a CONNECT proxy on a unix socket -> dialled from inside the namespace.
@@ -87,9 +88,13 @@ node_netns_up() {
 }
 
 start_node_proxy() {
+  # Up twice: a running proxy already wrote its ready file.
+  running node-proxy && [ -f "$STATE/node-proxy.ready" ] && return 0
   rm -f "$STATE/node-proxy.ready"
+  local op=()
+  [ "${NATS_OP:-0}" = 1 ] && op=(--forward "4223=$NATS_OP_PORT")
   spawn node-proxy python3 "$here/node-proxy.py" --netns "/run/netns/$NODE_NETNS" \
-    --forward "6443=$APISERVER_PORT" --forward "4222=$NATS_PORT" \
+    --forward "6443=$APISERVER_PORT" --forward "4222=$NATS_PORT" "${op[@]}" \
     --forward "4317=$OTLP_GRPC_PORT" --forward "4318=$OTLP_HTTP_PORT" \
     --egress "$STATE/node-egress.sock" --ready-file "$STATE/node-proxy.ready"
   wait_for "node-proxy" 30 test -f "$STATE/node-proxy.ready"

@@ -35,6 +35,10 @@ pub struct NatsArgs {
     /// Client key (PEM) for mutual TLS (with NATS_TLS_CERT_FILE).
     #[arg(long, env = "NATS_TLS_KEY_FILE")]
     pub nats_tls_key_file: Option<PathBuf>,
+    /// The prefix of reply subjects (default `_INBOX`); an identity minted by
+    /// the operator may subscribe only to its own (`_INBOX_<pipeline uid>`).
+    #[arg(long, env = "NATS_INBOX_PREFIX")]
+    pub nats_inbox_prefix: Option<String>,
 }
 
 impl NatsArgs {
@@ -55,6 +59,8 @@ impl NatsArgs {
             tls_ca: self.nats_tls_ca_file.clone(),
             tls_cert: self.nats_tls_cert_file.clone(),
             tls_key: self.nats_tls_key_file.clone(),
+            inbox_prefix: self.nats_inbox_prefix.clone(),
+            signer: None,
         })
     }
 }

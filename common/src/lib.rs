@@ -1,12 +1,13 @@
 //! Code that the operator and the worker share, so it lives once:
 //! telemetry setup and W3C trace context in NATS headers, NATS connection
-//! options and flags, names and subjects of the
+//! options and flags, minted NATS identities (operator mode), names and subjects of the
 //! pipeline's JetStream objects, and the topology (stream, DLQ, KV, consumer).
 
 pub mod duration;
 pub mod flags;
 pub mod names;
 pub mod nats;
+pub mod natsauth;
 pub mod signal;
 pub mod telemetry;
 pub mod topology;

@@ -20,6 +20,12 @@ pub struct NatsAuth {
     pub tls_ca: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// The prefix of the client's reply subjects (`_INBOX` when unset); a
+    /// minted identity may subscribe only to its own.
+    pub inbox_prefix: Option<String>,
+    /// Mint an identity of this account on every connect (the operator's own
+    /// connection for pipelines with minted identities).
+    pub signer: Option<std::sync::Arc<crate::natsauth::AccountSigner>>,
 }
 
 /// Why a NATS connection could not be made, in words that say what to do.
@@ -57,7 +63,7 @@ impl NatsAuth {
     /// Builds connect options; fails when the auth settings contradict each other.
     pub async fn options(&self) -> Result<ConnectOptions, NatsConnectError> {
         let methods = [
-            self.creds_file.is_some() || self.creds.is_some(),
+            self.creds_file.is_some() || self.creds.is_some() || self.signer.is_some(),
             self.user.is_some() || self.password.is_some(),
             self.token.is_some(),
             self.nkey_seed.is_some(),
@@ -70,14 +76,13 @@ impl NatsAuth {
                 "more than one of creds file, user/password, token and nkey seed is set; set only one".into(),
             ));
         }
-        let mut opts = ConnectOptions::new();
-        if let Some(path) = &self.creds_file {
-            opts = opts.credentials_file(path).await.map_err(|e| {
-                NatsConnectError::Options(format!(
-                    "cannot read the NATS creds file {}: {e}",
-                    path.display()
-                ))
-            })?;
+        let mut opts = match (&self.creds_file, &self.signer) {
+            (Some(path), _) => renewing_creds(path)?,
+            (None, Some(signer)) => minting(signer.clone()),
+            (None, None) => ConnectOptions::new(),
+        };
+        if let Some(prefix) = &self.inbox_prefix {
+            opts = opts.custom_inbox_prefix(prefix);
         }
         if let Some(c) = &self.creds {
             opts = opts.credentials(c).map_err(|e| {
@@ -122,6 +127,50 @@ impl NatsAuth {
     }
 }
 
+/// Options that authenticate with the creds file at `path`: read now, so a
+/// missing or broken file is reported at once, and again on every
+/// (re)connect, so credentials renewed in place (a minted identity's Secret,
+/// updated by the kubelet) are used without a restart.
+fn renewing_creds(path: &std::path::Path) -> Result<ConnectOptions, NatsConnectError> {
+    crate::natsauth::sign_with_creds_file(path, b"check").map_err(|e| {
+        NatsConnectError::Options(format!(
+            "the NATS creds file (NATS_CREDS_FILE): {e}; point it at a creds file (JWT and nkey seed) as nsc or the operator writes it"
+        ))
+    })?;
+    let path = path.to_path_buf();
+    Ok(signing(move |nonce| {
+        crate::natsauth::sign_with_creds_file(&path, nonce)
+    }))
+}
+
+/// Options that authenticate as a user of the signer's account minted afresh
+/// for every (re)connect.
+fn minting(signer: std::sync::Arc<crate::natsauth::AccountSigner>) -> ConnectOptions {
+    signing(move |nonce| {
+        let minted = signer.mint("order-operator", &crate::natsauth::Permissions::default())?;
+        crate::natsauth::sign_with_creds(&minted.creds, nonce)
+    })
+}
+
+/// Options whose every (re)connect presents the JWT and nonce signature `sign`
+/// gives then.
+fn signing<F>(sign: F) -> ConnectOptions
+where
+    F: Fn(&[u8]) -> Result<(String, Vec<u8>), crate::natsauth::AuthError> + Send + Sync + 'static,
+{
+    let sign = std::sync::Arc::new(sign);
+    ConnectOptions::with_auth_callback(move |nonce| {
+        let sign = sign.clone();
+        async move {
+            let (jwt, sig) = sign(&nonce).map_err(|e| async_nats::AuthError::new(e.to_string()))?;
+            let mut auth = async_nats::Auth::new();
+            auth.jwt = Some(jwt);
+            auth.signature = Some(sig);
+            Ok(auth)
+        }
+    })
+}
+
 /// The servers of a NATS URL: comma separated for a cluster, blanks ignored.
 pub fn servers(url: &str) -> impl Iterator<Item = &str> {
     url.split(',').map(str::trim).filter(|s| !s.is_empty())
@@ -140,7 +189,8 @@ pub async fn connect(
         .await?
         .name(name)
         .connection_timeout(Duration::from_secs(5))
-        .max_reconnects(None);
+        .max_reconnects(None)
+        .event_callback(|e| async move { log_event(e) });
     let servers: Vec<&str> = servers(url).collect();
     if servers.is_empty() {
         return Err(NatsConnectError::Options(
@@ -157,6 +207,24 @@ pub async fn connect(
             ))
         })?;
     opts.connect(addrs).await.map_err(|e| classify(url, &e))
+}
+
+/// Logs what happens to a connection after it was made: a lost connection
+/// (the server restarting, a minted JWT expiring), the server's errors (a
+/// permissions violation names the subject), a slow consumer.
+fn log_event(e: async_nats::Event) {
+    use async_nats::Event;
+    match e {
+        Event::Connected => tracing::info!("NATS connection established"),
+        Event::Disconnected => tracing::warn!("NATS connection lost; reconnecting"),
+        Event::ServerError(err) => tracing::warn!(error = %err, "NATS server error"),
+        Event::ClientError(err) => tracing::warn!(error = %err, "NATS client error"),
+        Event::SlowConsumer(sid) => {
+            tracing::warn!(subscription = sid, "NATS slow consumer: messages dropped")
+        }
+        Event::LameDuckMode => tracing::info!("NATS server entering lame duck mode"),
+        Event::Draining | Event::Closed => {}
+    }
 }
 
 fn classify(url: &str, e: &async_nats::ConnectError) -> NatsConnectError {

@@ -163,6 +163,7 @@ fn nats_credentials_from_env() -> (NatsArgs, Given) {
             nats_tls_ca_file: None,
             nats_tls_cert_file: None,
             nats_tls_key_file: None,
+            nats_inbox_prefix: None,
         };
         (nats, Given::default())
     })

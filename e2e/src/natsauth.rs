@@ -3,12 +3,11 @@
 //! them, and the user's `.creds` file. (nsc is not available from the module
 //! proxy here, so the JWTs are minted the way nats-io/jwt encodes them.)
 
-use base64::Engine as _;
-use nkeys::KeyPair;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-fn b64(data: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
-}
+use nkeys::KeyPair;
+use orderpipeline_common::natsauth::{self, Permissions};
 
 fn jwt(
     issuer: &KeyPair,
@@ -16,24 +15,7 @@ fn jwt(
     name: &str,
     nats: serde_json::Value,
 ) -> anyhow::Result<String> {
-    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
-    let iat = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    let claims = serde_json::json!({
-        "jti": format!("{:X}", iat ^ 0x5eed),
-        "iat": iat,
-        "iss": issuer.public_key(),
-        "name": name,
-        "sub": subject,
-        "nats": nats,
-    });
-    let payload = b64(serde_json::to_string(&claims)?.as_bytes());
-    let signing_input = format!("{header}.{payload}");
-    let sig = issuer
-        .sign(signing_input.as_bytes())
-        .map_err(|e| anyhow::anyhow!("signing a JWT: {e}"))?;
-    Ok(format!("{signing_input}.{}", b64(&sig)))
+    Ok(natsauth::encode_jwt(issuer, subject, name, nats, None)?)
 }
 
 /// What a test needs for creds-file auth.
@@ -44,57 +26,187 @@ pub struct Decentralized {
     pub creds: String,
 }
 
-pub fn mint() -> anyhow::Result<Decentralized> {
-    let operator = KeyPair::new_operator();
-    let account = KeyPair::new_account();
-    let user = KeyPair::new_user();
+/// An operator-mode server's configuration with one account (JetStream
+/// enabled) that has an unscoped signing key, as the operator's minted
+/// identities need it.
+pub struct OperatorMode {
+    pub server_config: String,
+    /// The account's public key (`A...`).
+    pub account: String,
+    /// The account's signing key.
+    pub signing_key: KeyPair,
+    /// A user of the account without restrictions (for setting up streams).
+    pub admin_creds: String,
+}
+
+fn account_limits() -> serde_json::Value {
+    serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+        "max_ack_pending": -1, "mem_max_stream_bytes": 0, "disk_max_stream_bytes": 0, "max_bytes_required": false
+    })
+}
+
+/// The operator, the system account and `accounts` (public key, JWT) as
+/// server configuration lines with a MEMORY resolver.
+fn server_config(operator: &KeyPair, accounts: &[(String, String)]) -> anyhow::Result<String> {
     // JetStream in operator mode needs a system account.
     let system = KeyPair::new_account();
     let sys_jwt = jwt(
-        &operator,
+        operator,
         &system.public_key(),
         "SYS",
         serde_json::json!({"type": "account", "version": 2, "limits": {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true, "conn": -1, "leaf": -1}}),
     )?;
     let op_jwt = jwt(
-        &operator,
+        operator,
         &operator.public_key(),
         "test-operator",
         serde_json::json!({"type": "operator", "version": 2}),
     )?;
-    let acct_jwt = jwt(
-        &operator,
+    let preload: String = accounts
+        .iter()
+        .map(|(k, j)| format!("  {k}: {j}\n"))
+        .collect();
+    Ok(format!(
+        "operator: {op_jwt}\nsystem_account: {sys}\nresolver: MEMORY\nresolver_preload: {{\n{preload}  {sys}: {sys_jwt}\n}}\n",
+        sys = system.public_key(),
+    ))
+}
+
+/// An account's JWT with JetStream, issued by `operator`, with the unscoped
+/// `signing_keys`.
+fn account_jwt(
+    operator: &KeyPair,
+    account: &KeyPair,
+    name: &str,
+    signing_keys: &[String],
+) -> anyhow::Result<String> {
+    jwt(
+        operator,
         &account.public_key(),
-        "orders",
+        name,
         serde_json::json!({
             "type": "account", "version": 2,
-            "limits": {
-                "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
-                "wildcards": true, "conn": -1, "leaf": -1,
-                "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
-                "max_ack_pending": -1, "mem_max_stream_bytes": 0, "disk_max_stream_bytes": 0, "max_bytes_required": false
-            }
+            "signing_keys": signing_keys,
+            "limits": account_limits(),
         }),
-    )?;
-    let user_jwt = jwt(
+    )
+}
+
+pub fn mint() -> anyhow::Result<Decentralized> {
+    let operator = KeyPair::new_operator();
+    let account = KeyPair::new_account();
+    let acct_jwt = account_jwt(&operator, &account, "orders", &[])?;
+    let user = natsauth::mint_user(
         &account,
-        &user.public_key(),
+        &account.public_key(),
         "worker",
-        serde_json::json!({"type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}),
+        &Permissions::default(),
+        None,
     )?;
-    let seed = user.seed().map_err(|e| anyhow::anyhow!("user seed: {e}"))?;
-    let creds = format!(
-        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n************************* IMPORTANT *************************\nNKEY Seed printed below can be used to sign and prove identity.\nNKEYs are sensitive and should be treated as secrets.\n\n-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n\n*************************************************************\n"
-    );
-    let server_config = format!(
-        "operator: {op_jwt}\nsystem_account: {sys}\nresolver: MEMORY\nresolver_preload: {{\n  {}: {acct_jwt}\n  {sys}: {sys_jwt}\n}}\n",
-        account.public_key(),
-        sys = system.public_key(),
-    );
     Ok(Decentralized {
-        server_config,
-        creds,
+        server_config: server_config(&operator, &[(account.public_key(), acct_jwt)])?,
+        creds: user.creds,
     })
+}
+
+/// An operator-mode configuration whose account has a signing key.
+pub fn operator_mode() -> anyhow::Result<OperatorMode> {
+    let operator = KeyPair::new_operator();
+    let account = KeyPair::new_account();
+    let signing_key = KeyPair::new_account();
+    let acct_jwt = account_jwt(&operator, &account, "tenants", &[signing_key.public_key()])?;
+    let admin = natsauth::mint_user(
+        &signing_key,
+        &account.public_key(),
+        "admin",
+        &Permissions::default(),
+        None,
+    )?;
+    Ok(OperatorMode {
+        server_config: server_config(&operator, &[(account.public_key(), acct_jwt)])?,
+        account: account.public_key(),
+        signing_key,
+        admin_creds: admin.creds,
+    })
+}
+
+/// JetStream as the user of `creds`, replies on `inbox` when given (a minted
+/// identity may subscribe only to its own inbox).
+pub async fn jetstream_as(
+    url: &str,
+    creds: &str,
+    inbox: Option<&str>,
+) -> anyhow::Result<async_nats::jetstream::Context> {
+    let mut opts = async_nats::ConnectOptions::with_credentials(creds)?;
+    if let Some(inbox) = inbox {
+        opts = opts.custom_inbox_prefix(inbox);
+    }
+    Ok(async_nats::jetstream::new(opts.connect(url).await?))
+}
+
+/// A client on a minted identity that records the server's errors.
+pub struct Probe {
+    pub client: async_nats::Client,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+pub async fn probe(url: &str, creds: &str, inbox: &str) -> anyhow::Result<Probe> {
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = errors.clone();
+    let client = async_nats::ConnectOptions::with_credentials(creds)?
+        .custom_inbox_prefix(inbox)
+        .event_callback(move |e| {
+            let seen = seen.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = e {
+                    seen.lock().unwrap().push(e.to_string());
+                }
+            }
+        })
+        .connect(url)
+        .await?;
+    Ok(Probe { client, errors })
+}
+
+impl Probe {
+    /// Waits for the server's permissions violation naming `what` and `subject`.
+    async fn violation(&self, what: &str, subject: &str) -> anyhow::Result<()> {
+        let want = format!("Permissions Violation for {what} to \"{subject}\"");
+        crate::wait_for(&want, Duration::from_secs(5), || async {
+            let e = self.errors.lock().unwrap();
+            Ok(e.iter().any(|e| e.contains(&want)).then_some(()))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; server errors: {:?}", self.errors.lock().unwrap()))
+    }
+
+    pub async fn publish_denied(&self, subject: &str) -> anyhow::Result<()> {
+        self.client.publish(subject.to_string(), "x".into()).await?;
+        self.client.flush().await?;
+        self.violation("Publish", subject).await
+    }
+
+    pub async fn subscribe_denied(&self, subject: &str) -> anyhow::Result<()> {
+        let _sub = self.client.subscribe(subject.to_string()).await?;
+        self.client.flush().await?;
+        self.violation("Subscription", subject).await
+    }
+
+    pub async fn publish_allowed(&self, subject: &str) -> anyhow::Result<()> {
+        self.client.publish(subject.to_string(), "x".into()).await?;
+        self.client.flush().await?;
+        // A round trip after it: a violation would have arrived before.
+        self.client.flush().await?;
+        let e = self.errors.lock().unwrap();
+        anyhow::ensure!(
+            !e.iter().any(|e| e.contains(&format!("\"{subject}\""))),
+            "publish to {subject} denied: {e:?}"
+        );
+        Ok(())
+    }
 }
 
 /// A user nkey pair: (seed, public key).

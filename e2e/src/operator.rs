@@ -115,8 +115,18 @@ pub struct OperatorProcess {
 impl OperatorProcess {
     /// Runs the operator for `namespace` as its ServiceAccount.
     pub async fn spawn(namespace: &str, resync: &str) -> anyhow::Result<Self> {
+        Self::spawn_env(namespace, resync, &[]).await
+    }
+
+    /// [`Self::spawn`] with more environment variables (flags).
+    pub async fn spawn_env(
+        namespace: &str,
+        resync: &str,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let kubeconfig = service_account_kubeconfig()?;
-        let mut p = Self::spawn_with(namespace, resync, &kubeconfig).await?;
+        let mut p =
+            Self::spawn_full(namespace, resync, &kubeconfig, "order-operator-test", env).await?;
         p.own_kubeconfig = Some(kubeconfig);
         Ok(p)
     }
@@ -136,6 +146,16 @@ impl OperatorProcess {
         kubeconfig: &Path,
         pod: &str,
     ) -> anyhow::Result<Self> {
+        Self::spawn_full(namespace, resync, kubeconfig, pod, &[]).await
+    }
+
+    async fn spawn_full(
+        namespace: &str,
+        resync: &str,
+        kubeconfig: &Path,
+        pod: &str,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let http_port = free_port()?;
         let log = std::env::temp_dir().join(format!("order-operator-{}.log", random_suffix()));
         let file = std::fs::File::create(&log)?;
@@ -150,6 +170,7 @@ impl OperatorProcess {
             .env("ALLOW_PLAINTEXT_CREDENTIALS", "true")
             .env("RUST_LOG", "info,kube=warn,async_nats=warn")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(std::process::Stdio::null())
             .stderr(file)
             .kill_on_drop(true)

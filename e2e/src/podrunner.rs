@@ -169,7 +169,10 @@ async fn write_volumes(
         let local = dir.join(&v.name);
         std::fs::create_dir_all(&local)?;
         for (k, b) in s.data.iter().flatten() {
-            std::fs::write(local.join(k), &b.0)?;
+            // Replaced whole, as the kubelet swaps a Secret volume's files.
+            let tmp = local.join(format!(".{k}.new"));
+            std::fs::write(&tmp, &b.0)?;
+            std::fs::rename(&tmp, local.join(k))?;
         }
         out.push((m.mount_path.clone(), local));
     }
@@ -369,6 +372,20 @@ impl Runner {
         }
     }
 
+    /// Writes the running Pods' Secret volumes again, as the kubelet updates
+    /// them when a Secret changes (a renewed minted identity).
+    async fn refresh_volumes(&self, wanted: &HashMap<PodKey, Pod>) {
+        for (k, r) in &self.running {
+            let Some(p) = wanted.get(k) else { continue };
+            let Some(c) = p.spec.as_ref().and_then(|s| s.containers.first()) else {
+                continue;
+            };
+            if let Err(e) = write_volumes(&self.client, p, c, &r.dir).await {
+                tracing::warn!(pod = %k.1, error = %e, "refreshing Secret volumes");
+            }
+        }
+    }
+
     /// Stop workers whose Pod is gone or terminating.
     fn stop_gone(&mut self, wanted: &HashMap<PodKey, Pod>) {
         let gone: Vec<_> = self
@@ -463,6 +480,7 @@ pub async fn run(
     let watch = tokio::spawn(mirror_pods(pods, store.clone(), shutdown.clone()));
     let mut runner = Runner::new(client, cfg);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut ticks = 0u64;
     while !shutdown.is_cancelled() {
         tokio::select! {
             _ = tick.tick() => {}
@@ -472,6 +490,10 @@ pub async fn run(
         runner.stop_gone(&wanted);
         runner.start_new(&wanted).await;
         runner.reflect_readiness(&wanted).await;
+        ticks += 1;
+        if ticks.is_multiple_of(4) {
+            runner.refresh_volumes(&wanted).await;
+        }
     }
     watch.abort();
     runner.stop_all().await;

@@ -564,3 +564,163 @@ fn promtool_checks_and_unit_tests_the_alerts() -> anyhow::Result<()> {
     assert!(out.contains("SUCCESS"), "{out}");
     Ok(())
 }
+
+/// Deletes what a test applied to the API server, even when it fails.
+struct Applied(Vec<String>);
+
+impl Drop for Applied {
+    fn drop(&mut self) {
+        for what in self.0.iter().rev() {
+            let args: Vec<&str> = ["delete", "--ignore-not-found", "--wait=false"]
+                .into_iter()
+                .chain(what.split(' '))
+                .collect();
+            let _ = run("kubectl", &args);
+        }
+    }
+}
+
+/// What `kubectl auth can-i` says the operator's ServiceAccount in `ns` may do.
+fn can_i(ns: &str, verb: &str, resource: &str, scope: &[&str]) -> anyhow::Result<String> {
+    let sa = format!("system:serviceaccount:{ns}:order-operator");
+    let mut args = vec!["auth", "can-i", verb, resource, "--as", &sa];
+    args.extend_from_slice(scope);
+    let out = run("kubectl", &args)?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Three fresh namespaces: the operator's, the watched one, another one.
+fn namespaces(applied: &mut Applied) -> anyhow::Result<(String, String, String)> {
+    let suffix = orderpipeline_e2e::random_suffix();
+    let names = (
+        format!("opns-{suffix}"),
+        format!("shop-{suffix}"),
+        format!("other-{suffix}"),
+    );
+    for ns in [&names.0, &names.1, &names.2] {
+        ok("kubectl", &["create", "namespace", ns])?;
+        applied.0.push(format!("namespace {ns}"));
+    }
+    Ok(names)
+}
+
+/// Applies the ServiceAccount and RBAC objects of `rendered` (cluster-scoped
+/// ones renamed, so they never replace the ones other tests run with), then
+/// asks `kubectl auth can-i` as the operator's ServiceAccount in `home`: it
+/// may read Secrets and write Deployments in `watched`, read Secrets (the NATS
+/// accounts) in `home`, and nothing in `other`.
+fn only_its_namespaces(
+    rendered: &str,
+    (home, watched, other): &(String, String, String),
+    applied: &mut Applied,
+) -> anyhow::Result<()> {
+    let suffix = orderpipeline_e2e::random_suffix();
+    let mut docs = Vec::new();
+    for (_, mut o) in objects(rendered)? {
+        let kind = o["kind"].as_str().unwrap_or_default().to_string();
+        if !matches!(
+            kind.as_str(),
+            "ServiceAccount" | "Role" | "RoleBinding" | "ClusterRole" | "ClusterRoleBinding"
+        ) {
+            continue;
+        }
+        if kind.starts_with("Cluster") {
+            let name = format!(
+                "{}-{suffix}",
+                o["metadata"]["name"].as_str().unwrap_or_default()
+            );
+            o["metadata"]["name"] = Value::from(name.clone());
+            if kind == "ClusterRoleBinding" {
+                let role = format!(
+                    "{}-{suffix}",
+                    o["roleRef"]["name"].as_str().unwrap_or_default()
+                );
+                o["roleRef"]["name"] = Value::from(role);
+            }
+            applied.0.push(format!("{kind} {name}"));
+        }
+        docs.push(serde_yaml::to_string(&o)?);
+    }
+    let file = std::env::temp_dir().join(format!("namespaced-rbac-{suffix}.yaml"));
+    std::fs::write(&file, docs.join("---\n"))?;
+    let out = ok(
+        "kubectl",
+        &["apply", "-f", file.to_str().unwrap_or_default()],
+    );
+    let _ = std::fs::remove_file(&file);
+    out?;
+    let checks = [
+        ("get", "secrets", vec!["-n", other.as_str()], "no"),
+        ("list", "secrets", vec!["--all-namespaces"], "no"),
+        ("create", "deployments", vec!["-n", other.as_str()], "no"),
+        (
+            "get",
+            "orderpipelines.orderpipeline.dev",
+            vec!["-n", other.as_str()],
+            "no",
+        ),
+        ("get", "secrets", vec!["-n", watched.as_str()], "yes"),
+        ("patch", "secrets", vec!["-n", watched.as_str()], "yes"),
+        ("create", "deployments", vec!["-n", watched.as_str()], "yes"),
+        ("get", "secrets", vec!["-n", home.as_str()], "yes"),
+        ("list", "secrets", vec!["-n", home.as_str()], "no"),
+    ];
+    let mut wrong = Vec::new();
+    for (verb, resource, scope, want) in &checks {
+        let got = can_i(home, verb, resource, scope)?;
+        if got != *want {
+            wrong.push(format!(
+                "can-i {verb} {resource} {scope:?}: {got}, want {want}"
+            ));
+        }
+    }
+    anyhow::ensure!(wrong.is_empty(), "{wrong:#?}");
+    Ok(())
+}
+
+/// The chart installed for one watched namespace, against the real API
+/// server (issue 25: `kubectl auth can-i` as the operator).
+#[test]
+fn the_namespaced_chart_reads_no_secret_outside_its_namespaces() -> anyhow::Result<()> {
+    let mut applied = Applied(Vec::new());
+    let ns = namespaces(&mut applied)?;
+    let c = chart();
+    let rendered = ok(
+        "helm",
+        &[
+            "template",
+            "order-operator",
+            c.to_str().unwrap_or_default(),
+            "--namespace",
+            &ns.0,
+            "--set",
+            &format!("watchNamespace={}", ns.1),
+            "--show-only",
+            "templates/serviceaccount.yaml",
+            "--show-only",
+            "templates/rbac.yaml",
+        ],
+    )?;
+    only_its_namespaces(&rendered, &ns, &mut applied)
+}
+
+/// The kustomize overlay `overlays/namespaced` (its `shop` and
+/// `orderpipeline-system` replaced by fresh namespaces), the same checks.
+#[test]
+fn the_namespaced_overlay_reads_no_secret_outside_its_namespaces() -> anyhow::Result<()> {
+    let mut applied = Applied(Vec::new());
+    let ns = namespaces(&mut applied)?;
+    let overlay = repo_root().join("overlays/namespaced");
+    let rendered = ok(
+        "kubectl",
+        &["kustomize", overlay.to_str().unwrap_or_default()],
+    )?
+    .replace("namespace: shop", &format!("namespace: {}", ns.1))
+    .replace("value: shop", &format!("value: {}", ns.1))
+    .replace("orderpipeline-system", &ns.0);
+    anyhow::ensure!(
+        rendered.contains(&format!("value: {}", ns.1)),
+        "the overlay sets no WATCH_NAMESPACE"
+    );
+    only_its_namespaces(&rendered, &ns, &mut applied)
+}

@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use order_operator::crd::OrderPipeline;
+use orderpipeline_e2e::natsauth::{jetstream_as, operator_mode, probe};
 use orderpipeline_e2e::operator::{
     OPERATOR_NAMESPACE, OperatorProcess, install_crd_and_rbac, repo_root,
     service_account_kubeconfig,
@@ -72,10 +73,22 @@ async fn setup_on(
     js: jetstream::Context,
     resync: &str,
 ) -> anyhow::Result<Setup> {
+    setup_env(prefix, runner, nats, js, resync, |_| Vec::new()).await
+}
+
+/// [`setup_on`] with the operator's extra environment, given the namespace.
+async fn setup_env(
+    prefix: &str,
+    runner: bool,
+    nats: NatsServer,
+    js: jetstream::Context,
+    resync: &str,
+    env: impl FnOnce(&str) -> Vec<(&'static str, String)>,
+) -> anyhow::Result<Setup> {
     install_crd_and_rbac().await?;
     let client = kube_client().await?;
     let ns = TestNamespace::create(&client, prefix).await?;
-    let operator = OperatorProcess::spawn(&ns.name, resync).await?;
+    let operator = OperatorProcess::spawn_env(&ns.name, resync, &env(&ns.name)).await?;
     let api = Api::namespaced(client.clone(), &ns.name);
     let stop = tokio_util::sync::CancellationToken::new();
     let cfg = orderpipeline_e2e::podrunner::RunnerConfig {
@@ -682,10 +695,19 @@ async fn the_service_account_cannot_act_outside_its_role() -> anyhow::Result<()>
         err.to_string().contains("forbidden") || err.to_string().contains("403"),
         "{err}"
     );
-    let err = Api::<Secret>::namespaced(sa.clone(), "default")
-        .create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}}))?)
+    // Secrets: it reads them and creates and patches the identities it mints
+    // (spec.nats.accountRef); it never deletes one (they go with their
+    // pipeline, by owner reference) nor replaces one with an update.
+    let secrets = Api::<Secret>::namespaced(sa.clone(), "default");
+    let err = secrets
+        .delete("x", &DeleteParams::default())
         .await
-        .expect_err("the operator only reads Secrets");
+        .expect_err("the operator never deletes Secrets");
+    assert!(err.to_string().contains("forbidden"), "{err}");
+    let err = secrets
+        .replace("x", &PostParams::default(), &serde_json::from_value(serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}}))?)
+        .await
+        .expect_err("the operator never updates Secrets");
     assert!(err.to_string().contains("forbidden"), "{err}");
     // Of the Namespaces, it reads kube-system only (its UID: the cluster identity).
     let namespaces = Api::<Namespace>::all(sa.clone());
@@ -2351,4 +2373,186 @@ async fn the_idempotency_scope_is_the_clusters_and_pinned_on_the_stream() -> any
     })
     .await?;
     s.ns.delete().await
+}
+
+/// Waits until credentials expiring at `exp` (Unix seconds) have expired.
+async fn expired(exp: u64) -> anyhow::Result<()> {
+    wait_for("credentials to expire", Duration::from_secs(30), || async {
+        Ok((orderpipeline_common::natsauth::now() > exp + 1).then_some(()))
+    })
+    .await
+}
+
+/// The creds in a minted Secret and their JWT's expiry.
+async fn minted(secrets: &Api<Secret>, name: &str) -> anyhow::Result<(String, u64)> {
+    let s = secrets.get(name).await?;
+    let creds = s
+        .data
+        .as_ref()
+        .and_then(|d| d.get("creds"))
+        .map(|b| String::from_utf8_lossy(&b.0).to_string())
+        .context("no creds")?;
+    let exp = orderpipeline_common::natsauth::creds_expiry(&creds).context("no exp")?;
+    Ok((creds, exp))
+}
+
+/// Two pipelines in one NATS account (operator mode) with `accountRef`: the
+/// operator connects as a user it mints, creates their streams, and keeps a
+/// worker and a producer identity per pipeline in Secrets; the workers (real
+/// processes, as the Pods run them) process the orders a producer sends on its
+/// minted identity, lose none, and keep working across renewals of their
+/// 20 s credentials without a rollout; A's worker identity cannot pull from B
+/// or subscribe to B's outcomes; a deleted pipeline's identity stops working
+/// when it expires (issue 25).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelines_with_minted_identities_run_apart_in_one_account() -> anyhow::Result<()> {
+    let auth = operator_mode()?;
+    let nats = NatsServer::start_with_config(&auth.server_config).await?;
+    let admin = jetstream_as(&nats.url(), &auth.admin_creds, None).await?;
+    let url = nats.url();
+    let s = setup_env("op-minted", true, nats, admin, "2s", |ns| {
+        vec![
+            ("ACCOUNTS_NAMESPACE", ns.to_string()),
+            ("NATS_IDENTITY_TTL", "20s".to_string()),
+        ]
+    })
+    .await?;
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns.name);
+    let account: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "tenants", "labels": {"orderpipeline.dev/nats-account": "true"}},
+        "stringData": {
+            "account": auth.account,
+            "signingKey": auth.signing_key.seed().map_err(|e| anyhow::anyhow!("{e}"))?,
+            "urls": url,
+            "namespaces": s.ns.name,
+        }
+    }))?;
+    secrets.create(&PostParams::default(), &account).await?;
+    let mut ready = Vec::new();
+    for (name, stream) in [("a", "TA"), ("b", "TB")] {
+        let mut p = sample_named(&url, name, stream)?;
+        p.spec.nats.account_ref = Some(order_operator::crd::AccountRef {
+            name: "tenants".into(),
+        });
+        p.spec.workers.replicas = 1;
+        s.api.create(&PostParams::default(), &p).await?;
+        ready.push(wait_ready(&s, name, "True", None).await?);
+    }
+    let id = ready[0]
+        .status
+        .as_ref()
+        .and_then(|st| st.nats_identity.clone())
+        .context("status.natsIdentity")?;
+    assert_eq!(
+        (id.worker_secret.as_str(), id.producer_secret.as_str()),
+        ("a-nats-worker", "a-nats-producer")
+    );
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns.name);
+    let d = deployments.get("a-workers").await?;
+    let env = env_of(&d);
+    assert_eq!(env.get("NATS_INBOX_PREFIX"), Some(&id.inbox_prefix));
+    assert!(env.contains_key("NATS_CREDS_FILE"), "{env:?}");
+    let generation = d.metadata.generation;
+
+    // A's producer identity sends A's orders; A's workers process them.
+    let (producer_creds, _) = minted(&secrets, "a-nats-producer").await?;
+    let producer = jetstream_as(&url, &producer_creds, Some(&id.inbox_prefix)).await?;
+    let (worker_creds, first_exp) = minted(&secrets, "a-nats-worker").await?;
+    publish_ids(&producer, "TA.created", "minted1", 100).await?;
+    wait_drained(&s.js, "TA", "order-workers").await?;
+
+    // A's worker identity does not reach B.
+    let a_worker = probe(&url, &worker_creds, &id.inbox_prefix).await?;
+    a_worker
+        .publish_denied("$JS.API.CONSUMER.MSG.NEXT.TB.order-workers")
+        .await?;
+    a_worker.subscribe_denied("TB.processed.>").await?;
+
+    // The credentials are renewed before they expire, the workers go on with
+    // the new ones after the old ones expired, and nothing rolls.
+    let renewed = wait_for(
+        "the worker's credentials renewed",
+        Duration::from_secs(30),
+        || async {
+            let (_, exp) = minted(&secrets, "a-nats-worker").await?;
+            Ok((exp > first_exp).then_some(exp))
+        },
+    )
+    .await?;
+    expired(first_exp).await?;
+    // The producer's credentials were renewed too: an application reads its
+    // Secret's file again when it reconnects (nats.go's UserCredentials does).
+    let (producer_creds, _) = minted(&secrets, "a-nats-producer").await?;
+    let producer = jetstream_as(&url, &producer_creds, Some(&id.inbox_prefix)).await?;
+    publish_ids(&producer, "TA.created", "minted2", 100).await?;
+    wait_drained(&s.js, "TA", "order-workers").await?;
+    let audit =
+        orderpipeline_e2e::pipeline::Audit::collect(&s.js, "TA", "TA_DLQ", "order-workers").await?;
+    assert!(audit.violations().is_empty(), "{:?}", audit.violations());
+    assert_eq!(
+        (audit.summary().processed, audit.summary().lost),
+        (200, 0),
+        "{:?}",
+        audit.summary()
+    );
+    assert_eq!(
+        deployments.get("a-workers").await?.metadata.generation,
+        generation,
+        "a renewal rolled the workers"
+    );
+    assert!(renewed > first_exp);
+
+    // A tenant's own Secret where a pipeline's identity would go is refused,
+    // not overwritten.
+    let theirs: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "c-nats-worker"},
+        "stringData": {"creds": "the tenant's own"}
+    }))?;
+    secrets.create(&PostParams::default(), &theirs).await?;
+    let mut c = sample_named(&url, "c", "TC")?;
+    c.spec.nats.account_ref = Some(order_operator::crd::AccountRef {
+        name: "tenants".into(),
+    });
+    s.api.create(&PostParams::default(), &c).await?;
+    let c = wait_ready(&s, "c", "False", Some("InvalidSpec")).await?;
+    let msg = &condition(&c, "Ready").context("Ready")?.message;
+    assert!(msg.contains("will not overwrite"), "{msg}");
+    let kept = secrets.get("c-nats-worker").await?;
+    assert_eq!(
+        kept.data
+            .as_ref()
+            .and_then(|d| d.get("creds"))
+            .map(|b| b.0.as_slice()),
+        Some(&b"the tenant's own"[..])
+    );
+
+    // A deleted: its Secrets go with it, and its identity stops working when
+    // it expires.
+    let (last_creds, last_exp) = minted(&secrets, "a-nats-worker").await?;
+    s.api.delete("a", &DeleteParams::default()).await?;
+    wait_for(
+        "a's identities removed",
+        Duration::from_secs(30),
+        || async {
+            Ok(secrets
+                .get_opt("a-nats-worker")
+                .await?
+                .is_none()
+                .then_some(()))
+        },
+    )
+    .await?;
+    expired(last_exp).await?;
+    let refused = async_nats::ConnectOptions::with_credentials(&last_creds)?
+        .connect(&url)
+        .await;
+    assert!(refused.is_err(), "an expired identity still connects");
+    // B is untouched.
+    let b = s.api.get("b").await?;
+    assert_eq!(
+        condition(&b, "Ready").map(|c| c.status.as_str()),
+        Some("True")
+    );
+    Ok(())
 }

@@ -65,6 +65,17 @@ pub struct Settings {
     /// for every name under it; empty: any host.
     #[arg(long, env = "ALLOWED_NATS_HOSTS", value_delimiter = ',')]
     pub allowed_nats_hosts: Vec<String>,
+    /// Where the NATS accounts (`spec.nats.accountRef`) live: Secrets labelled
+    /// `orderpipeline.dev/nats-account=true`. Default: POD_NAMESPACE (the
+    /// operator's own namespace); unset: pipelines cannot use accountRef.
+    #[arg(long, env = "ACCOUNTS_NAMESPACE")]
+    pub accounts_namespace: Option<String>,
+    /// How long the NATS identities the operator mints are valid; it renews
+    /// them at half of it. A deleted pipeline's identities stop working when
+    /// they expire; the workers keep working while the operator is down for
+    /// up to half of it.
+    #[arg(long, env = "NATS_IDENTITY_TTL", default_value = "6h", value_parser = parse_duration)]
+    pub nats_identity_ttl: Duration,
 }
 
 /// The cluster identity: `--cluster-id`, else the kube-system namespace's UID
@@ -151,6 +162,12 @@ fn context(
     ctx.nats_bytes_per_subject = args.nats_bytes_per_subject;
     ctx.allow_plaintext_credentials = args.allow_plaintext_credentials;
     ctx.allowlists = crate::render::Allowlists::new(&args.allowed_images, &args.allowed_nats_hosts);
+    ctx.accounts_namespace = args
+        .accounts_namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .filter(|n| !n.is_empty());
+    ctx.identity_ttl = args.nats_identity_ttl;
     Arc::new(ctx)
 }
 

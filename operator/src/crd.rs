@@ -158,9 +158,13 @@ pub struct OrderPipelineSpec {
     pub telemetry: TelemetrySpec,
 }
 
+/// Why a pipeline may not both bring credentials and have them minted.
+pub const ACCOUNT_AND_CREDENTIALS: &str = "spec.nats.accountRef and spec.nats.credentialsSecretRef are exclusive: with accountRef the operator mints the workers' and the producer's credentials; remove one";
+
 /// NATS connection settings.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.accountRef) || !has(self.credentialsSecretRef)").message(ACCOUNT_AND_CREDENTIALS))]
 pub struct NatsSpec {
     /// NATS server URL(s), comma separated, e.g. `nats://nats.nats.svc:4222`.
     #[schemars(length(min = 1, max = URL_MAX))]
@@ -170,6 +174,15 @@ pub struct NatsSpec {
     /// (an nkey seed). Changing the Secret rolls the workers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
+    /// A NATS account (operator mode) the administrator offers this namespace:
+    /// the name of a Secret labelled `orderpipeline.dev/nats-account` in the
+    /// operator's namespace. The operator then mints the pipeline's own
+    /// identities, each allowed only what it needs: the workers' (its stream,
+    /// consumer, outcomes and DLQ) and a producer's (publish the input subject),
+    /// renewed before they expire; `status.natsIdentity` names their Secrets.
+    /// Exclusive with credentialsSecretRef.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_ref: Option<AccountRef>,
     /// A Secret with TLS material: `ca.crt` (to verify the server), and
     /// optionally `tls.crt` and `tls.key` (a client certificate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -254,6 +267,14 @@ impl Default for ScalingSpec {
             cooldown: default_window(),
         }
     }
+}
+
+/// A reference to a NATS account the operator mints identities in.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct AccountRef {
+    /// The name of the account's Secret in the operator's namespace.
+    #[schemars(length(min = 1, max = K8S_NAME_MAX))]
+    pub name: String,
 }
 
 /// A reference to a Secret in the pipeline's namespace.
@@ -880,6 +901,26 @@ pub struct OrderPipelineStatus {
     /// (lost), counted by the operator; see the InputsRetained condition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removed_unprocessed: Option<RemovedUnprocessed>,
+    /// The identities the operator minted (spec.nats.accountRef).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_identity: Option<NatsIdentityStatus>,
+}
+
+/// Where a pipeline's minted NATS identities are.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NatsIdentityStatus {
+    /// The Secret (key `creds`) the workers mount.
+    pub worker_secret: String,
+    /// The Secret (key `creds`) for the application that publishes orders:
+    /// it may publish the input subject only.
+    pub producer_secret: String,
+    /// The inbox prefix both identities must use (the client's custom inbox
+    /// prefix, e.g. `NATS_INBOX_PREFIX`): replies reach only this pipeline.
+    pub inbox_prefix: String,
+    /// When the current credentials expire; the operator renews them at half
+    /// their lifetime.
+    pub expires: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
 }
 
 /// Orders removed by the input stream's limits before they were processed.

@@ -59,6 +59,8 @@ pub struct SecretsView {
     pub checksum: Option<String>,
     /// A SHA-256 of their data: the connection pool's key, never shown.
     pub content: Option<String>,
+    /// The inbox prefix of a minted identity (`NATS_INBOX_PREFIX`).
+    pub inbox_prefix: Option<String>,
 }
 
 /// Everything parsed and checked from the spec.
@@ -523,14 +525,18 @@ pub fn not_allowed(p: &OrderPipeline, allow: &Allowlists) -> Option<String> {
 /// URL and no `tlsSecretRef`. The refusal names the fields and the ways out.
 pub fn credentials_in_clear(p: &OrderPipeline) -> Option<String> {
     let n = &p.spec.nats;
-    let secret = &n.credentials_secret_ref.as_ref()?.name;
+    let field = match (&n.credentials_secret_ref, &n.account_ref) {
+        (Some(s), _) => format!("spec.nats.credentialsSecretRef ({})", s.name),
+        (None, Some(a)) => format!("spec.nats.accountRef ({}, minted credentials)", a.name),
+        (None, None) => return None,
+    };
     if n.tls_secret_ref.is_some() {
         return None;
     }
     let plain = orderpipeline_common::nats::servers(&n.url)
         .find(|u| !(u.starts_with("tls://") || u.starts_with("wss://")))?;
     Some(format!(
-        "spec.nats.credentialsSecretRef ({secret}) would send credentials in clear text to {plain}: use a tls:// URL or set spec.nats.tlsSecretRef; where the network is trusted, the operator's --allow-plaintext-credentials (chart value allowPlaintextCredentials) permits it"
+        "{field} would send credentials in clear text to {plain}: use a tls:// URL or set spec.nats.tlsSecretRef; where the network is trusted, the operator's --allow-plaintext-credentials (chart value allowPlaintextCredentials) permits it"
     ))
 }
 
@@ -711,6 +717,9 @@ pub fn worker_env(p: &OrderPipeline, plan: &Plan, secrets: &SecretsView) -> Vec<
             }
         }
     }
+    if let Some(prefix) = &secrets.inbox_prefix {
+        e.push(env("NATS_INBOX_PREFIX", prefix));
+    }
     if let Some((_, client_cert)) = &secrets.tls {
         e.push(env("NATS_TLS_CA_FILE", format!("{TLS_MOUNT}/ca.crt")));
         if *client_cert {
@@ -865,7 +874,7 @@ fn secret_volumes(secrets: &SecretsView) -> (Vec<Volume>, Vec<VolumeMount>) {
             name: (*name).into(),
             secret: Some(SecretVolumeSource {
                 secret_name: Some((*secret).into()),
-                default_mode: Some(0o400),
+                default_mode: Some(0o440),
                 ..Default::default()
             }),
             ..Default::default()
@@ -938,6 +947,10 @@ fn pod_spec(
             run_as_non_root: Some(true),
             run_as_user: Some(65532),
             run_as_group: Some(65532),
+            // The Secret volumes (NATS creds, nkey, TLS) are root's files; the
+            // kubelet gives them this group (and its read bit), so the worker,
+            // not root, can read them.
+            fs_group: Some(65532),
             seccomp_profile: Some(SeccompProfile {
                 type_: "RuntimeDefault".into(),
                 localhost_profile: None,
@@ -1491,6 +1504,9 @@ status: {observedGeneration: 4, replicas: 2, updatedReplicas: 0}",
         );
         let psc = pod.security_context.as_ref().unwrap();
         assert_eq!(psc.run_as_non_root, Some(true));
+        // The worker's group owns the Secret volumes' files: it can read them
+        // (a creds file was "Permission denied" on the real node before).
+        assert_eq!(psc.fs_group, psc.run_as_group);
         assert_eq!(
             psc.seccomp_profile.as_ref().unwrap().type_,
             "RuntimeDefault"
@@ -1538,6 +1554,7 @@ status: {observedGeneration: 4, replicas: 2, updatedReplicas: 0}",
             tls: Some(("tls".into(), true)),
             checksum: Some("abc".into()),
             content: None,
+            inbox_prefix: None,
         };
         let d = deployment(&p, &plan, &secrets, "img:1", Some(1));
         let t = &d.spec.as_ref().unwrap().template;

@@ -31,6 +31,10 @@ pub struct Context {
     pub allow_plaintext_credentials: bool,
     /// The images and NATS hosts pipelines may use.
     pub allowlists: crate::render::Allowlists,
+    /// The namespace of the NATS account Secrets (`spec.nats.accountRef`).
+    pub accounts_namespace: Option<String>,
+    /// How long minted NATS identities are valid (renewed at half of it).
+    pub identity_ttl: Duration,
     /// NATS connections, shared by the pipelines that use the same server and
     /// credentials.
     pub(crate) nats: Mutex<NatsPool>,
@@ -111,6 +115,8 @@ impl Context {
             nats_bytes_per_subject: 400,
             allow_plaintext_credentials: false,
             allowlists: Default::default(),
+            accounts_namespace: None,
+            identity_ttl: Duration::from_secs(6 * 3600),
             nats: Mutex::new(NatsPool::default()),
             pipelines: std::sync::OnceLock::new(),
             footprints: Default::default(),

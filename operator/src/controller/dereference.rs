@@ -47,6 +47,32 @@ pub(crate) struct World {
     pub(crate) js: Arc<dyn JetStream>,
     /// Which server and credentials `js` stands for (see [`connection_key`]).
     pub(crate) connection: String,
+    /// The NATS account the pipeline's identities are minted in.
+    pub(crate) account: Option<super::identity::Account>,
+    /// Its minted identities, once [`World::mint`] kept them current.
+    pub(crate) identity: Option<crate::crd::NatsIdentityStatus>,
+}
+
+impl World {
+    /// Keeps the pipeline's minted identities current (after the conflict
+    /// check: an identity is scoped to names the pipeline may use) and points
+    /// the workers at theirs.
+    pub(crate) async fn mint(
+        &mut self,
+        p: &OrderPipeline,
+        ctx: &Context,
+        plan: &render::Plan,
+    ) -> Result<(), NotReady> {
+        let Some(account) = &self.account else {
+            return Ok(());
+        };
+        let scope = super::identity::scope(p, plan);
+        let status = super::identity::ensure(p, ctx, account, &scope).await?;
+        self.secrets.credentials = Some((status.worker_secret.clone(), Credentials::CredsFile));
+        self.secrets.inbox_prefix = Some(status.inbox_prefix.clone());
+        self.identity = Some(status);
+        Ok(())
+    }
 }
 
 /// Reads the Secrets and connects to NATS with them (a cached connection while
@@ -58,7 +84,15 @@ pub(crate) async fn world(p: &OrderPipeline, ctx: &Context) -> Result<World, Not
     ) {
         return Err(NotReady::new(Cause::InvalidSpec, why));
     }
-    let (mut auth, secrets, files) = read_secrets(p, &ctx.client).await?;
+    let (mut auth, mut secrets, files) = read_secrets(p, &ctx.client).await?;
+    let account = super::identity::account(p, ctx).await?;
+    if let Some(a) = &account {
+        // The operator's own connection: a user of the account, minted for
+        // every connect; pooled per account.
+        auth.signer = Some(a.signer.clone());
+        let tls = secrets.content.as_deref().unwrap_or("-");
+        secrets.content = Some(format!("{tls}|account:{}", a.digest));
+    }
     let connection = connection_key(&p.spec.nats.url, &secrets);
     write_tls_files(&tls_dir(&connection), &files, &mut auth)?;
     let js = ctx.jetstream(p, &auth, &connection).await?;
@@ -66,6 +100,8 @@ pub(crate) async fn world(p: &OrderPipeline, ctx: &Context) -> Result<World, Not
         secrets,
         js,
         connection,
+        account,
+        identity: None,
     })
 }
 
@@ -164,7 +200,7 @@ async fn get_secret(api: &Api<Secret>, ns: &str, name: &str) -> Result<Secret, N
     }
 }
 
-fn secret_text(s: &Secret, key: &str) -> Option<String> {
+pub(crate) fn secret_text(s: &Secret, key: &str) -> Option<String> {
     s.data
         .as_ref()
         .and_then(|d| d.get(key))

@@ -7,6 +7,7 @@ mod cleanup;
 mod context;
 mod dereference;
 mod error;
+pub mod identity;
 mod jetstream_api;
 mod plan;
 mod retention;
@@ -196,15 +197,18 @@ async fn steps(
     // A stream created now pins this cluster's scope (an existing one keeps its own).
     t.idempotency_scope = Some(format!("{}/{}", ctx.cluster_id, key_of(p)));
     // Dereference: the Secrets and the NATS connection.
-    let world = dereference::world(p, ctx).await?;
+    let mut world = dereference::world(p, ctx).await?;
     // ... and against the other pipelines on the same NATS account (which
     // each connection told, see `NatsPool::scope_of`).
     let others = ctx.other_pipelines();
     let pool = ctx.nats.lock().await;
     plan::conflicts(p, &plan, &others, &ctx.footprints, &|q| pool.scope_of(q))?;
     drop(pool);
-    let (figures, removed) = jetstream_step(p, ctx, &world, &mut plan, old, hold_moved).await?;
     let observe = p.spec.management_policy == ManagementPolicy::Observe;
+    if !observe {
+        world.mint(p, ctx, &plan).await?;
+    }
+    let (figures, removed) = jetstream_step(p, ctx, &world, &mut plan, old, hold_moved).await?;
     // Dereference the live Deployment; plan the replicas and the workers' view.
     let live = dereference::live_deployment(p, ctx).await?;
     let now = k8s_openapi::jiff::Timestamp::now();
@@ -233,6 +237,7 @@ async fn steps(
         deployment: &after,
         selector: render::selector_string(p),
         secrets_checksum: world.secrets.checksum.clone(),
+        nats_identity: world.identity.clone(),
         scaled_at: why.map(|_| Time(now)),
     };
     Ok(status::finish(p, ctx, old, &observed).await?)

@@ -212,6 +212,7 @@ pub(crate) struct Observed<'a> {
     pub(crate) deployment: &'a Deployment,
     pub(crate) selector: String,
     pub(crate) secrets_checksum: Option<String>,
+    pub(crate) nats_identity: Option<crate::crd::NatsIdentityStatus>,
     /// Set when this reconcile changed the replicas.
     pub(crate) scaled_at: Option<Time>,
 }
@@ -250,6 +251,7 @@ pub(crate) fn build(old: &OrderPipelineStatus, o: &Observed) -> OrderPipelineSta
     );
     status.selector = Some(o.selector.clone());
     status.secrets_checksum = o.secrets_checksum.clone();
+    status.nats_identity = o.nats_identity.clone();
     let workers_ok = workers_condition.status == "True";
     conds.push(workers_condition);
     conds.push(window_condition(o.plan, generation));
@@ -596,6 +598,7 @@ status: {{replicas: {desired}, readyReplicas: {available}, availableReplicas: {a
                 deployment: d,
                 selector: "app=w".into(),
                 secrets_checksum: None,
+                nats_identity: None,
                 scaled_at: None,
             },
         )
@@ -628,6 +631,7 @@ status: {{replicas: {desired}, readyReplicas: {available}, availableReplicas: {a
                     deployment: &d,
                     selector: "app=w".into(),
                     secrets_checksum: None,
+                    nats_identity: None,
                     scaled_at: None,
                 },
             )
