@@ -74,6 +74,18 @@ pub async fn install_crd_and_rbac() -> anyhow::Result<()> {
         &root.join("manifests/rbac.yaml").to_string_lossy(),
     ])
     .await?;
+    // The admission policies that narrow the cluster-wide rights to the
+    // operator's own objects (cluster-scoped: no namespace).
+    kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        &root
+            .join("manifests/admission-policy.yaml")
+            .to_string_lossy(),
+    ])
+    .await?;
     kubectl(&[
         "wait",
         "--for",

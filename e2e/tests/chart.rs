@@ -66,9 +66,17 @@ use k8s_openapi::serde::Deserialize as _;
 /// An object without what only says who rendered it: top-level labels and
 /// annotations (the chart adds helm.sh/chart, the release, ...).
 fn essence(mut v: Value) -> Value {
+    // kubectl's kustomize does not know the admission policies are
+    // cluster-scoped and gives them the namespace (the API server drops it).
+    let cluster_scoped = v["kind"]
+        .as_str()
+        .is_some_and(|k| k.starts_with("ValidatingAdmissionPolicy"));
     if let Some(m) = v.get_mut("metadata").and_then(Value::as_mapping_mut) {
         m.remove("labels");
         m.remove("annotations");
+        if cluster_scoped {
+            m.remove("namespace");
+        }
     }
     v
 }

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use async_nats::jetstream;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use order_operator::crd::OrderPipeline;
@@ -253,6 +254,32 @@ async fn the_sample_becomes_ready_with_matching_jetstream_objects_and_workers() 
     assert!(env["OTEL_RESOURCE_ATTRIBUTES"].contains(&format!("k8s.namespace.name={}", s.ns.name)));
     let owner = &d.metadata.owner_references.as_ref().context("owner")?[0];
     assert_eq!(owner.kind, "OrderPipeline");
+    assert_eq!(owner.uid, p.metadata.uid.clone().unwrap_or_default());
+
+    // The workers' NetworkPolicy: the Deployment's Pods, in only on the HTTP
+    // port, out only to DNS and this NATS (an address: its ipBlock and port).
+    let policies: Api<NetworkPolicy> = Api::namespaced(s.client.clone(), &s.ns.name);
+    let np = policies.get("orders-workers").await?;
+    let spec = serde_json::to_value(np.spec.as_ref().context("policy spec")?)?;
+    let selector = d.spec.as_ref().map(|s| s.selector.clone());
+    assert_eq!(spec["podSelector"], serde_json::to_value(selector)?);
+    assert_eq!(
+        spec["policyTypes"],
+        serde_json::json!(["Ingress", "Egress"])
+    );
+    assert_eq!(
+        spec["ingress"],
+        serde_json::json!([{"ports": [{"protocol": "TCP", "port": 8080}]}])
+    );
+    let nats = s.nats.url().parse::<async_nats::ServerAddr>()?;
+    assert_eq!(
+        spec["egress"][1],
+        serde_json::json!({"to": [{"ipBlock": {"cidr": format!("{}/32", nats.host())}}],
+            "ports": [{"protocol": "TCP", "port": nats.port()}]}),
+        "{spec}"
+    );
+    assert_eq!(spec["egress"].as_array().map(Vec::len), Some(2), "{spec}");
+    let owner = &np.metadata.owner_references.as_ref().context("owner")?[0];
     assert_eq!(owner.uid, p.metadata.uid.clone().unwrap_or_default());
 
     // Events for the children.
@@ -725,6 +752,197 @@ async fn the_service_account_cannot_act_outside_its_role() -> anyhow::Result<()>
     assert!(err.to_string().contains("forbidden"), "{err}");
     let _ = std::fs::remove_file(kubeconfig);
     Ok(())
+}
+
+/// The operator's ServiceAccount as a client of the API server.
+async fn service_account_client() -> anyhow::Result<(Client, std::path::PathBuf)> {
+    let kubeconfig = service_account_kubeconfig()?;
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&kubeconfig)?,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await?;
+    Ok((Client::try_from(config)?, kubeconfig))
+}
+
+/// A Deployment as the operator would write one: labelled as its own, with the
+/// restricted pod template; `change` alters it.
+fn restricted_deployment(name: &str, change: serde_json::Value) -> anyhow::Result<Deployment> {
+    let mut d = serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "order-operator"}},
+        "spec": {
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "automountServiceAccountToken": false,
+                    "securityContext": {"runAsNonRoot": true},
+                    "containers": [{"name": "worker", "image": "worker:dev", "securityContext": {
+                        "allowPrivilegeEscalation": false,
+                        "capabilities": {"drop": ["ALL"]}}}]
+                }
+            }
+        }
+    });
+    json_merge(&mut d, change);
+    Ok(serde_json::from_value(d)?)
+}
+
+/// RFC 7386 merge of `patch` into `v`.
+fn json_merge(v: &mut serde_json::Value, patch: serde_json::Value) {
+    match (v, patch) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            for (k, p) in b {
+                if p.is_null() {
+                    a.remove(&k);
+                } else {
+                    json_merge(a.entry(k).or_insert(serde_json::Value::Null), p);
+                }
+            }
+        }
+        (v, p) => *v = p,
+    }
+}
+
+/// The cluster-wide install's ValidatingAdmissionPolicies
+/// (manifests/admission-policy.yaml), on the real API server: the operator's
+/// ServiceAccount, which RBAC lets write Secrets and Deployments in every
+/// namespace, writes only objects labelled as its own and Deployments only with
+/// the restricted pod template; an admin's writes are not affected.
+#[tokio::test]
+async fn the_operator_account_writes_only_its_own_labelled_restricted_objects() -> anyhow::Result<()>
+{
+    install_crd_and_rbac().await?;
+    let admin = kube_client().await?;
+    let ns = TestNamespace::create(&admin, "op-vap").await?;
+    let (sa, kubeconfig) = service_account_client().await?;
+    let apply = PatchParams::apply("vap-test").force();
+    let secret = |name: &str, labels: serde_json::Value| -> anyhow::Result<Secret> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "labels": labels},
+            "stringData": {"password": "s3cret"}
+        }))?)
+    };
+    let denied = |e: kube::Error, want: &str| -> anyhow::Result<()> {
+        let text = e.to_string();
+        anyhow::ensure!(
+            text.contains("ValidatingAdmissionPolicy") && text.contains(want),
+            "expected a denial by the admission policy saying {want:?}: {text}"
+        );
+        Ok(())
+    };
+    let sa_secrets = Api::<Secret>::namespaced(sa.clone(), &ns.name);
+    // A tenant's own Secret, unlabelled: the operator may not write one, nor
+    // take one over by adding its label. (The policy is in force within a
+    // few seconds of being applied: wait for the first denial.)
+    let own = "the operator writes only Deployments, Secrets and NetworkPolicies labelled";
+    wait_for(
+        "the admission policy to deny",
+        Duration::from_secs(30),
+        || {
+            let (sa_secrets, apply) = (sa_secrets.clone(), apply.clone());
+            async move {
+                let s = secret("tenant-probe", serde_json::json!({}))?;
+                match sa_secrets
+                    .patch("tenant-probe", &apply, &Patch::Apply(&s))
+                    .await
+                {
+                    Err(e) if e.to_string().contains(own) => Ok(Some(())),
+                    other => anyhow::bail!("not denied yet: {other:?}"),
+                }
+            }
+        },
+    )
+    .await?;
+    let tenant = secret("tenant-db", serde_json::json!({}))?;
+    Api::<Secret>::namespaced(admin.clone(), &ns.name)
+        .create(&PostParams::default(), &tenant)
+        .await?;
+    let err = sa_secrets
+        .create(
+            &PostParams::default(),
+            &secret("unlabelled", serde_json::json!({}))?,
+        )
+        .await
+        .expect_err("an unlabelled Secret");
+    denied(err, own)?;
+    let taken = secret(
+        "tenant-db",
+        serde_json::json!({"app.kubernetes.io/managed-by": "order-operator"}),
+    )?;
+    let err = sa_secrets
+        .patch("tenant-db", &apply, &Patch::Apply(&taken))
+        .await
+        .expect_err("taking over a tenant's Secret by labelling it");
+    denied(err, "may not take over an object it did not create")?;
+    let minted = secret(
+        "orders-nats-worker",
+        serde_json::json!({"app.kubernetes.io/managed-by": "order-operator"}),
+    )?;
+    sa_secrets
+        .patch("orders-nats-worker", &apply, &Patch::Apply(&minted))
+        .await
+        .context("a Secret labelled as the operator's own is allowed")?;
+
+    // Deployments: only the restricted pod template.
+    let sa_deployments = Api::<Deployment>::namespaced(sa.clone(), &ns.name);
+    let cases = [
+        (
+            serde_json::json!({"spec": {"template": {"spec": {"hostNetwork": true}}}}),
+            "host's network",
+        ),
+        (
+            serde_json::json!({"spec": {"template": {"spec": {"automountServiceAccountToken": null}}}}),
+            "automountServiceAccountToken: false",
+        ),
+        (
+            serde_json::json!({"spec": {"template": {"spec": {"securityContext": null}}}}),
+            "run as non-root",
+        ),
+        (
+            serde_json::json!({"spec": {"template": {"spec": {"volumes": [{"name": "root", "hostPath": {"path": "/"}}]}}}}),
+            "Secret volumes only",
+        ),
+        (
+            serde_json::json!({"spec": {"template": {"spec": {"containers": [{"name": "worker", "image": "worker:dev", "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]}}}]}}}}),
+            "must be restricted",
+        ),
+        (serde_json::json!({"metadata": {"labels": null}}), own),
+    ];
+    for (i, (change, want)) in cases.into_iter().enumerate() {
+        let name = format!("denied-{i}");
+        let d = restricted_deployment(&name, change)?;
+        let err = sa_deployments
+            .patch(&name, &apply, &Patch::Apply(&d))
+            .await
+            .expect_err(want);
+        denied(err, want)?;
+    }
+    sa_deployments
+        .patch(
+            "orders-workers",
+            &apply,
+            &Patch::Apply(&restricted_deployment(
+                "orders-workers",
+                serde_json::json!({}),
+            )?),
+        )
+        .await
+        .context("a restricted Deployment labelled as the operator's own is allowed")?;
+    // The policies bind the operator's account only: an admin may still write
+    // an unlabelled, privileged Deployment.
+    let admin_d = restricted_deployment(
+        "admins",
+        serde_json::json!({"metadata": {"labels": null}, "spec": {"template": {"spec": {"hostNetwork": true}}}}),
+    )?;
+    Api::<Deployment>::namespaced(admin.clone(), &ns.name)
+        .patch("admins", &apply, &Patch::Apply(&admin_d))
+        .await
+        .context("the policies do not bind an admin")?;
+    let _ = std::fs::remove_file(kubeconfig);
+    ns.delete().await
 }
 
 async fn deployment_replicas(s: &Setup) -> anyhow::Result<Option<i32>> {

@@ -76,6 +76,11 @@ pub struct Settings {
     /// up to half of it.
     #[arg(long, env = "NATS_IDENTITY_TTL", default_value = "6h", value_parser = parse_duration)]
     pub nats_identity_ttl: Duration,
+    /// Give each pipeline's workers a NetworkPolicy: ingress on their HTTP
+    /// port only, egress to DNS and the endpoints their spec names (NATS, the
+    /// downstream, OTLP) only. Needs get, create and patch on networkpolicies.
+    #[arg(long, env = "WORKER_NETWORK_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub worker_network_policy: bool,
 }
 
 /// The cluster identity: `--cluster-id`, else the kube-system namespace's UID
@@ -168,6 +173,7 @@ fn context(
         .or_else(|| std::env::var("POD_NAMESPACE").ok())
         .filter(|n| !n.is_empty());
     ctx.identity_ttl = args.nats_identity_ttl;
+    ctx.worker_network_policy = args.worker_network_policy;
     Arc::new(ctx)
 }
 

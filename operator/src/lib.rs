@@ -9,5 +9,6 @@ pub mod drift;
 pub mod events;
 pub mod leader;
 pub mod metrics;
+pub mod netpol;
 pub mod render;
 pub mod scaling;

@@ -35,6 +35,10 @@ pub struct Context {
     pub accounts_namespace: Option<String>,
     /// How long minted NATS identities are valid (renewed at half of it).
     pub identity_ttl: Duration,
+    /// Whether each pipeline's workers get a NetworkPolicy (see [`crate::netpol`]).
+    pub worker_network_policy: bool,
+    /// The workers' NetworkPolicy this process last applied per pipeline, and when.
+    pub(crate) policies: std::sync::Mutex<HashMap<String, (String, std::time::Instant)>>,
     /// NATS connections, shared by the pipelines that use the same server and
     /// credentials.
     pub(crate) nats: Mutex<NatsPool>,
@@ -117,6 +121,8 @@ impl Context {
             allowlists: Default::default(),
             accounts_namespace: None,
             identity_ttl: Duration::from_secs(6 * 3600),
+            worker_network_policy: false,
+            policies: Default::default(),
             nats: Mutex::new(NatsPool::default()),
             pipelines: std::sync::OnceLock::new(),
             footprints: Default::default(),
@@ -330,6 +336,7 @@ impl Context {
     /// it, and what was applied for it is forgotten.
     pub(crate) async fn release_nats(&self, pipeline: &str) {
         self.applied.lock().unwrap().remove(pipeline);
+        self.policies.lock().unwrap().remove(pipeline);
         self.statuses.lock().unwrap().remove(pipeline);
         self.retention.lock().unwrap().remove(pipeline);
         let mut pool = self.nats.lock().await;

@@ -30,6 +30,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use self::apply::deployment::*;
 use self::apply::jetstream::*;
+use self::apply::network_policy::*;
 use self::cleanup::*;
 pub use self::context::Context;
 use self::dereference::*;
@@ -213,7 +214,11 @@ async fn steps(
     let live = dereference::live_deployment(p, ctx).await?;
     let now = k8s_openapi::jiff::Timestamp::now();
     let replicas = plan::workers(p, &mut plan, old, live.as_ref(), &figures, now);
-    // Apply the Deployment (Observe: leave it alone).
+    // Apply the workers' NetworkPolicy, then their Deployment (Observe: leave
+    // both alone).
+    if !observe {
+        apply_network_policy(p, ctx).await?;
+    }
     let after = match observe {
         true => live.clone().unwrap_or_default(),
         false => apply_deployment(p, ctx, &plan, &world.secrets, &replicas, live.as_ref()).await?,
