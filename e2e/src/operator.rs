@@ -100,6 +100,11 @@ pub async fn install_crd_and_rbac() -> anyhow::Result<()> {
 /// A kubeconfig that acts as the operator's ServiceAccount (the admin certificate
 /// impersonating it), written next to the environment's.
 pub fn service_account_kubeconfig() -> anyhow::Result<PathBuf> {
+    kubeconfig_as(OPERATOR_SA)
+}
+
+/// A kubeconfig that acts as `user` (the admin certificate impersonating it).
+pub fn kubeconfig_as(user: &str) -> anyhow::Result<PathBuf> {
     let admin = env_var("KUBECONFIG")?;
     let text = std::fs::read_to_string(&admin)?;
     let mut out = String::new();
@@ -107,7 +112,7 @@ pub fn service_account_kubeconfig() -> anyhow::Result<PathBuf> {
         out.push_str(line);
         out.push('\n');
         if line.trim_start().starts_with("client-key:") {
-            out.push_str(&format!("    as: {OPERATOR_SA}\n"));
+            out.push_str(&format!("    as: {user}\n"));
         }
     }
     let path = std::env::temp_dir().join(format!("kubeconfig-operator-sa-{}", random_suffix()));
@@ -141,6 +146,17 @@ impl OperatorProcess {
             Self::spawn_full(namespace, resync, &kubeconfig, "order-operator-test", env).await?;
         p.own_kubeconfig = Some(kubeconfig);
         Ok(p)
+    }
+
+    /// Runs the operator for `namespace` (comma separated: several) as the
+    /// user of `kubeconfig`, with more environment variables (flags).
+    pub async fn spawn_as(
+        namespace: &str,
+        resync: &str,
+        kubeconfig: &Path,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
+        Self::spawn_full(namespace, resync, kubeconfig, "order-operator-test", env).await
     }
 
     pub async fn spawn_with(

@@ -597,15 +597,21 @@ fn can_i(ns: &str, verb: &str, resource: &str, scope: &[&str]) -> anyhow::Result
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// Three fresh namespaces: the operator's, the watched one, another one.
-fn namespaces(applied: &mut Applied) -> anyhow::Result<(String, String, String)> {
+/// Fresh namespaces: the operator's, `watched` watched ones, another one.
+struct Namespaces {
+    home: String,
+    watched: Vec<String>,
+    other: String,
+}
+
+fn namespaces(applied: &mut Applied, watched: usize) -> anyhow::Result<Namespaces> {
     let suffix = orderpipeline_e2e::random_suffix();
-    let names = (
-        format!("opns-{suffix}"),
-        format!("shop-{suffix}"),
-        format!("other-{suffix}"),
-    );
-    for ns in [&names.0, &names.1, &names.2] {
+    let names = Namespaces {
+        home: format!("opns-{suffix}"),
+        watched: (0..watched).map(|i| format!("shop{i}-{suffix}")).collect(),
+        other: format!("other-{suffix}"),
+    };
+    for ns in names.watched.iter().chain([&names.home, &names.other]) {
         ok("kubectl", &["create", "namespace", ns])?;
         applied.0.push(format!("namespace {ns}"));
     }
@@ -615,16 +621,21 @@ fn namespaces(applied: &mut Applied) -> anyhow::Result<(String, String, String)>
 /// Applies the ServiceAccount and RBAC objects of `rendered` (cluster-scoped
 /// ones renamed, so they never replace the ones other tests run with), then
 /// asks `kubectl auth can-i` as the operator's ServiceAccount in `home`: it
-/// may read Secrets and write Deployments in `watched`, read Secrets (the NATS
-/// accounts) in `home`, and nothing in `other`.
+/// may read Secrets and write Deployments in each watched namespace, read
+/// Secrets (the NATS accounts) in `home`, and nothing in `other`.
 fn only_its_namespaces(
     rendered: &str,
-    (home, watched, other): &(String, String, String),
+    ns: &Namespaces,
     applied: &mut Applied,
 ) -> anyhow::Result<()> {
+    let (home, other) = (&ns.home, &ns.other);
     let suffix = orderpipeline_e2e::random_suffix();
     let mut docs = Vec::new();
-    for (_, mut o) in objects(rendered)? {
+    // Every document (a Role of the same name is in each watched namespace).
+    let rendered: Vec<Value> = serde_yaml::Deserializer::from_str(rendered)
+        .map(Value::deserialize)
+        .collect::<Result<_, _>>()?;
+    for mut o in rendered.into_iter().filter(|v| !v.is_null()) {
         let kind = o["kind"].as_str().unwrap_or_default().to_string();
         if !matches!(
             kind.as_str(),
@@ -657,7 +668,7 @@ fn only_its_namespaces(
     );
     let _ = std::fs::remove_file(&file);
     out?;
-    let checks = [
+    let mut checks = vec![
         ("get", "secrets", vec!["-n", other.as_str()], "no"),
         ("list", "secrets", vec!["--all-namespaces"], "no"),
         ("create", "deployments", vec!["-n", other.as_str()], "no"),
@@ -667,12 +678,22 @@ fn only_its_namespaces(
             vec!["-n", other.as_str()],
             "no",
         ),
-        ("get", "secrets", vec!["-n", watched.as_str()], "yes"),
-        ("patch", "secrets", vec!["-n", watched.as_str()], "yes"),
-        ("create", "deployments", vec!["-n", watched.as_str()], "yes"),
         ("get", "secrets", vec!["-n", home.as_str()], "yes"),
         ("list", "secrets", vec!["-n", home.as_str()], "no"),
     ];
+    for watched in &ns.watched {
+        checks.extend([
+            ("watch", "secrets", vec!["-n", watched.as_str()], "yes"),
+            ("patch", "secrets", vec!["-n", watched.as_str()], "yes"),
+            ("create", "deployments", vec!["-n", watched.as_str()], "yes"),
+            (
+                "patch",
+                "networkpolicies",
+                vec!["-n", watched.as_str()],
+                "yes",
+            ),
+        ]);
+    }
     let mut wrong = Vec::new();
     for (verb, resource, scope, want) in &checks {
         let got = can_i(home, verb, resource, scope)?;
@@ -686,12 +707,12 @@ fn only_its_namespaces(
     Ok(())
 }
 
-/// The chart installed for one watched namespace, against the real API
-/// server (issue 25: `kubectl auth can-i` as the operator).
+/// The chart installed for two watched namespaces (a list), against the real
+/// API server (issue 25: `kubectl auth can-i` as the operator).
 #[test]
 fn the_namespaced_chart_reads_no_secret_outside_its_namespaces() -> anyhow::Result<()> {
     let mut applied = Applied(Vec::new());
-    let ns = namespaces(&mut applied)?;
+    let ns = namespaces(&mut applied, 2)?;
     let c = chart();
     let rendered = ok(
         "helm",
@@ -700,9 +721,9 @@ fn the_namespaced_chart_reads_no_secret_outside_its_namespaces() -> anyhow::Resu
             "order-operator",
             c.to_str().unwrap_or_default(),
             "--namespace",
-            &ns.0,
+            &ns.home,
             "--set",
-            &format!("watchNamespace={}", ns.1),
+            &format!("watchNamespace={{{}}}", ns.watched.join(",")),
             "--show-only",
             "templates/serviceaccount.yaml",
             "--show-only",
@@ -717,17 +738,17 @@ fn the_namespaced_chart_reads_no_secret_outside_its_namespaces() -> anyhow::Resu
 #[test]
 fn the_namespaced_overlay_reads_no_secret_outside_its_namespaces() -> anyhow::Result<()> {
     let mut applied = Applied(Vec::new());
-    let ns = namespaces(&mut applied)?;
+    let ns = namespaces(&mut applied, 1)?;
     let overlay = repo_root().join("overlays/namespaced");
     let rendered = ok(
         "kubectl",
         &["kustomize", overlay.to_str().unwrap_or_default()],
     )?
-    .replace("namespace: shop", &format!("namespace: {}", ns.1))
-    .replace("value: shop", &format!("value: {}", ns.1))
-    .replace("orderpipeline-system", &ns.0);
+    .replace("namespace: shop", &format!("namespace: {}", ns.watched[0]))
+    .replace("value: shop", &format!("value: {}", ns.watched[0]))
+    .replace("orderpipeline-system", &ns.home);
     anyhow::ensure!(
-        rendered.contains(&format!("value: {}", ns.1)),
+        rendered.contains(&format!("value: {}", ns.watched[0])),
         "the overlay sets no WATCH_NAMESPACE"
     );
     only_its_namespaces(&rendered, &ns, &mut applied)

@@ -754,6 +754,132 @@ async fn the_service_account_cannot_act_outside_its_role() -> anyhow::Result<()>
     Ok(())
 }
 
+/// One operator for a list of namespaces (`--namespace a,b`), with only the
+/// Roles the chart renders for them (`watchNamespace: [a, b]`, a `clusterId`:
+/// no ClusterRole at all): the pipelines of both become Ready, each with its
+/// workers; a pipeline in a third namespace is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_operator_watches_a_list_of_namespaces_with_roles_only() -> anyhow::Result<()> {
+    install_crd_and_rbac().await?;
+    let client = kube_client().await?;
+    let home = TestNamespace::create(&client, "op-home").await?;
+    let a = TestNamespace::create(&client, "op-wa").await?;
+    let b = TestNamespace::create(&client, "op-wb").await?;
+    let c = TestNamespace::create(&client, "op-wc").await?;
+    let chart = orderpipeline_e2e::operator::repo_root().join("charts/order-operator");
+    let rendered = kubectl_like(
+        "helm",
+        &[
+            "template",
+            "order-operator",
+            &chart.to_string_lossy(),
+            "--namespace",
+            &home.name,
+            "--set",
+            &format!("watchNamespace={{{},{}}}", a.name, b.name),
+            "--set",
+            "clusterId=test",
+            "--show-only",
+            "templates/serviceaccount.yaml",
+            "--show-only",
+            "templates/rbac.yaml",
+        ],
+    )
+    .await?;
+    anyhow::ensure!(
+        !rendered.contains("kind: Cluster"),
+        "the namespaced chart with a clusterId renders no cluster-wide RBAC:\n{rendered}"
+    );
+    let file = std::env::temp_dir().join(format!("rbac-{}.yaml", home.name));
+    std::fs::write(&file, &rendered)?;
+    orderpipeline_e2e::operator::kubectl(&["apply", "-f", &file.to_string_lossy()]).await?;
+    let _ = std::fs::remove_file(&file);
+    let kubeconfig = orderpipeline_e2e::operator::kubeconfig_as(&format!(
+        "system:serviceaccount:{}:order-operator",
+        home.name
+    ))?;
+    let nats = NatsServer::start().await?;
+    let env = [
+        ("CLUSTER_ID", "test".to_string()),
+        ("LEASE_NAMESPACE", home.name.clone()),
+    ];
+    let watched = format!("{},{}", a.name, b.name);
+    let operator = OperatorProcess::spawn_as(&watched, "2s", &kubeconfig, &env).await?;
+    let mut runners = Vec::new();
+    for ns in [&a, &b] {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let cfg = orderpipeline_e2e::podrunner::RunnerConfig {
+            namespace: Some(ns.name.clone()),
+            worker_binary: orderpipeline_e2e::pipeline::binary("order-worker")?,
+            work_dir: std::env::temp_dir().join(format!("podrunner-{}", ns.name)),
+        };
+        tokio::spawn(orderpipeline_e2e::podrunner::run(
+            client.clone(),
+            cfg,
+            stop.clone(),
+        ));
+        runners.push(stop.drop_guard());
+    }
+    let streams = [("A", &a), ("B", &b), ("C", &c)];
+    for (stream, ns) in streams {
+        let p = sample_named(&nats.url(), "orders", &format!("ORDERS_{stream}"))?;
+        Api::<OrderPipeline>::namespaced(client.clone(), &ns.name)
+            .create(&PostParams::default(), &p)
+            .await?;
+    }
+    for ns in [&a, &b] {
+        let api = Api::<OrderPipeline>::namespaced(client.clone(), &ns.name);
+        wait_for(
+            &format!("{}/orders Ready", ns.name),
+            Duration::from_secs(60),
+            || {
+                let api = api.clone();
+                async move {
+                    let p = api.get("orders").await?;
+                    let ready = condition(&p, "Ready").is_some_and(|c| c.status == "True");
+                    Ok(ready.then_some(()))
+                }
+            },
+        )
+        .await
+        .with_context(|| format!("operator log:\n{}", operator.log_text()))?;
+    }
+    let unwatched = Api::<OrderPipeline>::namespaced(client.clone(), &c.name)
+        .get("orders")
+        .await?;
+    assert!(
+        unwatched.status.is_none() && unwatched.metadata.finalizers.is_none(),
+        "a pipeline outside the watched namespaces was touched: {:?}",
+        unwatched.status
+    );
+    let log = operator.log_text();
+    assert!(
+        !log.contains("forbidden"),
+        "the Roles were not enough:\n{log}"
+    );
+    let _ = std::fs::remove_file(kubeconfig);
+    drop(runners);
+    for ns in [a, b, c, home] {
+        ns.delete().await?;
+    }
+    Ok(())
+}
+
+/// Runs `program` with `args`; its stdout, or an error with its stderr.
+async fn kubectl_like(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .with_context(|| format!("running {program}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// The operator's ServiceAccount as a client of the API server.
 async fn service_account_client() -> anyhow::Result<(Client, std::path::PathBuf)> {
     let kubeconfig = service_account_kubeconfig()?;

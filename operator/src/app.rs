@@ -16,9 +16,10 @@ use tokio_util::sync::CancellationToken;
 /// What `order-operator run` is told (flags and their environment variables).
 #[derive(clap::Args, Debug)]
 pub struct Settings {
-    /// Watch one namespace only (default: all namespaces).
-    #[arg(long, env = "WATCH_NAMESPACE")]
-    pub namespace: Option<String>,
+    /// Watch these namespaces only, comma separated (default: all
+    /// namespaces); RBAC then needs a Role in each of them only.
+    #[arg(long, env = "WATCH_NAMESPACE", value_delimiter = ',')]
+    pub namespace: Vec<String>,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
@@ -112,6 +113,20 @@ async fn cluster_identity(args: &Settings, client: &kube::Client) -> anyhow::Res
 
 /// Runs until SIGTERM/SIGINT (or until leadership is lost: an error, so that the
 /// restart rejoins as a standby).
+impl Settings {
+    /// The watched namespaces (`--namespace`), trimmed, without blanks or
+    /// repeats; none: every namespace.
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for ns in self.namespace.iter().map(|n| n.trim()) {
+            if !ns.is_empty() && !out.iter().any(|o| o == ns) {
+                out.push(ns.to_string());
+            }
+        }
+        out
+    }
+}
+
 pub async fn run(args: Settings) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
@@ -128,14 +143,14 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
     let ctx = context(&args, client.clone(), metrics, cluster);
     let shutdown = shutdown_on_signal();
     let http = serve_http(args.http_addr, Arc::new(registry), shutdown.clone()).await?;
-    tracing::info!(namespace = ?args.namespace, addr = %args.http_addr, "order-operator starting");
+    tracing::info!(namespaces = ?args.namespaces(), addr = %args.http_addr, "order-operator starting");
     let Some(leadership) = Leadership::take(&args, &client, &shutdown).await else {
         let _ = http.await;
         return Ok(());
     };
     leader.set(1);
     let lost = leadership
-        .reconcile(ctx, args.namespace.clone(), &shutdown, &leader)
+        .reconcile(ctx, args.namespaces(), &shutdown, &leader)
         .await;
     let _ = http.await;
     if lost {
@@ -229,12 +244,12 @@ impl Leadership {
     async fn reconcile(
         self,
         ctx: Arc<Context>,
-        namespace: Option<String>,
+        namespaces: Vec<String>,
         shutdown: &CancellationToken,
         leader: &prometheus_client::metrics::gauge::Gauge,
     ) -> bool {
         let cs = shutdown.clone();
-        let run = controller::run(ctx, namespace, async move { cs.cancelled().await });
+        let run = controller::run(ctx, namespaces, async move { cs.cancelled().await });
         tokio::select! {
             // SIGTERM: in-flight reconciles finish, then the Lease is released.
             _ = run => {}
@@ -285,7 +300,25 @@ async fn serve_http(
     }))
 }
 
-/// The Lease: in the operator's own namespace, one per watched namespace.
+/// The Lease's name: one per set of watched namespaces, so that operators
+/// installed for different namespaces each lead their own.
+fn lease_name(namespaces: &[String]) -> String {
+    let mut sorted: Vec<&str> = namespaces.iter().map(String::as_str).collect();
+    sorted.sort_unstable();
+    match sorted.join(".") {
+        all if all.is_empty() => "order-operator".into(),
+        // A Lease's name is at most 253 characters.
+        set if set.len() <= 200 => format!("order-operator-{set}"),
+        set => {
+            use sha2::Digest as _;
+            let d = sha2::Sha256::digest(set.as_bytes());
+            let hex: String = d.iter().take(8).map(|b| format!("{b:02x}")).collect();
+            format!("order-operator-{hex}")
+        }
+    }
+}
+
+/// The Lease: in the operator's own namespace, one per set of watched namespaces.
 fn lease_config(args: &Settings) -> crate::leader::LeaseConfig {
     crate::leader::LeaseConfig {
         namespace: args
@@ -293,11 +326,37 @@ fn lease_config(args: &Settings) -> crate::leader::LeaseConfig {
             .clone()
             .or_else(|| std::env::var("POD_NAMESPACE").ok())
             .unwrap_or_else(|| "orderpipeline-system".into()),
-        name: match &args.namespace {
-            Some(ns) => format!("order-operator-{ns}"),
-            None => "order-operator".into(),
-        },
+        name: lease_name(&args.namespaces()),
         identity: args.pod_name.clone(),
         duration: args.lease_duration,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    #[test]
+    fn a_list_of_namespaces_is_watched_under_one_lease_per_set() {
+        let cli = Cli::parse_from(["op", "--namespace", " shop,billing,,shop "]);
+        let ns = cli.settings.namespaces();
+        assert_eq!(ns, ["shop", "billing"]);
+        assert_eq!(lease_name(&ns), "order-operator-billing.shop");
+        assert_eq!(lease_name(&["shop".into()]), "order-operator-shop");
+        assert_eq!(lease_name(&[]), "order-operator");
+        let many: Vec<String> = (0..40).map(|i| format!("tenant-{i:03}")).collect();
+        let long = lease_name(&many);
+        assert!(
+            long.len() <= 63 && long.starts_with("order-operator-"),
+            "{long}"
+        );
+        assert_ne!(long, lease_name(&many[1..]), "another set, another Lease");
     }
 }

@@ -12,3 +12,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "order-operator.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
+
+{{/*
+The watched namespaces, comma separated ("" = every namespace): watchNamespace
+is one name, a comma-separated list, or a list.
+*/}}
+{{- define "order-operator.watchNamespaces" -}}
+{{- $ns := .Values.watchNamespace -}}
+{{- if kindIs "string" $ns }}{{ $ns = splitList "," $ns }}{{ end -}}
+{{- $out := list -}}
+{{- range $ns }}{{ $t := trim . }}{{ if $t }}{{ $out = append $out $t }}{{ end }}{{ end -}}
+{{- join "," (uniq $out) -}}
+{{- end }}

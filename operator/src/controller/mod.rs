@@ -9,6 +9,7 @@ mod dereference;
 mod error;
 pub mod identity;
 mod jetstream_api;
+mod merge;
 mod plan;
 mod retention;
 mod status;

@@ -695,7 +695,7 @@ async fn secrets_are_watched_as_metadata_only() {
     let h = Harness::new(&p);
     let controller = tokio::spawn(run(
         h.ctx.clone(),
-        Some("demo".into()),
+        vec!["demo".into()],
         std::future::pending::<()>(),
     ));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

@@ -59,51 +59,40 @@ pub(crate) fn deployment_trigger(d: &Deployment) -> u64 {
 /// The worker Deployments' events that change what a reconcile reads (each
 /// new object, each change of [`deployment_trigger`], every deletion).
 fn deployment_triggers(
-    api: Api<Deployment>,
+    events: super::merge::Watch<Deployment>,
     cache: kube::runtime::reflector::store::Writer<Deployment>,
 ) -> impl futures::Stream<Item = Result<Deployment, watcher::Error>> + Send + 'static {
     let mut seen: std::collections::HashMap<ObjectRef<Deployment>, u64> = Default::default();
     // The objects of a re-list: the others are gone (forgotten at its end).
     let mut listed: std::collections::HashSet<ObjectRef<Deployment>> = Default::default();
-    let cfg = watcher::Config::default().labels("app.kubernetes.io/managed-by=order-operator");
-    watcher(api, cfg)
-        .default_backoff()
-        // Only our own field manager's entries are ever read (who owns
-        // spec.replicas); the rest would only take memory in the cache.
-        .modify(|d| {
-            if let Some(m) = d.metadata.managed_fields.as_mut() {
-                m.retain(|f| f.manager.as_deref() == Some(MANAGER));
+    events.reflect(cache).filter_map(move |e| {
+        let mut changed = |d: &Deployment| {
+            let h = deployment_trigger(d);
+            seen.insert(ObjectRef::from_obj(d), h) != Some(h)
+        };
+        let out = match e {
+            Ok(watcher::Event::Apply(d)) => changed(&d).then_some(Ok(d)),
+            Ok(watcher::Event::InitApply(d)) => {
+                listed.insert(ObjectRef::from_obj(&d));
+                changed(&d).then_some(Ok(d))
             }
-        })
-        .reflect(cache)
-        .filter_map(move |e| {
-            let mut changed = |d: &Deployment| {
-                let h = deployment_trigger(d);
-                seen.insert(ObjectRef::from_obj(d), h) != Some(h)
-            };
-            let out = match e {
-                Ok(watcher::Event::Apply(d)) => changed(&d).then_some(Ok(d)),
-                Ok(watcher::Event::InitApply(d)) => {
-                    listed.insert(ObjectRef::from_obj(&d));
-                    changed(&d).then_some(Ok(d))
-                }
-                Ok(watcher::Event::Delete(d)) => {
-                    seen.remove(&ObjectRef::from_obj(&d));
-                    Some(Ok(d))
-                }
-                Ok(watcher::Event::Init) => {
-                    listed.clear();
-                    None
-                }
-                Ok(watcher::Event::InitDone) => {
-                    seen.retain(|k, _| listed.contains(k));
-                    listed.clear();
-                    None
-                }
-                Err(e) => Some(Err(e)),
-            };
-            std::future::ready(out)
-        })
+            Ok(watcher::Event::Delete(d)) => {
+                seen.remove(&ObjectRef::from_obj(&d));
+                Some(Ok(d))
+            }
+            Ok(watcher::Event::Init) => {
+                listed.clear();
+                None
+            }
+            Ok(watcher::Event::InitDone) => {
+                seen.retain(|k, _| listed.contains(k));
+                listed.clear();
+                None
+            }
+            Err(e) => Some(Err(e)),
+        };
+        std::future::ready(out)
+    })
 }
 
 /// Maps a Secret to the pipelines in its namespace that reference it.
@@ -137,28 +126,67 @@ pub(crate) fn pipelines_using(
 /// reconciles it.
 const DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// The Apis the controller watches, in one namespace or all; Secrets through a
-/// metadata-only Api (see the watch in [`run`]).
-fn apis(
+/// The watch of `K` (with `cfg`) in each of `namespaces` (none: all), as one
+/// stream (see [`super::merge`]); `trim` drops what the cache never reads,
+/// before anything keeps the object.
+fn watch_in<K>(
     client: &kube::Client,
-    namespace: Option<&str>,
-) -> (
-    Api<OrderPipeline>,
-    Api<Deployment>,
-    Api<PartialObjectMeta<Secret>>,
-) {
-    match namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
+    namespaces: &[String],
+    cfg: &watcher::Config,
+    trim: fn(&mut K),
+) -> super::merge::Watch<K>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + 'static,
+{
+    let one = |api: Api<K>| {
+        watcher(api, cfg.clone())
+            .default_backoff()
+            .modify(trim)
+            .boxed()
+    };
+    match namespaces {
+        [] => one(Api::all(client.clone())),
+        [ns] => one(Api::namespaced(client.clone(), ns)),
+        many => super::merge::merged(
+            many.iter()
+                .map(|ns| one(Api::namespaced(client.clone(), ns)))
+                .collect(),
         ),
     }
+}
+
+/// Only our own field manager's entries are ever read (who owns
+/// spec.replicas); the rest would only take memory in the cache.
+fn trim_deployment(d: &mut Deployment) {
+    if let Some(m) = d.metadata.managed_fields.as_mut() {
+        m.retain(|f| f.manager.as_deref() == Some(MANAGER));
+    }
+}
+
+/// The Secrets' changes (metadata only, so no Secret's data is ever cached)
+/// in each of `namespaces` (none: all).
+fn secret_changes(
+    client: &kube::Client,
+    namespaces: &[String],
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send + 'static
+{
+    let apis: Vec<Api<PartialObjectMeta<Secret>>> = match namespaces {
+        [] => vec![Api::all(client.clone())],
+        many => many
+            .iter()
+            .map(|ns| Api::namespaced(client.clone(), ns))
+            .collect(),
+    };
+    futures::stream::select_all(apis.into_iter().map(|api| {
+        watcher(api, watcher::Config::default())
+            .touched_objects()
+            .boxed()
+    }))
 }
 
 /// What a channel receives, as a stream.
@@ -166,13 +194,14 @@ fn received<T>(rx: tokio::sync::mpsc::UnboundedReceiver<T>) -> impl futures::Str
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|p| (p, rx)) })
 }
 
-/// Runs the controller until `shutdown` resolves.
+/// Runs the controller until `shutdown` resolves, for the pipelines of
+/// `namespaces` (none: every namespace).
 pub async fn run(
     ctx: Arc<Context>,
-    namespace: Option<String>,
+    namespaces: Vec<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (pipelines, deployments, secrets) = apis(&ctx.client, namespace.as_deref());
+    let client = ctx.client.clone();
     // Only changes that need a reconcile trigger one: not the operator's own
     // status writes (under traffic every write changes the figures, which would
     // reconcile back to back instead of on the jittered resync).
@@ -186,11 +215,13 @@ pub async fn run(
     // advisories, on each NATS connection): their pipeline is reconciled now.
     let (removals, removed) = tokio::sync::mpsc::unbounded_channel();
     let _ = ctx.removals.set(removals);
-    let trigger = watcher(pipelines, watcher::Config::default())
-        .default_backoff()
+    let pipelines = watch_in(&client, &namespaces, &watcher::Config::default(), |_| {});
+    let trigger = pipelines
         .reflect(writer)
         .applied_objects()
         .predicate_filter(reconcile_trigger, Default::default());
+    let ours = watcher::Config::default().labels("app.kubernetes.io/managed-by=order-operator");
+    let deployments = watch_in(&client, &namespaces, &ours, trim_deployment);
     let controller = Controller::for_stream(trigger, reader);
     let store = controller.store();
     controller
@@ -201,7 +232,7 @@ pub async fn run(
         // Secrets: metadata only (a changed Secret gets a new resourceVersion,
         // which is all a trigger needs), so no Secret's data is ever cached;
         // reconcile GETs the few a pipeline references.
-        .watches(secrets, watcher::Config::default(), move |s| {
+        .watches_stream(secret_changes(&client, &namespaces), move |s| {
             pipelines_using(&s, &store)
         })
         // A Deployment's status moves in several writes while its Pods start
