@@ -2900,3 +2900,125 @@ async fn pipelines_with_minted_identities_run_apart_in_one_account() -> anyhow::
     );
     Ok(())
 }
+
+/// Two tenants' namespaces watched by one operator, one NATS account offered
+/// to both (operator mode): each pipeline runs on the identities the operator
+/// mints for it, and each tenant's worker and producer identities reach only
+/// their own pipeline, both ways (issue 25: two pipelines in two namespaces).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_in_two_namespaces_reach_only_their_own_pipeline() -> anyhow::Result<()> {
+    install_crd_and_rbac().await?;
+    let auth = operator_mode()?;
+    let nats = NatsServer::start_with_config(&auth.server_config).await?;
+    let admin = jetstream_as(&nats.url(), &auth.admin_creds, None).await?;
+    let url = nats.url();
+    let client = kube_client().await?;
+    let home = TestNamespace::create(&client, "op-accounts").await?;
+    let tenants = [
+        TestNamespace::create(&client, "op-tenant-a").await?,
+        TestNamespace::create(&client, "op-tenant-b").await?,
+    ];
+    let account: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "tenants", "labels": {"orderpipeline.dev/nats-account": "true"}},
+        "stringData": {
+            "account": auth.account,
+            "signingKey": auth.signing_key.seed().map_err(|e| anyhow::anyhow!("{e}"))?,
+            "urls": url,
+            "namespaces": format!("{},{}", tenants[0].name, tenants[1].name),
+        }
+    }))?;
+    Api::<Secret>::namespaced(client.clone(), &home.name)
+        .create(&PostParams::default(), &account)
+        .await?;
+    let watched = format!("{},{}", tenants[0].name, tenants[1].name);
+    let env = [("ACCOUNTS_NAMESPACE", home.name.clone())];
+    let operator = OperatorProcess::spawn_env(&watched, "2s", &env).await?;
+    let mut runners = Vec::new();
+    let mut ids = Vec::new();
+    for (ns, stream) in tenants.iter().zip(["TA", "TB"]) {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let cfg = orderpipeline_e2e::podrunner::RunnerConfig {
+            namespace: Some(ns.name.clone()),
+            worker_binary: orderpipeline_e2e::pipeline::binary("order-worker")?,
+            work_dir: std::env::temp_dir().join(format!("podrunner-{}", ns.name)),
+        };
+        tokio::spawn(orderpipeline_e2e::podrunner::run(
+            client.clone(),
+            cfg,
+            stop.clone(),
+        ));
+        runners.push(stop.drop_guard());
+        let mut p = sample_named(&url, "orders", stream)?;
+        p.spec.nats.account_ref = Some(order_operator::crd::AccountRef {
+            name: "tenants".into(),
+        });
+        p.spec.workers.replicas = 1;
+        let api = Api::<OrderPipeline>::namespaced(client.clone(), &ns.name);
+        api.create(&PostParams::default(), &p).await?;
+        let id = wait_for(
+            &format!("{}/orders Ready with its identities", ns.name),
+            Duration::from_secs(60),
+            || {
+                let api = api.clone();
+                async move {
+                    let p = api.get("orders").await?;
+                    let ready = condition(&p, "Ready").is_some_and(|c| c.status == "True");
+                    Ok(ready
+                        .then(|| p.status.and_then(|s| s.nats_identity))
+                        .flatten())
+                }
+            },
+        )
+        .await
+        .with_context(|| format!("operator log:\n{}", operator.log_text()))?;
+        let secrets = Api::<Secret>::namespaced(client.clone(), &ns.name);
+        let (worker, _) = minted(&secrets, &id.worker_secret).await?;
+        let (producer, _) = minted(&secrets, &id.producer_secret).await?;
+        ids.push((stream, id, worker, producer));
+    }
+    // Each tenant's producer identity sends its orders; its workers process them.
+    for (stream, id, _, producer) in &ids {
+        let js = jetstream_as(&url, producer, Some(&id.inbox_prefix)).await?;
+        publish_ids(&js, &format!("{stream}.created"), stream, 50).await?;
+    }
+    for (stream, ..) in &ids {
+        wait_drained(&admin, stream, "order-workers").await?;
+        let dlq = format!("{stream}_DLQ");
+        let audit =
+            orderpipeline_e2e::pipeline::Audit::collect(&admin, stream, &dlq, "order-workers")
+                .await?;
+        let s = audit.summary();
+        assert_eq!((s.processed, s.lost), (50, 0), "{stream}: {s:?}");
+    }
+    // Each one's identities against the other's pipeline.
+    for (mine, theirs) in [(0, 1), (1, 0)] {
+        let (_, id, worker, producer) = &ids[mine];
+        let (other, other_id, ..) = &ids[theirs];
+        let w = probe(&url, worker, &id.inbox_prefix).await?;
+        for subject in [
+            format!("$JS.API.CONSUMER.MSG.NEXT.{other}.order-workers"),
+            format!("$JS.API.CONSUMER.INFO.{other}.order-workers"),
+            format!("$JS.API.STREAM.INFO.{other}"),
+            format!("$JS.API.DIRECT.GET.{other}"),
+            format!("$JS.API.STREAM.MSG.GET.{other}_DLQ"),
+            format!("$JS.ACK.{other}.order-workers.1.1.1.1.0"),
+            format!("{other}.processed.k1"),
+            format!("{other}.created"),
+        ] {
+            w.publish_denied(&subject).await?;
+        }
+        for subject in [format!("{other}.>"), format!("{}.>", other_id.inbox_prefix)] {
+            w.subscribe_denied(&subject).await?;
+        }
+        let p = probe(&url, producer, &id.inbox_prefix).await?;
+        p.publish_denied(&format!("{other}.created")).await?;
+        p.subscribe_denied(&format!("{other}.>")).await?;
+    }
+    drop(runners);
+    drop(operator);
+    for ns in tenants.into_iter().chain([home]) {
+        ns.delete().await?;
+    }
+    Ok(())
+}
