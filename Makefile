@@ -10,7 +10,7 @@ CACHE ?= $(HOME)/.cache/orderpipeline
 export CARGO_TARGET_DIR ?= $(CACHE)/target
 export ORDERPIPE_CACHE ?= $(CACHE)
 
-.PHONY: demo demo-down image setup-node integration-real-node test test-faults bench bench-growth bench-pool bench-operator bench-operator-smoke lint unit integration tools
+.PHONY: demo demo-down image setup-node integration-real-node test test-faults bench bench-growth bench-pool bench-operator bench-operator-smoke lint unit integration tools release-check
 
 demo:
 	hack/demo
@@ -18,7 +18,7 @@ demo:
 demo-down:
 	hack/env down
 
-test: lint unit integration integration-real-node bench-operator-smoke
+test: lint unit release-check integration integration-real-node bench-operator-smoke
 
 lint:
 	cargo fmt --all --check
@@ -26,6 +26,11 @@ lint:
 	"$$(hack/build-mdbook)" build docs
 	hack/check-book-links
 	hack/longest-fns
+
+# The release version agrees everywhere it is written, and every binary's
+# --version names it and this checkout's commit.
+release-check:
+	hack/release-check
 
 # Unit tests: pure code, no services.
 unit:

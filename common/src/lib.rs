@@ -1,7 +1,8 @@
 //! Code that the operator and the worker share, so it lives once:
 //! telemetry setup and W3C trace context in NATS headers, NATS connection
 //! options and flags, minted NATS identities (operator mode), names and subjects of the
-//! pipeline's JetStream objects, and the topology (stream, DLQ, KV, consumer).
+//! pipeline's JetStream objects, the topology (stream, DLQ, KV, consumer), and
+//! the version and commit the binaries are built from.
 
 pub mod duration;
 pub mod flags;
@@ -12,3 +13,4 @@ pub mod signal;
 pub mod telemetry;
 pub mod topology;
 pub mod trace;
+pub mod version;

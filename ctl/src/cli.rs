@@ -13,7 +13,7 @@ use crate::{audit, dlq, publish, status};
 #[derive(Parser, Debug)]
 #[command(
     name = "orderctl",
-    version,
+    version = orderpipeline_common::version::VERSION,
     about = "Publish orders and inspect the order pipeline"
 )]
 pub struct Cli {

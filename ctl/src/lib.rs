@@ -9,6 +9,7 @@ pub mod dlq;
 pub mod pipeline_ref;
 pub mod plugin;
 pub mod publish;
+pub mod report;
 pub mod status;
 pub mod target;
 

@@ -17,7 +17,7 @@ use crate::{audit, dlq, status};
 #[command(
     name = "kubectl orderpipeline",
     bin_name = "kubectl orderpipeline",
-    version,
+    version = orderpipeline_common::version::VERSION,
     about = "Status, audit and dead letters of an OrderPipeline, from its resource alone",
     after_help = "Examples:\n  kubectl orderpipeline status orders -n shop\n  kubectl orderpipeline dlq list orders -n shop\n  kubectl orderpipeline dlq replay orders 12 -n shop\n  kubectl orderpipeline audit orders -n shop --nats-url nats://127.0.0.1:4222   # through kubectl port-forward"
 )]
@@ -48,6 +48,23 @@ pub enum PluginCommand {
         #[command(subcommand)]
         command: Dlq,
     },
+    /// One archive to attach to a bug report: the pipeline (every served API
+    /// version), its status and Events, the workers' and the operator's
+    /// Deployments, Pods and recent logs, the stream, consumer and DLQ from
+    /// NATS; Secrets never, and secret values redacted.
+    Report {
+        name: String,
+        /// The archive to write (default:
+        /// orderpipeline-report-NAMESPACE-NAME-TIME.tar.gz here).
+        #[arg(short = 'o', long)]
+        output: Option<std::path::PathBuf>,
+        /// The operator's namespace.
+        #[arg(long, default_value = "orderpipeline-system")]
+        operator_namespace: String,
+        /// Log lines per container.
+        #[arg(long, default_value_t = 500)]
+        tail: i64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -73,7 +90,9 @@ impl Cli {
     /// The pipeline's `[NAMESPACE/]NAME`.
     fn reference(&self) -> String {
         let name = match &self.command {
-            PluginCommand::Status { name } | PluginCommand::Audit { name } => name,
+            PluginCommand::Status { name }
+            | PluginCommand::Audit { name }
+            | PluginCommand::Report { name, .. } => name,
             PluginCommand::Dlq { command } => match command {
                 Dlq::List { name, .. } | Dlq::Show { name, .. } | Dlq::Replay { name, .. } => name,
             },
@@ -124,6 +143,12 @@ impl Cli {
                 legacy_state_bucket: None,
                 legacy_if_present: false,
                 removed: None,
+            }),
+            // Not an orderctl command: `main` runs it before this is asked.
+            PluginCommand::Report { .. } => Command::Status(status::Args {
+                consumer: names::DEFAULT_CONSUMER.into(),
+                input_subject: names::DEFAULT_INPUT_SUBJECT.into(),
+                dlq_stream,
             }),
             PluginCommand::Dlq { command } => Command::Dlq(dlq::Args {
                 dlq_stream,
@@ -176,6 +201,9 @@ pub fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
     {
+        Ok(rt) if matches!(cli.command, PluginCommand::Report { .. }) => {
+            rt.block_on(run_report(&cli))
+        }
         Ok(rt) => {
             let (global, given) = cli.global();
             rt.block_on(crate::cli::exec(
@@ -187,6 +215,42 @@ pub fn main() -> std::process::ExitCode {
         }
         Err(e) => {
             eprintln!("kubectl orderpipeline: cannot start the async runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `kubectl orderpipeline report`: writes the archive, says where and what
+/// it could not collect.
+async fn run_report(cli: &Cli) -> std::process::ExitCode {
+    let PluginCommand::Report {
+        name,
+        output,
+        operator_namespace,
+        tail,
+    } = &cli.command
+    else {
+        return std::process::ExitCode::FAILURE;
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let o = crate::report::Options {
+        namespace: cli.namespace.clone(),
+        name: name.clone(),
+        output: output.clone(),
+        nats_url: cli.nats_url.clone(),
+        operator_namespace: operator_namespace.clone(),
+        tail: *tail,
+    };
+    match crate::report::report(&o).await {
+        Ok(path) => {
+            println!(
+                "wrote {} (summary.txt in it lists its files and what could not be collected); attach it to the bug report",
+                path.display()
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kubectl orderpipeline report: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

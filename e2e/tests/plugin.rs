@@ -20,6 +20,40 @@ use orderpipeline_e2e::{NatsServer, TestNamespace, env_var, kube_client, random_
 
 const USER: &str = "plugin";
 const PASSWORD: &str = "s3cret-pw";
+const API_TOKEN: &str = "tok-4b1d-report";
+
+/// The files of a `report` archive (extracted with tar into `dir`), by their
+/// path below the archive's top directory.
+fn report_files(archive: &Path, dir: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    std::fs::create_dir_all(dir)?;
+    let st = std::process::Command::new("tar")
+        .args([
+            "-xzf",
+            &archive.to_string_lossy(),
+            "-C",
+            &dir.to_string_lossy(),
+        ])
+        .status()?;
+    anyhow::ensure!(st.success(), "tar -xzf {} failed", archive.display());
+    let top = std::fs::read_dir(dir)?
+        .next()
+        .context("an empty archive")??
+        .path();
+    let mut out = Vec::new();
+    let mut todo = vec![top.clone()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let path = e?.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                let name = path.strip_prefix(&top)?.to_string_lossy().to_string();
+                out.push((name, std::fs::read_to_string(&path)?));
+            }
+        }
+    }
+    Ok(out)
+}
 
 /// The plugin installed by krew into a private KREW_ROOT, from the repository's
 /// manifest with the sha256 of an archive made here from the built binary.
@@ -188,6 +222,11 @@ async fn the_krew_installed_plugin_reads_everything_from_the_resource_and_refuse
     p.spec.nats.credentials_secret_ref = Some(order_operator::crd::SecretRef {
         name: "nats-credentials".into(),
     });
+    p.spec.workers.env = vec![k8s_openapi::api::core::v1::EnvVar {
+        name: "PAYMENT_API_TOKEN".into(),
+        value: Some(API_TOKEN.into()),
+        value_from: None,
+    }];
     Api::<OrderPipeline>::namespaced(client.clone(), &ns.name)
         .create(&PostParams::default(), &p)
         .await?;
@@ -281,6 +320,72 @@ async fn the_krew_installed_plugin_reads_everything_from_the_resource_and_refuse
         "dlq replay: {}",
         text(&out)
     );
+    // The support bundle: everything about the pipeline in one archive, no
+    // Secret value in it (the Secret's password, a secret-named env value).
+    let archive = root.join("report.tar.gz");
+    let out = plugin(
+        &bin,
+        &admin,
+        &[
+            "report",
+            "orders",
+            "-n",
+            n,
+            "-o",
+            &archive.to_string_lossy(),
+        ],
+        &[],
+    )?;
+    assert!(out.status.success(), "report: {}", text(&out));
+    let files = report_files(&archive, &root.join("report"))?;
+    let names: Vec<&str> = files.iter().map(|(f, _)| f.as_str()).collect();
+    for want in [
+        "summary.txt",
+        "pipeline.v1alpha1.yaml",
+        "events.txt",
+        "nats/stream.json",
+        "nats/consumer.json",
+        "nats/dlq-stream.json",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    let file = |f: &str| {
+        files
+            .iter()
+            .find(|(n, _)| n == f)
+            .map_or("", |(_, t)| t.as_str())
+    };
+    assert!(file("pipeline.v1alpha1.yaml").contains("kind: OrderPipeline"));
+    assert!(
+        file("nats/stream.json").contains("\"ORDERS\""),
+        "{}",
+        file("nats/stream.json")
+    );
+    assert!(file("nats/consumer.json").contains("order-workers"));
+    let summary = file("summary.txt");
+    eprintln!("report: {}\n{summary}", text(&out).trim());
+    assert!(
+        summary.contains("no Deployment orders-workers"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&format!("report orders -n {n}")),
+        "only secret values are redacted, not the user name in other words: {summary}"
+    );
+    assert!(
+        summary.contains("Secret nats-credentials: referenced"),
+        "{summary}"
+    );
+    assert!(file("pipeline.v1alpha1.yaml").contains("PAYMENT_API_TOKEN"));
+    for (f, t) in &files {
+        for secret in [PASSWORD, API_TOKEN] {
+            assert!(
+                !t.contains(secret),
+                "{f} holds a secret value ({secret}):\n{t}"
+            );
+        }
+    }
+
     // A user who may read OrderPipelines but not Secrets.
     let user = format!("plugin-reader-{}", random_suffix());
     let role = format!(

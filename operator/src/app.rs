@@ -143,7 +143,12 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
     let ctx = context(&args, client.clone(), metrics, cluster);
     let shutdown = shutdown_on_signal();
     let http = serve_http(args.http_addr, Arc::new(registry), shutdown.clone()).await?;
-    tracing::info!(namespaces = ?args.namespaces(), addr = %args.http_addr, "order-operator starting");
+    tracing::info!(
+        version = orderpipeline_common::version::VERSION,
+        namespaces = ?args.namespaces(),
+        addr = %args.http_addr,
+        "order-operator starting"
+    );
     let Some(leadership) = Leadership::take(&args, &client, &shutdown).await else {
         let _ = http.await;
         return Ok(());

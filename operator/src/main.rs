@@ -8,7 +8,7 @@ use order_operator::crd::OrderPipeline;
 #[derive(Parser, Debug)]
 #[command(
     name = "order-operator",
-    version,
+    version = orderpipeline_common::version::VERSION,
     about = "Kubernetes operator for OrderPipeline resources"
 )]
 struct Cli {

@@ -25,6 +25,12 @@ pub struct PipelineLabels {
     pub pipeline: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+    pub commit: &'static str,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub reconciles: Counter,
@@ -205,6 +211,18 @@ impl Metrics {
             "leader",
             "1 while this operator replica holds the Lease (reconciles), 0 on a standby",
             self.leader.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: orderpipeline_common::version::RELEASE,
+                commit: orderpipeline_common::version::COMMIT,
+            })
+            .set(1);
+        r.register(
+            "build_info",
+            "1, labelled with the operator's release version and git commit",
+            build,
         );
         r.register(
             "nats_connections",

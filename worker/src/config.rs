@@ -63,7 +63,7 @@ fn parse_downstream_url(s: &str) -> Result<String, String> {
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "order-worker",
-    version,
+    version = orderpipeline_common::version::VERSION,
     about = "Processes orders from a JetStream pull consumer: each order gets exactly one outcome (processed, rejected or dead-lettered)"
 )]
 pub struct Config {

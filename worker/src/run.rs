@@ -325,7 +325,7 @@ impl Consumer {
         ));
         self.bound_once = true;
         self.readiness.set_ready();
-        tracing::info!(stream = %self.cfg.stream, consumer = %self.cfg.consumer, pool = self.pool(), "bound; consuming");
+        tracing::info!(version = orderpipeline_common::version::VERSION, stream = %self.cfg.stream, consumer = %self.cfg.consumer, pool = self.pool(), "bound; consuming");
         Phase::Bound(Box::new(Binding {
             ctx,
             consumer: b.consumer,
