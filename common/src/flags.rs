@@ -42,6 +42,22 @@ pub struct NatsArgs {
 }
 
 impl NatsArgs {
+    /// Only a URL: no credentials, no TLS files, the default inbox prefix.
+    pub fn with_url(url: &str) -> Self {
+        Self {
+            nats_url: url.to_string(),
+            nats_creds_file: None,
+            nats_user: None,
+            nats_password: None,
+            nats_token: None,
+            nats_nkey_seed_file: None,
+            nats_tls_ca_file: None,
+            nats_tls_cert_file: None,
+            nats_tls_key_file: None,
+            nats_inbox_prefix: None,
+        }
+    }
+
     pub fn auth(&self) -> anyhow::Result<NatsAuth> {
         let nkey_seed = match &self.nats_nkey_seed_file {
             Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {

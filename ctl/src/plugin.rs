@@ -178,18 +178,7 @@ fn nats_credentials_from_env() -> (NatsArgs, Given) {
         Some((nats, Given::from_matches(&m).without("nats_url")))
     });
     parsed.unwrap_or_else(|| {
-        let nats = NatsArgs {
-            nats_url: names::DEFAULT_NATS_URL.into(),
-            nats_creds_file: None,
-            nats_user: None,
-            nats_password: None,
-            nats_token: None,
-            nats_nkey_seed_file: None,
-            nats_tls_ca_file: None,
-            nats_tls_cert_file: None,
-            nats_tls_key_file: None,
-            nats_inbox_prefix: None,
-        };
+        let nats = NatsArgs::with_url(names::DEFAULT_NATS_URL);
         (nats, Given::default())
     })
 }

@@ -278,7 +278,7 @@ async fn events(client: &kube::Client, ns: &str, name: &str, b: &mut Bundle) {
                     n == name || n.starts_with(&workers)
                 })
                 .collect();
-            about.sort_by_key(|e| e.last_timestamp.as_ref().map(|t| t.0));
+            about.sort_by_key(|e| event_time(e));
             let lines: Vec<String> = about.iter().map(|e| event_line(e)).collect();
             b.add("events.txt", lines.join("\n") + "\n");
         }
@@ -286,13 +286,17 @@ async fn events(client: &kube::Client, ns: &str, name: &str, b: &mut Bundle) {
     }
 }
 
+/// When an Event last happened: its lastTimestamp (core Events), else its
+/// eventTime (events.k8s.io), else its creation.
+fn event_time(e: &Event) -> Option<k8s_openapi::jiff::Timestamp> {
+    let created = e.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let last = e.last_timestamp.as_ref().map(|t| t.0);
+    last.or_else(|| e.event_time.as_ref().map(|t| t.0))
+        .or(created)
+}
+
 fn event_line(e: &Event) -> String {
-    let when = e
-        .last_timestamp
-        .as_ref()
-        .map(|t| t.0.to_string())
-        .or_else(|| e.event_time.as_ref().map(|t| t.0.to_string()))
-        .unwrap_or_default();
+    let when = event_time(e).map(|t| t.to_string()).unwrap_or_default();
     format!(
         "{when} {} {} {}/{} x{}: {}",
         e.type_.as_deref().unwrap_or("-"),
@@ -374,7 +378,7 @@ async fn pods(
 
 /// The stream, the consumer and the DLQ as NATS reports them.
 async fn nats(client: &kube::Client, p: &PipelineNames, url: Option<&str>, b: &mut Bundle) {
-    let mut args = nats_args(url.unwrap_or(&p.nats_url));
+    let mut args = orderpipeline_common::flags::NatsArgs::with_url(url.unwrap_or(&p.nats_url));
     match crate::pipeline_ref::read_secrets(client, p, true, true).await {
         Ok(files) => {
             files.apply(&mut args);
@@ -389,22 +393,6 @@ async fn nats(client: &kube::Client, p: &PipelineNames, url: Option<&str>, b: &m
             }
         }
         Err(e) => b.note(format!("NATS: cannot read the pipeline's Secrets ({e:#})")),
-    }
-}
-
-/// NATS flags with only a URL (the Secrets fill in the rest).
-fn nats_args(url: &str) -> orderpipeline_common::flags::NatsArgs {
-    orderpipeline_common::flags::NatsArgs {
-        nats_url: url.to_string(),
-        nats_creds_file: None,
-        nats_user: None,
-        nats_password: None,
-        nats_token: None,
-        nats_nkey_seed_file: None,
-        nats_tls_ca_file: None,
-        nats_tls_cert_file: None,
-        nats_tls_key_file: None,
-        nats_inbox_prefix: None,
     }
 }
 
@@ -459,6 +447,9 @@ fn summary(o: &Options, ns: &str, b: &Bundle) -> String {
     s.push_str("\nnotes (what could not be collected, and why):\n");
     for n in &b.notes {
         s.push_str(&format!("  - {n}\n"));
+    }
+    if b.notes.is_empty() {
+        s.push_str("  (none)\n");
     }
     s.push_str("\nSecrets are never collected; their values, secret-named environment values and URL passwords are replaced by <redacted>.\n");
     s

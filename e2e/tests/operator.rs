@@ -91,19 +91,10 @@ async fn setup_env(
     let ns = TestNamespace::create(&client, prefix).await?;
     let operator = OperatorProcess::spawn_env(&ns.name, resync, &env(&ns.name)).await?;
     let api = Api::namespaced(client.clone(), &ns.name);
-    let stop = tokio_util::sync::CancellationToken::new();
-    let cfg = orderpipeline_e2e::podrunner::RunnerConfig {
-        namespace: Some(ns.name.clone()),
-        worker_binary: orderpipeline_e2e::pipeline::binary("order-worker")?,
-        work_dir: std::env::temp_dir().join(format!("podrunner-{}", ns.name)),
+    let runner = match runner {
+        true => Some(pod_runner(&client, &ns.name)?),
+        false => None,
     };
-    if runner {
-        tokio::spawn(orderpipeline_e2e::podrunner::run(
-            client.clone(),
-            cfg,
-            stop.clone(),
-        ));
-    }
     Ok(Setup {
         client,
         ns,
@@ -111,8 +102,37 @@ async fn setup_env(
         js,
         operator,
         api,
-        _runner: runner.then(|| stop.drop_guard()),
+        _runner: runner,
     })
+}
+
+/// Real workers for the worker Pods of `namespace`, until the guard drops.
+fn pod_runner(client: &Client, namespace: &str) -> anyhow::Result<tokio_util::sync::DropGuard> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let cfg = orderpipeline_e2e::podrunner::RunnerConfig {
+        namespace: Some(namespace.to_string()),
+        worker_binary: orderpipeline_e2e::pipeline::binary("order-worker")?,
+        work_dir: std::env::temp_dir().join(format!("podrunner-{namespace}")),
+    };
+    tokio::spawn(orderpipeline_e2e::podrunner::run(
+        client.clone(),
+        cfg,
+        stop.clone(),
+    ));
+    Ok(stop.drop_guard())
+}
+
+/// Waits until pipeline `name` of `api` is Ready=True.
+async fn wait_ready_in(api: &Api<OrderPipeline>, name: &str) -> anyhow::Result<OrderPipeline> {
+    wait_for(&format!("{name} Ready"), Duration::from_secs(60), || {
+        let api = api.clone();
+        async move {
+            let p = api.get(name).await?;
+            let ready = condition(&p, "Ready").is_some_and(|c| c.status == "True");
+            Ok(ready.then_some(p))
+        }
+    })
+    .await
 }
 
 fn condition<'a>(
@@ -807,18 +827,7 @@ async fn one_operator_watches_a_list_of_namespaces_with_roles_only() -> anyhow::
     let operator = OperatorProcess::spawn_as(&watched, "2s", &kubeconfig, &env).await?;
     let mut runners = Vec::new();
     for ns in [&a, &b] {
-        let stop = tokio_util::sync::CancellationToken::new();
-        let cfg = orderpipeline_e2e::podrunner::RunnerConfig {
-            namespace: Some(ns.name.clone()),
-            worker_binary: orderpipeline_e2e::pipeline::binary("order-worker")?,
-            work_dir: std::env::temp_dir().join(format!("podrunner-{}", ns.name)),
-        };
-        tokio::spawn(orderpipeline_e2e::podrunner::run(
-            client.clone(),
-            cfg,
-            stop.clone(),
-        ));
-        runners.push(stop.drop_guard());
+        runners.push(pod_runner(&client, &ns.name)?);
     }
     let streams = [("A", &a), ("B", &b), ("C", &c)];
     for (stream, ns) in streams {
@@ -829,20 +838,9 @@ async fn one_operator_watches_a_list_of_namespaces_with_roles_only() -> anyhow::
     }
     for ns in [&a, &b] {
         let api = Api::<OrderPipeline>::namespaced(client.clone(), &ns.name);
-        wait_for(
-            &format!("{}/orders Ready", ns.name),
-            Duration::from_secs(60),
-            || {
-                let api = api.clone();
-                async move {
-                    let p = api.get("orders").await?;
-                    let ready = condition(&p, "Ready").is_some_and(|c| c.status == "True");
-                    Ok(ready.then_some(()))
-                }
-            },
-        )
-        .await
-        .with_context(|| format!("operator log:\n{}", operator.log_text()))?;
+        wait_ready_in(&api, "orders")
+            .await
+            .with_context(|| format!("operator log:\n{}", operator.log_text()))?;
     }
     let unwatched = Api::<OrderPipeline>::namespaced(client.clone(), &c.name)
         .get("orders")
@@ -2937,18 +2935,7 @@ async fn tenants_in_two_namespaces_reach_only_their_own_pipeline() -> anyhow::Re
     let mut runners = Vec::new();
     let mut ids = Vec::new();
     for (ns, stream) in tenants.iter().zip(["TA", "TB"]) {
-        let stop = tokio_util::sync::CancellationToken::new();
-        let cfg = orderpipeline_e2e::podrunner::RunnerConfig {
-            namespace: Some(ns.name.clone()),
-            worker_binary: orderpipeline_e2e::pipeline::binary("order-worker")?,
-            work_dir: std::env::temp_dir().join(format!("podrunner-{}", ns.name)),
-        };
-        tokio::spawn(orderpipeline_e2e::podrunner::run(
-            client.clone(),
-            cfg,
-            stop.clone(),
-        ));
-        runners.push(stop.drop_guard());
+        runners.push(pod_runner(&client, &ns.name)?);
         let mut p = sample_named(&url, "orders", stream)?;
         p.spec.nats.account_ref = Some(order_operator::crd::AccountRef {
             name: "tenants".into(),
@@ -2956,22 +2943,13 @@ async fn tenants_in_two_namespaces_reach_only_their_own_pipeline() -> anyhow::Re
         p.spec.workers.replicas = 1;
         let api = Api::<OrderPipeline>::namespaced(client.clone(), &ns.name);
         api.create(&PostParams::default(), &p).await?;
-        let id = wait_for(
-            &format!("{}/orders Ready with its identities", ns.name),
-            Duration::from_secs(60),
-            || {
-                let api = api.clone();
-                async move {
-                    let p = api.get("orders").await?;
-                    let ready = condition(&p, "Ready").is_some_and(|c| c.status == "True");
-                    Ok(ready
-                        .then(|| p.status.and_then(|s| s.nats_identity))
-                        .flatten())
-                }
-            },
-        )
-        .await
-        .with_context(|| format!("operator log:\n{}", operator.log_text()))?;
+        let ready = wait_ready_in(&api, "orders")
+            .await
+            .with_context(|| format!("operator log:\n{}", operator.log_text()))?;
+        let id = ready
+            .status
+            .and_then(|s| s.nats_identity)
+            .context("Ready without status.natsIdentity")?;
         let secrets = Api::<Secret>::namespaced(client.clone(), &ns.name);
         let (worker, _) = minted(&secrets, &id.worker_secret).await?;
         let (producer, _) = minted(&secrets, &id.producer_secret).await?;
