@@ -14,6 +14,17 @@ pub const DEFAULT_CONSUMER: &str = "order-workers";
 pub const DEFAULT_STATE_BUCKET: &str = "ORDERS_STATE";
 pub const DEFAULT_WORKER_POOL_SIZE: u32 = 10;
 
+/// The Secret the operator mints pipeline `name`'s worker NATS identity into
+/// (`spec.nats.accountRef`).
+pub fn minted_worker_secret(name: &str) -> String {
+    format!("{name}-nats-worker")
+}
+
+/// The Secret the operator mints pipeline `name`'s producer NATS identity into.
+pub fn minted_producer_secret(name: &str) -> String {
+    format!("{name}-nats-producer")
+}
+
 /// The dead-letter stream a pipeline gets when `deadLetter.streamName` is unset.
 pub fn derived_dlq_stream(stream: &str) -> String {
     format!("{stream}_DLQ")

@@ -18,6 +18,7 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, L
 use serde_json::Value;
 
 use crate::pipeline_ref::PipelineNames;
+use orderpipeline_common::names;
 
 /// Where to write and what to read.
 #[derive(Clone, Debug)]
@@ -227,8 +228,8 @@ async fn pipeline(
 async fn secret_values(client: &kube::Client, p: &PipelineNames, b: &mut Bundle) {
     let api: Api<Secret> = Api::namespaced(client.clone(), &p.namespace);
     let minted = [
-        format!("{}-nats-worker", p.name),
-        format!("{}-nats-producer", p.name),
+        names::minted_worker_secret(&p.name),
+        names::minted_producer_secret(&p.name),
     ];
     let refs = [p.credentials_secret.clone(), p.tls_secret.clone()];
     for name in refs.into_iter().flatten().chain(minted) {

@@ -787,7 +787,7 @@ async fn one_operator_watches_a_list_of_namespaces_with_roles_only() -> anyhow::
     let b = TestNamespace::create(&client, "op-wb").await?;
     let c = TestNamespace::create(&client, "op-wc").await?;
     let chart = orderpipeline_e2e::operator::repo_root().join("charts/order-operator");
-    let rendered = kubectl_like(
+    let rendered = orderpipeline_e2e::run_tool_async(
         "helm",
         &[
             "template",
@@ -861,21 +861,6 @@ async fn one_operator_watches_a_list_of_namespaces_with_roles_only() -> anyhow::
         ns.delete().await?;
     }
     Ok(())
-}
-
-/// Runs `program` with `args`; its stdout, or an error with its stderr.
-async fn kubectl_like(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = tokio::process::Command::new(program)
-        .args(args)
-        .output()
-        .await
-        .with_context(|| format!("running {program}"))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The operator's ServiceAccount as a client of the API server.

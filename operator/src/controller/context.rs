@@ -38,7 +38,7 @@ pub struct Context {
     /// Whether each pipeline's workers get a NetworkPolicy (see [`crate::netpol`]).
     pub worker_network_policy: bool,
     /// The workers' NetworkPolicy this process last applied per pipeline, and when.
-    pub(crate) policies: std::sync::Mutex<HashMap<String, (String, std::time::Instant)>>,
+    pub(crate) policies: std::sync::Mutex<HashMap<String, (u64, std::time::Instant)>>,
     /// NATS connections, shared by the pipelines that use the same server and
     /// credentials.
     pub(crate) nats: Mutex<NatsPool>,

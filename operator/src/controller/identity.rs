@@ -160,11 +160,11 @@ pub(crate) fn scope(p: &OrderPipeline, plan: &Plan) -> PipelineScope {
 }
 
 pub(crate) fn worker_secret(p: &OrderPipeline) -> String {
-    format!("{}-nats-worker", p.name_any())
+    orderpipeline_common::names::minted_worker_secret(&p.name_any())
 }
 
 pub(crate) fn producer_secret(p: &OrderPipeline) -> String {
-    format!("{}-nats-producer", p.name_any())
+    orderpipeline_common::names::minted_producer_secret(&p.name_any())
 }
 
 /// What a minted Secret was minted for: it is minted again when this changes.

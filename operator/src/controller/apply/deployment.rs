@@ -142,7 +142,7 @@ impl Applied {
     }
 }
 
-fn digest(b: &[u8]) -> u64 {
+pub(crate) fn digest(b: &[u8]) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     b.hash(&mut h);

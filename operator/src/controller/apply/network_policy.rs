@@ -22,9 +22,9 @@ pub(crate) async fn apply_network_policy(p: &OrderPipeline, ctx: &Context) -> Re
         return Ok(());
     }
     let desired = crate::netpol::worker_policy(p);
-    let digest = serde_json::to_string(&desired).unwrap_or_default();
+    let digest = super::deployment::digest(&serde_json::to_vec(&desired).unwrap_or_default());
     let key = key_of(p);
-    let fresh = |(d, at): &(String, Instant)| *d == digest && at.elapsed() < REAPPLY;
+    let fresh = |(d, at): &(u64, Instant)| *d == digest && at.elapsed() < REAPPLY;
     if ctx.policies.lock().unwrap().get(&key).is_some_and(fresh) {
         return Ok(());
     }
