@@ -436,6 +436,8 @@ fn promtool_checks_and_unit_tests_the_alerts() -> anyhow::Result<()> {
         {"series": "orderoperator_pipeline_oldest_unprocessed_age_seconds{pipeline=\"shop/ok\"}", "values": "900x22"},
         {"series": "orderoperator_pipeline_estimated_server_memory_bytes{pipeline=\"shop/orders\"}", "values": "400000+20000x30"},
         {"series": "orderoperator_pipeline_estimated_server_memory_bytes{pipeline=\"shop/ok\"}", "values": "200000x30"},
+        {"series": "orderoperator_pipeline_stalled{pipeline=\"shop/orders\"}", "values": "0 0 0 0 1x4 0x14"},
+        {"series": "orderoperator_pipeline_stalled{pipeline=\"shop/ok\"}", "values": "0x22"},
     ]);
     let cases = [
         // 4 removed at minute 3, acknowledged at minute 12: critical at once, until then.
@@ -537,6 +539,23 @@ fn promtool_checks_and_unit_tests_the_alerts() -> anyhow::Result<()> {
             name: "OrderPipelinesNatsMemoryNearBudget",
             at: "26m",
             fires: vec![("", "1.12e+06")],
+        },
+        // Stalled at minutes 4 to 7 (the operator waited its window): at once,
+        // and no longer once it moves.
+        Case {
+            name: "OrderPipelineStalled",
+            at: "3m",
+            fires: vec![],
+        },
+        Case {
+            name: "OrderPipelineStalled",
+            at: "4m",
+            fires: vec![("shop/orders", "1")],
+        },
+        Case {
+            name: "OrderPipelineStalled",
+            at: "9m",
+            fires: vec![],
         },
         // No leader from minute 6: after 5m.
         Case {

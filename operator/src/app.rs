@@ -53,6 +53,13 @@ pub struct Settings {
     /// with a short duplicate window, rounded up; measure yours.
     #[arg(long, env = "NATS_BYTES_PER_SUBJECT", default_value_t = 400)]
     pub nats_bytes_per_subject: u64,
+    /// How long a pipeline's consumer may deliver nothing and keep its ack
+    /// floor while orders wait and its workers are available before it is
+    /// Stalled (condition, Warning Event, orderoperator_pipeline_stalled).
+    /// Never shorter than a pipeline's ack wait (or longest backoff step) plus
+    /// its workers' longest NAK delay: a message in backoff is not a stall.
+    #[arg(long, env = "STALL_WINDOW", default_value = crate::controller::stall::DEFAULT_WINDOW, value_parser = parse_duration)]
+    pub stall_window: Duration,
     /// Let pipelines send credentials (`spec.nats.credentialsSecretRef`) over a
     /// plain `nats://` URL without TLS. Off by default: anyone on the network
     /// path could read them. For a trusted network or a local environment.
@@ -185,6 +192,7 @@ fn context(
     );
     ctx.cluster_id = cluster;
     ctx.nats_bytes_per_subject = args.nats_bytes_per_subject;
+    ctx.stall_window = args.stall_window;
     ctx.allow_plaintext_credentials = args.allow_plaintext_credentials;
     ctx.allowlists = crate::render::Allowlists::new(&args.allowed_images, &args.allowed_nats_hosts);
     ctx.accounts_namespace = args

@@ -12,6 +12,7 @@ pub mod types {
     pub const PAUSED: &str = "Paused";
     pub const SCALING: &str = "Scaling";
     pub const INPUTS_RETAINED: &str = "InputsRetained";
+    pub const STALLED: &str = "Stalled";
 }
 
 pub mod reasons {
@@ -44,6 +45,10 @@ pub mod reasons {
     pub const INPUTS_RETAINED: &str = "InputsRetained";
     pub const INPUTS_REMOVED_UNPROCESSED: &str = "InputsRemovedUnprocessed";
     pub const OLDEST_UNPROCESSED_AGING: &str = "OldestUnprocessedAging";
+    pub const CONSUMER_STALLED: &str = "ConsumerStalled";
+    pub const CONSUMER_WAITING: &str = "ConsumerWaiting";
+    pub const CONSUMER_MOVING: &str = "ConsumerMoving";
+    pub const NOTHING_WAITING: &str = "NothingWaiting";
 }
 
 /// Builds a condition.

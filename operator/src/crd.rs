@@ -792,6 +792,11 @@ pub struct StreamStatus {
     /// bench-growth`).
     #[serde(default)]
     pub estimated_server_memory_bytes: i64,
+    /// When NATS created the stream (RFC 3339, to the nanosecond): which
+    /// stream the consumer's figures belong to (a stream deleted and recreated
+    /// starts its sequences again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
 }
 
 /// Consumer figures.
@@ -804,6 +809,19 @@ pub struct ConsumerStatus {
     pub ack_pending: i64,
     /// Messages redelivered at least once.
     pub redelivered: i64,
+    /// Deliveries so far, redeliveries included (the consumer's delivered
+    /// consumer sequence): it moves whenever a worker is handed a message.
+    #[serde(default)]
+    pub delivered: i64,
+    /// The ack floor: every input at or below this stream sequence is
+    /// acknowledged. A consumer the server loses is recreated from the next one.
+    #[serde(default)]
+    pub ack_floor: i64,
+    /// Since when work has waited (messages pending or awaiting ack) with no
+    /// delivery and no acknowledgement; absent while the consumer moves or has
+    /// nothing to do. Longer than the stall window: the Stalled condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_since: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }
 
 /// Worker figures, all read from the worker Deployment.

@@ -53,6 +53,10 @@ pub enum Kind {
     InputsRemovedUnprocessed,
     /// The oldest unprocessed order reached half the input stream's maxAge.
     OldestUnprocessedAging,
+    /// The consumer delivers nothing while orders wait (see `controller::stall`).
+    Stalled,
+    /// A Stalled consumer moves again (or has nothing left to do).
+    StallEnded,
     Retained,
     Deleted,
     CleanupAbandoned,
@@ -86,6 +90,8 @@ impl Kind {
                 crate::conditions::reasons::INPUTS_REMOVED_UNPROCESSED
             }
             Kind::OldestUnprocessedAging => crate::conditions::reasons::OLDEST_UNPROCESSED_AGING,
+            Kind::Stalled => crate::conditions::reasons::CONSUMER_STALLED,
+            Kind::StallEnded => "StallEnded",
             Kind::Retained => "Retained",
             Kind::Deleted => "Deleted",
             Kind::CleanupAbandoned => "CleanupAbandoned",
@@ -107,7 +113,9 @@ impl Kind {
             Kind::WindowTooShort => "Validate",
             Kind::DeadLettersGrew
             | Kind::InputsRemovedUnprocessed
-            | Kind::OldestUnprocessedAging => "Observe",
+            | Kind::OldestUnprocessedAging
+            | Kind::Stalled
+            | Kind::StallEnded => "Observe",
             Kind::Retained | Kind::Deleted | Kind::CleanupAbandoned | Kind::CleanupFailed => {
                 "Delete"
             }
@@ -125,6 +133,7 @@ impl Kind {
             | Kind::DeadLettersGrew
             | Kind::InputsRemovedUnprocessed
             | Kind::OldestUnprocessedAging
+            | Kind::Stalled
             | Kind::CleanupAbandoned
             | Kind::CleanupFailed
             | Kind::NotReady { .. } => EventType::Warning,

@@ -51,6 +51,7 @@ pub struct Metrics {
     pub stream_subjects: Family<PipelineLabels, Gauge>,
     pub stream_bytes: Family<PipelineLabels, Gauge>,
     pub estimated_server_memory: Family<PipelineLabels, Gauge>,
+    pub stalled: Family<PipelineLabels, Gauge>,
     pub nats_connections: Gauge,
     pub leader: Gauge,
 }
@@ -73,6 +74,8 @@ pub struct PipelineFigures {
     pub stream_subjects: i64,
     pub stream_bytes: i64,
     pub estimated_server_memory_bytes: i64,
+    /// The Stalled condition is True.
+    pub stalled: bool,
 }
 
 impl Metrics {
@@ -96,6 +99,7 @@ impl Metrics {
             stream_subjects: Family::default(),
             stream_bytes: Family::default(),
             estimated_server_memory: Family::default(),
+            stalled: Family::default(),
             nats_connections: Gauge::default(),
             leader: Gauge::default(),
         };
@@ -203,6 +207,11 @@ impl Metrics {
             "NATS server memory the input stream's subjects hold, estimated: subjects x --nats-bytes-per-subject",
             self.estimated_server_memory.clone(),
         );
+        r.register(
+            "pipeline_stalled",
+            "1 while the pipeline's consumer is Stalled: orders wait, its workers are available, and it has delivered nothing and kept its ack floor for longer than --stall-window",
+            self.stalled.clone(),
+        );
     }
 
     /// The operator process's state: leadership and the NATS connections it holds.
@@ -271,6 +280,7 @@ impl Metrics {
         self.estimated_server_memory
             .get_or_create(&l)
             .set(f.estimated_server_memory_bytes);
+        self.stalled.get_or_create(&l).set(i64::from(f.stalled));
     }
 
     /// A blocked reconcile: Ready is 0, the last figures stay.
@@ -300,6 +310,7 @@ impl Metrics {
             &self.stream_subjects,
             &self.stream_bytes,
             &self.estimated_server_memory,
+            &self.stalled,
         ] {
             f.remove(&l);
         }

@@ -26,6 +26,8 @@ pub struct Context {
     pub cluster_id: String,
     /// NATS server memory per input-stream subject, for the capacity estimate.
     pub nats_bytes_per_subject: u64,
+    /// `--stall-window` (see [`super::stall`]).
+    pub stall_window: Duration,
     /// Whether credentials may travel over plain `nats://` (see
     /// `render::credentials_in_clear`).
     pub allow_plaintext_credentials: bool,
@@ -117,6 +119,7 @@ impl Context {
             resync,
             cluster_id: "cluster".into(),
             nats_bytes_per_subject: 400,
+            stall_window: Duration::from_secs(300),
             allow_plaintext_credentials: false,
             allowlists: Default::default(),
             accounts_namespace: None,

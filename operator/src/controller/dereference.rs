@@ -313,6 +313,28 @@ pub(crate) struct Figures {
     pub(crate) oldest_unprocessed_age_seconds: Option<i64>,
     /// The input stream's configuration as read (the hold changes its maxAge).
     pub(crate) stream_config: async_nats::jetstream::stream::Config,
+    /// An input was stored since the last look that the consumer does not
+    /// count (nothing pending, nothing delivered since): its position is past
+    /// the stream's, and it will not deliver it (see [`super::stall`]).
+    pub(crate) unseen_input: bool,
+}
+
+/// What the last status says of the stream and the consumer, for telling an
+/// input the consumer does not see.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct LastLook {
+    pub(crate) last_seq: u64,
+    pub(crate) deliveries: u64,
+}
+
+impl LastLook {
+    pub(crate) fn of(old: &crate::crd::OrderPipelineStatus) -> Option<Self> {
+        let u = |v: i64| u64::try_from(v).unwrap_or(0);
+        Some(Self {
+            last_seq: u(old.stream.as_ref()?.last_sequence),
+            deliveries: u(old.consumer.as_ref()?.delivered),
+        })
+    }
 }
 
 pub(crate) async fn read_figures(
@@ -320,6 +342,7 @@ pub(crate) async fn read_figures(
     t: &Topology,
     seen: Seen,
     bytes_per_subject: u64,
+    last: Option<LastLook>,
 ) -> Result<Figures, String> {
     let i64_of = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let missing = |what: &str| format!("{what} does not exist (yet)");
@@ -353,6 +376,12 @@ pub(crate) async fn read_figures(
     let oldest_unprocessed_age_seconds = oldest_unprocessed_age(js, t, &st, &c)
         .await
         .map_err(|e| format!("reading the oldest unprocessed order in {}: {e}", t.stream))?;
+    let unseen_input = unseen_input(js, t, &st, &c, last).await.map_err(|e| {
+        format!(
+            "reading the inputs stored since the last look in {}: {e}",
+            t.stream
+        )
+    })?;
     Ok(Figures {
         consumer_paused: c.paused,
         legacy_records,
@@ -363,11 +392,15 @@ pub(crate) async fn read_figures(
             last_sequence: i64_of(st.last_sequence),
             subjects: i64_of(st.subjects),
             estimated_server_memory_bytes: i64_of(st.subjects.saturating_mul(bytes_per_subject)),
+            created: st.created.and_then(created_of),
         },
         consumer: crate::crd::ConsumerStatus {
             pending: i64_of(c.pending),
             ack_pending: i64::try_from(c.ack_pending).unwrap_or(i64::MAX),
             redelivered: i64::try_from(c.redelivered).unwrap_or(i64::MAX),
+            delivered: i64_of(c.cursor.deliveries),
+            ack_floor: i64_of(c.cursor.ack_floor_stream_seq),
+            waiting_since: None,
         },
         dead_letters: i64_of(dead),
         observation: super::retention::Observation {
@@ -379,7 +412,44 @@ pub(crate) async fn read_figures(
         },
         oldest_unprocessed_age_seconds,
         stream_config: st.config,
+        unseen_input,
     })
+}
+
+/// A stream's creation time (unix ns) as the status shows it: RFC 3339 to the
+/// nanosecond (the API's `Time` keeps whole seconds, too coarse to tell a
+/// stream from one recreated in the same second).
+pub(crate) fn created_of(ns: i128) -> Option<String> {
+    k8s_openapi::jiff::Timestamp::from_nanosecond(ns)
+        .ok()
+        .map(|t| t.to_string())
+}
+
+/// Whether an input stored since the last look is one the consumer does not
+/// count. Asked only when the consumer reports nothing pending, nothing
+/// awaiting ack and no delivery since the last look while the stream grew:
+/// then no worker wrote an outcome, so the growth is inputs (or other
+/// subjects), and an input among it is one the consumer will not deliver
+/// (its position is past the stream's last sequence, as after a server lost
+/// the stream's tail). One request, and none on a pipeline that moves or
+/// rests.
+async fn unseen_input(
+    js: &dyn JetStream,
+    t: &Topology,
+    st: &StreamView,
+    c: &ConsumerView,
+    last: Option<LastLook>,
+) -> Result<bool, JsError> {
+    let Some(last) = last else { return Ok(false) };
+    let quiet = c.pending == 0 && c.ack_pending == 0 && c.cursor.deliveries == last.deliveries;
+    if !quiet || st.last_sequence <= last.last_seq {
+        return Ok(false);
+    }
+    let from = (last.last_seq + 1).max(st.first_sequence);
+    Ok(js
+        .stored_at(&t.stream, &t.filter_subject, from)
+        .await?
+        .is_some())
 }
 
 /// The age of the first input above the consumer's ack floor (every input at

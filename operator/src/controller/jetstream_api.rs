@@ -15,6 +15,9 @@ pub(crate) struct StreamView {
     /// Distinct subjects stored: one per order with an outcome (the server
     /// keeps each in its in-memory index), plus the input subject.
     pub(crate) subjects: u64,
+    /// When NATS created it (unix ns): a stream deleted and recreated under the
+    /// same name is another stream, with its sequences starting again.
+    pub(crate) created: Option<i128>,
 }
 
 /// A consumer's configuration and figures.
@@ -125,6 +128,7 @@ impl JetStream for Live {
             first_sequence: info.state.first_sequence,
             last_sequence: info.state.last_sequence,
             subjects: info.state.subjects_count,
+            created: Some(info.created.unix_timestamp_nanos()),
         }))
     }
 
@@ -240,6 +244,10 @@ pub(crate) struct Fake {
     pub(crate) oldest_stored_at: std::sync::Mutex<Option<i64>>,
 }
 
+/// The Fake's creation times: one per stream it creates.
+#[cfg(test)]
+static CREATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1_000);
+
 #[cfg(test)]
 impl Fake {
     fn call(&self, what: String) -> Result<(), JsError> {
@@ -273,11 +281,16 @@ impl JetStream for Fake {
 
     async fn create_stream(&self, cfg: stream::Config) -> Result<(), JsError> {
         self.call(format!("create stream {}", cfg.name))?;
+        let mut streams = self.streams.lock().unwrap();
         let view = StreamView {
             config: cfg.clone(),
+            // Each stream created here is another one.
+            created: Some(i128::from(
+                CREATED.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+            )),
             ..Default::default()
         };
-        self.streams.lock().unwrap().insert(cfg.name, view);
+        streams.insert(cfg.name, view);
         Ok(())
     }
 
@@ -314,6 +327,7 @@ impl JetStream for Fake {
             backoff: cfg.backoff.clone(),
             max_ack_pending: cfg.max_ack_pending,
             max_deliver: cfg.max_deliver,
+            deliver_policy: cfg.deliver_policy,
             ..Default::default()
         };
         let paused = cfg.pause_until.is_some();

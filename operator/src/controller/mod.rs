@@ -12,6 +12,7 @@ mod jetstream_api;
 mod merge;
 mod plan;
 mod retention;
+pub mod stall;
 mod status;
 #[cfg(test)]
 mod tests;
@@ -132,11 +133,15 @@ async fn jetstream_step(
     plan: &mut render::Plan,
     old: &OrderPipelineStatus,
     hold_moved: bool,
-) -> Result<(Result<Figures, String>, retention::Removed), Stop> {
+) -> Result<Pass, Stop> {
     let key = key_of(p);
     if let Some(pass) = ctx.recent_pass(p, &world.connection) {
         plan.topology.max_age = pass.max_age;
-        return Ok((Ok(pass.figures), retention::Removed::default()));
+        return Ok(Pass {
+            figures: Ok(pass.figures),
+            removed: retention::Removed::default(),
+            fresh: false,
+        });
     }
     let epoch = ctx.removal_epoch(&key);
     let observe = p.spec.management_policy == ManagementPolicy::Observe;
@@ -147,7 +152,7 @@ async fn jetstream_step(
     if !observe {
         // A maxAge the hold moved is the operator's change, not drift.
         let drift = plan::is_drift(p, old) && !hold_moved;
-        match ensure_topology(p, ctx, js, &plan.topology, drift).await {
+        match ensure_topology(p, ctx, js, &plan.topology, drift, old).await {
             Ok(s) => seen = s,
             Err(b) => {
                 if b.cause.drops_connection() {
@@ -157,7 +162,8 @@ async fn jetstream_step(
             }
         }
     }
-    let figures = read_figures(js, &plan.topology, seen, ctx.nats_bytes_per_subject).await;
+    let last = dereference::LastLook::of(old);
+    let figures = read_figures(js, &plan.topology, seen, ctx.nats_bytes_per_subject, last).await;
     let removed = match &figures {
         Ok(f) => ctx.removed_since_last_read(&key, &f.observation),
         Err(_) => retention::Removed::default(),
@@ -174,7 +180,20 @@ async fn jetstream_step(
     if let Ok(f) = &figures {
         ctx.remember_pass(p, &world.connection, epoch, f, plan.topology.max_age);
     }
-    Ok((figures, removed))
+    Ok(Pass {
+        figures,
+        removed,
+        fresh: true,
+    })
+}
+
+/// What the JetStream step read.
+struct Pass {
+    figures: Result<Figures, String>,
+    /// Inputs removed unprocessed since the last read.
+    removed: retention::Removed,
+    /// Read now, not reused from a recent pass.
+    fresh: bool,
 }
 
 /// dereference -> plan -> apply -> status, in that order.
@@ -210,7 +229,8 @@ async fn steps(
     if !observe {
         world.mint(p, ctx, &plan).await?;
     }
-    let (figures, removed) = jetstream_step(p, ctx, &world, &mut plan, old, hold_moved).await?;
+    let pass = jetstream_step(p, ctx, &world, &mut plan, old, hold_moved).await?;
+    let (figures, removed) = (pass.figures, pass.removed);
     // Dereference the live Deployment; plan the replicas and the workers' view.
     let live = dereference::live_deployment(p, ctx).await?;
     let now = k8s_openapi::jiff::Timestamp::now();
@@ -245,6 +265,8 @@ async fn steps(
         secrets_checksum: world.secrets.checksum.clone(),
         nats_identity: world.identity.clone(),
         scaled_at: why.map(|_| Time(now)),
+        fresh: pass.fresh,
+        stall_window: stall::window(ctx.stall_window, &plan),
     };
     Ok(status::finish(p, ctx, old, &observed).await?)
 }

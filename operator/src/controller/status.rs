@@ -137,7 +137,11 @@ pub(crate) async fn finish(
         true => ctx.resync,
         false => ctx.resync.min(retry::NOT_READY_RESYNC),
     };
-    Ok(Action::requeue(jittered(next)))
+    let next = jittered(next);
+    // While orders wait on a still consumer, the next look is when the
+    // window runs out.
+    let stall = super::stall::next_look(&status, &o.now, o.stall_window);
+    Ok(Action::requeue(stall.map_or(next, |s| s.min(next))))
 }
 
 /// How long a new pipeline's first status may wait for its workers to start.
@@ -192,6 +196,7 @@ pub(crate) fn figures_of(p: &OrderPipeline, s: &OrderPipelineStatus) -> Pipeline
         stream_subjects: stream.subjects,
         stream_bytes: stream.bytes,
         estimated_server_memory_bytes: stream.estimated_server_memory_bytes,
+        stalled: conditions::is_true(&s.conditions, types::STALLED),
     }
 }
 
@@ -215,6 +220,10 @@ pub(crate) struct Observed<'a> {
     pub(crate) nats_identity: Option<crate::crd::NatsIdentityStatus>,
     /// Set when this reconcile changed the replicas.
     pub(crate) scaled_at: Option<Time>,
+    /// The figures were read now (not reused from a recent pass).
+    pub(crate) fresh: bool,
+    /// How long work may wait with nothing moving before it is a stall.
+    pub(crate) stall_window: std::time::Duration,
 }
 
 /// The status of a reconcile that went through: the figures, the conditions
@@ -254,6 +263,7 @@ pub(crate) fn build(old: &OrderPipelineStatus, o: &Observed) -> OrderPipelineSta
     status.nats_identity = o.nats_identity.clone();
     let workers_ok = workers_condition.status == "True";
     conds.push(workers_condition);
+    conds.extend(with_stall(&mut status, old, o, &workers));
     conds.push(window_condition(o.plan, generation));
     let ready = figures_ok && workers_ok;
     let (reason, message) = if ready {
@@ -319,6 +329,34 @@ fn with_figures(
             false
         }
     }
+}
+
+/// Whether the consumer is stalled (see [`super::stall`]): the wait into
+/// `status`, and the Stalled condition (none without figures).
+fn with_stall(
+    status: &mut OrderPipelineStatus,
+    old: &OrderPipelineStatus,
+    o: &Observed,
+    workers: &crate::crd::WorkersStatus,
+) -> Option<Condition> {
+    let (Ok(f), Some(c)) = (o.figures, status.consumer.as_mut()) else {
+        return None;
+    };
+    let look = super::stall::Look {
+        figures: f,
+        old,
+        now: &o.now,
+        fresh: o.fresh,
+        paused: o.paused || f.consumer_paused,
+        workers_available: workers.available,
+        workers_desired: workers.desired,
+        window: o.stall_window,
+        consumer: &o.plan.topology.consumer,
+        generation: o.generation,
+    };
+    let (since, stalled) = super::stall::assess(&look);
+    c.waiting_since = since;
+    Some(stalled)
 }
 
 /// The worker figures, all from the Deployment, and WorkersAvailable.
@@ -464,6 +502,7 @@ pub(crate) fn notes(
         });
     }
     out.extend(retention_notes(old, new));
+    out.extend(stall_notes(old, new));
     if let (Some(new), Some(prev)) = (new.dead_letters, old.dead_letters)
         && new > prev
     {
@@ -476,6 +515,38 @@ pub(crate) fn notes(
         });
     }
     out
+}
+
+/// A Warning when the consumer turns Stalled (with the figures), and a
+/// Normal Event when it moves again.
+fn stall_notes(old: &OrderPipelineStatus, new: &OrderPipelineStatus) -> Vec<Note> {
+    let stalled = |s: &OrderPipelineStatus| conditions::is_true(&s.conditions, types::STALLED);
+    match (stalled(old), stalled(new)) {
+        (false, true) => {
+            let c = new.conditions.iter().find(|c| c.type_ == types::STALLED);
+            vec![Note {
+                kind: Kind::Stalled,
+                message: c.map(|c| c.message.clone()).unwrap_or_default(),
+            }]
+        }
+        (true, false) => {
+            let since = old.consumer.as_ref().and_then(|c| c.waiting_since.clone());
+            let c = new.conditions.iter().find(|c| c.type_ == types::STALLED);
+            let stalled_for = match (since, c.map(|c| &c.last_transition_time)) {
+                (Some(s), Some(t)) => format!(
+                    " after {}s without moving",
+                    t.0.duration_since(s.0).as_secs().max(0)
+                ),
+                _ => String::new(),
+            };
+            let now = c.map(|c| c.message.clone()).unwrap_or_default();
+            vec![Note {
+                kind: Kind::StallEnded,
+                message: format!("the consumer is no longer stalled{stalled_for}: {now}"),
+            }]
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// A Warning when more inputs were removed unprocessed, and when the oldest
@@ -548,12 +619,13 @@ status: {{replicas: {desired}, readyReplicas: {available}, availableReplicas: {a
             consumer: ConsumerStatus {
                 pending: 3,
                 ack_pending: 2,
-                redelivered: 0,
+                ..Default::default()
             },
             dead_letters,
             observation: Default::default(),
             oldest_unprocessed_age_seconds: Some(30),
             stream_config: Default::default(),
+            unseen_input: false,
         })
     }
 
@@ -600,6 +672,8 @@ status: {{replicas: {desired}, readyReplicas: {available}, availableReplicas: {a
                 secrets_checksum: None,
                 nats_identity: None,
                 scaled_at: None,
+                fresh: true,
+                stall_window: std::time::Duration::from_secs(60),
             },
         )
     }
@@ -633,6 +707,8 @@ status: {{replicas: {desired}, readyReplicas: {available}, availableReplicas: {a
                     secrets_checksum: None,
                     nats_identity: None,
                     scaled_at: None,
+                    fresh: true,
+                    stall_window: std::time::Duration::from_secs(60),
                 },
             )
         };

@@ -687,6 +687,39 @@ async fn objects_deleted_behind_the_operators_back_come_back_with_drift_warnings
     assert_eq!(h.api.event_reasons(), ["DriftCorrected", "DriftCorrected"]);
 }
 
+#[tokio::test]
+async fn a_consumer_lost_on_the_same_stream_resumes_after_the_ack_floor_last_read() {
+    let p = sample();
+    let h = Harness::new(&p);
+    let key = ("ORDERS".to_string(), "order-workers".to_string());
+    h.reconcile(&p).await;
+    // Work done: 40 inputs acknowledged, the stream at 100; the status records it.
+    h.js.streams
+        .lock()
+        .unwrap()
+        .get_mut("ORDERS")
+        .unwrap()
+        .last_sequence = 100;
+    let floor = super::jetstream_api::Cursor {
+        delivered_stream_seq: 45,
+        deliveries: 45,
+        ack_floor_stream_seq: 40,
+    };
+    h.js.consumers.lock().unwrap().get_mut(&key).unwrap().cursor = floor;
+    h.reconcile(&p).await;
+    assert_eq!(h.status()["consumer"]["ackFloor"], 40);
+    // The server loses the consumer (the stream stays).
+    h.js.consumers.lock().unwrap().clear();
+    h.reconcile(&p).await;
+    assert_eq!(h.js.writes(), ["put consumer ORDERS/order-workers"]);
+    let policy = h.js.consumers.lock().unwrap()[&key].config.deliver_policy;
+    assert_eq!(
+        policy,
+        async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: 41 }
+    );
+    assert_eq!(h.api.event_reasons(), ["DriftCorrected"]);
+}
+
 /// The controller watches Secrets for changes only: it asks for their metadata
 /// (`PartialObjectMetadata`), so no Secret's data is ever cached.
 #[tokio::test]

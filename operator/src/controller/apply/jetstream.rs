@@ -1,3 +1,4 @@
+use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::stream;
 use orderpipeline_common::topology::Topology;
 
@@ -64,11 +65,13 @@ pub(crate) async fn ensure_topology(
     js: &dyn JetStream,
     t: &Topology,
     drift: bool,
+    old: &crate::crd::OrderPipelineStatus,
 ) -> Result<Seen, NotReady> {
     let r = Reporter {
         p,
         ctx,
         drift,
+        old,
         created: Default::default(),
     };
     let seen = async {
@@ -92,6 +95,8 @@ struct Reporter<'a> {
     p: &'a OrderPipeline,
     ctx: &'a Context,
     drift: bool,
+    /// The status before this reconcile (where a lost consumer resumes).
+    old: &'a crate::crd::OrderPipelineStatus,
     /// What this reconcile created, for one Event naming all of it.
     created: std::sync::Mutex<Vec<String>>,
 }
@@ -115,6 +120,15 @@ impl Reporter<'_> {
         } else {
             self.created.lock().unwrap().push(what);
         }
+    }
+
+    /// A consumer the pipeline had and NATS no longer has (deleted by someone,
+    /// or lost by the server), recreated: a Warning, drift or not.
+    async fn lost(&self, name: String, from: String) {
+        let note = format!(
+            "recreated {name}, which NATS no longer had (deleted outside the operator, or lost by the server), {from}"
+        );
+        self.warn("Create", note).await;
     }
 
     /// One Event naming every JetStream object this reconcile created (a new
@@ -284,14 +298,56 @@ async fn ensure_consumer(
             r.changed(Object::Consumer, note).await;
         }
         None => {
+            // A consumer this pipeline had (its status shows it) resumes after
+            // the ack floor last read, not from the start of the stream.
+            let lost = match r.old.consumer.is_some() {
+                true => lost_consumer(r, js, t).await?,
+                false => None,
+            };
+            let resume = lost.flatten();
+            if let Some(start) = resume {
+                desired.deliver_policy = DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                };
+            }
             js.put_consumer(&t.stream, desired)
                 .await
                 .map_err(|e| r.api_err(&format!("creating consumer {consumer}"), e))?;
-            let note = format!("durable consumer {consumer} filtering {}", t.filter_subject);
-            r.created(format!("consumer {consumer}"), note).await;
+            let from = match resume {
+                Some(s) => format!(
+                    "from stream sequence {s}: every input up to {} was acknowledged when last read, so none is delivered again",
+                    s - 1
+                ),
+                None => "from the start of the stream".into(),
+            };
+            match lost {
+                Some(_) => r.lost(format!("consumer {consumer}"), from).await,
+                None => {
+                    let note =
+                        format!("durable consumer {consumer} filtering {}", t.filter_subject);
+                    r.created(format!("consumer {consumer}"), note).await;
+                }
+            }
         }
     }
     Ok(None)
+}
+
+/// A missing consumer that this pipeline had on the same stream (not a new
+/// stream's first consumer): `Some(where it resumes)`, see
+/// [`stall::resume_from`]. One read of the stream, on this rare path only.
+async fn lost_consumer(
+    r: &Reporter<'_>,
+    js: &dyn JetStream,
+    t: &Topology,
+) -> Result<Option<Option<u64>>, NotReady> {
+    let live = js
+        .stream(&t.stream)
+        .await
+        .map_err(|e| r.api_err(&format!("reading stream {}", t.stream), e))?;
+    Ok(live
+        .filter(|live| stall::same_stream(r.old, live))
+        .map(|live| stall::resume_from(r.old, &live)))
 }
 
 /// "created a, b and c", or nothing when nothing was created.
