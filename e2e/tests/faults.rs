@@ -1494,3 +1494,399 @@ async fn publish_order(
         .await?
         .await?)
 }
+
+/// A client that is not a worker takes every slot of the consumer's
+/// `maxAckPending` and keeps them with in-progress acks: the server delivers
+/// nothing more while orders wait and the workers are available, a real stall.
+/// The operator must say so within its window (condition with the figures,
+/// Warning Event, metric); once the client goes, the orders are redelivered
+/// and it says the stall ended. Then the server loses the consumer (its
+/// directory removed while the server is down): the operator recreates it
+/// from the ack floor it last read, not from the start of the stream. No
+/// order lost, none with two outcomes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_15_a_stalled_consumer_is_detected_and_a_lost_one_resumes_after_its_ack_floor()
+-> anyhow::Result<()> {
+    use kube::Api;
+    use order_operator::crd::OrderPipeline;
+    use orderpipeline_e2e::operator::{
+        OperatorProcess, install_crd_and_rbac, service_account_kubeconfig,
+    };
+
+    let started = Instant::now();
+    install_crd_and_rbac().await?;
+    let client = orderpipeline_e2e::kube_client().await?;
+    let ns = orderpipeline_e2e::TestNamespace::create(&client, "fault-stall").await?;
+    let mut server = NatsServer::start().await?;
+    let js = jetstream::new(async_nats::connect(server.url()).await?);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _runner = stop.clone().drop_guard();
+    tokio::spawn(orderpipeline_e2e::podrunner::run(
+        client.clone(),
+        orderpipeline_e2e::podrunner::RunnerConfig {
+            namespace: Some(ns.name.clone()),
+            worker_binary: binary("order-worker")?,
+            work_dir: std::env::temp_dir().join(format!("podrunner-{}", ns.name)),
+        },
+        stop,
+    ));
+    let kc = service_account_kubeconfig()?;
+    let window = [("STALL_WINDOW", "4s".to_string())];
+    let op = OperatorProcess::spawn_as(&ns.name, "1s", &kc, &window).await?;
+    let api: Api<OrderPipeline> = Api::namespaced(client.clone(), &ns.name);
+    api.create(&Default::default(), &stall_pipeline(&server.url())?)
+        .await?;
+    let key = format!("{}/orders", ns.name);
+    let log = || op.log_text();
+    pipeline_condition(&api, "Ready", "True", Duration::from_secs(60))
+        .await
+        .with_context(log)?;
+
+    // Orders flow, then the foreign client takes every slot while more arrive.
+    let suffix = random_suffix();
+    let first = ctl::publish_orders(&js, &opts(&format!("a{suffix}"), orders(300, 3_000))).await?;
+    drained(&js, Duration::from_secs(120)).await?;
+    let still = ConsumerClock::watch(js.clone());
+    let holder = Holder::start(&server.url(), 20).await?;
+    let mut o = opts(&format!("b{suffix}"), orders(300, 2_000));
+    o.rate = 200.0;
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move { ctl::publish_orders(&js, &o).await })
+    };
+    holder.wait_holding(20).await?;
+    let stalled = pipeline_condition(&api, "Stalled", "True", Duration::from_secs(90))
+        .await
+        .with_context(log)?;
+    let detected_after = still.still_for();
+    anyhow::ensure!(
+        holder.held() == 20,
+        "the client holds {} messages",
+        holder.held()
+    );
+    for part in [
+        "ack floor has stayed at stream sequence",
+        "behind 20 delivered but never acknowledged",
+    ] {
+        anyhow::ensure!(stalled.contains(part), "Stalled message: {stalled}");
+    }
+    wait_event(&ns.name, "Warning ConsumerStalled").await?;
+    let metric = format!("orderoperator_pipeline_stalled{{pipeline=\"{key}\"}} 1");
+    operator_metric(op.http_port, &metric).await?;
+
+    // The client goes: its messages are redelivered after the ack wait.
+    holder.stop();
+    pipeline_condition_not(&api, "Stalled", "True", Duration::from_secs(60)).await?;
+    wait_event(&ns.name, "Normal StallEnded").await?;
+    let second = publisher.await??;
+    drained(&js, Duration::from_secs(120)).await?;
+
+    // The server loses the consumer; the operator recreates it after the floor.
+    let floor = recorded_floor(&api, &js).await?;
+    server.kill().await?;
+    remove_consumer_state(server.store_dir.path(), "order-workers")?;
+    server.start_again().await?;
+    let start = wait_for(
+        "the consumer recreated",
+        Duration::from_secs(60),
+        || async {
+            let c = js
+                .get_stream("ORDERS")
+                .await?
+                .consumer_info("order-workers")
+                .await;
+            Ok(c.ok().map(|c| c.config.deliver_policy))
+        },
+    )
+    .await?;
+    let want = jetstream::consumer::DeliverPolicy::ByStartSequence {
+        start_sequence: floor + 1,
+    };
+    anyhow::ensure!(start == want, "recreated with {start:?}, not {want:?}");
+    wait_event(&ns.name, &format!("from stream sequence {}", floor + 1)).await?;
+    let third = ctl::publish_orders(&js, &opts(&format!("c{suffix}"), orders(200, 1_000))).await?;
+    drained(&js, Duration::from_secs(120)).await?;
+    let c = js
+        .get_stream("ORDERS")
+        .await?
+        .consumer_info("order-workers")
+        .await?;
+    let before_loss = first.published + second.published;
+    anyhow::ensure!(
+        c.delivered.consumer_sequence < before_loss,
+        "the recreated consumer delivered {} messages: the {before_loss} orders from before the loss were replayed",
+        c.delivered.consumer_sequence
+    );
+    let audit = audit(&js).await?;
+    let line = format!(
+        "fault stall: detected {:.1}s after the consumer stopped (window 4s, resync 1s); lost consumer recreated from sequence {}, delivered {} after it (orders published before the loss {before_loss})\n",
+        detected_after.as_secs_f64(),
+        floor + 1,
+        c.delivered.consumer_sequence
+    );
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    report(
+        "stall-and-lost-consumer",
+        &audit,
+        &[&first, &second, &third],
+        0,
+        None,
+        started,
+    )?;
+    let _ = std::fs::remove_file(&kc);
+    ns.delete().await
+}
+
+/// The sample on this server: one worker, 20 messages in flight at most, a
+/// 3 s ack wait and 1 s NAK delays (a stall window of 4 s is then the floor).
+fn stall_pipeline(url: &str) -> anyhow::Result<order_operator::crd::OrderPipeline> {
+    let root = orderpipeline_e2e::operator::repo_root();
+    let text = std::fs::read_to_string(root.join("manifests/samples/orderpipeline.yaml"))?;
+    let mut p: order_operator::crd::OrderPipeline = serde_yaml::from_str(&text)?;
+    p.spec.nats.url = url.to_string();
+    p.spec.telemetry.otlp_endpoint = None;
+    p.spec.consumer.ack_wait = "3s".into();
+    p.spec.consumer.max_ack_pending = Some(20);
+    p.spec.workers.replicas = 1;
+    p.spec.workers.retry.nak_max_delay = "1s".into();
+    Ok(p)
+}
+
+/// Waits until the pipeline's condition `type_` has `status`; its message.
+async fn pipeline_condition(
+    api: &kube::Api<order_operator::crd::OrderPipeline>,
+    type_: &str,
+    status: &str,
+    within: Duration,
+) -> anyhow::Result<String> {
+    wait_for(&format!("{type_}={status}"), within, || async {
+        let p = api.get("orders").await?;
+        let conds = p.status.map(|s| s.conditions).unwrap_or_default();
+        Ok(conds
+            .into_iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map(|c| c.message))
+    })
+    .await
+}
+
+/// Waits until the condition `type_` exists without `status`.
+async fn pipeline_condition_not(
+    api: &kube::Api<order_operator::crd::OrderPipeline>,
+    type_: &str,
+    status: &str,
+    within: Duration,
+) -> anyhow::Result<()> {
+    wait_for(&format!("{type_}!={status}"), within, || async {
+        let p = api.get("orders").await?;
+        let conds = p.status.map(|s| s.conditions).unwrap_or_default();
+        Ok(conds
+            .iter()
+            .any(|c| c.type_ == type_ && c.status != status)
+            .then_some(()))
+    })
+    .await
+}
+
+/// Waits until one of the namespace's Events (`type reason: message`) contains `text`.
+async fn wait_event(ns: &str, text: &str) -> anyhow::Result<()> {
+    wait_for(
+        &format!("an Event with {text:?}"),
+        Duration::from_secs(30),
+        || async {
+            let out = orderpipeline_e2e::run_tool_async(
+                "kubectl",
+                &[
+                    "-n",
+                    ns,
+                    "get",
+                    "events",
+                    "-o",
+                    "jsonpath={range .items[*]}{.type} {.reason}: {.note}{.message}{\"\\n\"}{end}",
+                ],
+            )
+            .await?;
+            Ok(out.contains(text).then_some(()))
+        },
+    )
+    .await
+}
+
+/// Waits until the operator's /metrics has the line `line`.
+async fn operator_metric(port: u16, line: &str) -> anyhow::Result<()> {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    wait_for(
+        &format!("{line} on /metrics"),
+        Duration::from_secs(30),
+        || async {
+            let body = orderpipeline_e2e::pipeline::http_get(&url).await;
+            Ok(body.filter(|(_, b)| b.contains(line)).map(|_| ()))
+        },
+    )
+    .await
+}
+
+/// The ack floor the pipeline's status records, once it is the consumer's own
+/// (the workers idle): where a lost consumer must resume from.
+async fn recorded_floor(
+    api: &kube::Api<order_operator::crd::OrderPipeline>,
+    js: &jetstream::Context,
+) -> anyhow::Result<u64> {
+    wait_for(
+        "the status to record the ack floor",
+        Duration::from_secs(30),
+        || async {
+            let live = js
+                .get_stream("ORDERS")
+                .await?
+                .consumer_info("order-workers")
+                .await?;
+            let p = api.get("orders").await?;
+            let recorded = p.status.and_then(|s| s.consumer).map(|c| c.ack_floor);
+            let live = live.ack_floor.stream_sequence;
+            Ok((recorded == i64::try_from(live).ok() && live > 0).then_some(live))
+        },
+    )
+    .await
+}
+
+/// Removes a consumer's state from a stopped server's store, as a server that
+/// lost it: the directory `obs/<name>` under the stream's.
+fn remove_consumer_state(store: &std::path::Path, name: &str) -> anyhow::Result<()> {
+    fn find(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+        for e in std::fs::read_dir(dir).ok()?.flatten() {
+            let path = e.path();
+            if !path.is_dir() {
+                continue;
+            }
+            let obs = path.parent().and_then(|p| p.file_name()) == Some("obs".as_ref());
+            if obs && e.file_name() == name {
+                return Some(path);
+            }
+            if let Some(found) = find(&path, name) {
+                return Some(found);
+            }
+        }
+        None
+    }
+    let dir =
+        find(store, name).with_context(|| format!("no obs/{name} under {}", store.display()))?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// A NATS client that is not a worker: pulls from the durable consumer until it
+/// holds `slots` messages and keeps them with in-progress acks every second,
+/// never acknowledging; dropped (`stop`), its messages are redelivered.
+struct Holder {
+    held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Holder {
+    async fn start(url: &str, slots: usize) -> anyhow::Result<Self> {
+        let client = async_nats::connect(url).await?;
+        let js = jetstream::new(client.clone());
+        let consumer: jetstream::consumer::PullConsumer = js
+            .get_stream("ORDERS")
+            .await?
+            .get_consumer("order-workers")
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let held = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (count, cancel) = (held.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut kept = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut messages = match consumer
+                .stream()
+                .max_messages_per_batch(slots)
+                .expires(Duration::from_secs(5))
+                .messages()
+                .await
+            {
+                Ok(m) => m,
+                Err(_) => return,
+            };
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    m = futures::StreamExt::next(&mut messages), if kept.len() < slots => {
+                        if let Some(Ok(m)) = m {
+                            kept.push(m);
+                            count.store(kept.len(), std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                    _ = tick.tick() => {
+                        for m in &kept {
+                            let _ = m.ack_with(jetstream::AckKind::Progress).await;
+                        }
+                    }
+                }
+            }
+            drop(messages);
+            drop(client);
+        });
+        Ok(Self { held, stop })
+    }
+
+    /// Waits until it holds `slots` messages.
+    async fn wait_holding(&self, slots: usize) -> anyhow::Result<()> {
+        wait_for(
+            "the client to hold every slot",
+            Duration::from_secs(60),
+            || async { Ok((self.held() >= slots).then_some(())) },
+        )
+        .await
+    }
+
+    fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// Watches the consumer's deliveries and ack floor: how long since either moved.
+struct ConsumerClock {
+    moved: std::sync::Arc<std::sync::Mutex<Instant>>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl ConsumerClock {
+    fn watch(js: jetstream::Context) -> Self {
+        let moved = std::sync::Arc::new(std::sync::Mutex::new(Instant::now()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (at, cancel) = (moved.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut last = None;
+            let mut every = tokio::time::interval(Duration::from_millis(200));
+            while !cancel.is_cancelled() {
+                every.tick().await;
+                if let Ok(Ok(c)) = async {
+                    let s = js.get_stream("ORDERS").await?;
+                    anyhow::Ok(s.consumer_info("order-workers").await)
+                }
+                .await
+                {
+                    let now = Some((c.delivered.consumer_sequence, c.ack_floor.stream_sequence));
+                    if now != last {
+                        *at.lock().unwrap() = Instant::now();
+                        last = now;
+                    }
+                }
+            }
+        });
+        Self {
+            moved,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    fn still_for(&self) -> Duration {
+        self.moved.lock().unwrap().elapsed()
+    }
+}

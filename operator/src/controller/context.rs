@@ -66,6 +66,9 @@ pub struct Context {
     /// Per pipeline: its last consumer read and the deliveries the server ended
     /// because their input was removed (see [`retention`]).
     pub(crate) retention: Arc<std::sync::Mutex<HashMap<String, Track>>>,
+    /// Per pipeline: the consumer's deliveries and ack floor, and the first
+    /// fresh look that saw them there (see [`Context::still_since`]).
+    pub(crate) cursors: std::sync::Mutex<HashMap<String, ((i64, i64), Time)>>,
     /// How long a reconcile may reuse the last full JetStream pass (see
     /// [`REUSE_FIGURES`]; zero: never).
     pub(crate) reuse_figures: Duration,
@@ -133,6 +136,7 @@ impl Context {
             removals: std::sync::OnceLock::new(),
             applied: Default::default(),
             statuses: Default::default(),
+            cursors: Default::default(),
             retention: Default::default(),
             reuse_figures: REUSE_FIGURES.min(resync / 3),
             jetstream_override: None,
@@ -335,6 +339,20 @@ impl Context {
         self.metrics.nats_connections.set(pool.conns.len() as i64);
     }
 
+    /// The time of the first look of this process that saw the consumer's
+    /// deliveries and ack floor where they are now (`now` when they moved):
+    /// the consumer has not moved since at least then.
+    pub(crate) fn still_since(&self, pipeline: &str, at: (i64, i64), now: &Time) -> Time {
+        let mut cursors = self.cursors.lock().unwrap();
+        match cursors.get(pipeline) {
+            Some((seen, since)) if *seen == at => since.clone(),
+            _ => {
+                cursors.insert(pipeline.to_string(), (at, now.clone()));
+                now.clone()
+            }
+        }
+    }
+
     /// `pipeline` is gone: its connection closes unless another pipeline uses
     /// it, and what was applied for it is forgotten.
     pub(crate) async fn release_nats(&self, pipeline: &str) {
@@ -342,6 +360,7 @@ impl Context {
         self.policies.lock().unwrap().remove(pipeline);
         self.statuses.lock().unwrap().remove(pipeline);
         self.retention.lock().unwrap().remove(pipeline);
+        self.cursors.lock().unwrap().remove(pipeline);
         let mut pool = self.nats.lock().await;
         pool.release(pipeline);
         self.metrics.nats_connections.set(pool.conns.len() as i64);

@@ -265,7 +265,13 @@ async fn steps(
         secrets_checksum: world.secrets.checksum.clone(),
         nats_identity: world.identity.clone(),
         scaled_at: why.map(|_| Time(now)),
-        fresh: pass.fresh,
+        still_since: match (&figures, pass.fresh) {
+            (Ok(f), true) => {
+                let at = (f.consumer.delivered, f.consumer.ack_floor);
+                Some(ctx.still_since(&key_of(p), at, &Time(now)))
+            }
+            _ => None,
+        },
         stall_window: stall::window(ctx.stall_window, &plan),
     };
     Ok(status::finish(p, ctx, old, &observed).await?)

@@ -52,8 +52,9 @@ pub(crate) struct Look<'a> {
     pub(crate) figures: &'a Figures,
     pub(crate) old: &'a OrderPipelineStatus,
     pub(crate) now: &'a Time,
-    /// The figures were read now (not reused from a recent pass).
-    pub(crate) fresh: bool,
+    /// Read now: since when this process has seen the consumer's deliveries
+    /// and ack floor where they are (`None`: the figures are a recent pass's).
+    pub(crate) still_since: Option<Time>,
     pub(crate) paused: bool,
     pub(crate) workers_available: i32,
     pub(crate) workers_desired: i32,
@@ -90,13 +91,14 @@ pub(crate) fn assess(l: &Look) -> (Option<Time>, Condition) {
         let m = "no order waits".to_string();
         return (None, cond(false, reasons::NOTHING_WAITING, m));
     }
-    let since = match (l.fresh, moved) {
+    let since = match (&l.still_since, moved) {
         // A reused pass says nothing new: the wait goes on as it was.
-        (false, _) => old.and_then(|o| o.waiting_since.clone()),
-        (true, true) => None,
-        (true, false) => old
+        (None, _) => old.and_then(|o| o.waiting_since.clone()),
+        (Some(_), true) => None,
+        // Still since the first look that saw it here.
+        (Some(seen), false) => old
             .and_then(|o| o.waiting_since.clone())
-            .or(Some(l.now.clone())),
+            .or(Some(seen.clone())),
     };
     let Some(since) = since else {
         let m = format!("delivering: {pending} pending, {ack_pending} awaiting ack");
@@ -154,7 +156,7 @@ pub(crate) fn next_look(
     let stalled = conditions::is_true(&status.conditions, types::STALLED);
     let since = status.consumer.as_ref()?.waiting_since.as_ref()?;
     let still = Duration::try_from(now.0.duration_since(since.0)).unwrap_or_default();
-    (!stalled).then(|| window.saturating_sub(still) + Duration::from_secs(1))
+    (!stalled).then(|| window.saturating_sub(still) + Duration::from_millis(100))
 }
 
 /// Where to recreate a consumer the server no longer has: after the ack floor
@@ -216,7 +218,7 @@ mod tests {
             figures: f,
             old: prev,
             now: &now,
-            fresh: true,
+            still_since: Some(now.clone()),
             paused: false,
             workers_available: 2,
             workers_desired: 2,
@@ -285,7 +287,7 @@ mod tests {
             figures: &f,
             old: &s1,
             now: &now,
-            fresh: true,
+            still_since: Some(now.clone()),
             paused: true,
             workers_available: 2,
             workers_desired: 2,
@@ -311,7 +313,7 @@ mod tests {
             figures: &f,
             old: &s0,
             now: &now,
-            fresh: false,
+            still_since: None,
             paused: false,
             workers_available: 1,
             workers_desired: 1,
@@ -323,6 +325,26 @@ mod tests {
         let s1 = look(&s0, &f, 10);
         let l = Look { old: &s1, ..l };
         assert_eq!(assess(&l).0, Some(at(10)));
+    }
+
+    #[test]
+    fn the_wait_starts_at_the_first_look_that_saw_the_consumer_where_it_is() {
+        let s0 = look(&Default::default(), &figures(100, 10, 50, 40), 0);
+        let (now, seen) = (at(30), at(29));
+        let f = figures(120, 10, 50, 40);
+        let l = Look {
+            figures: &f,
+            old: &s0,
+            now: &now,
+            still_since: Some(seen.clone()),
+            paused: false,
+            workers_available: 1,
+            workers_desired: 1,
+            window: Duration::from_secs(60),
+            consumer: "c",
+            generation: None,
+        };
+        assert_eq!(assess(&l).0, Some(seen));
     }
 
     #[test]

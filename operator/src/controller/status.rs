@@ -220,8 +220,10 @@ pub(crate) struct Observed<'a> {
     pub(crate) nats_identity: Option<crate::crd::NatsIdentityStatus>,
     /// Set when this reconcile changed the replicas.
     pub(crate) scaled_at: Option<Time>,
-    /// The figures were read now (not reused from a recent pass).
-    pub(crate) fresh: bool,
+    /// The figures were read now: since when the consumer's deliveries and ack
+    /// floor are where they are, as far as this process saw (`None`: the
+    /// figures are reused from a recent pass).
+    pub(crate) still_since: Option<Time>,
     /// How long work may wait with nothing moving before it is a stall.
     pub(crate) stall_window: std::time::Duration,
 }
@@ -346,7 +348,7 @@ fn with_stall(
         figures: f,
         old,
         now: &o.now,
-        fresh: o.fresh,
+        still_since: o.still_since.clone(),
         paused: o.paused || f.consumer_paused,
         workers_available: workers.available,
         workers_desired: workers.desired,
@@ -672,7 +674,7 @@ status: {{replicas: {desired}, readyReplicas: {available}, availableReplicas: {a
                 secrets_checksum: None,
                 nats_identity: None,
                 scaled_at: None,
-                fresh: true,
+                still_since: None,
                 stall_window: std::time::Duration::from_secs(60),
             },
         )
@@ -707,7 +709,7 @@ status: {{replicas: {desired}, readyReplicas: {available}, availableReplicas: {a
                     secrets_checksum: None,
                     nats_identity: None,
                     scaled_at: None,
-                    fresh: true,
+                    still_since: None,
                     stall_window: std::time::Duration::from_secs(60),
                 },
             )
