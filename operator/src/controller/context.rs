@@ -68,7 +68,7 @@ pub struct Context {
     pub(crate) retention: Arc<std::sync::Mutex<HashMap<String, Track>>>,
     /// Per pipeline: the consumer's deliveries and ack floor, and the first
     /// fresh look that saw them there (see [`Context::still_since`]).
-    pub(crate) cursors: std::sync::Mutex<HashMap<String, ((i64, i64), Time)>>,
+    pub(crate) cursors: std::sync::Mutex<HashMap<String, (Cursor, Time)>>,
     /// How long a reconcile may reuse the last full JetStream pass (see
     /// [`REUSE_FIGURES`]; zero: never).
     pub(crate) reuse_figures: Duration,
@@ -101,6 +101,9 @@ pub(crate) struct Pass {
     /// The input stream's maxAge after the hold.
     pub(crate) max_age: Duration,
 }
+
+/// A consumer's deliveries and ack floor, as its status shows them.
+pub(crate) type Cursor = (i64, i64);
 
 /// How long a full JetStream pass may be reused (at most a third of the resync).
 pub(crate) const REUSE_FIGURES: Duration = Duration::from_secs(10);
@@ -342,7 +345,7 @@ impl Context {
     /// The time of the first look of this process that saw the consumer's
     /// deliveries and ack floor where they are now (`now` when they moved):
     /// the consumer has not moved since at least then.
-    pub(crate) fn still_since(&self, pipeline: &str, at: (i64, i64), now: &Time) -> Time {
+    pub(crate) fn still_since(&self, pipeline: &str, at: Cursor, now: &Time) -> Time {
         let mut cursors = self.cursors.lock().unwrap();
         match cursors.get(pipeline) {
             Some((seen, since)) if *seen == at => since.clone(),
