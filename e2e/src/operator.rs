@@ -184,10 +184,24 @@ impl OperatorProcess {
         pod: &str,
         env: &[(&str, String)],
     ) -> anyhow::Result<Self> {
+        let bin = binary("order-operator")?;
+        Self::spawn_binary(&bin, namespace, resync, kubeconfig, pod, env).await
+    }
+
+    /// [`Self::spawn_as`] with another `order-operator` binary (another
+    /// release's) and Pod name.
+    pub async fn spawn_binary(
+        bin: &Path,
+        namespace: &str,
+        resync: &str,
+        kubeconfig: &Path,
+        pod: &str,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let http_port = free_port()?;
         let log = std::env::temp_dir().join(format!("order-operator-{}.log", random_suffix()));
         let file = std::fs::File::create(&log)?;
-        let child = tokio::process::Command::new(binary("order-operator")?)
+        let child = tokio::process::Command::new(bin)
             .args(["run", "--namespace", namespace, "--resync-interval", resync])
             .env("KUBECONFIG", kubeconfig)
             .env("HTTP_ADDR", format!("127.0.0.1:{http_port}"))

@@ -43,8 +43,21 @@ pub struct RunnerConfig {
     pub namespace: Option<String>,
     /// The `order-worker` binary to run for each Pod.
     pub worker_binary: PathBuf,
+    /// Another binary for the Pods whose image is this one (`(image, binary)`):
+    /// the workers of another release, as its image would run them.
+    pub image_binaries: Vec<(String, PathBuf)>,
     /// Where per-Pod files and logs go.
     pub work_dir: PathBuf,
+}
+
+impl RunnerConfig {
+    /// The binary a Pod with `image` runs.
+    fn binary_for(&self, image: Option<&str>) -> &PathBuf {
+        self.image_binaries
+            .iter()
+            .find(|(i, _)| Some(i.as_str()) == image)
+            .map_or(&self.worker_binary, |(_, b)| b)
+    }
 }
 
 fn expand(value: &str, env: &BTreeMap<String, String>) -> String {
@@ -200,7 +213,8 @@ async fn start(client: &Client, cfg: &RunnerConfig, pod: &Pod) -> anyhow::Result
     let http_port = free_port()?;
     env.insert("HTTP_ADDR".into(), format!("127.0.0.1:{http_port}"));
     let log = std::fs::File::create(dir.join("worker.log"))?;
-    let mut cmd = tokio::process::Command::new(&cfg.worker_binary);
+    let binary = cfg.binary_for(c.image.as_deref());
+    let mut cmd = tokio::process::Command::new(binary);
     cmd.env_clear()
         .envs(&env)
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -210,7 +224,7 @@ async fn start(client: &Client, cfg: &RunnerConfig, pod: &Pod) -> anyhow::Result
         .kill_on_drop(true);
     let child = cmd
         .spawn()
-        .with_context(|| format!("starting {}", cfg.worker_binary.display()))?;
+        .with_context(|| format!("starting {}", binary.display()))?;
     let grace = Duration::from_secs(
         u64::try_from(spec.termination_grace_period_seconds.unwrap_or(30)).unwrap_or(30),
     );

@@ -688,6 +688,7 @@ async fn fault_6_operator_killed_during_reconcile_and_scaling() -> anyhow::Resul
         orderpipeline_e2e::podrunner::RunnerConfig {
             namespace: Some(ns.name.clone()),
             worker_binary: binary("order-worker")?,
+            image_binaries: Vec::new(),
             work_dir: std::env::temp_dir().join(format!("podrunner-{}", ns.name)),
         },
         stop,
@@ -1526,6 +1527,7 @@ async fn fault_15_a_stalled_consumer_is_detected_and_a_lost_one_resumes_after_it
         orderpipeline_e2e::podrunner::RunnerConfig {
             namespace: Some(ns.name.clone()),
             worker_binary: binary("order-worker")?,
+            image_binaries: Vec::new(),
             work_dir: std::env::temp_dir().join(format!("podrunner-{}", ns.name)),
         },
         stop,

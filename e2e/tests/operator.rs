@@ -112,6 +112,7 @@ fn pod_runner(client: &Client, namespace: &str) -> anyhow::Result<tokio_util::sy
     let cfg = orderpipeline_e2e::podrunner::RunnerConfig {
         namespace: Some(namespace.to_string()),
         worker_binary: orderpipeline_e2e::pipeline::binary("order-worker")?,
+        image_binaries: Vec::new(),
         work_dir: std::env::temp_dir().join(format!("podrunner-{namespace}")),
     };
     tokio::spawn(orderpipeline_e2e::podrunner::run(

@@ -41,6 +41,7 @@ async fn main() -> anyhow::Result<()> {
         RunnerConfig {
             namespace,
             worker_binary,
+            image_binaries: Vec::new(),
             work_dir,
         },
         shutdown,
