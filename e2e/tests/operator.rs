@@ -10,6 +10,7 @@ use async_nats::jetstream;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use order_operator::crd::OrderPipeline;
@@ -283,7 +284,7 @@ async fn the_sample_becomes_ready_with_matching_jetstream_objects_and_workers() 
     let np = policies.get("orders-workers").await?;
     let spec = serde_json::to_value(np.spec.as_ref().context("policy spec")?)?;
     let selector = d.spec.as_ref().map(|s| s.selector.clone());
-    assert_eq!(spec["podSelector"], serde_json::to_value(selector)?);
+    assert_eq!(spec["podSelector"], serde_json::to_value(&selector)?);
     assert_eq!(
         spec["policyTypes"],
         serde_json::json!(["Ingress", "Egress"])
@@ -301,6 +302,26 @@ async fn the_sample_becomes_ready_with_matching_jetstream_objects_and_workers() 
     );
     assert_eq!(spec["egress"].as_array().map(Vec::len), Some(2), "{spec}");
     let owner = &np.metadata.owner_references.as_ref().context("owner")?[0];
+    assert_eq!(owner.uid, p.metadata.uid.clone().unwrap_or_default());
+
+    // Spread over the nodes, and a drain takes one worker at a time.
+    let pod = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .context("pod spec")?;
+    let spread = serde_json::to_value(pod.topology_spread_constraints)?;
+    assert_eq!(
+        spread[0]["topologyKey"], "kubernetes.io/hostname",
+        "{spread}"
+    );
+    assert_eq!(spread[0]["whenUnsatisfiable"], "ScheduleAnyway", "{spread}");
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(s.client.clone(), &s.ns.name);
+    let pdb = budgets.get("orders-workers").await?;
+    let spec = serde_json::to_value(pdb.spec.as_ref().context("budget spec")?)?;
+    assert_eq!(spec["maxUnavailable"], 1, "{spec}");
+    assert_eq!(spec["selector"], serde_json::to_value(selector)?);
+    let owner = &pdb.metadata.owner_references.as_ref().context("owner")?[0];
     assert_eq!(owner.uid, p.metadata.uid.clone().unwrap_or_default());
 
     // Events for the children.
@@ -947,7 +968,7 @@ async fn the_operator_account_writes_only_its_own_labelled_restricted_objects() 
     // A tenant's own Secret, unlabelled: the operator may not write one, nor
     // take one over by adding its label. (The policy is in force within a
     // few seconds of being applied: wait for the first denial.)
-    let own = "the operator writes only Deployments, Secrets and NetworkPolicies labelled";
+    let own = "the operator writes only Deployments, Secrets, NetworkPolicies and PodDisruptionBudgets labelled";
     wait_for(
         "the admission policy to deny",
         Duration::from_secs(30),
@@ -995,6 +1016,41 @@ async fn the_operator_account_writes_only_its_own_labelled_restricted_objects() 
         .patch("orders-nats-worker", &apply, &Patch::Apply(&minted))
         .await
         .context("a Secret labelled as the operator's own is allowed")?;
+
+    // PodDisruptionBudgets: its own may be written and deleted, a tenant's
+    // may not be deleted (which would let a drain take every pod).
+    let budget = |name: &str, labels: serde_json::Value| -> anyhow::Result<PodDisruptionBudget> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {"app": name}}}
+        }))?)
+    };
+    Api::<PodDisruptionBudget>::namespaced(admin.clone(), &ns.name)
+        .create(
+            &PostParams::default(),
+            &budget("tenant-db", serde_json::json!({}))?,
+        )
+        .await?;
+    let sa_budgets = Api::<PodDisruptionBudget>::namespaced(sa.clone(), &ns.name);
+    let err = sa_budgets
+        .delete("tenant-db", &Default::default())
+        .await
+        .expect_err("deleting a tenant's PodDisruptionBudget");
+    denied(err, "may not take over an object it did not create")?;
+    let ours = serde_json::json!({"app.kubernetes.io/managed-by": "order-operator"});
+    sa_budgets
+        .patch(
+            "orders-workers",
+            &apply,
+            &Patch::Apply(&budget("orders-workers", ours)?),
+        )
+        .await
+        .context("a PodDisruptionBudget labelled as the operator's own is allowed")?;
+    sa_budgets
+        .delete("orders-workers", &Default::default())
+        .await
+        .context("deleting its own PodDisruptionBudget is allowed")?;
 
     // Deployments: only the restricted pod template.
     let sa_deployments = Api::<Deployment>::namespaced(sa.clone(), &ns.name);

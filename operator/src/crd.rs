@@ -4,8 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{
+    Affinity, EnvVar, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
 use orderpipeline_common::duration::DURATION_PATTERN;
 use orderpipeline_common::names;
@@ -43,6 +46,8 @@ pub const IMAGE_MAX: u32 = 1024;
 pub const ENV_MAX: u32 = 128;
 /// Tolerations of the worker pods.
 pub const TOLERATIONS_MAX: u32 = 64;
+/// Topology spread constraints of the worker pods.
+pub const SPREAD_MAX: u32 = 8;
 /// Node selector labels, and the longest label value.
 pub const LABELS_MAX: u32 = 64;
 pub const LABEL_VALUE_MAX: u32 = 63;
@@ -665,6 +670,45 @@ pub struct WorkersSpec {
     /// Affinity of the worker pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
+    /// How the worker pods spread over the cluster (Kubernetes topology spread
+    /// constraints; the label selector, when a constraint has none, is the
+    /// workers'). Absent: one constraint, at most one worker more on any node
+    /// than on another (`kubernetes.io/hostname`, `ScheduleAnyway`), so a node
+    /// drained or lost takes as few workers as the nodes allow; `[]`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = SPREAD_MAX))]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+    /// The workers' PodDisruptionBudget: how many worker pods a voluntary
+    /// disruption (a node drain) may take at once.
+    #[serde(default)]
+    pub disruption_budget: DisruptionBudgetSpec,
+}
+
+/// The workers' PodDisruptionBudget (`<name>-workers`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DisruptionBudgetSpec {
+    /// Create it. false: the operator deletes the one it made.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Worker pods a drain may evict at once: a count or a percentage ("25%").
+    /// A stopping worker finishes or NAKs what it holds within shutdownGrace,
+    /// so this bounds the throughput lost during a drain, not orders.
+    #[serde(default = "default_max_unavailable")]
+    pub max_unavailable: IntOrString,
+}
+
+fn default_max_unavailable() -> IntOrString {
+    IntOrString::Int(1)
+}
+
+impl Default for DisruptionBudgetSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_unavailable: default_max_unavailable(),
+        }
+    }
 }
 
 impl Default for WorkersSpec {
@@ -685,6 +729,8 @@ impl Default for WorkersSpec {
             node_selector: BTreeMap::new(),
             tolerations: Vec::new(),
             affinity: None,
+            topology_spread_constraints: None,
+            disruption_budget: DisruptionBudgetSpec::default(),
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod app;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod disruption;
 pub mod drift;
 pub mod events;
 pub mod leader;

@@ -848,7 +848,10 @@ pub fn deployment(
                     annotations: Some(annotations),
                     ..Default::default()
                 }),
-                spec: Some(pod_spec(container, grace, volumes, s)),
+                spec: Some(PodSpec {
+                    topology_spread_constraints: crate::disruption::worker_spread(p),
+                    ..pod_spec(container, grace, volumes, s)
+                }),
             },
             ..Default::default()
         }),

@@ -39,8 +39,9 @@ pub struct Context {
     pub identity_ttl: Duration,
     /// Whether each pipeline's workers get a NetworkPolicy (see [`crate::netpol`]).
     pub worker_network_policy: bool,
-    /// The workers' NetworkPolicy this process last applied per pipeline, and when.
-    pub(crate) policies: std::sync::Mutex<HashMap<String, (u64, std::time::Instant)>>,
+    /// What this process last applied beside each pipeline's Deployment (by
+    /// pipeline and kind: a digest, 0 for a deletion), and when.
+    pub(crate) owned: std::sync::Mutex<HashMap<(String, String), (u64, std::time::Instant)>>,
     /// NATS connections, shared by the pipelines that use the same server and
     /// credentials.
     pub(crate) nats: Mutex<NatsPool>,
@@ -131,7 +132,7 @@ impl Context {
             accounts_namespace: None,
             identity_ttl: Duration::from_secs(6 * 3600),
             worker_network_policy: false,
-            policies: Default::default(),
+            owned: Default::default(),
             nats: Mutex::new(NatsPool::default()),
             pipelines: std::sync::OnceLock::new(),
             footprints: Default::default(),
@@ -360,7 +361,7 @@ impl Context {
     /// it, and what was applied for it is forgotten.
     pub(crate) async fn release_nats(&self, pipeline: &str) {
         self.applied.lock().unwrap().remove(pipeline);
-        self.policies.lock().unwrap().remove(pipeline);
+        self.owned.lock().unwrap().retain(|(k, _), _| k != pipeline);
         self.statuses.lock().unwrap().remove(pipeline);
         self.retention.lock().unwrap().remove(pipeline);
         self.cursors.lock().unwrap().remove(pipeline);

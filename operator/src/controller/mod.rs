@@ -31,6 +31,7 @@ use crate::render::{self};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use self::apply::deployment::*;
+use self::apply::disruption_budget::*;
 use self::apply::jetstream::*;
 use self::apply::network_policy::*;
 use self::cleanup::*;
@@ -239,6 +240,7 @@ async fn steps(
     // both alone).
     if !observe {
         apply_network_policy(p, ctx).await?;
+        apply_disruption_budget(p, ctx).await?;
     }
     let after = match observe {
         true => live.clone().unwrap_or_default(),

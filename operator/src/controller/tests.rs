@@ -18,6 +18,7 @@ use crate::crd::{DeletionPolicy, OrderPipeline};
 
 const PIPELINE: &str = "/apis/orderpipeline.dev/v1alpha1/namespaces/demo/orderpipelines/orders";
 const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/demo/deployments/orders-workers";
+const PDB: &str = "/apis/policy/v1/namespaces/demo/poddisruptionbudgets/orders-workers";
 
 /// Objects by path, and every request as "METHOD path [patch type]".
 #[derive(Default)]
@@ -123,6 +124,10 @@ impl ApiServer {
                 }
                 (200, o)
             }
+            "DELETE" => match objects.remove(&target) {
+                Some(o) => (200, o),
+                None => (404, not_found()),
+            },
             _ => (405, not_found()),
         }
     }
@@ -292,6 +297,7 @@ async fn a_new_pipeline_gets_its_objects_its_deployment_and_one_status_write() {
         [
             format!("GET {PIPELINE}/status"),
             format!("GET {DEPLOYMENT}"),
+            format!("PATCH {PDB} apply"),
             format!("PATCH {DEPLOYMENT} apply"),
             format!("PATCH {PIPELINE}/status apply"),
         ]
@@ -718,6 +724,29 @@ async fn a_consumer_lost_on_the_same_stream_resumes_after_the_ack_floor_last_rea
         async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: 41 }
     );
     assert_eq!(h.api.event_reasons(), ["DriftCorrected"]);
+}
+
+#[tokio::test]
+async fn the_workers_budget_is_applied_once_and_deleted_when_turned_off() {
+    let mut p = sample();
+    let h = Harness::new(&p);
+    h.reconcile(&p).await;
+    let budget = h.api.objects.lock().unwrap()[PDB].clone();
+    assert_eq!(budget["spec"]["maxUnavailable"], 1);
+    assert_eq!(budget["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow");
+    h.reconcile(&p).await;
+    assert_eq!(
+        h.api.count(&format!("PATCH {PDB}")),
+        0,
+        "unchanged: not applied again"
+    );
+    p.spec.workers.disruption_budget.enabled = false;
+    p.metadata.generation = Some(2);
+    h.reconcile(&p).await;
+    assert_eq!(h.api.count(&format!("DELETE {PDB}")), 1);
+    assert!(!h.api.objects.lock().unwrap().contains_key(PDB));
+    h.reconcile(&p).await;
+    assert_eq!(h.api.count(&format!("DELETE {PDB}")), 0, "deleted once");
 }
 
 /// The controller watches Secrets for changes only: it asks for their metadata

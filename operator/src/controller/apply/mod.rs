@@ -1,6 +1,8 @@
 //! The apply step: JetStream objects, one function each, the workers'
-//! NetworkPolicy and the Deployment.
+//! NetworkPolicy and PodDisruptionBudget, and the Deployment.
 
 pub(crate) mod deployment;
+pub(crate) mod disruption_budget;
 pub(crate) mod jetstream;
 pub(crate) mod network_policy;
+pub(crate) mod owned;
