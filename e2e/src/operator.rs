@@ -43,6 +43,20 @@ pub async fn kubectl(args: &[&str]) -> anyhow::Result<String> {
     crate::run_tool_async("kubectl", args).await
 }
 
+/// The namespace's Events, one `type reason: note` line each (events.k8s.io
+/// `note`, else core `message`).
+pub async fn event_lines(ns: &str) -> anyhow::Result<String> {
+    kubectl(&[
+        "-n",
+        ns,
+        "get",
+        "events",
+        "-o",
+        "jsonpath={range .items[*]}{.type} {.reason}: {.note}{.message}{\"\\n\"}{end}",
+    ])
+    .await
+}
+
 /// Applies the CRD, the operator's namespace and its RBAC from `crds/` and
 /// `manifests/` (idempotent; server-side apply), and waits for the CRD.
 pub async fn install_crd_and_rbac() -> anyhow::Result<()> {

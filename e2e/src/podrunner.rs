@@ -514,6 +514,25 @@ pub async fn run(
     Ok(())
 }
 
+/// Real workers for the worker Pods of `namespace` (those of an image in
+/// `image_binaries` run its binary, the others this workspace's
+/// `order-worker`), until the guard drops.
+pub fn for_namespace(
+    client: &Client,
+    namespace: &str,
+    image_binaries: Vec<(String, PathBuf)>,
+) -> anyhow::Result<tokio_util::sync::DropGuard> {
+    let stop = CancellationToken::new();
+    let cfg = RunnerConfig {
+        namespace: Some(namespace.to_string()),
+        worker_binary: crate::pipeline::binary("order-worker")?,
+        image_binaries,
+        work_dir: std::env::temp_dir().join(format!("podrunner-{namespace}")),
+    };
+    tokio::spawn(run(client.clone(), cfg, stop.clone()));
+    Ok(stop.drop_guard())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -681,18 +681,7 @@ async fn fault_6_operator_killed_during_reconcile_and_scaling() -> anyhow::Resul
     let ns = orderpipeline_e2e::TestNamespace::create(&client, "fault-op").await?;
     let server = NatsServer::start().await?;
     let js = jetstream::new(async_nats::connect(server.url()).await?);
-    let stop = tokio_util::sync::CancellationToken::new();
-    let _runner = stop.clone().drop_guard();
-    tokio::spawn(orderpipeline_e2e::podrunner::run(
-        client.clone(),
-        orderpipeline_e2e::podrunner::RunnerConfig {
-            namespace: Some(ns.name.clone()),
-            worker_binary: binary("order-worker")?,
-            image_binaries: Vec::new(),
-            work_dir: std::env::temp_dir().join(format!("podrunner-{}", ns.name)),
-        },
-        stop,
-    ));
+    let _runner = orderpipeline_e2e::podrunner::for_namespace(&client, &ns.name, Vec::new())?;
     let kc = service_account_kubeconfig()?;
     let mut op = OperatorProcess::spawn_named(&ns.name, "1s", &kc, "op-a").await?;
 
@@ -1520,18 +1509,7 @@ async fn fault_15_a_stalled_consumer_is_detected_and_a_lost_one_resumes_after_it
     let ns = orderpipeline_e2e::TestNamespace::create(&client, "fault-stall").await?;
     let mut server = NatsServer::start().await?;
     let js = jetstream::new(async_nats::connect(server.url()).await?);
-    let stop = tokio_util::sync::CancellationToken::new();
-    let _runner = stop.clone().drop_guard();
-    tokio::spawn(orderpipeline_e2e::podrunner::run(
-        client.clone(),
-        orderpipeline_e2e::podrunner::RunnerConfig {
-            namespace: Some(ns.name.clone()),
-            worker_binary: binary("order-worker")?,
-            image_binaries: Vec::new(),
-            work_dir: std::env::temp_dir().join(format!("podrunner-{}", ns.name)),
-        },
-        stop,
-    ));
+    let _runner = orderpipeline_e2e::podrunner::for_namespace(&client, &ns.name, Vec::new())?;
     let kc = service_account_kubeconfig()?;
     let window = [("STALL_WINDOW", "4s".to_string())];
     let op = OperatorProcess::spawn_as(&ns.name, "1s", &kc, &window).await?;
@@ -1696,18 +1674,7 @@ async fn wait_event(ns: &str, text: &str) -> anyhow::Result<()> {
         &format!("an Event with {text:?}"),
         Duration::from_secs(30),
         || async {
-            let out = orderpipeline_e2e::run_tool_async(
-                "kubectl",
-                &[
-                    "-n",
-                    ns,
-                    "get",
-                    "events",
-                    "-o",
-                    "jsonpath={range .items[*]}{.type} {.reason}: {.note}{.message}{\"\\n\"}{end}",
-                ],
-            )
-            .await?;
+            let out = orderpipeline_e2e::operator::event_lines(ns).await?;
             Ok(out.contains(text).then_some(()))
         },
     )

@@ -93,7 +93,11 @@ async fn setup_env(
     let operator = OperatorProcess::spawn_env(&ns.name, resync, &env(&ns.name)).await?;
     let api = Api::namespaced(client.clone(), &ns.name);
     let runner = match runner {
-        true => Some(pod_runner(&client, &ns.name)?),
+        true => Some(orderpipeline_e2e::podrunner::for_namespace(
+            &client,
+            &ns.name,
+            Vec::new(),
+        )?),
         false => None,
     };
     Ok(Setup {
@@ -105,23 +109,6 @@ async fn setup_env(
         api,
         _runner: runner,
     })
-}
-
-/// Real workers for the worker Pods of `namespace`, until the guard drops.
-fn pod_runner(client: &Client, namespace: &str) -> anyhow::Result<tokio_util::sync::DropGuard> {
-    let stop = tokio_util::sync::CancellationToken::new();
-    let cfg = orderpipeline_e2e::podrunner::RunnerConfig {
-        namespace: Some(namespace.to_string()),
-        worker_binary: orderpipeline_e2e::pipeline::binary("order-worker")?,
-        image_binaries: Vec::new(),
-        work_dir: std::env::temp_dir().join(format!("podrunner-{namespace}")),
-    };
-    tokio::spawn(orderpipeline_e2e::podrunner::run(
-        client.clone(),
-        cfg,
-        stop.clone(),
-    ));
-    Ok(stop.drop_guard())
 }
 
 /// Waits until pipeline `name` of `api` is Ready=True.
@@ -849,7 +836,11 @@ async fn one_operator_watches_a_list_of_namespaces_with_roles_only() -> anyhow::
     let operator = OperatorProcess::spawn_as(&watched, "2s", &kubeconfig, &env).await?;
     let mut runners = Vec::new();
     for ns in [&a, &b] {
-        runners.push(pod_runner(&client, &ns.name)?);
+        runners.push(orderpipeline_e2e::podrunner::for_namespace(
+            &client,
+            &ns.name,
+            Vec::new(),
+        )?);
     }
     let streams = [("A", &a), ("B", &b), ("C", &c)];
     for (stream, ns) in streams {
@@ -1131,18 +1122,7 @@ async fn wait_replicas(s: &Setup, want: i32, within: Duration) -> anyhow::Result
 
 /// The namespace's Events, one `type reason: note` line each.
 async fn event_reasons(ns: &str) -> anyhow::Result<String> {
-    let out = tokio::process::Command::new("kubectl")
-        .args([
-            "-n",
-            ns,
-            "get",
-            "events",
-            "-o",
-            "jsonpath={range .items[*]}{.type} {.reason}: {.note}{.message}{\"\\n\"}{end}",
-        ])
-        .output()
-        .await?;
-    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    orderpipeline_e2e::operator::event_lines(ns).await
 }
 
 /// Waits until the namespace's Events include every one of `texts`
@@ -2977,7 +2957,11 @@ async fn tenants_in_two_namespaces_reach_only_their_own_pipeline() -> anyhow::Re
     let mut runners = Vec::new();
     let mut ids = Vec::new();
     for (ns, stream) in tenants.iter().zip(["TA", "TB"]) {
-        runners.push(pod_runner(&client, &ns.name)?);
+        runners.push(orderpipeline_e2e::podrunner::for_namespace(
+            &client,
+            &ns.name,
+            Vec::new(),
+        )?);
         let mut p = sample_named(&url, "orders", stream)?;
         p.spec.nats.account_ref = Some(order_operator::crd::AccountRef {
             name: "tenants".into(),

@@ -211,18 +211,8 @@ async fn the_operator_upgrades_and_downgrades_under_traffic_losing_nothing() -> 
     let ns = orderpipeline_e2e::TestNamespace::create(&client, "upgrade").await?;
     let server = NatsServer::start().await?;
     let js = jetstream::new(async_nats::connect(server.url()).await?);
-    let stop_runner = tokio_util::sync::CancellationToken::new();
-    let _runner = stop_runner.clone().drop_guard();
-    tokio::spawn(orderpipeline_e2e::podrunner::run(
-        client.clone(),
-        orderpipeline_e2e::podrunner::RunnerConfig {
-            namespace: Some(ns.name.clone()),
-            worker_binary: binary("order-worker")?,
-            image_binaries: vec![(PREVIOUS_IMAGE.into(), prev.join("order-worker"))],
-            work_dir: std::env::temp_dir().join(format!("podrunner-{}", ns.name)),
-        },
-        stop_runner,
-    ));
+    let previous_workers = vec![(PREVIOUS_IMAGE.into(), prev.join("order-worker"))];
+    let _runner = orderpipeline_e2e::podrunner::for_namespace(&client, &ns.name, previous_workers)?;
     let kc = service_account_kubeconfig()?;
     let image = |i: &str| vec![("WORKER_IMAGE", i.to_string())];
     let old_op = prev.join("order-operator");

@@ -3,14 +3,11 @@
 //! drain may take at once (a PodDisruptionBudget), both from
 //! `spec.workers` with defaults that suit a multi-node cluster.
 
+use crate::crd::OrderPipeline;
+use crate::render::selector_labels;
 use k8s_openapi::api::core::v1::TopologySpreadConstraint;
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::Resource as _;
-use kube::api::ObjectMeta;
-
-use crate::crd::OrderPipeline;
-use crate::render::{deployment_name, selector_labels};
 
 /// The node label the default spread is over.
 pub const HOSTNAME_KEY: &str = "kubernetes.io/hostname";
@@ -55,19 +52,8 @@ pub fn worker_budget(p: &OrderPipeline) -> Option<PodDisruptionBudget> {
     if !spec.enabled {
         return None;
     }
-    let mut labels = selector_labels(p);
-    labels.insert(
-        "app.kubernetes.io/managed-by".into(),
-        "order-operator".into(),
-    );
     Some(PodDisruptionBudget {
-        metadata: ObjectMeta {
-            name: Some(deployment_name(p)),
-            namespace: p.meta().namespace.clone(),
-            labels: Some(labels),
-            owner_references: p.controller_owner_ref(&()).map(|o| vec![o]),
-            ..Default::default()
-        },
+        metadata: crate::render::workers_object_meta(p),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(spec.max_unavailable.clone()),
             selector: Some(workers_selector(p)),

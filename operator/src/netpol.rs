@@ -19,12 +19,12 @@ use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
     NetworkPolicyPort, NetworkPolicySpec,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource as _;
 
 use crate::crd::OrderPipeline;
-use crate::render::{WORKER_HTTP_PORT, deployment_name, selector_labels};
+use crate::render::{WORKER_HTTP_PORT, selector_labels};
 
 /// Where a worker's connection goes, as a NetworkPolicy can say it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -166,19 +166,8 @@ pub fn worker_policy(p: &OrderPipeline) -> NetworkPolicy {
             ports: Some(vec![tcp(i32::from(e.port))]),
         });
     }
-    let mut labels = selector_labels(p);
-    labels.insert(
-        "app.kubernetes.io/managed-by".into(),
-        "order-operator".into(),
-    );
     NetworkPolicy {
-        metadata: ObjectMeta {
-            name: Some(deployment_name(p)),
-            namespace: p.meta().namespace.clone(),
-            labels: Some(labels),
-            owner_references: p.controller_owner_ref(&()).map(|o| vec![o]),
-            ..Default::default()
-        },
+        metadata: crate::render::workers_object_meta(p),
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(LabelSelector {
                 match_labels: Some(selector_labels(p)),

@@ -561,6 +561,24 @@ pub fn deployment_name(p: &OrderPipeline) -> String {
     format!("{}-workers", p.meta().name.clone().unwrap_or_default())
 }
 
+/// The metadata of an object the operator keeps beside the workers'
+/// Deployment (their NetworkPolicy, their PodDisruptionBudget): the same name,
+/// the workers' labels and the operator's, owned by the pipeline.
+pub fn workers_object_meta(p: &OrderPipeline) -> ObjectMeta {
+    let mut labels = selector_labels(p);
+    labels.insert(
+        "app.kubernetes.io/managed-by".into(),
+        "order-operator".into(),
+    );
+    ObjectMeta {
+        name: Some(deployment_name(p)),
+        namespace: p.meta().namespace.clone(),
+        labels: Some(labels),
+        owner_references: p.controller_owner_ref(&()).map(|o| vec![o]),
+        ..Default::default()
+    }
+}
+
 pub fn selector_labels(p: &OrderPipeline) -> BTreeMap<String, String> {
     BTreeMap::from([
         (

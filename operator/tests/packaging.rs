@@ -58,7 +58,8 @@ fn every_field_of_the_crd_has_a_description() {
 /// (`maxItems`) and every map its largest (`maxProperties`): a tenant cannot
 /// store a spec the operator or NATS would choke on, and `kubectl explain`
 /// says what fits. Kubernetes' own embedded types (resources, affinity, the
-/// items of env and tolerations) are bounded upstream.
+/// items of env, tolerations and topologySpreadConstraints) are bounded
+/// upstream.
 #[test]
 fn every_field_of_the_spec_is_bounded() {
     let crd = serde_json::to_value(OrderPipeline::crd()).unwrap();
@@ -86,7 +87,9 @@ fn every_field_of_the_spec_is_bounded() {
                 }
             }
         }
-        let upstream_items = path.ends_with(".env") || path.ends_with(".tolerations");
+        let upstream_items = [".env", ".tolerations", ".topologySpreadConstraints"]
+            .iter()
+            .any(|s| path.ends_with(s));
         if let (Some(items), false) = (v.get("items"), upstream_items) {
             walk(&format!("{path}[]"), items, unbounded);
         }
