@@ -63,6 +63,25 @@ fn publish_opts(prefix: &str, count: u64) -> PublishOptions {
 }
 
 /// Waits until the consumer has nothing pending or awaiting ack.
+/// Waits until the consumer has acknowledged every input up to stream
+/// sequence `seq` and holds nothing.
+async fn acked_through(js: &jetstream::Context, seq: u64) -> anyhow::Result<()> {
+    wait_for(
+        &format!("the inputs up to {seq} acknowledged"),
+        Duration::from_secs(30),
+        || async {
+            let c = js
+                .get_stream("ORDERS")
+                .await?
+                .consumer_info("order-workers")
+                .await?;
+            let done = c.ack_floor.stream_sequence >= seq && c.num_ack_pending == 0;
+            Ok(done.then_some(()))
+        },
+    )
+    .await
+}
+
 async fn drained(js: &jetstream::Context, timeout: Duration) -> anyhow::Result<()> {
     wait_for("the consumer to drain", timeout, || async {
         let s = js.get_stream("ORDERS").await?;
@@ -1345,14 +1364,18 @@ async fn a_later_copy_keeps_the_outcome_when_the_first_is_removed() -> anyhow::R
     let id = format!("kept-{}", random_suffix());
     let order = ctl::valid_order(&id, 1).encode_to_vec();
     let first = publish_raw(&js, &format!("{id}-1"), order.clone()).await?;
-    drained(&js, Duration::from_secs(30)).await?;
+    acked_through(&js, first).await?;
     let stream = js.get_stream("ORDERS").await?;
     let outcome = stream
         .get_last_raw_message_by_subject(&format!("ORDER.processed.{id}"))
         .await?
         .sequence;
     let second = publish_raw(&js, &format!("{id}-2"), order).await?;
-    drained(&js, Duration::from_secs(30)).await?;
+    // Acknowledged, not only "nothing pending": right after a publish the
+    // consumer may not count the new input yet (its pending count follows the
+    // stream asynchronously), and the copy would then be processed after the
+    // first is removed below.
+    acked_through(&js, second).await?;
     assert_eq!(stub.calls_for(&id), 1);
     // The first copy and its outcome go, as maxAge would take them.
     for seq in [first, outcome] {
