@@ -355,6 +355,38 @@ pub async fn wait_stream_holds(
     .await
 }
 
+/// Waits until `consumer` of `stream` has nothing pending, holds nothing, and
+/// has delivered the last input on `subject`. The last check matters right
+/// after a publish: the consumer's pending count follows the stream
+/// asynchronously, so for a moment it may not count the newest input yet.
+pub async fn wait_drained(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    consumer: &str,
+    subject: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    wait_for(
+        &format!("{consumer} of {stream} to drain"),
+        timeout,
+        || async {
+            let s = js.get_stream(stream).await?;
+            let c = s.consumer_info(consumer).await?;
+            if c.num_pending != 0 || c.num_ack_pending != 0 {
+                return Ok(None);
+            }
+            let last = match s.get_last_raw_message_by_subject(subject).await {
+                Ok(m) => m.sequence,
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => 0,
+                Err(e) => return Err(e.into()),
+            };
+            Ok((c.delivered.stream_sequence >= last).then_some(()))
+        },
+    )
+    .await
+}
+
 /// Waits until the dead-letter stream `dlq` holds no letter (replays remove
 /// theirs once their outcome exists).
 pub async fn wait_dlq_empty(

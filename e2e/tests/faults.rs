@@ -94,12 +94,8 @@ async fn topology(js: &jetstream::Context, replicas: usize) -> anyhow::Result<()
 }
 
 async fn drained(js: &jetstream::Context, within: Duration) -> anyhow::Result<()> {
-    wait_for("the consumer to drain", within, || async {
-        let s = js.get_stream("ORDERS").await?;
-        let c = s.consumer_info("order-workers").await?;
-        Ok((c.num_pending == 0 && c.num_ack_pending == 0).then_some(()))
-    })
-    .await
+    let (stream, consumer) = ("ORDERS", "order-workers");
+    orderpipeline_e2e::pipeline::wait_drained(js, stream, consumer, "ORDER.created", within).await
 }
 
 /// Waits until the input stream holds at least `n` orders: "mid-run".

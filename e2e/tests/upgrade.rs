@@ -294,19 +294,9 @@ async fn the_operator_upgrades_and_downgrades_under_traffic_losing_nothing() -> 
     for p in &specs {
         let s = &p.spec;
         let stream = &s.stream.name;
-        wait_for(
-            &format!("{stream} drained"),
-            Duration::from_secs(120),
-            || async {
-                let c = js
-                    .get_stream(stream)
-                    .await?
-                    .consumer_info(&s.consumer.name)
-                    .await?;
-                Ok((c.num_pending == 0 && c.num_ack_pending == 0).then_some(()))
-            },
-        )
-        .await?;
+        let (consumer, subject) = (&s.consumer.name, &s.consumer.filter_subject);
+        let within = Duration::from_secs(120);
+        orderpipeline_e2e::pipeline::wait_drained(&js, stream, consumer, subject, within).await?;
         let dlq = s.dead_letter.stream_name.clone().unwrap_or_default();
         let audit = Audit::collect(&js, stream, &dlq, &s.consumer.name).await?;
         let mine = reports

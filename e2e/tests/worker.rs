@@ -83,12 +83,8 @@ async fn acked_through(js: &jetstream::Context, seq: u64) -> anyhow::Result<()> 
 }
 
 async fn drained(js: &jetstream::Context, timeout: Duration) -> anyhow::Result<()> {
-    wait_for("the consumer to drain", timeout, || async {
-        let s = js.get_stream("ORDERS").await?;
-        let c = s.consumer_info("order-workers").await?;
-        Ok((c.num_pending == 0 && c.num_ack_pending == 0).then_some(()))
-    })
-    .await
+    let (stream, consumer) = ("ORDERS", "order-workers");
+    orderpipeline_e2e::pipeline::wait_drained(js, stream, consumer, "ORDER.created", timeout).await
 }
 
 /// Waits until the dead-letter stream holds `n` letters: it sources them from
