@@ -355,6 +355,30 @@ pub async fn wait_stream_holds(
     .await
 }
 
+/// The path a `hack/` build script (e.g. `build-v1-worker`, `build-previous`)
+/// prints: what it built, or found in its cache.
+pub fn built_by(script: &str) -> anyhow::Result<PathBuf> {
+    let script = crate::operator::repo_root().join("hack").join(script);
+    let out = std::process::Command::new(&script)
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?.trim().into())
+}
+
+/// The test pipelines' consumer (`order-workers` of `ORDERS`), read now.
+pub async fn order_consumer(
+    js: &async_nats::jetstream::Context,
+) -> anyhow::Result<async_nats::jetstream::consumer::Info> {
+    let s = js.get_stream("ORDERS").await?;
+    Ok(s.consumer_info("order-workers").await?)
+}
+
 /// Waits until `consumer` of `stream` has nothing pending, holds nothing, and
 /// has delivered the last input on `subject`. The last check matters right
 /// after a publish: the consumer's pending count follows the stream

@@ -1030,17 +1030,7 @@ async fn fault_12_replays_racing_redeliveries_of_the_same_orders() -> anyhow::Re
 /// The worker of the protocol before v2, built from this repository's history
 /// by `hack/build-v1-worker` (cached; `make test` builds it first).
 fn v1_worker() -> anyhow::Result<std::path::PathBuf> {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/build-v1-worker");
-    let out = std::process::Command::new(&script)
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{} failed: {}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?.trim().into())
+    orderpipeline_e2e::pipeline::built_by("build-v1-worker")
 }
 
 /// 13: the upgrade from workers of the protocol before v2, under traffic. Real
@@ -1566,11 +1556,7 @@ async fn fault_15_a_stalled_consumer_is_detected_and_a_lost_one_resumes_after_it
         "the consumer recreated",
         Duration::from_secs(60),
         || async {
-            let c = js
-                .get_stream("ORDERS")
-                .await?
-                .consumer_info("order-workers")
-                .await;
+            let c = orderpipeline_e2e::pipeline::order_consumer(&js).await;
             Ok(c.ok().map(|c| c.config.deliver_policy))
         },
     )
@@ -1582,11 +1568,7 @@ async fn fault_15_a_stalled_consumer_is_detected_and_a_lost_one_resumes_after_it
     wait_event(&ns.name, &format!("from stream sequence {}", floor + 1)).await?;
     let third = ctl::publish_orders(&js, &opts(&format!("c{suffix}"), orders(200, 1_000))).await?;
     drained(&js, Duration::from_secs(120)).await?;
-    let c = js
-        .get_stream("ORDERS")
-        .await?
-        .consumer_info("order-workers")
-        .await?;
+    let c = orderpipeline_e2e::pipeline::order_consumer(&js).await?;
     let before_loss = first.published + second.published;
     anyhow::ensure!(
         c.delivered.consumer_sequence < before_loss,
@@ -1701,11 +1683,7 @@ async fn recorded_floor(
         "the status to record the ack floor",
         Duration::from_secs(30),
         || async {
-            let live = js
-                .get_stream("ORDERS")
-                .await?
-                .consumer_info("order-workers")
-                .await?;
+            let live = orderpipeline_e2e::pipeline::order_consumer(js).await?;
             let p = api.get("orders").await?;
             let recorded = p.status.and_then(|s| s.consumer).map(|c| c.ack_floor);
             let live = live.ack_floor.stream_sequence;
@@ -1831,12 +1809,7 @@ impl ConsumerClock {
             let mut every = tokio::time::interval(Duration::from_millis(200));
             while !cancel.is_cancelled() {
                 every.tick().await;
-                if let Ok(Ok(c)) = async {
-                    let s = js.get_stream("ORDERS").await?;
-                    anyhow::Ok(s.consumer_info("order-workers").await)
-                }
-                .await
-                {
+                if let Ok(c) = orderpipeline_e2e::pipeline::order_consumer(&js).await {
                     let now = Some((c.delivered.consumer_sequence, c.ack_floor.stream_sequence));
                     if now != last {
                         *at.lock().unwrap() = Instant::now();

@@ -37,17 +37,7 @@ const READY_WITHIN: Duration = Duration::from_secs(90);
 
 /// The previous release's directory (binaries and CRD), built if needed.
 fn previous() -> anyhow::Result<PathBuf> {
-    let script = repo_root().join("hack/build-previous");
-    let out = std::process::Command::new(&script)
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{} failed: {}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?.trim().into())
+    orderpipeline_e2e::pipeline::built_by("build-previous")
 }
 
 /// The two pipelines: the sample, and a second one on its own stream.

@@ -70,11 +70,7 @@ async fn acked_through(js: &jetstream::Context, seq: u64) -> anyhow::Result<()> 
         &format!("the inputs up to {seq} acknowledged"),
         Duration::from_secs(30),
         || async {
-            let c = js
-                .get_stream("ORDERS")
-                .await?
-                .consumer_info("order-workers")
-                .await?;
+            let c = orderpipeline_e2e::pipeline::order_consumer(js).await?;
             let done = c.ack_floor.stream_sequence >= seq && c.num_ack_pending == 0;
             Ok(done.then_some(()))
         },

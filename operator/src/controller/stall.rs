@@ -211,21 +211,34 @@ mod tests {
         }
     }
 
+    /// A look at `f` after `old`, at `now`, seen still since `still_since`,
+    /// with 1 of 1 workers, a 60 s window.
+    fn at_look<'a>(
+        f: &'a Figures,
+        old: &'a OrderPipelineStatus,
+        now: &'a Time,
+        still_since: Option<Time>,
+    ) -> Look<'a> {
+        Look {
+            figures: f,
+            old,
+            now,
+            still_since,
+            paused: false,
+            workers_available: 1,
+            workers_desired: 1,
+            window: Duration::from_secs(60),
+            consumer: "c",
+            generation: None,
+        }
+    }
+
     /// One look after `prev` (the status so far) at time `now`.
     fn look(prev: &OrderPipelineStatus, f: &Figures, now: i64) -> OrderPipelineStatus {
         let now = at(now);
-        let l = Look {
-            figures: f,
-            old: prev,
-            now: &now,
-            still_since: Some(now.clone()),
-            paused: false,
-            workers_available: 2,
-            workers_desired: 2,
-            window: Duration::from_secs(60),
-            consumer: "orders-workers",
-            generation: Some(1),
-        };
+        let mut l = at_look(f, prev, &now, Some(now.clone()));
+        (l.workers_available, l.workers_desired) = (2, 2);
+        (l.consumer, l.generation) = ("orders-workers", Some(1));
         let (since, c) = assess(&l);
         let mut s = prev.clone();
         let mut consumer = f.consumer.clone();
@@ -283,18 +296,8 @@ mod tests {
         assert_eq!(s1.consumer.as_ref().unwrap().waiting_since, None);
         let now = at(2_000);
         let f = figures(100, 0, 50, 50);
-        let mut l = Look {
-            figures: &f,
-            old: &s1,
-            now: &now,
-            still_since: Some(now.clone()),
-            paused: true,
-            workers_available: 2,
-            workers_desired: 2,
-            window: Duration::from_secs(60),
-            consumer: "c",
-            generation: None,
-        };
+        let mut l = at_look(&f, &s1, &now, Some(now.clone()));
+        (l.paused, l.workers_available, l.workers_desired) = (true, 2, 2);
         assert_eq!(assess(&l).1.reason, reasons::PAUSED);
         l.paused = false;
         l.workers_available = 1;
@@ -309,18 +312,7 @@ mod tests {
         let s0 = look(&Default::default(), &figures(100, 10, 50, 40), 0);
         let now = at(5);
         let f = figures(100, 10, 50, 40);
-        let l = Look {
-            figures: &f,
-            old: &s0,
-            now: &now,
-            still_since: None,
-            paused: false,
-            workers_available: 1,
-            workers_desired: 1,
-            window: Duration::from_secs(60),
-            consumer: "c",
-            generation: None,
-        };
+        let l = at_look(&f, &s0, &now, None);
         assert_eq!(assess(&l).0, None);
         let s1 = look(&s0, &f, 10);
         let l = Look { old: &s1, ..l };
@@ -332,18 +324,7 @@ mod tests {
         let s0 = look(&Default::default(), &figures(100, 10, 50, 40), 0);
         let (now, seen) = (at(30), at(29));
         let f = figures(120, 10, 50, 40);
-        let l = Look {
-            figures: &f,
-            old: &s0,
-            now: &now,
-            still_since: Some(seen.clone()),
-            paused: false,
-            workers_available: 1,
-            workers_desired: 1,
-            window: Duration::from_secs(60),
-            consumer: "c",
-            generation: None,
-        };
+        let l = at_look(&f, &s0, &now, Some(seen.clone()));
         assert_eq!(assess(&l).0, Some(seen));
     }
 
